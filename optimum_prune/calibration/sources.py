@@ -1,0 +1,92 @@
+"""Read calibration or evaluation texts from a list, a `datasets.Dataset`, a local file or a Hub dataset."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+LOCAL_FORMATS = (".txt", ".jsonl", ".json", ".parquet")
+
+
+def _read_local(path: Path, text_column: str) -> list[str]:
+    suffix = path.suffix.lower()
+    if suffix == ".txt":
+        return [path.read_text(encoding="utf-8")]
+    if suffix == ".jsonl":
+        with path.open(encoding="utf-8") as f:
+            rows = [json.loads(line) for line in f if line.strip()]
+    elif suffix == ".json":
+        rows = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(rows, list):
+            raise ValueError(f"{path} must hold a JSON list of strings or of objects with a {text_column!r} field.")
+    elif suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        table = pq.read_table(path)
+        if text_column not in table.column_names:
+            raise ValueError(f"{path} has no {text_column!r} column (columns: {table.column_names}).")
+        return [str(text) for text in table.column(text_column).to_pylist()]
+    else:
+        raise ValueError(f"Unsupported calibration file {path}: use one of {', '.join(LOCAL_FORMATS)}.")
+    texts = []
+    for row in rows:
+        if isinstance(row, str):
+            texts.append(row)
+        elif isinstance(row, dict) and text_column in row:
+            texts.append(str(row[text_column]))
+        else:
+            raise ValueError(f"{path}: a row has no {text_column!r} field; pass text_column= to name it.")
+    return texts
+
+
+def _read_hub(name: str, split: str, text_column: str) -> list[str]:
+    import datasets
+
+    dataset_name, _, subset = name.partition(":")
+    try:
+        dataset = datasets.load_dataset(dataset_name, subset or None, split=split)
+    except Exception as error:  # datasets raises many types for offline or missing datasets
+        raise ValueError(
+            f"Could not load the dataset {name!r} (split {split!r}) from the Hub: {error}. Pass a local "
+            f"{'/'.join(LOCAL_FORMATS)} file or a list of strings instead."
+        ) from error
+    return _column(dataset, text_column, name)
+
+
+def _column(dataset: Any, text_column: str, name: str) -> list[str]:
+    if text_column not in dataset.column_names:
+        raise ValueError(f"Dataset {name} has no {text_column!r} column (columns: {dataset.column_names}).")
+    return [str(text) for text in dataset[text_column]]
+
+
+def load_texts(source: Any, *, text_column: str = "text", split: str = "train") -> tuple[list[str], str]:
+    """Return the texts of ``source`` and a short name for it (recorded in the pruning metadata).
+
+    ``source`` is a list of strings, a ``datasets.Dataset`` with a ``text_column``, a path to a local
+    ``.txt`` (one text), ``.jsonl``/``.json`` (rows with ``text_column``) or ``.parquet`` file, or a Hub
+    dataset name (``"name"`` or ``"name:subset"``).
+    """
+    if isinstance(source, (str, os.PathLike)):
+        path = Path(source)
+        if path.is_file():
+            texts, name = _read_local(path, text_column), path.name
+        elif path.suffix.lower() in LOCAL_FORMATS or os.sep in str(source) and path.exists():
+            raise FileNotFoundError(f"Calibration file {path} does not exist.")
+        else:
+            texts, name = _read_hub(str(source), split, text_column), str(source)
+    elif isinstance(source, Sequence) and all(isinstance(text, str) for text in source):
+        texts, name = list(source), "custom texts"
+    elif hasattr(source, "column_names"):
+        texts, name = _column(source, text_column, type(source).__name__), getattr(source, "info", None)
+        name = getattr(name, "dataset_name", None) or "datasets.Dataset"
+    else:
+        raise TypeError(
+            f"Unsupported calibration data of type {type(source).__name__}: pass a list of strings, a "
+            "datasets.Dataset, a local .txt/.jsonl/.json/.parquet path or a Hub dataset name."
+        )
+    if not any(text.strip() for text in texts):
+        raise ValueError(f"The calibration data {name!r} holds no text.")
+    return texts, name

@@ -1,0 +1,157 @@
+"""`PruningConfig`: everything that defines a pruning run, validated and serialisable."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+from .methods.masking import NMPattern
+
+CONFIG_NAME = "pruning_config.json"
+METHODS = ("magnitude", "wanda", "sparsegpt", "sparsellm")
+ALLOCATIONS = ("uniform", "owl")
+
+
+@dataclass
+class PruningConfig:
+    """How to prune a model.
+
+    Args:
+        method: ``"magnitude"``, ``"wanda"``, ``"sparsegpt"`` or ``"sparsellm"``.
+        sparsity: fraction of the target weights set to zero, ``0 <= sparsity < 1``. With an ``N:M``
+            pattern it defaults to (and must equal) ``1 - N/M``.
+        pattern: ``"unstructured"`` or ``"N:M"`` (keep ``N`` weights in every group of ``M`` consecutive
+            input columns, e.g. ``"2:4"``).
+        allocation: ``"uniform"`` (every block gets ``sparsity``) or ``"owl"`` (outlier-weighted layerwise
+            sparsity, arXiv 2310.05175).
+        owl_m: OWL outlier threshold: a score is an outlier above ``owl_m`` times its block's mean.
+        owl_lambda: OWL spread: block sparsities lie in ``[sparsity - owl_lambda, sparsity + owl_lambda]``.
+        targets: glob patterns (``fnmatch``) of module names to prune; default: every linear layer inside the
+            decoder blocks.
+        ignore: glob patterns of module names never to prune (applied after ``targets``).
+        num_samples: number of calibration sequences.
+        seq_len: tokens per calibration sequence.
+        seed: seed of the calibration sampling.
+        dataset: name of the calibration data, recorded in the metadata (set by `Pruner.prune`).
+        batch_size: calibration sequences per forward pass.
+        block_size: SparseGPT/SparseLLM lazy-update block size (columns).
+        dampening: SparseGPT dampening, as a fraction of the mean Hessian diagonal.
+        sparsellm_iterations, sparsellm_alpha, sparsellm_beta, sparsellm_gamma: SparseLLM's alternating
+            optimisation (arXiv 2402.17946).
+    """
+
+    method: str = "sparsegpt"
+    sparsity: float | None = None
+    pattern: str = "unstructured"
+    allocation: str = "uniform"
+    owl_m: float = 5.0
+    owl_lambda: float = 0.08
+    targets: list[str] | None = None
+    ignore: list[str] = field(default_factory=list)
+    num_samples: int = 128
+    seq_len: int = 2048
+    seed: int = 0
+    dataset: str | None = None
+    batch_size: int = 8
+    block_size: int = 128
+    dampening: float = 0.01
+    sparsellm_iterations: int = 4
+    sparsellm_alpha: float = 5.0
+    sparsellm_beta: float = 5.0
+    sparsellm_gamma: float = 5.0
+
+    def __post_init__(self) -> None:
+        self.method = str(self.method).lower()
+        if self.method not in METHODS:
+            raise ValueError(f"Unknown pruning method {self.method!r}: choose one of {', '.join(METHODS)}.")
+        if self.allocation not in ALLOCATIONS:
+            raise ValueError(f"Unknown allocation {self.allocation!r}: choose one of {', '.join(ALLOCATIONS)}.")
+        nm = self.nm_pattern  # validates the pattern string
+        if self.sparsity is None:
+            self.sparsity = 0.5 if nm is None else nm.sparsity
+        if isinstance(self.sparsity, bool) or not isinstance(self.sparsity, (int, float)):
+            raise TypeError(f"sparsity must be a number in [0, 1), got {self.sparsity!r}.")
+        self.sparsity = float(self.sparsity)
+        if not 0.0 <= self.sparsity < 1.0:
+            raise ValueError(
+                f"sparsity must be in [0, 1), got {self.sparsity}: it is the fraction of weights set to zero "
+                "(0.5 prunes half of them)."
+            )
+        if nm is not None and abs(self.sparsity - nm.sparsity) > 1e-9:
+            raise ValueError(
+                f"pattern {self.pattern!r} fixes the sparsity at {nm.sparsity:g}, but sparsity={self.sparsity:g} "
+                "was given: drop `sparsity` or use the unstructured pattern."
+            )
+        if self.allocation == "owl":
+            if nm is not None:
+                raise ValueError(
+                    "allocation='owl' varies the sparsity per block, which an N:M pattern fixes: use "
+                    "pattern='unstructured' with OWL, or allocation='uniform' with N:M."
+                )
+            if not (0.0 <= self.owl_lambda <= self.sparsity and self.sparsity + self.owl_lambda < 1.0):
+                raise ValueError(
+                    f"owl_lambda={self.owl_lambda} must keep every block sparsity in [0, 1): use "
+                    f"0 <= owl_lambda <= {self.sparsity:g} and owl_lambda < {1.0 - self.sparsity:g} "
+                    f"for sparsity {self.sparsity:g}."
+                )
+            if self.owl_m <= 0:
+                raise ValueError(f"owl_m must be positive, got {self.owl_m}.")
+        for name in ("num_samples", "seq_len", "batch_size", "block_size", "sparsellm_iterations"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+        if nm is not None and self.block_size % nm.m:
+            raise ValueError(f"block_size={self.block_size} must be a multiple of M={nm.m} for {self.pattern}.")
+        if self.dampening < 0:
+            raise ValueError(f"dampening must be >= 0, got {self.dampening}.")
+        if isinstance(self.targets, str) or isinstance(self.ignore, str):
+            raise TypeError("targets and ignore are lists of glob patterns, e.g. ['*.mlp.*'].")
+        self.ignore = list(self.ignore)
+        if self.targets is not None:
+            self.targets = list(self.targets)
+
+    @property
+    def nm_pattern(self) -> NMPattern | None:
+        """The parsed ``N:M`` pattern, or ``None`` when unstructured."""
+        return NMPattern.parse(self.pattern)
+
+    @property
+    def needs_calibration(self) -> bool:
+        """Whether the run needs calibration data (all but uniform magnitude pruning do)."""
+        return self.method != "magnitude" or self.allocation != "uniform"
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> PruningConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"Unknown PruningConfig fields {unknown}; known fields: {sorted(known)}.")
+        return cls(**data)
+
+    def to_json_string(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+
+    def save_pretrained(self, save_directory: str | os.PathLike) -> str:
+        """Write ``pruning_config.json`` into ``save_directory`` and return its path."""
+        os.makedirs(save_directory, exist_ok=True)
+        path = os.path.join(save_directory, CONFIG_NAME)
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(self.to_json_string())
+        return path
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike) -> PruningConfig:
+        """Read a config from a folder holding ``pruning_config.json`` or from a JSON file."""
+        path = os.fspath(path)
+        if os.path.isdir(path):
+            path = os.path.join(path, CONFIG_NAME)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"No pruning config at {path}: expected a {CONFIG_NAME} file.")
+        with open(path, encoding="utf-8") as f:
+            return cls.from_dict(json.load(f))

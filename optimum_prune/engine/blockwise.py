@@ -1,0 +1,274 @@
+"""The block-by-block engine: prune one decoder block at a time on the execution device.
+
+For each block: move it to the device, gather the statistics its method needs from hooks on the target
+layers over every calibration batch, prune, run the pruned block to make the next block's inputs (errors
+propagate as in the SparseGPT and Wanda references), and move it back. Everything else stays where it is.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..allocation import outlier_ratio, owl_sparsities
+from ..config import PruningConfig
+from ..methods import BlockContext, PruningMethod
+from ..methods.masking import pack_mask
+from ..methods.statistics import InputNorms, LayerStatistic
+from ..report import LayerReport, PruningReport, peak_memory
+from .structure import TargetLayer, find_decoder_blocks, find_target_layers
+
+
+class _InputsCaptured(Exception):
+    """Raised by the hook on the first block once its inputs are recorded."""
+
+
+@dataclass
+class CalibrationBatch:
+    """One batch of hidden states entering a block, with the other arguments the block is called with."""
+
+    hidden: torch.Tensor
+    args: tuple
+    kwargs: dict
+
+    def run(self, block: nn.Module, device: torch.device) -> torch.Tensor:
+        output = block(self.hidden.to(device), *self.args, **self.kwargs)
+        return output[0] if isinstance(output, tuple) else output
+
+
+def _move_outside_blocks(model: nn.Module, blocks: nn.ModuleList, device: torch.device) -> None:
+    """Move every parameter and buffer that is not inside the decoder blocks (embeddings, rotary tables)."""
+    inside = set(blocks.modules())
+    for module in model.modules():
+        if module in inside:
+            continue
+        for parameter in module._parameters.values():
+            if parameter is not None:
+                parameter.data = parameter.data.to(device)
+        for name, buffer in module._buffers.items():
+            if buffer is not None:
+                module._buffers[name] = buffer.to(device)
+
+
+def capture_block_inputs(
+    model: nn.Module,
+    blocks: nn.ModuleList,
+    input_ids: torch.Tensor,
+    batch_size: int,
+    device: torch.device,
+    storage: torch.device,
+) -> list[CalibrationBatch]:
+    """Run the model up to its first block for every batch of ``input_ids`` and record what the block gets.
+
+    The other arguments (masks, positions, rotary embeddings) only depend on the batch shape, since
+    calibration sequences have equal length and no padding, so they are recorded once per shape.
+    """
+    batches: list[CalibrationBatch] = []
+    extras: dict[torch.Size, tuple[tuple, dict]] = {}
+
+    def record(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        kwargs = dict(kwargs)
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        if hidden.shape not in extras:
+            extras[hidden.shape] = (args[1:], kwargs)
+        batches.append(CalibrationBatch(hidden.detach().to(storage), *extras[hidden.shape]))
+        raise _InputsCaptured
+
+    _move_outside_blocks(model, blocks, device)
+    handle = blocks[0].register_forward_pre_hook(record, with_kwargs=True)
+    try:
+        for batch in input_ids.split(batch_size):
+            with suppress(_InputsCaptured):
+                model(input_ids=batch.to(device), use_cache=False)
+    finally:
+        handle.remove()
+        _move_outside_blocks(model, blocks, torch.device("cpu"))
+    return batches
+
+
+class _StatisticsCollector:
+    """Forward hooks that feed each target layer's inputs to its statistic.
+
+    Layers that receive the very same input tensor (q/k/v, gate/up) share one statistic, computed once.
+    """
+
+    def __init__(self, layers: list[TargetLayer], make: Callable[[TargetLayer], LayerStatistic | None]):
+        self.statistics: dict[str, LayerStatistic] = {}
+        self._owners: set[str] = set()
+        self._make = make
+        self._seen: dict[tuple, str] = {}
+        self._handles = [layer.module.register_forward_hook(self._hook(layer)) for layer in layers]
+
+    def _hook(self, layer: TargetLayer):
+        def observe(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+            inputs = args[0]
+            if layer.name not in self.statistics:
+                statistic = self._make(layer)
+                if statistic is None:
+                    return
+                key = (inputs.data_ptr(), inputs.shape, type(statistic))
+                owner = self._seen.get(key)
+                if owner is None:
+                    self._seen[key] = layer.name
+                    self._owners.add(layer.name)
+                else:
+                    statistic = self.statistics[owner]
+                self.statistics[layer.name] = statistic
+            if layer.name in self._owners:
+                self.statistics[layer.name].update(inputs)
+
+        return observe
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+
+
+@contextmanager
+def _on_device(block: nn.Module, device: torch.device) -> Iterator[nn.Module]:
+    home = next(block.parameters()).device
+    block.to(device)
+    try:
+        yield block
+    finally:
+        block.to(home)
+
+
+class BlockwiseEngine:
+    """Prunes a model block by block with a `PruningMethod`.
+
+    Args:
+        model: a transformers causal LM (weights on CPU).
+        config: the pruning config.
+        method: the method choosing the masks.
+        device: where each block is processed (``"cuda:0"``, ``"cpu"``).
+        activations_device: where calibration activations are kept between blocks (default: ``device``).
+        progress: show a tqdm bar per block.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        config: PruningConfig,
+        method: PruningMethod,
+        device: str | torch.device = "cpu",
+        activations_device: str | torch.device | None = None,
+        progress: bool = True,
+    ) -> None:
+        self.model = model
+        self.config = config
+        self.method = method
+        self.device = torch.device(device)
+        self.activations_device = torch.device(activations_device) if activations_device else self.device
+        self.progress = progress
+        _, self.blocks = find_decoder_blocks(model)
+        self.layers = find_target_layers(model, config.targets, config.ignore)
+        self.masks: dict[str, torch.Tensor] = {}
+        self._check_pattern()
+
+    def _check_pattern(self) -> None:
+        pattern = self.config.nm_pattern
+        if pattern is None:
+            return
+        for layer in (layer for block in self.layers for layer in block):
+            if layer.in_features % pattern.m:
+                raise ValueError(
+                    f"Pattern {pattern} needs the input width of every target layer to be a multiple of "
+                    f"{pattern.m}, but {layer.name} has {layer.in_features} inputs: add it to `ignore` or "
+                    "choose another M."
+                )
+
+    @torch.no_grad()
+    def run(self, input_ids: torch.Tensor | None) -> PruningReport:
+        """Prune every block; ``input_ids`` is ``(num_samples, seq_len)`` calibration tokens (``None`` for
+        methods that need no calibration). Returns the per-layer report; masks are kept in `masks`."""
+        start = time.perf_counter()
+        batches = None
+        if self.config.needs_calibration:
+            if input_ids is None:
+                raise ValueError(f"Method {self.config.method!r} needs calibration data: pass a dataset to prune().")
+            batches = capture_block_inputs(
+                self.model, self.blocks, input_ids, self.config.batch_size, self.device, self.activations_device
+            )
+        sparsities = self._block_sparsities(batches)
+        layer_reports: list[LayerReport] = []
+        block_seconds: list[float] = []
+        bar = tqdm(
+            range(len(self.blocks)), desc=f"Pruning ({self.config.method})", unit="block", disable=not self.progress
+        )
+        for index in bar:
+            block_start = time.perf_counter()
+            with _on_device(self.blocks[index], self.device) as block:
+                statistics = self._collect(block, self.layers[index], batches, self.method.make_statistic)
+                context = BlockContext(
+                    index, block, self.layers[index], statistics, sparsities[index], self.config.nm_pattern
+                )
+                masks = self.method.prune_block(context)
+                if self.method.needs_statistics and index + 1 < len(self.blocks):
+                    batches = self._propagate(block, batches)
+            for layer in self.layers[index]:
+                mask = masks[layer.name]
+                self.masks[layer.name] = pack_mask(mask)
+                achieved = mask.sum().item() / mask.numel()
+                layer_reports.append(LayerReport(layer.name, index, layer.shape, sparsities[index], achieved))
+            block_seconds.append(time.perf_counter() - block_start)
+            bar.set_postfix(sparsity=f"{sparsities[index]:.3f}")
+        return PruningReport(
+            method=self.config.method,
+            pattern=self.config.pattern,
+            target_sparsity=self.config.sparsity,
+            allocation=self.config.allocation,
+            layers=layer_reports,
+            block_seconds=block_seconds,
+            total_seconds=time.perf_counter() - start,
+            peak_memory_bytes=peak_memory(self.device),
+        )
+
+    def _collect(
+        self,
+        block: nn.Module,
+        layers: list[TargetLayer],
+        batches: list[CalibrationBatch] | None,
+        make: Callable[[TargetLayer, torch.device], LayerStatistic | None],
+    ) -> dict[str, LayerStatistic]:
+        """Run the calibration batches through ``block`` and return each layer's statistic."""
+        if batches is None or not layers or not self.method.needs_statistics:
+            return {}
+        collector = _StatisticsCollector(layers, lambda layer: make(layer, self.device))
+        try:
+            for batch in batches:
+                batch.run(block, self.device)
+        finally:
+            collector.remove()
+        return collector.statistics
+
+    def _propagate(self, block: nn.Module, batches: list[CalibrationBatch]) -> list[CalibrationBatch]:
+        """The next block's inputs: every batch run through ``block``."""
+        return [
+            CalibrationBatch(batch.run(block, self.device).to(self.activations_device), batch.args, batch.kwargs)
+            for batch in batches
+        ]
+
+    def _block_sparsities(self, batches: list[CalibrationBatch] | None) -> list[float]:
+        """The sparsity of every block: uniform, or OWL from a dense statistics pass."""
+        if self.config.allocation == "uniform":
+            return [self.config.sparsity] * len(self.blocks)
+        ratios = []
+        bar = tqdm(range(len(self.blocks)), desc="OWL statistics", unit="block", disable=not self.progress)
+        for index in bar:
+            with _on_device(self.blocks[index], self.device) as block:
+                layers = self.layers[index]
+                statistics = self._collect(
+                    block, layers, batches, lambda layer, device: InputNorms(layer.in_features, device)
+                )
+                ratios.append(outlier_ratio(layers, statistics, self.config.owl_m) if layers else 0.0)
+                if index + 1 < len(self.blocks):
+                    batches = self._propagate(block, batches)
+        parameters = [sum(layer.module.weight.numel() for layer in layers) for layers in self.layers]
+        return owl_sparsities(ratios, parameters, self.config.sparsity, self.config.owl_lambda)

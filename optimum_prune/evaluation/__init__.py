@@ -1,0 +1,5 @@
+"""Evaluation of pruned models."""
+
+from .perplexity import perplexity
+
+__all__ = ["perplexity"]

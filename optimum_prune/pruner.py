@@ -1,0 +1,180 @@
+"""`Pruner`: load a model, prune it block by block, save it where people deploy it."""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from .calibration import calibration_ids, load_texts
+from .config import PruningConfig
+from .engine.blockwise import BlockwiseEngine
+from .export import METADATA_KEY, atomic_directory, build_metadata
+from .methods import get_method
+from .report import PruningReport
+
+logger = logging.getLogger(__name__)
+
+
+def default_device() -> torch.device:
+    """The first GPU when there is one, else the CPU."""
+    return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
+
+
+class Pruner:
+    """Prunes a transformers causal LM, in the shape of optimum's quantizers.
+
+    Example:
+        >>> config = PruningConfig(method="wanda", sparsity=0.5)
+        >>> pruner = Pruner.from_pretrained("HuggingFaceTB/SmolLM2-135M", config=config)
+        >>> report = pruner.prune("c4_sample.jsonl")
+        >>> pruner.save_pretrained("smollm2-wanda-50")
+    """
+
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        config: PruningConfig | None = None,
+        tokenizer: PreTrainedTokenizerBase | None = None,
+        device: str | torch.device | None = None,
+        activations_device: str | torch.device | None = None,
+        progress: bool = True,
+        source: str | None = None,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"Pruner needs a loaded transformers model, got {type(model).__name__}.")
+        self.model = model
+        self.config = config if config is not None else PruningConfig()
+        self.tokenizer = tokenizer
+        self.device = torch.device(device) if device is not None else default_device()
+        self.activations_device = activations_device
+        self.progress = progress
+        self.source = source or getattr(model.config, "_name_or_path", None)
+        self.report: PruningReport | None = None
+        self.masks: dict[str, torch.Tensor] = {}
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        model_or_path: str | os.PathLike | PreTrainedModel,
+        config: PruningConfig | None = None,
+        *,
+        tokenizer: PreTrainedTokenizerBase | str | None = None,
+        device: str | torch.device | None = None,
+        dtype: str | torch.dtype = "auto",
+        trust_remote_code: bool = False,
+        allow_unsafe_weights: bool = False,
+        revision: str | None = None,
+        token: str | bool | None = None,
+        progress: bool = True,
+        **model_kwargs: Any,
+    ) -> Pruner:
+        """Load a model (a Hub id, a local folder, or an already loaded model) and its tokenizer.
+
+        Weights load only from safetensors unless ``allow_unsafe_weights=True``; remote code only runs with
+        ``trust_remote_code=True``. Extra keyword arguments go to ``AutoModelForCausalLM.from_pretrained``
+        (``gguf_file=...``, for example).
+        """
+        if isinstance(model_or_path, nn.Module):
+            return cls(model_or_path, config, _load_tokenizer(tokenizer), device, progress=progress)
+        source = os.fspath(model_or_path)
+        load_kwargs: dict[str, Any] = {"revision": revision, "token": token, "trust_remote_code": trust_remote_code}
+        if not allow_unsafe_weights and "gguf_file" not in model_kwargs:
+            load_kwargs["use_safetensors"] = True
+        try:
+            model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **load_kwargs, **model_kwargs)
+        except OSError as error:
+            hint = (
+                " It may only ship pickled weights: pass allow_unsafe_weights=True if you trust it."
+                if "safetensors" in str(error).lower()
+                else ""
+            )
+            raise OSError(f"Could not load a causal LM from {source!r}: {error}{hint}") from error
+        model.eval()
+        if tokenizer is None:
+            tokenizer = source
+        tokenizer_kwargs = {"revision": revision, "token": token, "trust_remote_code": trust_remote_code}
+        if "gguf_file" in model_kwargs and isinstance(tokenizer, str) and tokenizer == source:
+            tokenizer_kwargs["gguf_file"] = model_kwargs["gguf_file"]
+        return cls(
+            model, config, _load_tokenizer(tokenizer, **tokenizer_kwargs), device, progress=progress, source=source
+        )
+
+    def calibration_ids(self, dataset: Any, text_column: str = "text", split: str = "train") -> torch.Tensor:
+        """The ``(num_samples, seq_len)`` calibration tokens drawn from ``dataset`` with this config."""
+        if isinstance(dataset, torch.Tensor):
+            if dataset.dim() != 2 or dataset.dtype not in (torch.int32, torch.int64):
+                raise ValueError("Token ids must be an integer tensor of shape (num_samples, seq_len).")
+            self.config.num_samples, self.config.seq_len = dataset.shape
+            self.config.dataset = self.config.dataset or "token ids"
+            return dataset.long()
+        if self.tokenizer is None:
+            raise ValueError("Calibration text needs a tokenizer: pass tokenizer= to Pruner.from_pretrained.")
+        texts, name = load_texts(dataset, text_column=text_column, split=split)
+        self.config.dataset = name
+        config = self.config
+        return calibration_ids(texts, self.tokenizer, config.num_samples, config.seq_len, config.seed)
+
+    def prune(self, dataset: Any = None, *, text_column: str = "text", split: str = "train") -> PruningReport:
+        """Prune the model in place, block by block, and return the report.
+
+        ``dataset`` is the calibration data: a list of strings, a ``datasets.Dataset``, a local
+        ``.txt``/``.jsonl``/``.json``/``.parquet`` path, a Hub dataset name, or a ``(num_samples, seq_len)``
+        tensor of token ids. Magnitude pruning with uniform allocation needs none.
+        """
+        if self.report is not None:
+            raise RuntimeError("This model is already pruned; create a new Pruner to prune again.")
+        input_ids = None
+        if self.config.needs_calibration:
+            if dataset is None:
+                raise ValueError(
+                    f"Method {self.config.method!r} needs calibration data: pass a dataset, e.g. "
+                    "pruner.prune('path/to/c4_sample.jsonl') or a list of strings."
+                )
+            input_ids = self.calibration_ids(dataset, text_column, split)
+        engine = BlockwiseEngine(
+            self.model,
+            self.config,
+            get_method(self.config),
+            device=self.device,
+            activations_device=self.activations_device,
+            progress=self.progress,
+        )
+        self.report = engine.run(input_ids)
+        self.masks = engine.masks
+        setattr(self.model.config, METADATA_KEY, build_metadata(self.config, self.report))
+        return self.report
+
+    def save_pretrained(
+        self, save_directory: str | os.PathLike, *, overwrite: bool = False, max_shard_size: str | int = "5GB"
+    ) -> str:
+        """Save the pruned model (dense safetensors), its tokenizer and ``pruning_config.json``.
+
+        The folder loads with ``AutoModelForCausalLM.from_pretrained``; the sparsity metadata lives in its
+        ``config.json`` under ``"optimum_prune"``. Files are written to a temporary folder that replaces
+        ``save_directory`` only when complete; a non-empty ``save_directory`` is kept unless ``overwrite``.
+        """
+        if self.report is None:
+            raise RuntimeError("Nothing to save yet: call prune() first.")
+        with atomic_directory(save_directory, overwrite) as staging:
+            self.model.save_pretrained(staging, max_shard_size=max_shard_size)
+            if self.tokenizer is not None:
+                self.tokenizer.save_pretrained(staging)
+            self.config.save_pretrained(staging)
+        return os.fspath(save_directory)
+
+
+def _load_tokenizer(tokenizer: PreTrainedTokenizerBase | str | None, **kwargs: Any) -> PreTrainedTokenizerBase | None:
+    if tokenizer is None or isinstance(tokenizer, PreTrainedTokenizerBase):
+        return tokenizer
+    try:
+        return AutoTokenizer.from_pretrained(tokenizer, **kwargs)
+    except (OSError, ValueError) as error:
+        logger.warning(
+            "No tokenizer could be loaded from %s (%s); pass tokenizer= to calibrate on text.", tokenizer, error
+        )
+        return None

@@ -1,0 +1,82 @@
+"""What a pruning run did: per-layer sparsity, time per block, peak memory; printable as a table."""
+
+from __future__ import annotations
+
+import dataclasses
+import resource
+import sys
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+
+def peak_memory(device: torch.device) -> int:
+    """Peak bytes allocated on a CUDA ``device``, else the peak resident memory of this process."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024
+
+
+@dataclass
+class LayerReport:
+    name: str
+    block: int
+    shape: tuple[int, int]
+    target_sparsity: float
+    sparsity: float
+
+    @property
+    def numel(self) -> int:
+        return self.shape[0] * self.shape[1]
+
+
+@dataclass
+class PruningReport:
+    method: str
+    pattern: str
+    target_sparsity: float
+    allocation: str
+    layers: list[LayerReport] = field(default_factory=list)
+    block_seconds: list[float] = field(default_factory=list)
+    total_seconds: float = 0.0
+    peak_memory_bytes: int = 0
+
+    @property
+    def global_sparsity(self) -> float:
+        """Achieved sparsity over all pruned layers, weighted by their size."""
+        total = sum(layer.numel for layer in self.layers)
+        return sum(layer.sparsity * layer.numel for layer in self.layers) / total if total else 0.0
+
+    @property
+    def block_sparsities(self) -> list[float]:
+        """The target sparsity of every block, in order."""
+        targets: dict[int, float] = {}
+        for layer in self.layers:
+            targets.setdefault(layer.block, layer.target_sparsity)
+        return [targets[block] for block in sorted(targets)]
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["global_sparsity"] = self.global_sparsity
+        return data
+
+    def table(self) -> str:
+        """The per-layer table followed by a summary line."""
+        width = max([len("layer"), *(len(layer.name) for layer in self.layers)])
+        lines = [f"{'layer':<{width}}  {'shape':>12}  {'target':>7}  {'achieved':>8}  {'block s':>8}"]
+        for layer in self.layers:
+            seconds = self.block_seconds[layer.block] if layer.block < len(self.block_seconds) else float("nan")
+            shape = f"{layer.shape[0]}x{layer.shape[1]}"
+            lines.append(
+                f"{layer.name:<{width}}  {shape:>12}  {layer.target_sparsity:>7.3f}  {layer.sparsity:>8.4f}  {seconds:>8.2f}"
+            )
+        lines.append(
+            f"{self.method} {self.pattern} ({self.allocation}): global sparsity {self.global_sparsity:.4f} over "
+            f"{len(self.layers)} layers, {self.total_seconds:.1f} s, peak memory {self.peak_memory_bytes / 2**30:.2f} GiB"
+        )
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.table()
