@@ -1,0 +1,66 @@
+"""Shared fixtures: the offline assets and tiny random-init models of every supported architecture."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO = Path(__file__).resolve().parents[1]
+ASSETS = Path(os.environ.get("OPTIMUM_PRUNE_ASSETS", REPO.parent / "shared" / "assets"))
+STORIES_260K = ASSETS / "models" / "stories260K"
+TINYSTORIES_656K = ASSETS / "models" / "TinyStories-656K"
+C4_SAMPLE = ASSETS / "data" / "c4" / "c4_validation_2k.jsonl"
+TINYSTORIES_VAL = ASSETS / "data" / "tinystories" / "tinystories_val.txt"
+WIKITEXT_TEST = ASSETS / "data" / "wikitext-2-raw-v1" / "test.jsonl"
+GPT2_TOKENIZER = ASSETS / "tokenizers" / "gpt2-bpe"
+
+_COMMON = {"vocab_size": 512, "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4}
+_LLAMA_LIKE = {**_COMMON, "intermediate_size": 128, "num_key_value_heads": 2, "max_position_embeddings": 256}
+
+# Tiny configs: widths divisible by 8 so that 2:4 and 4:8 apply to every linear layer.
+ARCHITECTURES = {
+    "llama": lambda: transformers.LlamaConfig(**_LLAMA_LIKE),
+    "mistral": lambda: transformers.MistralConfig(**_LLAMA_LIKE, sliding_window=64),
+    "qwen2": lambda: transformers.Qwen2Config(**_LLAMA_LIKE),
+    "gemma": lambda: transformers.GemmaConfig(**_LLAMA_LIKE, head_dim=16),
+    "phi": lambda: transformers.PhiConfig(**_COMMON, intermediate_size=128, max_position_embeddings=256),
+    "opt": lambda: transformers.OPTConfig(
+        vocab_size=512,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        ffn_dim=128,
+        word_embed_proj_dim=64,
+        max_position_embeddings=256,
+    ),
+    "gpt_neox": lambda: transformers.GPTNeoXConfig(**_COMMON, intermediate_size=128, max_position_embeddings=256),
+    "gpt2": lambda: transformers.GPT2Config(
+        vocab_size=512, n_embd=64, n_layer=2, n_head=4, n_positions=256, bos_token_id=0, eos_token_id=0
+    ),
+}
+
+
+def tiny_model(architecture: str, seed: int = 0) -> transformers.PreTrainedModel:
+    """A random-init causal LM of ``architecture`` with a 512-token vocabulary, in eval mode."""
+    torch.manual_seed(seed)
+    config = ARCHITECTURES[architecture]()
+    return transformers.AutoModelForCausalLM.from_config(config).eval()
+
+
+def random_ids(num_samples: int = 8, seq_len: int = 32, vocab: int = 512, seed: int = 0) -> torch.Tensor:
+    """Calibration token ids for the tiny models."""
+    return torch.randint(0, vocab, (num_samples, seq_len), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.fixture(scope="session")
+def assets() -> Path:
+    if not ASSETS.is_dir():
+        pytest.fail(f"The offline assets are missing at {ASSETS}; set OPTIMUM_PRUNE_ASSETS to their folder.")
+    return ASSETS
