@@ -8,6 +8,7 @@ propagate as in the SparseGPT and Wanda references), and move it back. Everythin
 from __future__ import annotations
 
 import time
+import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
@@ -95,14 +96,16 @@ def capture_block_inputs(
 class _StatisticsCollector:
     """Forward hooks that feed each target layer's inputs to its statistic.
 
-    Layers that receive the very same input tensor (q/k/v, gate/up) share one statistic, computed once.
+    Layers that receive the very same input tensor object (q/k/v, gate/up) share one statistic, computed
+    once. Identity is checked through weak references: a data pointer alone can be reused by a later
+    activation of the same shape once the first is freed (GPT-2's ``ln_2`` output lands where ``ln_1``'s was).
     """
 
     def __init__(self, layers: list[TargetLayer], make: Callable[[TargetLayer], LayerStatistic | None]):
         self.statistics: dict[str, LayerStatistic] = {}
         self._owners: set[str] = set()
         self._make = make
-        self._seen: dict[tuple, str] = {}
+        self._seen: list[tuple[weakref.ref, type, str]] = []
         self._handles = [layer.module.register_forward_hook(self._hook(layer)) for layer in layers]
 
     def _hook(self, layer: TargetLayer):
@@ -112,10 +115,10 @@ class _StatisticsCollector:
                 statistic = self._make(layer)
                 if statistic is None:
                     return
-                key = (inputs.data_ptr(), inputs.shape, type(statistic))
-                owner = self._seen.get(key)
+                kind = type(statistic)
+                owner = next((name for ref, k, name in self._seen if ref() is inputs and k is kind), None)
                 if owner is None:
-                    self._seen[key] = layer.name
+                    self._seen.append((weakref.ref(inputs), kind, layer.name))
                     self._owners.add(layer.name)
                 else:
                     statistic = self.statistics[owner]
