@@ -1,10 +1,40 @@
-"""optimum-prune: prune Hugging Face causal LMs block by block and ship the result."""
+"""optimum-prune: prune Hugging Face causal LMs block by block and ship the result.
+
+The public names load lazily (PEP 562), so ``import optimum_prune.cli`` and ``optimum-cli --help`` stay fast.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-from .config import PruningConfig  # noqa: E402
-from .evaluation import perplexity  # noqa: E402
-from .pruner import Pruner  # noqa: E402
-from .report import PruningReport  # noqa: E402
+# Public name -> the submodule that defines it.
+_EXPORTS = {
+    "Pruner": ".pruner",
+    "PruningConfig": ".config",
+    "PruningReport": ".report",
+    "perplexity": ".evaluation",
+}
+
+if TYPE_CHECKING:
+    from .config import PruningConfig
+    from .evaluation import perplexity
+    from .pruner import Pruner
+    from .report import PruningReport
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name], __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS])
+
 
 __all__ = ["Pruner", "PruningConfig", "PruningReport", "__version__", "perplexity"]
