@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import os
+from pathlib import Path
 from typing import Any
 
 from transformers import PretrainedConfig
@@ -10,6 +13,8 @@ from ..config import PruningConfig
 from ..report import PruningReport
 
 METADATA_KEY = "optimum_prune"
+METADATA_SCHEMA = 1
+REQUIRED_KEYS = ("version", "method", "pattern", "target_sparsity", "global_sparsity", "layers")
 
 
 def build_metadata(config: PruningConfig, report: PruningReport) -> dict[str, Any]:
@@ -17,6 +22,7 @@ def build_metadata(config: PruningConfig, report: PruningReport) -> dict[str, An
     from .. import __version__
 
     return {
+        "schema": METADATA_SCHEMA,
         "version": __version__,
         "method": config.method,
         "pattern": config.pattern,
@@ -37,7 +43,26 @@ def build_metadata(config: PruningConfig, report: PruningReport) -> dict[str, An
     }
 
 
-def read_metadata(config: PretrainedConfig | dict[str, Any]) -> dict[str, Any] | None:
-    """The pruning metadata of a model config, or ``None`` if the model was not pruned by us."""
-    data = config if isinstance(config, dict) else config.to_dict()
-    return data.get(METADATA_KEY)
+def read_metadata(source: PretrainedConfig | dict[str, Any] | str | os.PathLike) -> dict[str, Any] | None:
+    """The pruning metadata of a model config (object, dict, ``config.json`` or its folder), or ``None`` if the
+    model was not pruned by us. A malformed entry raises a clear error."""
+    if isinstance(source, (str, os.PathLike)):
+        path = Path(source)
+        path = path / "config.json" if path.is_dir() else path
+        if not path.is_file():
+            raise FileNotFoundError(f"No model config at {path}: expected a folder holding config.json.")
+        try:
+            source = json.loads(path.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise ValueError(f"{path} is not valid JSON ({error}).") from error
+    data = source if isinstance(source, dict) else source.to_dict()
+    metadata = data.get(METADATA_KEY)
+    if metadata is None:
+        return None
+    missing = [key for key in REQUIRED_KEYS if key not in metadata] if isinstance(metadata, dict) else REQUIRED_KEYS
+    if missing:
+        raise ValueError(
+            f"The {METADATA_KEY!r} entry of this model config is malformed (missing {list(missing)}): it was not "
+            "written by optimum-prune or was edited by hand."
+        )
+    return metadata
