@@ -7,6 +7,7 @@ import os
 from typing import Any
 
 import torch
+from huggingface_hub import CommitInfo, ModelCard
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
@@ -14,6 +15,8 @@ from .calibration import calibration_ids, load_texts
 from .config import PruningConfig
 from .engine.blockwise import BlockwiseEngine
 from .export import METADATA_KEY, atomic_directory, build_metadata
+from .export.compressed import check_format, save_compressed
+from .export.masks import Masks, write_masks
 from .methods import get_method
 from .report import PruningReport
 
@@ -150,22 +153,86 @@ class Pruner:
         return self.report
 
     def save_pretrained(
-        self, save_directory: str | os.PathLike, *, overwrite: bool = False, max_shard_size: str | int = "5GB"
+        self,
+        save_directory: str | os.PathLike,
+        *,
+        overwrite: bool = False,
+        format: str = "dense",
+        save_masks: bool = False,
+        max_shard_size: str | int = "5GB",
     ) -> str:
-        """Save the pruned model (dense safetensors), its tokenizer and ``pruning_config.json``.
+        """Save the pruned model, its tokenizer and ``pruning_config.json``.
 
-        The folder loads with ``AutoModelForCausalLM.from_pretrained``; the sparsity metadata lives in its
-        ``config.json`` under ``"optimum_prune"``. Files are written to a temporary folder that replaces
-        ``save_directory`` only when complete; a non-empty ``save_directory`` is kept unless ``overwrite``.
+        ``format="dense"`` writes plain safetensors that ``AutoModelForCausalLM.from_pretrained`` loads;
+        ``format="compressed"`` stores each pruned weight as its kept values plus a bitmask (or N:M indices),
+        loaded with `optimum_prune.load_pruned`. ``save_masks=True`` adds ``sparsity_masks.safetensors``, which
+        tells pruned weights from kept ones that are zero (`optimum_prune.load_masks`). The sparsity metadata
+        lives in ``config.json`` under ``"optimum_prune"``. Files are written to a temporary folder that
+        replaces ``save_directory`` only when complete; a non-empty ``save_directory`` is kept unless ``overwrite``.
         """
         if self.report is None:
             raise RuntimeError("Nothing to save yet: call prune() first.")
+        check_format(format)
+        masks = Masks.from_pruner(self.model, self.masks) if save_masks or format == "compressed" else None
         with atomic_directory(save_directory, overwrite) as staging:
-            self.model.save_pretrained(staging, max_shard_size=max_shard_size)
+            if format == "compressed":
+                save_compressed(
+                    self.model, staging, masks, pattern=self.config.nm_pattern, max_shard_size=max_shard_size
+                )
+            else:
+                self.model.save_pretrained(staging, max_shard_size=max_shard_size)
+            if save_masks:
+                write_masks(masks, staging)
             if self.tokenizer is not None:
                 self.tokenizer.save_pretrained(staging)
             self.config.save_pretrained(staging)
         return os.fspath(save_directory)
+
+    def model_card(
+        self,
+        repo_id: str,
+        *,
+        format: str = "dense",
+        perplexity: dict[str, Any] | None = None,
+        base_model: str | None = None,
+    ) -> ModelCard:
+        """The Hub model card of the pruned model (see `optimum_prune.hub.build_model_card`)."""
+        from .hub.model_card import build_model_card, hub_base_model
+
+        if self.report is None:
+            raise RuntimeError("No model card before pruning: call prune() first.")
+        base_model = base_model or hub_base_model(self.source)
+        return build_model_card(
+            self.config, self.report, repo_id, base_model=base_model, format=format, perplexity=perplexity
+        )
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        *,
+        private: bool = False,
+        token: str | None = None,
+        commit_message: str | None = None,
+        format: str = "dense",
+        perplexity: dict[str, Any] | None = None,
+        base_model: str | None = None,
+    ) -> CommitInfo:
+        """Create ``repo_id`` if needed and upload the model, tokenizer, ``pruning_config.json`` and a model card
+        (README.md) in one commit. ``perplexity={"dataset": ..., "before": x, "after": y}`` goes into the card's
+        model-index. Without ``token``, the saved one is used; with none at all, nothing is uploaded.
+        """
+        from .hub.push import push_to_hub
+
+        return push_to_hub(
+            self,
+            repo_id,
+            private=private,
+            token=token,
+            commit_message=commit_message,
+            format=format,
+            perplexity=perplexity,
+            base_model=base_model,
+        )
 
 
 def _load_tokenizer(tokenizer: PreTrainedTokenizerBase | str | None, **kwargs: Any) -> PreTrainedTokenizerBase | None:
