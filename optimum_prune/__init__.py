@@ -16,11 +16,18 @@ _EXPORTS = {
     "PruningConfig": ".config",
     "PruningReport": ".report",
     "perplexity": ".evaluation",
+    "load_pruned": ".loading",
+    "load_masks": ".loading",
+    "apply_masks": ".export.masks",
+    "decompress": ".export.compressed",
 }
 
 if TYPE_CHECKING:
     from .config import PruningConfig
     from .evaluation import perplexity
+    from .export.compressed import decompress
+    from .export.masks import apply_masks
+    from .loading import load_masks, load_pruned
     from .pruner import Pruner
     from .report import PruningReport
 
@@ -37,4 +44,14 @@ def __dir__() -> list[str]:
     return sorted([*globals(), *_EXPORTS])
 
 
-__all__ = ["Pruner", "PruningConfig", "PruningReport", "__version__", "perplexity"]
+__all__ = [
+    "Pruner",
+    "PruningConfig",
+    "PruningReport",
+    "__version__",
+    "apply_masks",
+    "decompress",
+    "load_masks",
+    "load_pruned",
+    "perplexity",
+]
