@@ -1,0 +1,308 @@
+"""Perplexity after pruning: dense vs magnitude, Wanda, SparseGPT, SparseLLM; uniform vs OWL allocation.
+
+Every row runs in a fresh subprocess (load, calibrate, prune, evaluate), so its wall time and peak
+resident memory are its own. Results accumulate in ``benchmarks/results/quality-<model>.json`` as each
+row finishes (rows already there are skipped unless ``--force``), and the ``quality-smollm2`` and
+``quality-tiny`` sections of docs/benchmarks.md are rewritten from those files after every row.
+
+    python benchmarks/quality.py --models smollm2-135m --grids issue2 owl sparsellm
+    python benchmarks/quality.py --models stories260k tinystories-656k --grids issue2 owl sparsellm owl-sweep
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.markdown import table, write_section
+from benchmarks.models import MODELS, TINYSTORIES_VAL, WIKITEXT_TEST
+
+RESULTS = Path(__file__).resolve().parent / "results"
+EVAL_DATA = {"smollm2-135m": "wikitext2"}  # every other model is evaluated on TinyStories val
+SECTIONS = {"quality-smollm2": ["smollm2-135m"], "quality-tiny": ["stories260k", "tinystories-656k"]}
+SPARSITIES = {"50%": (0.5, "unstructured"), "2:4": (0.5, "2:4"), "60%": (0.6, "unstructured")}
+SPARSITIES |= {"70%": (0.7, "unstructured"), "80%": (0.8, "unstructured")}
+
+
+@dataclass(frozen=True)
+class Row:
+    """One pruning run: ``method == "dense"`` evaluates the unpruned model."""
+
+    model: str
+    method: str
+    sparsity: str = "0%"
+    allocation: str = "uniform"
+    owl_m: float = 5.0
+    owl_lambda: float = 0.08
+
+    @property
+    def key(self) -> str:
+        owl = f"|m={self.owl_m:g},lambda={self.owl_lambda:g}" if self.allocation == "owl" else ""
+        return f"{self.method}|{self.sparsity}|{self.allocation}{owl}"
+
+
+def grid(name: str, model: str) -> list[Row]:
+    """The rows of one named grid for ``model``."""
+    if name == "issue2":
+        pruned = [Row(model, m, s) for m in ("magnitude", "wanda", "sparsegpt") for s in ("50%", "2:4", "70%")]
+        return [Row(model, "dense"), *pruned]
+    if name == "owl":
+        return [
+            Row(model, m, s, a)
+            for m in ("wanda", "sparsegpt")
+            for s in ("60%", "70%", "80%")
+            for a in ("uniform", "owl")
+        ]
+    if name == "sparsellm":
+        return [Row(model, m, s) for s in ("70%", "80%") for m in ("sparsegpt", "sparsellm")]
+    if name == "owl-sweep":
+        settings = [(5.0, 0.08), (5.0, 0.2), (7.0, 0.08), (7.0, 0.2)]
+        return [Row(model, m, "70%", "owl", om, ol) for m in ("wanda", "sparsegpt") for om, ol in settings]
+    raise ValueError(f"Unknown grid {name!r}: choose one of issue2, owl, sparsellm, owl-sweep.")
+
+
+def eval_text(model: str) -> tuple[str | list[str], str]:
+    """The evaluation text of ``model`` and its display name."""
+    if EVAL_DATA.get(model) == "wikitext2":
+        with WIKITEXT_TEST.open(encoding="utf-8") as f:
+            return [json.loads(line)["text"] for line in f], "WikiText-2 raw test"
+    return TINYSTORIES_VAL.read_text(encoding="utf-8"), "TinyStories val"
+
+
+def run_row(row: Row, num_samples: int, seq_len: int, eval_windows: int) -> dict:
+    """Load, prune and evaluate one row in this process; return its measurements."""
+    import torch
+
+    from benchmarks.models import calibration_token_ids, load_model
+    from optimum_prune import Pruner, PruningConfig
+    from optimum_prune.evaluation import perplexity
+    from optimum_prune.report import peak_memory
+
+    model, tokenizer = load_model(row.model)
+    result: dict = {"prune_seconds": None, "global_sparsity": 0.0}
+    if row.method != "dense":
+        sparsity, pattern = SPARSITIES[row.sparsity]
+        config = PruningConfig(
+            method=row.method,
+            sparsity=sparsity,
+            pattern=pattern,
+            allocation=row.allocation,
+            owl_m=row.owl_m,
+            owl_lambda=row.owl_lambda,
+            num_samples=num_samples,
+            seq_len=seq_len,
+        )
+        ids = calibration_token_ids(tokenizer, num_samples, seq_len, config.seed)
+        pruner = Pruner(model, config, tokenizer, device="cpu", progress=False)
+        start = time.perf_counter()
+        report = pruner.prune(ids)
+        result["prune_seconds"] = time.perf_counter() - start
+        result["global_sparsity"] = report.global_sparsity
+        result["block_sparsities"] = report.block_sparsities
+    result["peak_rss_bytes"] = peak_memory(torch.device("cpu"))  # load + prune, before evaluation
+    text, _ = eval_text(row.model)
+    start = time.perf_counter()
+    result["perplexity"] = perplexity(model, tokenizer, text, seq_len=512, max_windows=eval_windows, device="cpu")
+    result["eval_seconds"] = time.perf_counter() - start
+    return result
+
+
+def results_path(model: str) -> Path:
+    return RESULTS / f"quality-{model}.json"
+
+
+def load_results(model: str) -> dict[str, dict]:
+    path = results_path(model)
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+
+
+def save_result(row: Row, result: dict) -> None:
+    """Add one row's result to its model's JSON file (written to a temporary file, then renamed)."""
+    results = load_results(row.model)
+    results[row.key] = {**asdict(row), **result}
+    path = results_path(row.model)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(f".json.partial-{os.getpid()}")
+    partial.write_text(json.dumps(results, indent=1, sort_keys=True) + "\n", encoding="utf-8")
+    os.replace(partial, path)
+
+
+def measure(row: Row, args: argparse.Namespace) -> dict:
+    """Run ``row`` in a fresh subprocess and return its result (or its error)."""
+    command = [sys.executable, __file__, "--run-row", json.dumps(asdict(row))]
+    command += ["--num-samples", str(args.num_samples), "--seq-len", str(args.seq_len)]
+    command += ["--eval-windows", str(args.eval_windows)]
+    started = datetime.datetime.now(datetime.timezone.utc)
+    process = subprocess.run(command, stdout=subprocess.PIPE, text=True)
+    settings = {"num_samples": args.num_samples, "seq_len": args.seq_len, "eval_windows": args.eval_windows}
+    settings["date"] = started.strftime("%Y-%m-%d %H:%M UTC")
+    lines = [line for line in process.stdout.splitlines() if line.startswith("RESULT ")]
+    if process.returncode != 0 or not lines:
+        return {**settings, "error": f"subprocess exited with status {process.returncode}"}
+    return {**settings, **json.loads(lines[-1].removeprefix("RESULT "))}
+
+
+def fmt_ppl(value: float | None) -> str:
+    if value is None:
+        return "—"
+    return f"{value:.2f}" if value < 1000 else f"{value:.4g}"
+
+
+def cells(result: dict | None) -> list[str]:
+    """Perplexity, sparsity, prune time and peak memory of a result, or why it is missing."""
+    if result is None:
+        return ["not run", "", "", ""]
+    if "error" in result:
+        return [f"failed ({result['error']})", "", "", ""]
+    seconds = result["prune_seconds"]
+    return [
+        fmt_ppl(result["perplexity"]),
+        f"{result['global_sparsity']:.3f}",
+        "—" if seconds is None else f"{seconds:.0f}",
+        f"{result['peak_rss_bytes'] / 2**20:.0f}",
+    ]
+
+
+def ratio_note(pairs: list[tuple[str, dict | None, dict | None]], better: str, baseline: str) -> str:
+    """One sentence per measured pair saying whether ``better`` beat ``baseline``, with the ratio."""
+    notes = []
+    for label, base, other in pairs:
+        if not base or not other or "error" in base or "error" in other:
+            continue
+        ratio = other["perplexity"] / base["perplexity"]
+        verdict = "lower" if ratio < 0.99 else "higher" if ratio > 1.01 else "about equal"
+        notes.append(
+            f"{label}: {better} {verdict} than {baseline} ({fmt_ppl(other['perplexity'])} vs {fmt_ppl(base['perplexity'])}, x{ratio:.2f})"
+        )
+    return "; ".join(notes) + "." if notes else "No pair measured yet."
+
+
+def model_tables(model: str) -> str:
+    """The markdown for one model: the issue 2 grid, uniform vs OWL, SparseLLM vs SparseGPT."""
+    results = load_results(model)
+    get = results.get
+    _, data = eval_text(model)
+    headers = ["method", "sparsity", "allocation", "perplexity", "achieved sparsity", "prune s", "peak RSS MiB"]
+    issue2 = [
+        [r.method, r.sparsity if r.method != "dense" else "0%", r.allocation, *cells(get(r.key))]
+        for r in grid("issue2", model)
+    ]
+    out = [f"### {MODELS[model]}: perplexity on {data}", "", table(headers, issue2), ""]
+
+    owl_rows, owl_pairs = [], []
+    for method in ("wanda", "sparsegpt"):
+        for sparsity in ("60%", "70%", "80%"):
+            uniform, owl = get(Row(model, method, sparsity).key), get(Row(model, method, sparsity, "owl").key)
+            owl_rows.append([method, sparsity, cells(uniform)[0], cells(owl)[0]])
+            owl_pairs.append((f"{method} {sparsity}", uniform, owl))
+    out += ["Uniform vs OWL allocation (owl_m=5, owl_lambda=0.08):", ""]
+    out += [table(["method", "sparsity", "uniform", "OWL"], owl_rows), "", ratio_note(owl_pairs, "OWL", "uniform"), ""]
+
+    sweep = [r for r in grid("owl-sweep", model) if r.key in results]
+    if sweep:
+        out += ["OWL hyperparameters at 70% (uniform for reference):", ""]
+        sweep_rows = [
+            [r.method, "uniform", "", cells(get(Row(model, r.method, "70%").key))[0]]
+            for r in grid("owl-sweep", model)[::4]
+        ]
+        sweep_rows += [
+            [r.method, "owl", f"m={r.owl_m:g}, lambda={r.owl_lambda:g}", cells(get(r.key))[0]] for r in sweep
+        ]
+        out += [table(["method", "allocation", "setting", "perplexity"], sweep_rows), ""]
+
+    sparsellm_rows, sparsellm_pairs = [], []
+    for sparsity in ("70%", "80%"):
+        base, other = get(Row(model, "sparsegpt", sparsity).key), get(Row(model, "sparsellm", sparsity).key)
+        sparsellm_rows.append([sparsity, *cells(base)[::2], *cells(other)[::2]])
+        sparsellm_pairs.append((sparsity, base, other))
+    out += ["SparseLLM vs SparseGPT (uniform):", ""]
+    sparsellm_headers = ["sparsity", "SparseGPT ppl", "SparseGPT prune s", "SparseLLM ppl", "SparseLLM prune s"]
+    out += [table(sparsellm_headers, sparsellm_rows), "", ratio_note(sparsellm_pairs, "SparseLLM", "SparseGPT"), ""]
+    return "\n".join(out)
+
+
+def render(section: str) -> None:
+    """Rewrite one quality section of docs/benchmarks.md from the results files."""
+    models = SECTIONS[section]
+    measured = [result for model in models for result in load_results(model).values()]
+    dates = sorted(result["date"] for result in measured)
+    settings = sorted({(r["num_samples"], r["seq_len"], r["eval_windows"]) for r in measured})
+    span = f"{dates[0]} to {dates[-1]}" if dates else "nothing measured yet"
+    eval_data = " and ".join(sorted({eval_text(m)[1] for m in models}))
+    header = [
+        f"## Quality: {', '.join(MODELS[m] for m in models)}",
+        "",
+        f"Command: `python benchmarks/quality.py --models {' '.join(models)} --grids issue2 owl sparsellm"
+        + (" owl-sweep" if section == "quality-tiny" else "")
+        + "` (each row in a fresh subprocess; rows already measured are kept).",
+        "",
+        f"Calibration: C4 validation sample (`c4_validation_2k.jsonl`), seed 0; perplexity: first windows of 512 "
+        f"tokens of {eval_data}, no BOS. Settings as (calibration samples, calibration length, eval windows): "
+        f"{', '.join(f'{n} x {s}, {w} x 512' for n, s, w in settings) or 'none yet'}.",
+        "",
+        f"Machine: 2 shared CPU cores (fp32, torch CPU), measured {span}. Seven other engineers used the same "
+        "two cores at the same time, so the prune times (seconds for `Pruner.prune` alone) are inflated and "
+        "noisy; peak RSS is the process's peak resident memory after loading and pruning, before evaluation.",
+        "",
+    ]
+    write_section(section, "\n".join(header + [model_tables(m) for m in models]))
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", choices=list(MODELS), default=["stories260k", "tinystories-656k"])
+    parser.add_argument("--grids", nargs="+", default=["issue2"], choices=["issue2", "owl", "sparsellm", "owl-sweep"])
+    parser.add_argument("--methods", nargs="+", help="only rows of these methods (dense included by name)")
+    parser.add_argument("--sparsities", nargs="+", choices=["0%", *SPARSITIES], help="only rows at these sparsities")
+    parser.add_argument("--num-samples", type=int, default=64)
+    parser.add_argument("--seq-len", type=int, default=512)
+    parser.add_argument("--eval-windows", type=int, default=40)
+    parser.add_argument("--force", action="store_true", help="measure rows again even if already in the results")
+    parser.add_argument("--render-only", action="store_true", help="only rewrite the docs sections from the results")
+    parser.add_argument("--run-row", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+
+    if args.run_row:
+        row = Row(**json.loads(args.run_row))
+        print("RESULT " + json.dumps(run_row(row, args.num_samples, args.seq_len, args.eval_windows)), flush=True)
+        return
+    sections = [name for name, models in SECTIONS.items() if set(models) & set(args.models)]
+    if args.render_only:
+        for section in sections:
+            render(section)
+        return
+
+    from optimum_prune.methods import METHODS
+
+    rows = list(dict.fromkeys(row for model in args.models for name in args.grids for row in grid(name, model)))
+    rows = [r for r in rows if args.methods is None or r.method in args.methods]
+    rows = [r for r in rows if args.sparsities is None or r.sparsity in args.sparsities]
+    for row in rows:
+        done = load_results(row.model).get(row.key)
+        if done and "error" not in done and not args.force:
+            continue
+        if row.method != "dense" and row.method not in METHODS:
+            print(f"skip {row.model} {row.key}: method {row.method!r} is not implemented yet", flush=True)
+            continue
+        print(f"run {row.model} {row.key}", flush=True)
+        result = measure(row, args)
+        save_result(row, result)
+        print(f"done {row.model} {row.key}: {cells(result)}", flush=True)
+        for section in sections:
+            render(section)
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    main()
