@@ -1,0 +1,380 @@
+"""SparseLLM (Bai et al., 2024, arXiv 2402.17946): global pruning of each block's feed-forward chain.
+
+The feed-forward chain ``Y = W2 act(W1 X)`` (or ``W_down (act(W_gate X) * W_up X)``) is pruned jointly by
+introducing auxiliary variables for the pre-activation ``z = W1 X`` (and ``s = W_gate X``) and the
+post-activation ``p = act(z)`` (``act(s) * z``) and minimising, alternately,
+
+    alpha ||z - W1 X||^2 + gamma ||p - act(z)||^2 + beta ||Y - W2 p||^2
+
+over the weights (least squares, then SparseGPT pruning with the Hessian of the layer's *target* inputs:
+``X`` for the first layers, the auxiliary ``p`` for the last one) and over ``p`` and ``z`` (closed form; ``s``
+by gradient steps), as the reference implementation (github.com/BaiTheBest/SparseLLM) does. Attention and
+every other layer outside the chain are pruned with SparseGPT.
+
+The chain is found generically: among the layers whose inputs were recorded (those inside a module named
+``mlp``/``ffn``/``feed_forward``, or named ``fc1``/``fc2``), one or two layers reading the same input and a
+layer whose inputs are their outputs; the activation is the container's ``act_fn``/``activation_fn``/``act``/
+``activation``, and the chain is accepted only if it reproduces the recorded inputs of the last layer. A
+block without such a chain is pruned with SparseGPT, with a warning.
+
+Memory: the calibration inputs of the chain are kept on the CPU in float32 chunks of 4096 tokens, together
+with the auxiliary variables: ``tokens x (2 hidden + 2 intermediate)`` floats per block (``+ intermediate``
+for gated MLPs); the device only holds one chunk at a time plus ``intermediate x intermediate`` matrices.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ..engine.structure import TargetLayer
+from .base import BlockContext, PruningMethod
+from .masking import NMPattern
+from .sparsegpt import inverse_hessian_cholesky, sparsegpt_prune
+from .statistics import Hessian, LayerStatistic
+
+logger = logging.getLogger(__name__)
+
+CHUNK_TOKENS = 4096
+_CONTAINERS = ("mlp", "ffn", "feed_forward")
+_CHAIN_LAYERS = ("fc1", "fc2")  # OPT keeps its feed-forward layers directly in the decoder block
+_ACTIVATIONS = ("act_fn", "activation_fn", "act", "activation")
+_NUMERIC_STEPS = 2  # as the reference's update of s
+_CHAIN_TOLERANCE = 0.05  # relative error allowed when checking the chain against the recorded inputs
+
+
+class RecordedInputs(LayerStatistic):
+    """Keeps every calibration input of a layer on the CPU, in float32 chunks of at most 4096 tokens."""
+
+    def __init__(self) -> None:
+        self.chunks: list[torch.Tensor] = []
+
+    def update(self, inputs: torch.Tensor) -> None:
+        x = inputs.detach().reshape(-1, inputs.shape[-1]).to("cpu", torch.float32, copy=True)
+        self.chunks.extend(x.split(CHUNK_TOKENS))
+
+    def gram(self, device: torch.device) -> torch.Tensor:
+        """``X^T X`` over all recorded tokens."""
+        return _gram(self.chunks, device)
+
+
+def _gram(chunks: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+    width = chunks[0].shape[1]
+    gram = torch.zeros(width, width, dtype=torch.float32, device=device)
+    for chunk in chunks:
+        x = chunk.to(device)
+        gram.addmm_(x.T, x)
+    return gram
+
+
+@dataclass
+class _Linear:
+    """A working float32 copy of a target layer on the execution device."""
+
+    layer: TargetLayer
+    weight: torch.Tensor
+    bias: torch.Tensor
+    mask: torch.Tensor | None = None
+
+    @classmethod
+    def of(cls, layer: TargetLayer, device: torch.device) -> _Linear:
+        bias = getattr(layer.module, "bias", None)
+        rows = layer.shape[0]
+        bias = torch.zeros(rows, device=device) if bias is None else bias.detach().to(device, torch.float32)
+        return cls(layer, layer.matrix().to(device), bias)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.addmm(self.bias, x, self.weight.T)
+
+
+@dataclass
+class FeedForwardChain:
+    """``output(act(gate(X)) * up(X))`` when gated, else ``output(act(up(X)))``."""
+
+    up: TargetLayer
+    output: TargetLayer
+    activation: Callable[[torch.Tensor], torch.Tensor]
+    gate: TargetLayer | None = None
+
+    @property
+    def layers(self) -> list[TargetLayer]:
+        return [layer for layer in (self.gate, self.up, self.output) if layer is not None]
+
+    def hidden(self, up: torch.Tensor, gate: torch.Tensor | None) -> torch.Tensor:
+        return self.activation(up) if gate is None else self.activation(gate) * up
+
+
+@dataclass
+class SparseLLMResult:
+    """Masks of the chain and its relative reconstruction error ``||f(X) - Y||^2 / ||Y||^2`` after each
+    iteration's pruning; the weights kept are those of the iteration with the lowest error."""
+
+    masks: dict[str, torch.Tensor]
+    errors: list[float] = field(default_factory=list)
+
+
+def _records_inputs(layer: TargetLayer) -> bool:
+    parts = layer.name.split(".")
+    return parts[-1] in _CHAIN_LAYERS or any(part in _CONTAINERS for part in parts[:-1])
+
+
+def _is_relu(activation: Callable[[torch.Tensor], torch.Tensor]) -> bool:
+    probe = torch.linspace(-4.0, 4.0, 81)
+    try:
+        return torch.allclose(activation(probe), torch.relu(probe))
+    except (RuntimeError, TypeError):
+        return False
+
+
+def _container(block: nn.Module, layer: TargetLayer) -> nn.Module:
+    for name, module in block.named_modules():
+        if module is layer.module:
+            return block.get_submodule(name.rpartition(".")[0])
+    raise ValueError(f"{layer.name} is not inside its decoder block.")
+
+
+def find_chain(context: BlockContext) -> FeedForwardChain | None:
+    """The block's feed-forward chain, checked against the recorded inputs of its last layer, or ``None``."""
+    recorded = [layer for layer in context.layers if isinstance(context.statistics.get(layer.name), RecordedInputs)]
+    for output in recorded:
+        feeders = [
+            layer
+            for layer in recorded
+            if layer is not output
+            and layer.shape[0] == output.in_features
+            and context.statistics[layer.name] is not context.statistics[output.name]
+        ]
+        if len(feeders) not in (1, 2) or len({id(context.statistics[layer.name]) for layer in feeders}) != 1:
+            continue
+        parent = _container(context.block, output)
+        activations = [getattr(parent, name) for name in _ACTIVATIONS if callable(getattr(parent, name, None))]
+        orders = [(None, feeders[0])] if len(feeders) == 1 else [tuple(feeders), tuple(reversed(feeders))]
+        for activation in activations:
+            for gate, up in orders:
+                chain = FeedForwardChain(up, output, activation, gate)
+                if _reproduces(chain, context):
+                    return chain
+    return None
+
+
+@torch.no_grad()
+def _reproduces(chain: FeedForwardChain, context: BlockContext) -> bool:
+    device = chain.up.module.weight.device
+    x = context.statistics[chain.up.name].chunks[0][:512].to(device)
+    target = context.statistics[chain.output.name].chunks[0][:512].to(device)
+    gate = _Linear.of(chain.gate, device)(x) if chain.gate is not None else None
+    try:
+        hidden = chain.hidden(_Linear.of(chain.up, device)(x), gate)
+    except (RuntimeError, TypeError):
+        return False
+    if hidden.shape != target.shape:
+        return False
+    return bool((hidden - target).norm() <= _CHAIN_TOLERANCE * target.norm().clamp_min(1e-12))
+
+
+def _solve(rhs: torch.Tensor, gram: torch.Tensor, dampening: float) -> torch.Tensor:
+    """Least squares: the ``W`` minimising ``||W A - B||^2`` given ``rhs = B A^T`` and ``gram = A A^T``
+    (dampened like SparseGPT's Hessian, which stands in for the reference's pseudo-inverse)."""
+    factor = inverse_hessian_cholesky(gram, dampening)  # upper U with (gram + damp I)^-1 = U^T U
+    return (rhs @ factor.T) @ factor
+
+
+def _descend(
+    value: torch.Tensor,
+    target: torch.Tensor,
+    hidden: torch.Tensor,
+    scale: torch.Tensor | None,
+    activation: Callable[[torch.Tensor], torch.Tensor],
+    alpha: float,
+    gamma: float,
+) -> torch.Tensor:
+    """Minimise ``alpha (v - target)^2 + gamma (hidden - act(v) * scale)^2`` element-wise by gradient steps,
+    each scaled by a bound on the element's curvature (``act'`` taken as at most 1.12, as for GELU/SiLU)."""
+    weight = 1.0 if scale is None else scale.pow(2)
+    step = 1.0 / (2.0 * (alpha + gamma * 1.25 * weight))
+    for _ in range(_NUMERIC_STEPS):
+        with torch.enable_grad():
+            variable = value.detach().requires_grad_(True)
+            produced = activation(variable) if scale is None else activation(variable) * scale
+            loss = alpha * (variable - target).pow(2).sum() + gamma * (hidden - produced).pow(2).sum()
+            (gradient,) = torch.autograd.grad(loss, variable)
+        value = value - step * gradient
+    return value
+
+
+def _relu_preactivation(hidden: torch.Tensor, target: torch.Tensor, alpha: float, gamma: float) -> torch.Tensor:
+    """Exact minimiser of ``alpha (z - target)^2 + gamma (hidden - relu(z))^2``: the better of the best
+    non-negative and the best non-positive ``z``."""
+    positive = ((gamma * hidden + alpha * target) / (gamma + alpha)).clamp_min(0.0)
+    negative = target.clamp_max(0.0)
+
+    def cost(z: torch.Tensor) -> torch.Tensor:
+        return gamma * (hidden - torch.relu(z)).pow(2) + alpha * (z - target).pow(2)
+
+    return torch.where(cost(positive) <= cost(negative), positive, negative)
+
+
+def sparsellm_prune(
+    chain: FeedForwardChain,
+    inputs: list[torch.Tensor],
+    hidden: list[torch.Tensor],
+    sparsity: float,
+    pattern: NMPattern | None,
+    *,
+    iterations: int,
+    alpha: float,
+    beta: float,
+    gamma: float,
+    dampening: float = 0.01,
+    block_size: int = 128,
+    device: torch.device | str = "cpu",
+) -> SparseLLMResult:
+    """Prune a feed-forward chain with SparseLLM's alternating optimisation; write the weights back.
+
+    ``inputs`` and ``hidden`` are the chain's calibration inputs and the inputs of its last layer (the dense
+    post-activations), as CPU chunks of ``(tokens, features)``. Iteration 0 is SparseGPT on every layer; each
+    later one refits the weights to the auxiliary variables and prunes them again. The iterate with the lowest
+    reconstruction error is written back (the last one whenever the error keeps decreasing).
+    """
+    device = torch.device(device)
+    up, output = _Linear.of(chain.up, device), _Linear.of(chain.output, device)
+    gate = _Linear.of(chain.gate, device) if chain.gate is not None else None
+    first = [layer for layer in (gate, up) if layer is not None]
+    relu = gate is None and _is_relu(chain.activation)
+
+    # Constants: the dense outputs Y; initial auxiliaries: the dense pre-activations z (and s) and p.
+    targets, pre, gates, post = [], [], [], []
+    for x_cpu, p_cpu in zip(inputs, hidden, strict=True):
+        x = x_cpu.to(device)
+        targets.append(output(p_cpu.to(device)).cpu())
+        pre.append(up(x).cpu())
+        if gate is not None:
+            gates.append(gate(x).cpu())
+        post.append(p_cpu)
+    target_energy = sum(float(y.pow(2).sum()) for y in targets)
+    gram_x = _gram(inputs, device)
+    inverse_x = inverse_hessian_cholesky(gram_x, dampening)
+
+    result = SparseLLMResult(masks={})
+    for step in range(iterations):
+        if step > 0:  # refit every weight to the auxiliary variables by least squares
+            up_rhs = torch.zeros_like(up.weight)
+            gate_rhs = torch.zeros_like(up.weight)
+            output_rhs = torch.zeros_like(output.weight)
+            for index, x_cpu in enumerate(inputs):
+                x, p = x_cpu.to(device), post[index].to(device)
+                up_rhs.addmm_((pre[index].to(device) - up.bias).T, x)
+                if gate is not None:
+                    gate_rhs.addmm_((gates[index].to(device) - gate.bias).T, x)
+                output_rhs.addmm_((targets[index].to(device) - output.bias).T, p)
+            up.weight = _solve(up_rhs, gram_x, dampening)
+            if gate is not None:
+                gate.weight = _solve(gate_rhs, gram_x, dampening)
+            gram_p = _gram(post, device)
+            output.weight = _solve(output_rhs, gram_p, dampening)
+        else:
+            gram_p = _gram(post, device)
+        for layer in first:
+            layer.mask = sparsegpt_prune(layer.weight, inverse_x, sparsity, pattern, block_size)
+        output.mask = sparsegpt_prune(
+            output.weight, inverse_hessian_cholesky(gram_p, dampening), sparsity, pattern, block_size
+        )
+        last = step == iterations - 1
+        if not last:
+            system = beta * output.weight.T @ output.weight
+            system.diagonal().add_(gamma)
+            solve_p = torch.cholesky_inverse(torch.linalg.cholesky(system))
+        error = 0.0
+        for index, x_cpu in enumerate(inputs):
+            x, y = x_cpu.to(device), targets[index].to(device)
+            up_out = up(x)
+            gate_out = gate(x) if gate is not None else None
+            error += float((output(chain.hidden(up_out, gate_out)) - y).pow(2).sum())
+            if last:
+                continue
+            # p: closed form of beta ||Y - W2 p||^2 + gamma ||p - act(z)||^2 with the current z (and s).
+            z = pre[index].to(device)
+            s = gates[index].to(device) if gate is not None else None
+            p = (beta * (y - output.bias) @ output.weight + gamma * chain.hidden(z, s)) @ solve_p
+            # z (and s): alpha ||z - W1 X||^2 + gamma ||p - act(z)||^2 with the new p.
+            if gate is not None:
+                a = chain.activation(s)
+                z = (alpha * up_out + gamma * a * p) / (alpha + gamma * a.pow(2))
+                s = _descend(s, gate_out, p, z, chain.activation, alpha, gamma)
+                gates[index] = s.cpu()
+            elif relu:
+                z = _relu_preactivation(p, up_out, alpha, gamma)
+            else:
+                z = _descend(z, up_out, p, None, chain.activation, alpha, gamma)
+            pre[index], post[index] = z.cpu(), p.cpu()
+        result.errors.append(error / max(target_energy, 1e-30))
+        if result.errors[-1] <= min(result.errors):  # keep the best iterate (SparseGPT's at worst)
+            best = [(layer, layer.weight.clone(), layer.mask.clone()) for layer in (*first, output)]
+    for layer, weight, mask in best:
+        layer.layer.write(weight)
+        result.masks[layer.layer.name] = mask
+    return result
+
+
+class SparseLLMPruning(PruningMethod):
+    name = "sparsellm"
+
+    def __init__(self, config) -> None:
+        super().__init__(config)
+        self._warned = False
+        self.errors: dict[int, list[float]] = {}
+
+    def make_statistic(self, layer: TargetLayer, device: torch.device) -> LayerStatistic:
+        return RecordedInputs() if _records_inputs(layer) else Hessian(layer.in_features, device)
+
+    def prune_matrix(
+        self, weight: torch.Tensor, statistic: LayerStatistic, sparsity: float, pattern: NMPattern | None
+    ) -> torch.Tensor:
+        hessian = statistic.gram(weight.device) if isinstance(statistic, RecordedInputs) else statistic.matrix
+        inverse = inverse_hessian_cholesky(hessian, self.config.dampening)
+        return sparsegpt_prune(weight, inverse, sparsity, pattern, self.config.block_size)
+
+    def prune_block(self, context: BlockContext) -> dict[str, torch.Tensor]:
+        chain = find_chain(context)
+        others = [layer for layer in context.layers if chain is None or layer not in chain.layers]
+        if chain is None and any(isinstance(s, RecordedInputs) for s in context.statistics.values()):
+            self._warn(context)
+        masks = super().prune_block(dataclasses.replace(context, layers=others))
+        if chain is None:
+            return masks
+        config = self.config
+        result = sparsellm_prune(
+            chain,
+            context.statistics[chain.up.name].chunks,
+            context.statistics[chain.output.name].chunks,
+            context.sparsity,
+            context.pattern,
+            iterations=config.sparsellm_iterations,
+            alpha=config.sparsellm_alpha,
+            beta=config.sparsellm_beta,
+            gamma=config.sparsellm_gamma,
+            dampening=config.dampening,
+            block_size=config.block_size,
+            device=chain.up.module.weight.device,
+        )
+        self.errors[context.index] = result.errors
+        logger.info(
+            "SparseLLM block %d: feed-forward reconstruction error %s",
+            context.index,
+            " -> ".join(f"{e:.4g}" for e in result.errors),
+        )
+        return {**masks, **result.masks}
+
+    def _warn(self, context: BlockContext) -> None:
+        if not self._warned:
+            logger.warning(
+                "SparseLLM found no feed-forward chain (fc1 -> act -> fc2 or gate/up -> act * up -> down) among "
+                "the target layers of block %d; its layers are pruned with SparseGPT (reported once).",
+                context.index,
+            )
+            self._warned = True
