@@ -7,13 +7,14 @@ from typing import TYPE_CHECKING
 from .base import BlockContext, PruningMethod
 from .magnitude import MagnitudePruning
 from .sparsegpt import SparseGPTPruning
+from .sparsellm import SparseLLMPruning
 from .wanda import WandaPruning
 
 if TYPE_CHECKING:
     from ..config import PruningConfig
 
 METHODS: dict[str, type[PruningMethod]] = {
-    method.name: method for method in (MagnitudePruning, WandaPruning, SparseGPTPruning)
+    method.name: method for method in (MagnitudePruning, WandaPruning, SparseGPTPruning, SparseLLMPruning)
 }
 
 
