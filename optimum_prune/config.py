@@ -58,7 +58,7 @@ class PruningConfig:
     batch_size: int = 8
     block_size: int = 128
     dampening: float = 0.01
-    sparsellm_iterations: int = 4
+    sparsellm_iterations: int = 10
     sparsellm_alpha: float = 5.0
     sparsellm_beta: float = 5.0
     sparsellm_gamma: float = 5.0
