@@ -1,0 +1,153 @@
+"""The model card (README.md) of a pruned model: Hub metadata, the pruning recipe, how to load it, per-layer sparsity."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+from ..config import PruningConfig
+from ..report import PruningReport
+
+_PERPLEXITY_KEYS = {"dataset", "before", "after", "dataset_name", "split", "seq_len"}
+
+
+def hub_base_model(source: str | None) -> str | None:
+    """``source`` when it names a Hub repository (``owner/name``), else ``None`` (a local folder is no base model)."""
+    if not source or os.path.exists(source) or source.count("/") != 1 or source.startswith((".", "/")):
+        return None
+    return source
+
+
+def check_perplexity(perplexity: dict[str, Any] | None) -> dict[str, Any] | None:
+    """Validate ``perplexity={"dataset": ..., "before": x, "after": y}`` (``before`` optional)."""
+    if perplexity is None:
+        return None
+    if not isinstance(perplexity, dict) or "dataset" not in perplexity or "after" not in perplexity:
+        raise ValueError(
+            'perplexity must be a dict like {"dataset": "wikitext2", "before": 12.3, "after": 14.1} '
+            "(after: the pruned model's perplexity; before: the dense model's, optional)."
+        )
+    unknown = set(perplexity) - _PERPLEXITY_KEYS
+    if unknown:
+        raise ValueError(f"Unknown perplexity keys {sorted(unknown)}: use {sorted(_PERPLEXITY_KEYS)}.")
+    for key in ("before", "after"):
+        if key in perplexity and not (isinstance(perplexity[key], int | float) and perplexity[key] > 0):
+            raise ValueError(f"perplexity[{key!r}] must be a positive number, got {perplexity[key]!r}.")
+    return perplexity
+
+
+def _eval_results(perplexity: dict[str, Any]) -> list[EvalResult]:
+    common = {
+        "task_type": "text-generation",
+        "task_name": "Text Generation",
+        "dataset_type": perplexity["dataset"],
+        "dataset_name": perplexity.get("dataset_name", perplexity["dataset"]),
+        "dataset_split": perplexity.get("split"),
+        "metric_type": "perplexity",
+    }
+    results = [EvalResult(**common, metric_name="Perplexity (pruned)", metric_value=float(perplexity["after"]))]
+    if "before" in perplexity:
+        results.append(
+            EvalResult(**common, metric_name="Perplexity (dense base model)", metric_value=float(perplexity["before"]))
+        )
+    return results
+
+
+def _recipe(config: PruningConfig) -> list[tuple[str, Any]]:
+    rows: list[tuple[str, Any]] = [
+        ("method", config.method),
+        ("target sparsity", config.sparsity),
+        ("pattern", config.pattern),
+        ("allocation", config.allocation),
+    ]
+    if config.allocation == "owl":
+        rows += [("OWL M", config.owl_m), ("OWL lambda", config.owl_lambda)]
+    if config.needs_calibration:
+        rows += [
+            ("calibration data", config.dataset),
+            ("calibration samples", f"{config.num_samples} x {config.seq_len} tokens"),
+            ("seed", config.seed),
+        ]
+    return rows
+
+
+def _load_snippet(repo_id: str, format: str) -> str:
+    if format == "compressed":
+        return (
+            "```python\nfrom optimum_prune import load_pruned\nfrom transformers import AutoTokenizer\n\n"
+            f'model = load_pruned("{repo_id}")\ntokenizer = AutoTokenizer.from_pretrained("{repo_id}")\n```\n\n'
+            "The weights are stored compressed (kept values plus a bitmask); `load_pruned` needs "
+            "`pip install optimum-prune` and returns an ordinary dense transformers model."
+        )
+    return (
+        "```python\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
+        f'model = AutoModelForCausalLM.from_pretrained("{repo_id}")\n'
+        f'tokenizer = AutoTokenizer.from_pretrained("{repo_id}")\n```\n\n'
+        "The weights are ordinary dense safetensors with exact zeros where weights were pruned; no extra package "
+        "is needed. The recipe is in `pruning_config.json` and the sparsity metadata in `config.json` under "
+        '`"optimum_prune"`.'
+    )
+
+
+def _markdown_table(headers: list[str], rows: list[list[Any]]) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    return "\n".join(lines + ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows])
+
+
+def build_model_card(
+    config: PruningConfig,
+    report: PruningReport,
+    repo_id: str,
+    *,
+    base_model: str | None = None,
+    format: str = "dense",
+    perplexity: dict[str, Any] | None = None,
+) -> ModelCard:
+    """The card of a model pruned with ``config`` (``report`` is what the run achieved)."""
+    from .. import __version__
+
+    perplexity = check_perplexity(perplexity)
+    name = repo_id.split("/")[-1]
+    tags = ["pruned", "sparse", config.method, config.pattern, "optimum-prune"]
+    data = ModelCardData(
+        base_model=base_model,
+        library_name="transformers",
+        pipeline_tag="text-generation",
+        tags=list(dict.fromkeys(tags)),
+        model_name=name,
+        eval_results=_eval_results(perplexity) if perplexity else None,
+    )
+    origin = f"[{base_model}](https://huggingface.co/{base_model})" if base_model else "a causal language model"
+    sections = [
+        f"# {name}\n\n{origin} pruned with optimum-prune {__version__}: "
+        f"{config.method}, {config.pattern} pattern, global sparsity {report.global_sparsity:.2%} over "
+        f"{len(report.layers)} linear layers of the decoder blocks.",
+        "## Pruning recipe\n\n" + _markdown_table(["setting", "value"], [list(row) for row in _recipe(config)]),
+    ]
+    if perplexity:
+        rows = [["pruned", f"{perplexity['after']:.3f}"]]
+        if "before" in perplexity:
+            rows.insert(0, ["dense base model", f"{perplexity['before']:.3f}"])
+        extra = f", {perplexity['seq_len']}-token windows" if "seq_len" in perplexity else ""
+        sections.append(
+            f"## Evaluation\n\nPerplexity on {perplexity['dataset']}{extra}:\n\n"
+            + _markdown_table(["model", "perplexity"], rows)
+        )
+    sections.append("## How to load\n\n" + _load_snippet(repo_id, format))
+    layer_rows = [
+        [
+            f"`{layer.name}`",
+            f"{layer.shape[0]}x{layer.shape[1]}",
+            f"{layer.target_sparsity:.3f}",
+            f"{layer.sparsity:.4f}",
+        ]
+        for layer in report.layers
+    ]
+    sections.append(
+        "## Per-layer sparsity\n\n<details>\n<summary>Target and achieved sparsity of every pruned layer</summary>\n\n"
+        + _markdown_table(["layer", "shape", "target", "achieved"], layer_rows)
+        + "\n\n</details>"
+    )
+    return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n\n".join(sections) + "\n")
