@@ -3,6 +3,9 @@
 For each block: move it to the device, gather the statistics its method needs from hooks on the target
 layers over every calibration batch, prune, run the pruned block to make the next block's inputs (errors
 propagate as in the SparseGPT and Wanda references), and move it back. Everything else stays where it is.
+With a `DiskOffload` the model lives on the meta device and each block is read from the checkpoint just
+before it is processed and emptied right after; with a `RunCheckpoint` every finished block is saved so
+that an interrupted run resumes from the first unfinished one.
 """
 
 from __future__ import annotations
@@ -23,6 +26,8 @@ from ..methods import BlockContext, PruningMethod
 from ..methods.masking import pack_mask
 from ..methods.statistics import InputNorms, LayerStatistic
 from ..report import LayerReport, PruningReport, peak_memory
+from .checkpoint import ResumeState, RunCheckpoint
+from .offload import DiskOffload
 from .structure import TargetLayer, find_decoder_blocks, find_target_layers
 
 
@@ -50,10 +55,10 @@ def _move_outside_blocks(model: nn.Module, blocks: nn.ModuleList, device: torch.
         if module in inside:
             continue
         for parameter in module._parameters.values():
-            if parameter is not None:
+            if parameter is not None and not parameter.is_meta:
                 parameter.data = parameter.data.to(device)
         for name, buffer in module._buffers.items():
-            if buffer is not None:
+            if buffer is not None and not buffer.is_meta:
                 module._buffers[name] = buffer.to(device)
 
 
@@ -143,6 +148,26 @@ def _on_device(block: nn.Module, device: torch.device) -> Iterator[nn.Module]:
         block.to(home)
 
 
+@contextmanager
+def _outside_blocks_loaded(model: nn.Module, blocks: nn.ModuleList, disk: DiskOffload | None) -> Iterator[None]:
+    """Read the weights outside the blocks that may run before the first block (all but the output
+    embedding) from disk, and empty them again afterwards; a no-op for in-memory models."""
+    if disk is None:
+        yield
+        return
+    inside = set(blocks.modules())
+    output = model.get_output_embeddings()
+    skip = set() if output is None else set(output.modules())
+    modules = [(name, m) for name, m in model.named_modules() if m not in inside and m not in skip]
+    try:
+        for name, module in modules:
+            disk.load(module, name, recurse=False)
+        yield
+    finally:
+        for _, module in modules:
+            disk.release(module, recurse=False)
+
+
 class BlockwiseEngine:
     """Prunes a model block by block with a `PruningMethod`.
 
@@ -153,6 +178,8 @@ class BlockwiseEngine:
         device: where each block is processed (``"cuda:0"``, ``"cpu"``).
         activations_device: where calibration activations are kept between blocks (default: ``device``).
         progress: show a tqdm bar per block.
+        disk: read each block from the checkpoint when it is processed (the model is on the meta device).
+        checkpoint: save every finished block there and resume from it.
     """
 
     def __init__(
@@ -163,6 +190,8 @@ class BlockwiseEngine:
         device: str | torch.device = "cpu",
         activations_device: str | torch.device | None = None,
         progress: bool = True,
+        disk: DiskOffload | None = None,
+        checkpoint: RunCheckpoint | None = None,
     ) -> None:
         self.model = model
         self.config = config
@@ -170,7 +199,9 @@ class BlockwiseEngine:
         self.device = torch.device(device)
         self.activations_device = torch.device(activations_device) if activations_device else self.device
         self.progress = progress
-        _, self.blocks = find_decoder_blocks(model)
+        self.disk = disk
+        self.checkpoint = checkpoint
+        self.blocks_name, self.blocks = find_decoder_blocks(model)
         self.layers = find_target_layers(model, config.targets, config.ignore)
         self.masks: dict[str, torch.Tensor] = {}
         self._check_pattern()
@@ -187,6 +218,19 @@ class BlockwiseEngine:
                     "choose another M."
                 )
 
+    @contextmanager
+    def _block(self, index: int) -> Iterator[nn.Module]:
+        """Block ``index`` on the execution device (read from disk first when offloaded to disk)."""
+        block = self.blocks[index]
+        if self.disk is not None:
+            self.disk.load(block, f"{self.blocks_name}.{index}")
+        try:
+            with _on_device(block, self.device):
+                yield block
+        finally:
+            if self.disk is not None:
+                self.disk.release(block)
+
     @torch.no_grad()
     def run(self, input_ids: torch.Tensor | None) -> PruningReport:
         """Prune every block; ``input_ids`` is ``(num_samples, seq_len)`` calibration tokens (``None`` for
@@ -196,18 +240,27 @@ class BlockwiseEngine:
         if self.config.needs_calibration:
             if input_ids is None:
                 raise ValueError(f"Method {self.config.method!r} needs calibration data: pass a dataset to prune().")
-            batches = capture_block_inputs(
-                self.model, self.blocks, input_ids, self.config.batch_size, self.device, self.activations_device
-            )
-        sparsities = self._block_sparsities(batches)
-        layer_reports: list[LayerReport] = []
-        block_seconds: list[float] = []
+            with _outside_blocks_loaded(self.model, self.blocks, self.disk):
+                batches = capture_block_inputs(
+                    self.model, self.blocks, input_ids, self.config.batch_size, self.device, self.activations_device
+                )
+        state = self.checkpoint.load() if self.checkpoint is not None else None
+        if state is None:
+            state = ResumeState(0, self._block_sparsities(batches), [], [], 0.0)
+        else:
+            batches = self._resume(state, batches)
+        sparsities = state.sparsities
         bar = tqdm(
-            range(len(self.blocks)), desc=f"Pruning ({self.config.method})", unit="block", disable=not self.progress
+            range(state.next_block, len(self.blocks)),
+            desc=f"Pruning ({self.config.method})",
+            unit="block",
+            initial=state.next_block,
+            total=len(self.blocks),
+            disable=not self.progress,
         )
         for index in bar:
             block_start = time.perf_counter()
-            with _on_device(self.blocks[index], self.device) as block:
+            with self._block(index) as block:
                 statistics = self._collect(block, self.layers[index], batches, self.method.make_statistic)
                 context = BlockContext(
                     index, block, self.layers[index], statistics, sparsities[index], self.config.nm_pattern
@@ -215,23 +268,44 @@ class BlockwiseEngine:
                 masks = self.method.prune_block(context)
                 if self.method.needs_statistics and index + 1 < len(self.blocks):
                     batches = self._propagate(block, batches)
-            for layer in self.layers[index]:
-                mask = masks[layer.name]
-                self.masks[layer.name] = pack_mask(mask)
-                achieved = mask.sum().item() / mask.numel()
-                layer_reports.append(LayerReport(layer.name, index, layer.shape, sparsities[index], achieved))
-            block_seconds.append(time.perf_counter() - block_start)
+                packed = {}
+                for layer in self.layers[index]:
+                    mask = masks[layer.name]
+                    packed[layer.name] = pack_mask(mask)
+                    achieved = mask.sum().item() / mask.numel()
+                    state.layers.append(LayerReport(layer.name, index, layer.shape, sparsities[index], achieved))
+                self.masks.update(packed)
+                state.block_seconds.append(time.perf_counter() - block_start)
+                state.next_block = index + 1
+                if self.checkpoint is not None:
+                    state.elapsed_seconds = state.elapsed_seconds + state.block_seconds[-1]
+                    hidden = [batch.hidden for batch in batches] if batches and index + 1 < len(self.blocks) else None
+                    self.checkpoint.save_block(index, block, f"{self.blocks_name}.{index}", packed, hidden, state)
             bar.set_postfix(sparsity=f"{sparsities[index]:.3f}")
         return PruningReport(
             method=self.config.method,
             pattern=self.config.pattern,
             target_sparsity=self.config.sparsity,
             allocation=self.config.allocation,
-            layers=layer_reports,
-            block_seconds=block_seconds,
+            layers=state.layers,
+            block_seconds=state.block_seconds,
             total_seconds=time.perf_counter() - start,
             peak_memory_bytes=peak_memory(self.device),
         )
+
+    def _resume(self, state: ResumeState, batches: list[CalibrationBatch] | None) -> list[CalibrationBatch] | None:
+        """Restore an interrupted run: masks, the pruned blocks of an in-memory model, the next block's inputs."""
+        self.masks.update(self.checkpoint.load_masks(state.next_block))
+        if self.disk is None:
+            for index in range(state.next_block):
+                self.checkpoint.restore_block(self.blocks[index], index, f"{self.blocks_name}.{index}")
+        if batches is None or state.next_block >= len(self.blocks) or not self.method.needs_statistics:
+            return batches
+        hidden = self.checkpoint.load_activations()
+        return [
+            CalibrationBatch(h.to(self.activations_device), batch.args, batch.kwargs)
+            for h, batch in zip(hidden, batches, strict=True)
+        ]
 
     def _collect(
         self,
@@ -265,7 +339,7 @@ class BlockwiseEngine:
         ratios = []
         bar = tqdm(range(len(self.blocks)), desc="OWL statistics", unit="block", disable=not self.progress)
         for index in bar:
-            with _on_device(self.blocks[index], self.device) as block:
+            with self._block(index) as block:
                 layers = self.layers[index]
                 statistics = self._collect(
                     block, layers, batches, lambda layer, device: InputNorms(layer.in_features, device)

@@ -1,0 +1,146 @@
+"""The work folder of a resumable run: what is needed to continue after the last finished block.
+
+Layout of ``<output>.partial/``: ``fingerprint.json`` (what the run computes, compared on resume),
+``block-NNNNN.safetensors`` (a finished block's pruned weights, under their full names),
+``masks-NNNNN.safetensors`` (its packed masks), ``activations.safetensors`` (the hidden states entering
+the next block) and ``state.json``, written last, which marks the block as finished.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from ..report import LayerReport
+
+FINGERPRINT = "fingerprint.json"
+STATE = "state.json"
+ACTIVATIONS = "activations.safetensors"
+
+
+def work_folder(output_dir: str | os.PathLike) -> Path:
+    """Where the run writing ``output_dir`` keeps its state until it completes."""
+    output = Path(output_dir).absolute()
+    return output.with_name(output.name + ".partial")
+
+
+def tensor_digest(tensor: torch.Tensor) -> str:
+    """A SHA-256 of a tensor's values, to recognise the same calibration tokens on resume."""
+    return hashlib.sha256(tensor.detach().cpu().contiguous().numpy().tobytes()).hexdigest()
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    temporary = path.with_suffix(".tmp")
+    temporary.write_text(json.dumps(data, indent=2, sort_keys=True), encoding="utf-8")
+    os.replace(temporary, path)
+
+
+def _save(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    temporary = path.with_suffix(".tmp")
+    save_file(
+        {name: tensor.detach().cpu().contiguous() for name, tensor in tensors.items()}, temporary, {"format": "pt"}
+    )
+    os.replace(temporary, path)
+
+
+@dataclass
+class ResumeState:
+    """The progress of an interrupted run."""
+
+    next_block: int
+    sparsities: list[float]
+    layers: list[LayerReport]
+    block_seconds: list[float]
+    elapsed_seconds: float
+
+
+class RunCheckpoint:
+    """Saves each finished block to the work folder and reads the state back on resume.
+
+    Args:
+        folder: the work folder.
+        fingerprint: JSON data identifying the run (config, model, calibration tokens); a resumed run must
+            have the same.
+        resume: continue from ``folder`` if it holds a run; without it an existing folder is an error, so
+            that finished blocks are never thrown away silently.
+    """
+
+    def __init__(self, folder: str | os.PathLike, fingerprint: dict[str, Any], resume: bool) -> None:
+        self.folder = Path(folder)
+        fingerprint = json.loads(json.dumps(fingerprint, sort_keys=True))
+        path = self.folder / FINGERPRINT
+        if path.is_file():
+            if not resume:
+                raise FileExistsError(
+                    f"{self.folder} holds an unfinished run: pass resume=True (--resume) to continue it, or delete "
+                    "the folder to start again from the first block."
+                )
+            saved = json.loads(path.read_text(encoding="utf-8"))
+            if saved != fingerprint:
+                changed = sorted(key for key in {*saved, *fingerprint} if saved.get(key) != fingerprint.get(key))
+                raise ValueError(
+                    f"Cannot resume from {self.folder}: it was started with a different {', '.join(changed)}. "
+                    "Run again with the same arguments, or delete the folder to start fresh."
+                )
+        else:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            _write_json(path, fingerprint)
+
+    def block_file(self, index: int) -> Path:
+        return self.folder / f"block-{index:05d}.safetensors"
+
+    def load(self) -> ResumeState | None:
+        """The saved progress, or ``None`` when no block has finished yet."""
+        path = self.folder / STATE
+        if not path.is_file():
+            return None
+        data = json.loads(path.read_text(encoding="utf-8"))
+        layers = [LayerReport(**{**layer, "shape": tuple(layer["shape"])}) for layer in data["layers"]]
+        return ResumeState(
+            data["next_block"], data["sparsities"], layers, data["block_seconds"], data["elapsed_seconds"]
+        )
+
+    def load_masks(self, num_blocks: int) -> dict[str, torch.Tensor]:
+        masks: dict[str, torch.Tensor] = {}
+        for index in range(num_blocks):
+            masks.update(load_file(self.folder / f"masks-{index:05d}.safetensors"))
+        return masks
+
+    def load_activations(self) -> list[torch.Tensor]:
+        tensors = load_file(self.folder / ACTIVATIONS)
+        return [tensors[f"batch.{index}"] for index in range(len(tensors))]
+
+    def restore_block(self, block: nn.Module, index: int, prefix: str) -> None:
+        """Copy the saved pruned weights of block ``index`` into ``block`` (an in-memory model)."""
+        tensors = load_file(self.block_file(index))
+        block.load_state_dict({name.removeprefix(prefix + "."): tensor for name, tensor in tensors.items()})
+
+    def save_block(
+        self,
+        index: int,
+        block: nn.Module,
+        prefix: str,
+        masks: dict[str, torch.Tensor],
+        next_hidden: list[torch.Tensor] | None,
+        state: ResumeState,
+    ) -> None:
+        """Record that block ``index`` is finished: its weights, masks, the next block's inputs, then the state."""
+        _save({f"{prefix}.{name}": tensor for name, tensor in block.state_dict().items()}, self.block_file(index))
+        _save(masks, self.folder / f"masks-{index:05d}.safetensors")
+        if next_hidden is not None:
+            _save({f"batch.{i}": hidden for i, hidden in enumerate(next_hidden)}, self.folder / ACTIVATIONS)
+        data = dataclasses.asdict(state)
+        _write_json(self.folder / STATE, data)
+
+    def remove(self) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)

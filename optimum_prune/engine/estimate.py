@@ -1,0 +1,214 @@
+"""A dry-run estimate of a pruning run's peak memory, disk use and time, from the model's config alone.
+
+The model is built on the meta device (no weight is read), so the estimate knows every block's layers,
+their shapes and the load dtype; the checkpoint contributes only its safetensors headers. Memory terms
+are upper bounds of what the engine holds at once; time is the run's floating-point work divided by a
+matmul throughput measured on the device in a fraction of a second, plus disk traffic at `DISK_BYTES_PER_S`.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..config import PruningConfig
+from .offload import OFFLOAD_MODES, SafetensorsCheckpoint, resolve_dtype
+from .structure import find_decoder_blocks, find_target_layers
+
+DISK_BYTES_PER_S = 500e6
+"""Assumed read and write speed of the checkpoint, output and work folders."""
+
+_HESSIAN_METHODS = ("sparsegpt", "sparsellm")
+
+
+def _gib(size: int) -> str:
+    return f"{size / 2**30:.2f} GiB"
+
+
+@dataclass
+class RunEstimate:
+    """Estimated resources of a pruning run (bytes and seconds)."""
+
+    parameters: int
+    weights_bytes: int
+    block_bytes: int
+    outside_bytes: int
+    activations_bytes: int
+    statistics_bytes: int
+    working_bytes: int
+    masks_bytes: int
+    baseline_bytes: int
+    device_peak_bytes: int
+    host_peak_bytes: int
+    disk_bytes: int
+    seconds: float
+
+    def __str__(self) -> str:
+        return (
+            f"{self.parameters / 1e6:.1f}M parameters, {_gib(self.weights_bytes)} of weights, largest block "
+            f"{_gib(self.block_bytes)}, calibration activations {_gib(self.activations_bytes)}; estimated peak "
+            f"memory: device {_gib(self.device_peak_bytes)}, host {_gib(self.host_peak_bytes)}; disk "
+            f"{_gib(self.disk_bytes)}; time {self.seconds / 60:.1f} min"
+        )
+
+
+def current_rss() -> int:
+    """Resident memory of this process now (Linux), else its peak so far."""
+    status = Path("/proc/self/status")
+    if status.is_file():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024
+
+
+def matmul_flops_per_second(device: torch.device, size: int = 512, repeats: int = 8) -> float:
+    """Measured float32 matmul throughput of ``device`` (a fraction of a second)."""
+    a = torch.randn(size, size, device=device)
+    b = torch.randn(size, size, device=device)
+    a @ b
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return 2 * size**3 * repeats / max(time.perf_counter() - start, 1e-9)
+
+
+def estimate_run(
+    model: nn.Module,
+    config: PruningConfig,
+    *,
+    device: str | torch.device = "cpu",
+    offload: str = "cpu",
+    activations_device: str | torch.device | None = None,
+    write_output: bool = True,
+    flops_per_second: float | None = None,
+    baseline_bytes: int | None = None,
+) -> RunEstimate:
+    """Estimate a run on ``model`` (real or on the meta device: only shapes and dtypes are read)."""
+    if offload not in OFFLOAD_MODES:
+        raise ValueError(f"Unknown offload {offload!r}: choose one of {', '.join(OFFLOAD_MODES)}.")
+    device = torch.device(device)
+    storage = torch.device(activations_device) if activations_device else (device if offload == "cpu" else "cpu")
+    blocks_name, blocks = find_decoder_blocks(model)
+    layers = find_target_layers(model, config.targets, config.ignore)
+    parameters = {id(p): p for p in model.parameters()}.values()
+    itemsize = next(iter(parameters)).dtype.itemsize
+    weights = sum(p.numel() * p.dtype.itemsize for p in parameters)
+    block_bytes = max(sum(p.numel() * p.dtype.itemsize for p in block.parameters()) for block in blocks)
+    output = model.get_output_embeddings()
+    output_bytes = output.weight.numel() * output.weight.dtype.itemsize if output is not None else 0
+    outside = weights - sum(sum(p.numel() * p.dtype.itemsize for p in block.parameters()) for block in blocks)
+    capture_outside = outside - output_bytes if offload == "disk" else 0
+
+    hidden = model.config.get_text_config().hidden_size
+    heads = getattr(model.config.get_text_config(), "num_attention_heads", 1)
+    calibrated = config.needs_calibration
+    tokens = config.num_samples * config.seq_len if calibrated else 0
+    activations = tokens * hidden * itemsize
+    widest = max((layer.shape[0] for block in layers for layer in block), default=hidden)
+    batch_tokens = min(config.batch_size, config.num_samples) * config.seq_len if calibrated else 0
+    forward = batch_tokens * (6 * hidden + 3 * widest) * 4 + 2 * batch_tokens * config.seq_len * heads * 4
+
+    def statistic(rows: int, cols: int) -> int:
+        if config.method in _HESSIAN_METHODS:
+            return cols * cols * 4
+        return cols * 4 if config.method == "wanda" else 0
+
+    def working(rows: int, cols: int) -> int:
+        if config.method in _HESSIAN_METHODS:
+            return rows * cols * 9 + 3 * cols * cols * 4
+        return rows * cols * 17
+
+    statistics = max(sum(statistic(*layer.shape) for layer in block) for block in layers if block) if calibrated else 0
+    work = max(working(*layer.shape) for block in layers for layer in block)
+    masks = sum(layer.shape[0] * layer.shape[1] for block in layers for layer in block) // 8
+    baseline = current_rss() if baseline_bytes is None else baseline_bytes
+
+    on_device_activations = 2 * activations if storage.type == device.type else 0
+    block_phase = block_bytes + statistics + work + forward + on_device_activations
+    capture_phase = capture_outside + forward + on_device_activations // 2
+    device_peak = max(block_phase, capture_phase)
+    resident = weights if offload == "cpu" else block_bytes  # weights held in host memory at the busiest moment
+    host_activations = 0 if storage.type == device.type and device.type != "cpu" else 2 * activations
+    if device.type == "cpu":
+        # in RAM: all weights (cpu), or the block being processed plus its copy while read from disk (disk)
+        others = weights - block_bytes if offload == "cpu" else block_bytes
+        host_peak = baseline + masks + max(block_phase + others, capture_phase + (weights if offload == "cpu" else 0))
+    else:
+        host_peak = baseline + masks + resident + host_activations + capture_outside
+
+    disk = (weights + activations) if write_output else 0
+    passes = (2 if calibrated else 0) * (2 if config.allocation == "owl" else 1)
+    flops = 0.0
+    for block_layers in layers:
+        linear = sum(layer.shape[0] * layer.shape[1] for layer in block_layers)
+        flops += passes * (2 * linear * tokens + 4 * tokens * config.seq_len * hidden)
+        for layer in block_layers:
+            rows, cols = layer.shape
+            if config.method in _HESSIAN_METHODS:
+                flops += 2 * cols * cols * tokens + 2 * rows * cols * cols + 3 * cols**3
+            else:
+                flops += 20 * rows * cols
+    throughput = flops_per_second or matmul_flops_per_second(device)
+    traffic = (weights if offload == "disk" else 0) + disk + activations * len(blocks) * int(write_output)
+    seconds = flops / throughput + traffic / DISK_BYTES_PER_S
+    return RunEstimate(
+        parameters=sum(p.numel() for p in parameters),
+        weights_bytes=weights,
+        block_bytes=block_bytes,
+        outside_bytes=outside,
+        activations_bytes=activations,
+        statistics_bytes=statistics,
+        working_bytes=work,
+        masks_bytes=masks,
+        baseline_bytes=baseline,
+        device_peak_bytes=device_peak,
+        host_peak_bytes=host_peak,
+        disk_bytes=disk,
+        seconds=seconds,
+    )
+
+
+def estimate(
+    model_or_path: str | os.PathLike,
+    config: PruningConfig | None = None,
+    *,
+    device: str | torch.device | None = None,
+    offload: str | None = None,
+    dtype: str | torch.dtype = "auto",
+    trust_remote_code: bool = False,
+    write_output: bool = True,
+) -> RunEstimate:
+    """Estimate a run on a local model folder from its config.json and safetensors headers, loading no weight.
+
+    Raises the errors a run would raise before starting (missing shards, an unknown dtype, no blocks).
+    """
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    folder = Path(model_or_path)
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"{folder} has no config.json: estimate() reads a local model folder.")
+    model_config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    checkpoint = SafetensorsCheckpoint(folder)
+    resolved = resolve_dtype(dtype, getattr(model_config, "dtype", None), checkpoint)
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(model_config, dtype=resolved, trust_remote_code=trust_remote_code)
+    device = (
+        torch.device(device) if device is not None else torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
+    )
+    return estimate_run(
+        model, config or PruningConfig(), device=device, offload=offload or "cpu", write_output=write_output
+    )

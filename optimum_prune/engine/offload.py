@@ -1,0 +1,224 @@
+"""Where block weights live between blocks: CPU RAM (``offload="cpu"``) or the checkpoint on disk
+(``offload="disk"``), read one tensor at a time from its safetensors shards."""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+OFFLOAD_MODES = ("cpu", "disk")
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+
+_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """A tensor of a checkpoint, described from its shard's header."""
+
+    file: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        count = 1
+        for size in self.shape:
+            count *= size
+        return count * self.dtype.itemsize
+
+
+def read_header(path: Path) -> dict[str, dict]:
+    """The JSON header of a safetensors file (8-byte little-endian length, then JSON), without its data."""
+    with open(path, "rb") as file:
+        (length,) = struct.unpack("<Q", file.read(8))
+        header = json.loads(file.read(length))
+    header.pop("__metadata__", None)
+    return header
+
+
+class SafetensorsCheckpoint:
+    """The safetensors weights of a local model folder: one ``model.safetensors`` or shards with an index.
+
+    Only headers are read when it is opened; `read` maps the shards (``safe_open``) only while copying the
+    requested tensors out of them, so nothing stays resident afterwards.
+    """
+
+    def __init__(self, folder: str | os.PathLike) -> None:
+        self.folder = Path(folder)
+        index = self.folder / INDEX_FILE
+        if index.is_file():
+            weight_map: dict[str, str] = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        elif (self.folder / SINGLE_FILE).is_file():
+            weight_map = {}
+        else:
+            raise FileNotFoundError(
+                f"{self.folder} has neither {SINGLE_FILE} nor {INDEX_FILE}: offload='disk' streams weights from a "
+                "local safetensors checkpoint. Save the model with save_pretrained(), or use offload='cpu'."
+            )
+        files = sorted(set(weight_map.values())) or [SINGLE_FILE]
+        missing = [name for name in files if not (self.folder / name).is_file()]
+        if missing:
+            raise FileNotFoundError(
+                f"The checkpoint index {index} lists {len(missing)} shard(s) missing from {self.folder}: "
+                f"{', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}. Download the complete checkpoint "
+                "before pruning."
+            )
+        self.tensors: dict[str, TensorInfo] = {}
+        for name in files:
+            for key, entry in read_header(self.folder / name).items():
+                if entry["dtype"] not in _DTYPES:
+                    raise ValueError(f"{name} holds {key} as {entry['dtype']}, a dtype optimum-prune cannot read.")
+                self.tensors[key] = TensorInfo(name, _DTYPES[entry["dtype"]], tuple(entry["shape"]))
+        lost = [key for key, name in weight_map.items() if key not in self.tensors]
+        if lost:
+            raise ValueError(
+                f"The checkpoint index {index} maps {len(lost)} tensor(s) (e.g. {lost[0]}) to shards that do not "
+                "hold them: the checkpoint is incomplete or mixed up; download it again."
+            )
+
+    @property
+    def nbytes(self) -> int:
+        return sum(info.nbytes for info in self.tensors.values())
+
+    def floating_dtype(self) -> torch.dtype:
+        """The dtype of the first floating-point tensor (what ``dtype="auto"`` loads without a config dtype)."""
+        return next((info.dtype for info in self.tensors.values() if info.dtype.is_floating_point), torch.float32)
+
+    def read(self, keys: Iterable[str]) -> dict[str, torch.Tensor]:
+        """Copy ``keys`` out of their shards into CPU memory."""
+        by_file: dict[str, list[str]] = {}
+        for key in keys:
+            by_file.setdefault(self.tensors[key].file, []).append(key)
+        tensors = {}
+        for name, names in by_file.items():
+            with safe_open(self.folder / name, framework="pt") as file:
+                for key in names:
+                    tensors[key] = file.get_tensor(key).clone()
+        return tensors
+
+
+def _named_slots(
+    module: nn.Module, prefix: str, recurse: bool = True
+) -> Iterable[tuple[str, nn.Module, str, torch.Tensor]]:
+    """``(full name, owner module, attribute, tensor)`` of every parameter and buffer of ``module`` (and of
+    its submodules when ``recurse``)."""
+    owners = module.named_modules(prefix=prefix) if recurse else [(prefix, module)]
+    for module_name, owner in owners:
+        for attribute, tensor in [*owner._parameters.items(), *owner._buffers.items()]:
+            if tensor is not None:
+                yield (f"{module_name}.{attribute}" if module_name else attribute), owner, attribute, tensor
+
+
+def _assign(owner: nn.Module, attribute: str, tensor: torch.Tensor) -> None:
+    if attribute in owner._parameters:
+        owner._parameters[attribute] = nn.Parameter(tensor, requires_grad=False)
+    else:
+        owner._buffers[attribute] = tensor
+
+
+class DiskOffload:
+    """Materialises modules of a meta-device model from a `SafetensorsCheckpoint`, and empties them again."""
+
+    def __init__(self, checkpoint: SafetensorsCheckpoint) -> None:
+        self.checkpoint = checkpoint
+
+    def load(self, module: nn.Module, prefix: str, recurse: bool = True) -> None:
+        """Fill every meta tensor of ``module`` (named ``prefix.*`` in the checkpoint) from disk, on CPU, in the
+        dtype the model declares (as ``from_pretrained`` casts floating-point weights)."""
+        slots = [slot for slot in _named_slots(module, prefix, recurse) if slot[0] in self.checkpoint.tensors]
+        values = self.checkpoint.read(name for name, *_ in slots)
+        for name, owner, attribute, tensor in slots:
+            value = values[name]
+            if value.dtype.is_floating_point and tensor.dtype.is_floating_point:
+                value = value.to(tensor.dtype)
+            if value.shape != tensor.shape:
+                raise ValueError(
+                    f"The checkpoint holds {name} with shape {tuple(value.shape)} but the model expects "
+                    f"{tuple(tensor.shape)}: config.json does not match the weights."
+                )
+            _assign(owner, attribute, value)
+        empty = [name for name, _, _, tensor in _named_slots(module, prefix, recurse) if tensor.is_meta]
+        if empty:
+            raise ValueError(
+                f"The checkpoint has no weight for {empty[0]} ({len(empty)} missing under {prefix or 'the model'}): "
+                "offload='disk' reads tensors by the model's own names; re-save the checkpoint with "
+                "save_pretrained(), or use offload='cpu'."
+            )
+
+    @staticmethod
+    def release(module: nn.Module, recurse: bool = True) -> None:
+        """Put every parameter of ``module`` back on the meta device, freeing its memory."""
+        for _, owner, attribute, tensor in _named_slots(module, "", recurse):
+            if attribute in owner._parameters and not tensor.is_meta:
+                owner._parameters[attribute] = nn.Parameter(
+                    torch.empty_like(tensor, device="meta"), requires_grad=False
+                )
+
+
+def module_prefix(model: nn.Module, module: nn.Module) -> str:
+    """The dotted name of ``module`` inside ``model``."""
+    for name, candidate in model.named_modules():
+        if candidate is module:
+            return name
+    raise ValueError(f"{type(module).__name__} is not part of {type(model).__name__}.")
+
+
+_DTYPE_NAMES = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "float64": torch.float64,
+}
+
+
+def resolve_dtype(
+    dtype: str | torch.dtype | None, config_dtype: object, checkpoint: SafetensorsCheckpoint
+) -> torch.dtype:
+    """The dtype ``from_pretrained(dtype=...)`` would load: explicit, else the config's, else the weights'."""
+    for candidate in (dtype, config_dtype):
+        if candidate is None or candidate == "auto":
+            continue
+        if isinstance(candidate, torch.dtype):
+            return candidate
+        name = str(candidate).removeprefix("torch.")
+        if name not in _DTYPE_NAMES:
+            raise ValueError(f"Unknown dtype {candidate!r}: use one of {', '.join(_DTYPE_NAMES)} or 'auto'.")
+        return _DTYPE_NAMES[name]
+    return checkpoint.floating_dtype()
+
+
+def load_empty_model(
+    folder: str | os.PathLike, dtype: str | torch.dtype = "auto", trust_remote_code: bool = False
+) -> tuple[nn.Module, DiskOffload]:
+    """A causal LM built from ``folder``'s config.json on the meta device, and the offload that fills it."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    checkpoint = SafetensorsCheckpoint(folder)
+    config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    resolved = resolve_dtype(dtype, getattr(config, "dtype", None), checkpoint)
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(config, dtype=resolved, trust_remote_code=trust_remote_code)
+    model.config.name_or_path = os.fspath(folder)
+    return model.eval(), DiskOffload(checkpoint)

@@ -1,0 +1,77 @@
+"""Assemble the output of a disk-offloaded run from the blocks it streamed to its work folder.
+
+Shard 1 holds the weights outside the blocks, copied from the source checkpoint; shard ``k + 2`` is block
+``k``'s file, linked (or copied) from the work folder, which stays intact until the output is in place.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+from safetensors.torch import save_file
+from torch import nn
+
+from .checkpoint import RunCheckpoint
+from .offload import INDEX_FILE, SafetensorsCheckpoint, read_header
+
+
+def _link_or_copy(source: Path, target: Path) -> None:
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copyfile(source, target)
+
+
+def write_streamed_weights(
+    staging: Path,
+    model: nn.Module,
+    source: SafetensorsCheckpoint,
+    work: RunCheckpoint,
+    blocks_name: str,
+    num_blocks: int,
+) -> None:
+    """Write the sharded safetensors weights and their index into ``staging``.
+
+    The tensors outside the blocks are copied from the source checkpoint under its own names (transformers
+    may rename some on load, e.g. GPT-NeoX's ``embed_out``), without the tied copies ``save_pretrained``
+    drops, floating-point ones in the dtype the model declares, as an in-memory save would write them.
+    """
+    declared = {name: tensor.dtype for name, tensor in model.state_dict(keep_vars=True).items()}
+    default = next(model.parameters()).dtype
+    tied = _tied_names(model)
+    prefix = blocks_name + "."
+    outside = [name for name in source.tensors if name not in tied and not name.startswith(prefix)]
+    shards = num_blocks + 1
+    names = [f"model-{index:05d}-of-{shards:05d}.safetensors" for index in range(1, shards + 1)]
+    tensors = source.read(outside)
+    tensors = {
+        name: tensor.to(declared.get(name, default)) if tensor.is_floating_point() else tensor
+        for name, tensor in tensors.items()
+    }
+    save_file(tensors, staging / names[0], {"format": "pt"})
+    weight_map = dict.fromkeys(tensors, names[0])
+    total = sum(tensor.nbytes for tensor in tensors.values())
+    del tensors
+    for index in range(num_blocks):
+        target = staging / names[index + 1]
+        _link_or_copy(work.block_file(index), target)
+        for name, entry in read_header(target).items():
+            weight_map[name] = names[index + 1]
+            count = 1
+            for size in entry["shape"]:
+                count *= size
+            total += count * _itemsize(entry["dtype"])
+    index_data = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+    (staging / INDEX_FILE).write_text(json.dumps(index_data, indent=2) + "\n", encoding="utf-8")
+
+
+def _itemsize(dtype: str) -> int:
+    return {"F64": 8, "I64": 8, "F32": 4, "I32": 4, "F16": 2, "BF16": 2, "I16": 2}.get(dtype, 1)
+
+
+def _tied_names(model: nn.Module) -> set[str]:
+    """The names transformers ties to another weight and leaves out of saved checkpoints (``lm_head.weight``)."""
+    return set(getattr(model, "all_tied_weights_keys", None) or {})
