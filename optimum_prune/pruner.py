@@ -14,8 +14,14 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 from .calibration import calibration_ids, load_texts
 from .config import PruningConfig
 from .engine.blockwise import BlockwiseEngine
+from .engine.checkpoint import RunCheckpoint, tensor_digest, work_folder
+from .engine.estimate import RunEstimate, estimate, estimate_run
+from .engine.offload import OFFLOAD_MODES, DiskOffload, load_empty_model
+from .engine.resources import MaxMemory, check_free_space, check_max_memory
+from .engine.streaming import write_streamed_weights
 from .export import METADATA_KEY, atomic_directory, build_metadata
 from .export.compressed import check_format, save_compressed
+from .export.files import check_writable
 from .export.masks import Masks, write_masks
 from .methods import get_method
 from .report import PruningReport
@@ -47,18 +53,34 @@ class Pruner:
         activations_device: str | torch.device | None = None,
         progress: bool = True,
         source: str | None = None,
+        *,
+        offload: str | None = None,
+        disk: DiskOffload | None = None,
+        offload_folder: str | os.PathLike | None = None,
+        max_memory: MaxMemory | None = None,
     ) -> None:
+        if offload not in (None, *OFFLOAD_MODES):
+            raise ValueError(f"Unknown offload {offload!r}: choose None, {', '.join(map(repr, OFFLOAD_MODES))}.")
+        if offload == "disk" and disk is None:
+            raise ValueError(
+                "offload='disk' streams weights from a checkpoint: use Pruner.from_pretrained(path, offload='disk')."
+            )
         if not isinstance(model, nn.Module):
             raise TypeError(f"Pruner needs a loaded transformers model, got {type(model).__name__}.")
         self.model = model
         self.config = config if config is not None else PruningConfig()
         self.tokenizer = tokenizer
         self.device = torch.device(device) if device is not None else default_device()
-        self.activations_device = activations_device
+        self.offload = "disk" if disk is not None else "cpu"
+        self.disk = disk
+        self.offload_folder = offload_folder
+        self.max_memory = max_memory
+        self.activations_device = activations_device or ("cpu" if disk is not None else None)
         self.progress = progress
         self.source = source or getattr(model.config, "_name_or_path", None)
         self.report: PruningReport | None = None
         self.masks: dict[str, torch.Tensor] = {}
+        self.output_dir: str | None = None
 
     @classmethod
     def from_pretrained(
@@ -74,6 +96,9 @@ class Pruner:
         revision: str | None = None,
         token: str | bool | None = None,
         progress: bool = True,
+        offload: str | None = None,
+        offload_folder: str | os.PathLike | None = None,
+        max_memory: MaxMemory | None = None,
         **model_kwargs: Any,
     ) -> Pruner:
         """Load a model (a Hub id, a local folder, or an already loaded model) and its tokenizer.
@@ -81,10 +106,35 @@ class Pruner:
         Weights load only from safetensors unless ``allow_unsafe_weights=True``; remote code only runs with
         ``trust_remote_code=True``. Extra keyword arguments go to ``AutoModelForCausalLM.from_pretrained``
         (``gguf_file=...``, for example).
+
+        Large models: ``offload="cpu"`` (the default) keeps the weights in CPU RAM and moves one block at a time
+        to ``device``; ``offload="disk"`` builds the model on the meta device and reads each block from the
+        safetensors checkpoint only while it is pruned, then `prune` streams it to ``output_dir``, so only about
+        one block is ever in memory. ``offload_folder`` holds the run's resumable state (default: beside the
+        output); ``max_memory`` (``{0: "20GiB", "cpu": "64GiB"}``) is checked against the estimate before pruning.
         """
+        resources = {"offload": offload, "offload_folder": offload_folder, "max_memory": max_memory}
         if isinstance(model_or_path, nn.Module):
-            return cls(model_or_path, config, _load_tokenizer(tokenizer), device, progress=progress)
+            if offload == "disk":
+                raise ValueError("offload='disk' reads blocks from a checkpoint: pass its folder, not a loaded model.")
+            return cls(model_or_path, config, _load_tokenizer(tokenizer), device, progress=progress, **resources)
         source = os.fspath(model_or_path)
+        if offload == "disk":
+            if model_kwargs:
+                raise ValueError(f"offload='disk' reads safetensors checkpoints only; drop {', '.join(model_kwargs)}.")
+            folder = _local_folder(source, revision, token)
+            model, disk = load_empty_model(folder, dtype, trust_remote_code)
+            tokenizer_kwargs = {"revision": revision, "token": token, "trust_remote_code": trust_remote_code}
+            return cls(
+                model,
+                config,
+                _load_tokenizer(source if tokenizer is None else tokenizer, **tokenizer_kwargs),
+                device,
+                progress=progress,
+                source=source,
+                disk=disk,
+                **{**resources, "offload": None},
+            )
         load_kwargs: dict[str, Any] = {"revision": revision, "token": token, "trust_remote_code": trust_remote_code}
         if not allow_unsafe_weights and "gguf_file" not in model_kwargs:
             load_kwargs["use_safetensors"] = True
@@ -104,7 +154,30 @@ class Pruner:
         if "gguf_file" in model_kwargs and isinstance(tokenizer, str) and tokenizer == source:
             tokenizer_kwargs["gguf_file"] = model_kwargs["gguf_file"]
         return cls(
-            model, config, _load_tokenizer(tokenizer, **tokenizer_kwargs), device, progress=progress, source=source
+            model,
+            config,
+            _load_tokenizer(tokenizer, **tokenizer_kwargs),
+            device,
+            progress=progress,
+            source=source,
+            **resources,
+        )
+
+    @classmethod
+    def estimate(
+        cls,
+        model_or_path: str | os.PathLike,
+        config: PruningConfig | None = None,
+        *,
+        device: str | torch.device | None = None,
+        offload: str | None = None,
+        dtype: str | torch.dtype = "auto",
+        trust_remote_code: bool = False,
+    ) -> RunEstimate:
+        """Dry run: estimated peak device and host memory, disk use and time of pruning a local model folder,
+        from its config.json and safetensors headers (no weight is loaded)."""
+        return estimate(
+            model_or_path, config, device=device, offload=offload, dtype=dtype, trust_remote_code=trust_remote_code
         )
 
     def calibration_ids(self, dataset: Any, text_column: str = "text", split: str = "train") -> torch.Tensor:
@@ -122,15 +195,34 @@ class Pruner:
         config = self.config
         return calibration_ids(texts, self.tokenizer, config.num_samples, config.seq_len, config.seed)
 
-    def prune(self, dataset: Any = None, *, text_column: str = "text", split: str = "train") -> PruningReport:
+    def prune(
+        self,
+        dataset: Any = None,
+        *,
+        text_column: str = "text",
+        split: str = "train",
+        output_dir: str | os.PathLike | None = None,
+        overwrite: bool = False,
+        resume: bool = False,
+    ) -> PruningReport:
         """Prune the model in place, block by block, and return the report.
 
         ``dataset`` is the calibration data: a list of strings, a ``datasets.Dataset``, a local
         ``.txt``/``.jsonl``/``.json``/``.parquet`` path, a Hub dataset name, or a ``(num_samples, seq_len)``
         tensor of token ids. Magnitude pruning with uniform allocation needs none.
+
+        With ``output_dir`` (required with ``offload="disk"``) every finished block is saved to a work folder
+        (``<output_dir>.partial``) and the pruned model is written to ``output_dir`` as dense safetensors when
+        the last block is done; ``resume=True`` continues an interrupted run started with the same arguments.
         """
         if self.report is not None:
             raise RuntimeError("This model is already pruned; create a new Pruner to prune again.")
+        if self.disk is not None and output_dir is None:
+            raise ValueError("offload='disk' writes each pruned block straight to disk: pass output_dir= to prune().")
+        if resume and output_dir is None:
+            raise ValueError("resume=True continues a run that writes to an output_dir: pass output_dir= too.")
+        if output_dir is not None:
+            check_writable(output_dir, overwrite)
         input_ids = None
         if self.config.needs_calibration:
             if dataset is None:
@@ -139,6 +231,23 @@ class Pruner:
                     "pruner.prune('path/to/c4_sample.jsonl') or a list of strings."
                 )
             input_ids = self.calibration_ids(dataset, text_column, split)
+        planned = estimate_run(
+            self.model,
+            self.config,
+            device=self.device,
+            offload=self.offload,
+            activations_device=self.activations_device,
+            write_output=output_dir is not None,
+            flops_per_second=1.0,  # only memory and disk are checked here: skip the throughput measurement
+        )
+        check_max_memory(self.max_memory, planned, self.device, self.offload)
+        checkpoint = None
+        if output_dir is not None:
+            folder = work_folder(output_dir)
+            if self.offload_folder is not None:
+                folder = os.path.join(self.offload_folder, folder.name)
+            check_free_space(planned, folder, output_dir)
+            checkpoint = RunCheckpoint(folder, self._fingerprint(input_ids), resume)
         engine = BlockwiseEngine(
             self.model,
             self.config,
@@ -146,11 +255,47 @@ class Pruner:
             device=self.device,
             activations_device=self.activations_device,
             progress=self.progress,
+            disk=self.disk,
+            checkpoint=checkpoint,
         )
         self.report = engine.run(input_ids)
         self.masks = engine.masks
         setattr(self.model.config, METADATA_KEY, build_metadata(self.config, self.report))
+        if checkpoint is not None:
+            if self.disk is None:
+                self.save_pretrained(output_dir, overwrite=overwrite)
+            else:
+                self._write_streamed(output_dir, overwrite, checkpoint, engine)
+            checkpoint.remove()
         return self.report
+
+    def _fingerprint(self, input_ids: torch.Tensor | None) -> dict[str, Any]:
+        """What must match for a run to resume from another's work folder."""
+        config = self.config.to_dict()
+        return {
+            "config": config,
+            "model": self.source or type(self.model).__name__,
+            "architecture": type(self.model).__name__,
+            "dtype": str(next(self.model.parameters()).dtype),
+            "device": self.device.type,
+            "calibration": tensor_digest(input_ids) if input_ids is not None else None,
+        }
+
+    def _write_streamed(
+        self, output_dir: str | os.PathLike, overwrite: bool, checkpoint: RunCheckpoint, engine: BlockwiseEngine
+    ) -> None:
+        """Assemble the output folder of a disk-offloaded run from its streamed blocks."""
+        with atomic_directory(output_dir, overwrite) as staging:
+            write_streamed_weights(
+                staging, self.model, self.disk.checkpoint, checkpoint, engine.blocks_name, len(engine.blocks)
+            )
+            self.model.config.save_pretrained(staging)
+            if getattr(self.model, "generation_config", None) is not None and self.model.can_generate():
+                self.model.generation_config.save_pretrained(staging)
+            if self.tokenizer is not None:
+                self.tokenizer.save_pretrained(staging)
+            self.config.save_pretrained(staging)
+        self.output_dir = os.fspath(output_dir)
 
     def save_pretrained(
         self,
@@ -172,6 +317,11 @@ class Pruner:
         """
         if self.report is None:
             raise RuntimeError("Nothing to save yet: call prune() first.")
+        if self.disk is not None:
+            raise RuntimeError(
+                f"With offload='disk' the pruned blocks were streamed to {self.output_dir} and are no longer in "
+                "memory: load the model from there (optimum_prune.load_pruned) to save it elsewhere."
+            )
         check_format(format)
         masks = Masks.from_pruner(self.model, self.masks) if save_masks or format == "compressed" else None
         with atomic_directory(save_directory, overwrite) as staging:
@@ -233,6 +383,23 @@ class Pruner:
             perplexity=perplexity,
             base_model=base_model,
         )
+
+
+def _local_folder(source: str, revision: str | None, token: str | bool | None) -> str:
+    """``source`` if it is a folder, else the local snapshot of that Hub repository's configs and safetensors."""
+    if os.path.isdir(source):
+        return source
+    from huggingface_hub import snapshot_download
+
+    try:
+        return snapshot_download(
+            source, revision=revision, token=token, allow_patterns=["*.json", "*.safetensors", "tokenizer*"]
+        )
+    except Exception as error:
+        raise OSError(
+            f"offload='disk' needs the checkpoint on disk, but {source!r} is not a folder and could not be "
+            f"downloaded ({type(error).__name__}). Download it first (hf download {source})."
+        ) from error
 
 
 def _load_tokenizer(tokenizer: PreTrainedTokenizerBase | str | None, **kwargs: Any) -> PreTrainedTokenizerBase | None:
