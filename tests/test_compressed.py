@@ -141,6 +141,17 @@ def test_modified_pruned_weight_is_refused_and_nothing_is_written(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_negative_zero_pruned_weights_decode_as_positive_zero(tmp_path):
+    pruner = pruned()
+    weight = pruner.model.model.layers[0].mlp.up_proj.weight
+    weight.data[weight == 0] = -0.0
+    assert torch.signbit(weight[weight == 0]).all()
+    pruner.save_pretrained(tmp_path / "out", format="compressed")
+    loaded = load_pruned(tmp_path / "out").model.layers[0].mlp.up_proj.weight
+    assert torch.equal(loaded, weight)
+    assert not torch.signbit(loaded[weight == 0]).any()
+
+
 def test_bad_format_and_existing_folder(tmp_path):
     pruner = pruned()
     with pytest.raises(ValueError, match="'dense', 'compressed'"):

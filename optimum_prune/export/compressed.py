@@ -103,13 +103,15 @@ def encode(
     if tuple(mask.shape) != tuple(tensor.shape):
         raise ValueError(f"The mask of {name} has shape {tuple(mask.shape)} but the weight {tuple(tensor.shape)}.")
     mask = mask.to("cpu", torch.bool)
-    changed = int(torch.count_nonzero(tensor[mask]))
+    pruned = tensor[mask]
+    changed = int(torch.count_nonzero(pruned))
     if changed:
         raise ValueError(
             f"{name} has {changed} nonzero weights where its mask says pruned (was it trained after pruning?): "
             "call optimum_prune.apply_masks(model, masks) first, or save with format='dense'."
         )
-    entry["crc32"] = checksum(tensor.masked_fill(mask, 0))  # pruned weights decode as +0.0
+    negative_zeros = tensor.is_floating_point() and bool(torch.signbit(pruned).any())
+    entry["crc32"] = checksum(tensor.masked_fill(mask, 0) if negative_zeros else tensor)  # pruned decode as +0.0
     group_dim = _nm_group_dim(mask, pattern)
     if group_dim is None:
         entry.update(encoding="bitmask", kept=int(mask.numel() - mask.sum()))
@@ -302,6 +304,9 @@ def read_compressed_masks(directory: str | os.PathLike) -> Masks:
 
 
 def _storage_key(tensor: torch.Tensor) -> tuple:
+    """Equal for tensors that are the same view of the same memory (tied weights)."""
+    if tensor.numel() == 0:
+        return (id(tensor),)
     return (
         tensor.device,
         tensor.untyped_storage().data_ptr(),
