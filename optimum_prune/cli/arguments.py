@@ -1,0 +1,91 @@
+"""The command-line flags of ``optimum-prune``, ``python -m optimum_prune`` and ``optimum-cli prune``.
+
+Standard library only: ``optimum-cli`` builds every registered parser at start-up, so nothing heavy is
+imported here. Values are validated later by `PruningConfig` itself (see `optimum_prune.cli.run`).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+DESCRIPTION = (
+    "Prune a Hugging Face causal LM block by block (magnitude, Wanda, SparseGPT, SparseLLM; unstructured or N:M, "
+    "uniform or OWL allocation), optionally measure its perplexity before and after, and save it."
+)
+
+# `PruningConfig` fields that have a flag of the same name (``owl_m`` -> ``--owl-m``), in validation order.
+CONFIG_FIELDS = (
+    "method",
+    "pattern",
+    "sparsity",
+    "allocation",
+    "owl_m",
+    "owl_lambda",
+    "targets",
+    "ignore",
+    "num_samples",
+    "seq_len",
+    "seed",
+    "batch_size",
+    "block_size",
+    "dampening",
+)
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def flag(field: str) -> str:
+    """The flag that sets a `PruningConfig` field."""
+    return "--" + field.replace("_", "-")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add every ``prune`` flag to ``parser``. Config flags default to ``None`` ("not given")."""
+    parser.description = DESCRIPTION
+    parser.add_argument("--model", required=True, help="Hub id or local folder of the causal LM to prune.")
+
+    pruning = parser.add_argument_group("pruning (defaults: PruningConfig's, or the --config file's)")
+    pruning.add_argument("--config", metavar="FILE", help="pruning_config.json (or its folder) to start from.")
+    pruning.add_argument("--method", help="magnitude, wanda, sparsegpt or sparsellm (default sparsegpt).")
+    pruning.add_argument("--sparsity", type=float, help="fraction of weights set to zero, in [0, 1).")
+    pruning.add_argument("--pattern", help="'unstructured' or N:M such as 2:4 (the sparsity follows from N:M).")
+    pruning.add_argument("--allocation", help="'uniform' or 'owl' (outlier-weighted layerwise sparsity).")
+    pruning.add_argument("--owl-m", type=float, help="OWL outlier threshold (multiple of the block mean).")
+    pruning.add_argument("--owl-lambda", type=float, help="OWL spread of block sparsities around --sparsity.")
+    pruning.add_argument("--targets", nargs="+", metavar="GLOB", help="module names to prune (fnmatch globs).")
+    pruning.add_argument("--ignore", nargs="+", metavar="GLOB", help="module names never to prune.")
+    pruning.add_argument("--block-size", type=int, help="SparseGPT/SparseLLM lazy-update block size (columns).")
+    pruning.add_argument("--dampening", type=float, help="SparseGPT dampening (fraction of the mean diagonal).")
+
+    calibration = parser.add_argument_group("calibration")
+    calibration.add_argument(
+        "--dataset", help="calibration text: a local .txt/.jsonl/.json/.parquet file or a Hub dataset ('name:subset')."
+    )
+    calibration.add_argument("--dataset-split", default="train", help="split of a Hub dataset (default train).")
+    calibration.add_argument("--text-column", default="text", help="text field of --dataset and --eval rows.")
+    calibration.add_argument("--num-samples", type=int, help="calibration sequences.")
+    calibration.add_argument("--seq-len", type=int, help="tokens per sequence (default 2048, capped at the context).")
+    calibration.add_argument("--seed", type=int, help="seed of the calibration sampling.")
+    calibration.add_argument("--batch-size", type=int, help="calibration sequences per forward pass.")
+
+    loading = parser.add_argument_group("model loading")
+    loading.add_argument("--device", help="where blocks are pruned: cpu, cuda, cuda:1 (default: first GPU, else CPU).")
+    loading.add_argument("--dtype", choices=DTYPES, default="auto", help="weights dtype (default: the checkpoint's).")
+    loading.add_argument("--trust-remote-code", action="store_true", help="run the model repository's own code.")
+    loading.add_argument(
+        "--allow-unsafe-weights", action="store_true", help="accept pickled (non-safetensors) weights you trust."
+    )
+
+    evaluation = parser.add_argument_group("evaluation")
+    evaluation.add_argument(
+        "--eval", metavar="TEXT", help="measure perplexity before and after on a local text file or a Hub dataset."
+    )
+    evaluation.add_argument("--eval-split", default="test", help="split of a Hub --eval dataset (default test).")
+    evaluation.add_argument("--eval-seq-len", type=int, help="tokens per window (default: --seq-len).")
+    evaluation.add_argument("--eval-windows", type=int, help="evaluate only the first N windows (default: all).")
+
+    output = parser.add_argument_group("output")
+    output.add_argument("--output", metavar="DIR", help="folder for the pruned model (loads with transformers).")
+    output.add_argument("--overwrite", action="store_true", help="replace a non-empty --output folder.")
+    output.add_argument("--verbose", action="store_true", help="info logs, and a traceback on failure.")
+    return parser

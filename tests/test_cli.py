@@ -1,0 +1,147 @@
+"""The prune command: the real entry points in subprocesses, and flag handling in-process."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import C4_SAMPLE, STORIES_260K, TINYSTORIES_VAL, tiny_model
+from transformers import AutoModelForCausalLM
+
+from optimum_prune.cli import main
+from optimum_prune.export import read_metadata
+
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+SMALL = ["--num-samples", "8", "--seq-len", "64", "--batch-size", "4"]
+
+
+def command(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(args, capture_output=True, text=True, env=ENV, timeout=timeout)
+
+
+def zero_fraction(model: torch.nn.Module, name: str) -> float:
+    weight = model.get_submodule(name).weight
+    return (weight == 0).float().mean().item()
+
+
+def test_optimum_cli_lists_prune() -> None:
+    result = command("optimum-cli", "--help")
+    assert result.returncode == 0, result.stderr
+    assert "prune" in result.stdout
+    result = command("optimum-cli", "prune", "--help")
+    assert result.returncode == 0, result.stderr
+    assert "--sparsity" in result.stdout and "--eval" in result.stdout
+
+
+def test_optimum_cli_prune_writes_a_loadable_model(tmp_path) -> None:
+    output = tmp_path / "pruned"
+    result = command(
+        "optimum-cli", "prune", "--model", str(STORIES_260K), "--method", "sparsegpt", "--sparsity", "0.5",
+        "--dataset", str(C4_SAMPLE), *SMALL, "--eval", str(TINYSTORIES_VAL), "--eval-windows", "2",
+        "--output", str(output),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "model.layers.0.mlp.down_proj" in result.stdout  # the per-layer table
+    assert "global sparsity 0.5000" in result.stdout
+    before, after = (float(x) for x in result.stdout.split("dense ")[1].split(" -> pruned "))
+    assert 1 < before < after  # pruning half of a 260K model costs perplexity
+    model = AutoModelForCausalLM.from_pretrained(output)
+    assert zero_fraction(model, "model.layers.4.self_attn.q_proj") == pytest.approx(0.5, abs=1e-3)
+    assert read_metadata(model.config)["method"] == "sparsegpt"
+    assert (output / "tokenizer.json").is_file()
+
+
+def test_console_script_and_module(tmp_path) -> None:
+    output = tmp_path / "pruned"
+    result = command(
+        "optimum-prune",
+        "--model",
+        str(STORIES_260K),
+        "--method",
+        "magnitude",
+        "--pattern",
+        "2:4",
+        "--output",
+        str(output),
+    )
+    assert result.returncode == 0, result.stderr
+    model = AutoModelForCausalLM.from_pretrained(output)
+    assert read_metadata(model.config)["pattern"] == "2:4"
+    assert zero_fraction(model, "model.layers.0.mlp.up_proj") == pytest.approx(0.5)
+
+    result = command(sys.executable, "-m", "optimum_prune", "--model", str(STORIES_260K), "--sparsity", "1.5")
+    assert result.returncode == 2
+    assert "python -m optimum_prune: error: argument --sparsity: sparsity must be in [0, 1)" in result.stderr
+    result = command("optimum-cli", "prune", "--model", str(STORIES_260K), "--no-such-flag")
+    assert result.returncode == 2
+    assert "unrecognized arguments: --no-such-flag" in result.stderr
+
+
+def run_main(*argv: str) -> int:
+    with pytest.raises(SystemExit) as exit_info:
+        main(list(argv))
+    return exit_info.value.code
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--sparsity", "1.5"], "argument --sparsity: sparsity must be in [0, 1)"),
+        (["--pattern", "3:2"], "argument --pattern: Invalid N:M pattern '3:2'"),
+        (["--pattern", "2:4", "--sparsity", "0.7"], "argument --sparsity: pattern '2:4' fixes the sparsity at 0.5"),
+        (["--method", "pruneall"], "argument --method: Unknown pruning method 'pruneall'"),
+        (["--allocation", "owl", "--sparsity", "0.7", "--owl-lambda", "0.4"], "argument --owl-lambda: owl_lambda=0.4"),
+        (["--num-samples", "0"], "argument --num-samples: num_samples must be a positive integer"),
+        (["--sparsity", "half"], "argument --sparsity: invalid float value: 'half'"),
+        (["--method", "wanda"], "argument --dataset: method 'wanda' with uniform allocation needs calibration"),
+        (["--dataset", "missing/c4.jsonl"], "argument --dataset: no file at missing/c4.jsonl"),
+        (["--eval", "missing.txt"], "argument --eval: Calibration file missing.txt does not exist"),
+        (["--eval-windows", "0"], "argument --eval-windows: must be a positive integer"),
+        (["--device", "tpu:zero"], "argument --device:"),
+    ],
+)
+def test_bad_flags_exit_2_naming_the_flag(flags, message, capsys) -> None:
+    assert run_main("--model", str(STORIES_260K), "--method", "magnitude", *flags) == 2
+    assert f"optimum-prune: error: {message}" in capsys.readouterr().err
+
+
+def test_existing_output_and_config_file_errors(tmp_path, capsys) -> None:
+    (tmp_path / "kept.txt").write_text("do not overwrite")
+    assert run_main("--model", str(STORIES_260K), "--method", "magnitude", "--output", str(tmp_path)) == 2
+    err = capsys.readouterr().err
+    assert "argument --output:" in err and "--overwrite" in err
+    bad_config = tmp_path / "config.json"
+    bad_config.write_text(json.dumps({"method": "magnitude", "sparsity": 0.5, "flavour": "x"}))
+    assert run_main("--model", str(STORIES_260K), "--config", str(bad_config)) == 2
+    assert "argument --config: Unknown PruningConfig fields ['flavour']" in capsys.readouterr().err
+    assert (tmp_path / "kept.txt").read_text() == "do not overwrite"
+
+
+def test_runtime_failure_exits_1_with_one_line(tmp_path, capsys) -> None:
+    missing = tmp_path / "no-model"
+    assert run_main("--model", str(missing), "--method", "magnitude") == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("optimum-prune: error: OSError: Could not load a causal LM") and "\n" not in err
+    assert "rerun with --verbose" in err
+    assert run_main("--model", str(missing), "--method", "magnitude", "--verbose") == 1
+    assert "Traceback (most recent call last)" in capsys.readouterr().err
+
+
+def test_config_file_with_flag_override(tmp_path, capsys) -> None:
+    model_dir, output = tmp_path / "tiny", tmp_path / "out"
+    tiny_model("llama").save_pretrained(model_dir)
+    config = tmp_path / "recipe.json"
+    config.write_text(json.dumps({"method": "magnitude", "sparsity": 0.3, "ignore": ["*.mlp.*"]}))
+    code = run_main("--model", str(model_dir), "--config", str(config), "--sparsity", "0.75", "--output", str(output))
+    assert code == 0
+    assert "global sparsity 0.7500" in capsys.readouterr().out
+    model = AutoModelForCausalLM.from_pretrained(output)
+    metadata = read_metadata(model.config)
+    assert (metadata["method"], metadata["target_sparsity"]) == ("magnitude", 0.75)
+    assert zero_fraction(model, "model.layers.1.self_attn.o_proj") == pytest.approx(0.75)
+    assert zero_fraction(model, "model.layers.1.mlp.gate_proj") == 0.0  # ignored by the config file
+    assert json.loads((output / "pruning_config.json").read_text())["sparsity"] == 0.75
