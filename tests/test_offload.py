@@ -1,0 +1,170 @@
+"""offload="disk": blocks streamed from safetensors shards give the same model as an in-memory run, bit for bit."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import STORIES_260K, TINYSTORIES_VAL, random_ids, tiny_model
+from transformers import AutoModelForCausalLM
+
+from optimum_prune import Pruner, PruningConfig
+from optimum_prune.engine import resources
+
+
+def _config(method: str = "sparsegpt", **kwargs) -> PruningConfig:
+    return PruningConfig(method=method, sparsity=0.5, num_samples=8, seq_len=32, batch_size=4, **kwargs)
+
+
+def _state(folder) -> dict[str, torch.Tensor]:
+    return AutoModelForCausalLM.from_pretrained(folder).state_dict()
+
+
+def _assert_identical(expected, actual) -> None:
+    expected, actual = _state(expected), _state(actual)
+    assert expected.keys() == actual.keys()
+    different = [name for name in expected if not torch.equal(expected[name], actual[name])]
+    assert not different
+
+
+@pytest.fixture
+def sharded(tmp_path):
+    """Save a tiny model of ``architecture`` as several safetensors shards with an index."""
+
+    def save(architecture: str):
+        folder = tmp_path / f"{architecture}-source"
+        tiny_model(architecture).save_pretrained(folder, max_shard_size="100KB")
+        assert (folder / "model.safetensors.index.json").is_file()
+        return folder
+
+    return save
+
+
+@pytest.mark.parametrize(
+    ("architecture", "method", "allocation"),
+    [("llama", "sparsegpt", "uniform"), ("gpt2", "wanda", "owl"), ("gpt_neox", "magnitude", "uniform")],
+)
+def test_disk_offload_matches_in_memory_run(sharded, tmp_path, architecture, method, allocation):
+    source = sharded(architecture)
+    ids = random_ids()
+    memory = Pruner.from_pretrained(source, _config(method, allocation=allocation), device="cpu", progress=False)
+    memory.prune(ids)
+    memory.save_pretrained(tmp_path / "memory")
+
+    disk = Pruner.from_pretrained(
+        source, _config(method, allocation=allocation), device="cpu", offload="disk", progress=False
+    )
+    report = disk.prune(ids, output_dir=tmp_path / "disk")
+
+    _assert_identical(tmp_path / "memory", tmp_path / "disk")
+    assert report.global_sparsity == pytest.approx(memory.report.global_sparsity)
+    assert disk.masks.keys() == memory.masks.keys()
+    assert all(torch.equal(disk.masks[name], memory.masks[name]) for name in memory.masks)
+    assert all(parameter.is_meta for parameter in disk.model.parameters())  # nothing kept in memory
+    assert not (tmp_path / "disk.partial").exists()
+    index = json.loads((tmp_path / "disk" / "model.safetensors.index.json").read_text())
+    assert all((tmp_path / "disk" / name).is_file() for name in set(index["weight_map"].values()))
+    saved = json.loads((tmp_path / "disk" / "config.json").read_text())
+    assert saved["optimum_prune"] == json.loads((tmp_path / "memory" / "config.json").read_text())["optimum_prune"]
+
+
+def test_disk_offload_on_stories260k_single_file_tied_embeddings(tmp_path):
+    config = PruningConfig(method="sparsegpt", sparsity=0.5, num_samples=8, seq_len=64, batch_size=4)
+    memory = Pruner.from_pretrained(STORIES_260K, config, device="cpu", progress=False)
+    ids = memory.calibration_ids(TINYSTORIES_VAL)
+    memory.prune(ids)
+    memory.save_pretrained(tmp_path / "memory")
+    config = PruningConfig(method="sparsegpt", sparsity=0.5, num_samples=8, seq_len=64, batch_size=4)
+    disk = Pruner.from_pretrained(STORIES_260K, config, device="cpu", offload="disk", progress=False)
+    disk.prune(ids, output_dir=tmp_path / "disk")
+    _assert_identical(tmp_path / "memory", tmp_path / "disk")
+    assert (tmp_path / "disk" / "tokenizer.json").is_file()
+    assert (tmp_path / "disk" / "pruning_config.json").is_file()
+
+
+def test_offload_cpu_is_the_default_in_memory_behaviour(tmp_path):
+    ids = random_ids()
+    pruner = Pruner(tiny_model("llama"), _config(), device="cpu", progress=False, offload="cpu")
+    pruner.prune(ids, output_dir=tmp_path / "out")
+    default = Pruner(tiny_model("llama"), _config(), device="cpu", progress=False)
+    default.prune(ids)
+    default.save_pretrained(tmp_path / "default")
+    _assert_identical(tmp_path / "default", tmp_path / "out")
+    assert pruner.offload == "cpu" and not (tmp_path / "out.partial").exists()
+
+
+def test_missing_shard_is_reported_before_loading(sharded):
+    source = sharded("llama")
+    index = json.loads((source / "model.safetensors.index.json").read_text())
+    lost = sorted(set(index["weight_map"].values()))[-1]
+    (source / lost).unlink()
+    with pytest.raises(FileNotFoundError, match=lost):
+        Pruner.from_pretrained(source, _config(), device="cpu", offload="disk")
+    with pytest.raises(FileNotFoundError, match=lost):
+        Pruner.estimate(source, _config(), device="cpu")
+
+
+def test_bad_offload_arguments(sharded, tmp_path):
+    source = sharded("llama")
+    with pytest.raises(ValueError, match="Unknown offload"):
+        Pruner.from_pretrained(source, _config(), offload="gpu")
+    with pytest.raises(ValueError, match="not a loaded model"):
+        Pruner.from_pretrained(tiny_model("llama"), _config(), offload="disk")
+    with pytest.raises(FileNotFoundError, match="safetensors"):
+        Pruner.from_pretrained(tmp_path, _config(), offload="disk")
+    pruner = Pruner.from_pretrained(source, _config(), device="cpu", offload="disk", progress=False)
+    with pytest.raises(ValueError, match="output_dir"):
+        pruner.prune(random_ids())
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "keep.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="overwrite"):
+        pruner.prune(random_ids(), output_dir=tmp_path / "taken")
+    assert (tmp_path / "taken" / "keep.txt").read_text() == "mine"
+
+
+def test_max_memory_smaller_than_a_block(sharded, tmp_path):
+    pruner = Pruner.from_pretrained(
+        sharded("llama"), _config(), device="cpu", offload="disk", max_memory={"cpu": "10KB"}, progress=False
+    )
+    with pytest.raises(ValueError, match=r"smaller than one decoder block \(0\.00 GiB"):
+        pruner.prune(random_ids(), output_dir=tmp_path / "out")
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
+    in_memory = Pruner(tiny_model("llama"), _config(), device="cpu", max_memory={"cpu": "200KB"}, progress=False)
+    with pytest.raises(ValueError, match="offload='disk'"):
+        in_memory.prune(random_ids())
+
+
+def test_not_enough_disk_space_fails_before_pruning(sharded, tmp_path, monkeypatch):
+    pruner = Pruner.from_pretrained(sharded("llama"), _config(), device="cpu", offload="disk", progress=False)
+    monkeypatch.setattr(resources.shutil, "disk_usage", lambda path: _Usage(1000))
+    with pytest.raises(OSError, match="Not enough free disk space"):
+        pruner.prune(random_ids(), output_dir=tmp_path / "out")
+    assert pruner.report is None
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
+
+
+class _Usage:
+    def __init__(self, free: int) -> None:
+        self.total = self.free = free
+        self.used = 0
+
+
+def test_save_pretrained_after_disk_offload_points_to_the_output(sharded, tmp_path):
+    pruner = Pruner.from_pretrained(sharded("llama"), _config(), device="cpu", offload="disk", progress=False)
+    pruner.prune(random_ids(), output_dir=tmp_path / "out")
+    with pytest.raises(RuntimeError, match="streamed to"):
+        pruner.save_pretrained(tmp_path / "again")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_disk_offload_on_cuda_matches_in_memory_cuda_run(sharded, tmp_path):
+    source = sharded("llama")
+    ids = random_ids()
+    memory = Pruner.from_pretrained(source, _config(), device="cuda:0", progress=False)
+    memory.prune(ids)
+    memory.save_pretrained(tmp_path / "memory")
+    disk = Pruner.from_pretrained(source, _config(), device="cuda:0", offload="disk", progress=False)
+    disk.prune(ids, output_dir=tmp_path / "disk")
+    _assert_identical(tmp_path / "memory", tmp_path / "disk")
