@@ -1,0 +1,215 @@
+"""Export a (pruned) causal LM to ONNX with ``torch.onnx.export(dynamo=True)`` and optimum's decoder I/O names.
+
+Inputs are ``input_ids``, ``attention_mask``, ``position_ids`` (when the model takes them) and, with
+``with_past``, ``past_key_values.{i}.key/value``; outputs are ``logits`` and ``present.{i}.key/value``. Weights
+stay ordinary dense initializers named after their parameters, so the pruned zeros are exactly where
+sparse-aware engines (DeepSparse, for example) look for them. Linear weights are stored as the ``(in, out)``
+right-hand side of their ``MatMul``. The pruning metadata goes into the model's ``metadata_props``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import AutoTokenizer, DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
+
+from .files import atomic_directory, check_writable
+from .metadata import METADATA_KEY, read_metadata
+
+logger = logging.getLogger(__name__)
+
+ONNX_FILE = "model.onnx"
+EXTERNAL_DATA_FILE = "model.onnx_data"
+EXTERNAL_DATA_THRESHOLD = 2 * 1024**3  # protobuf cannot hold a model of 2 GB or more
+MAX_OPSET_FOR_IR_9 = 20
+_PREFIX = "decoder."
+
+
+class _Decoder(nn.Module):
+    """Flat tensors in, flat tensors out: the signature ``torch.onnx.export`` turns into named graph I/O."""
+
+    def __init__(self, model: PreTrainedModel, with_past: bool) -> None:
+        super().__init__()
+        self.decoder = model
+        self.with_past = with_past
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        position_ids: torch.Tensor,
+        past: list[torch.Tensor] | None = None,
+    ) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
+        if not self.with_past:
+            return self.decoder(**inputs, use_cache=False).logits
+        cache = DynamicCache(config=self.decoder.config)
+        for index in range(len(past) // 2):
+            cache.update(past[2 * index], past[2 * index + 1], index)
+        output = self.decoder(**inputs, past_key_values=cache, use_cache=True)
+        present = [tensor for layer in output.past_key_values.layers for tensor in (layer.keys, layer.values)]
+        return (output.logits, *present)
+
+
+def check_exportable(model: nn.Module) -> None:
+    """Refuse a model whose weights are not all materialized on one device (accelerate offload, meta tensors)."""
+    if any(hasattr(module, "_hf_hook") for module in model.modules()) or getattr(model, "hf_device_map", None):
+        raise ValueError(
+            "The model carries accelerate offload hooks (it was loaded with device_map or offload): ONNX export "
+            "needs every weight in memory. Reload it without device_map/offload, or move its weights to the CPU "
+            "and call accelerate.hooks.remove_hook_from_module(model, recurse=True) first."
+        )
+    devices = {tensor.device for tensor in [*model.parameters(), *model.buffers()]}
+    if any(device.type == "meta" for device in devices):
+        raise ValueError("The model has weights on the meta device (not loaded): load its weights before exporting.")
+    if len(devices) > 1:
+        raise ValueError(f"The model's weights are spread over {sorted(map(str, devices))}: move it to one device.")
+
+
+def _cache_shapes(model: PreTrainedModel, input_ids: torch.Tensor) -> list[tuple[int, ...]]:
+    """The per-layer key and value shapes the model's own cache produces for ``input_ids``."""
+    with torch.no_grad():
+        output = model(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), use_cache=True)
+    return [tuple(tensor.shape) for layer in output.past_key_values.layers for tensor in (layer.keys, layer.values)]
+
+
+def _example(model: PreTrainedModel, with_past: bool) -> tuple[tuple[Any, ...], list[str], list[str], tuple[Any, ...]]:
+    """Example inputs (batch 2, 3 new tokens after 4 cached ones), the I/O names and the dynamic shapes."""
+    parameter = next(model.parameters())
+    batch, new, cached = 2, 3, 4 if with_past else 0
+    vocab = model.config.get_text_config().vocab_size
+    input_ids = torch.randint(0, vocab, (batch, new), device=parameter.device)
+    attention_mask = torch.ones(batch, cached + new, dtype=torch.long, device=parameter.device)
+    position_ids = torch.arange(cached, cached + new, device=parameter.device).expand(batch, new)
+    batch_dim, new_dim = torch.export.Dim("batch_size"), torch.export.Dim("sequence_length")
+    total_dim = torch.export.Dim("total_sequence_length")
+    args: list[Any] = [input_ids, attention_mask, position_ids]
+    dynamic: list[Any] = [{0: batch_dim, 1: new_dim}, {0: batch_dim, 1: total_dim}, {0: batch_dim, 1: new_dim}]
+    input_names, output_names = ["input_ids", "attention_mask", "position_ids"], ["logits"]
+    if with_past:
+        shapes = _cache_shapes(model, input_ids[:, :cached].contiguous())
+        args.append([torch.randn(shape, dtype=parameter.dtype, device=parameter.device) for shape in shapes])
+        past_dim = torch.export.Dim("past_sequence_length")
+        dynamic.append([{0: batch_dim, 2: past_dim} for _ in shapes])
+        for index in range(len(shapes) // 2):
+            input_names += [f"past_key_values.{index}.key", f"past_key_values.{index}.value"]
+            output_names += [f"present.{index}.key", f"present.{index}.value"]
+    return tuple(args), input_names, output_names, tuple(dynamic)
+
+
+def _name_weights(graph: Any) -> None:
+    """Give initializers their parameter names and fold ``Transpose(weight)`` into the stored weight.
+
+    The exporter feeds ``MatMul`` with ``Transpose(W)``; the optimizer would fold that into an anonymous
+    ``val_N`` constant. Folding it here keeps the parameter name (and every zero) on the weight ``MatMul`` reads.
+    """
+    import onnx_ir as ir
+
+    for name, value in list(graph.initializers.items()):
+        if name.startswith(_PREFIX):
+            value.name = name[len(_PREFIX) :]
+    for node in list(graph):
+        if node.op_type != "Transpose" or not node.inputs[0].is_initializer():
+            continue
+        weight = node.inputs[0]
+        perm = node.attributes.get("perm")
+        if weight.const_value is None or len(weight.shape) != 2 or (perm is not None and list(perm.value) != [1, 0]):
+            continue
+        data = weight.const_value.numpy().T.copy()
+        name = weight.name
+        sole_use = len(weight.uses()) == 1
+        if sole_use:
+            graph.initializers.pop(name)
+            weight.name = f"{name}.original"
+        folded = ir.Value(name=name if sole_use else f"{name}.transposed", const_value=ir.tensor(data, name=None))
+        folded.const_value.name = folded.name
+        graph.register_initializer(folded)
+        node.outputs[0].replace_all_uses_with(folded)
+        graph.remove(node, safe=True)
+
+
+def _load(model_or_dir: str | os.PathLike | nn.Module, tokenizer: Any) -> tuple[nn.Module, Any]:
+    """The model (a saved dense or compressed folder loads in fp32) and the tokenizer to put beside it."""
+    from ..loading import load_pruned
+
+    if isinstance(model_or_dir, nn.Module):
+        return model_or_dir, tokenizer
+    path = Path(model_or_dir)
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path} is not a folder: pass a loaded model or a saved model folder.")
+    model = load_pruned(path, dtype=torch.float32)
+    if tokenizer is None:
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(path)
+        except (OSError, ValueError) as error:
+            logger.warning("No tokenizer in %s (%s): the ONNX folder will have none.", path, error)
+    return model.eval(), tokenizer
+
+
+def export_onnx(
+    model_or_dir: str | os.PathLike | nn.Module,
+    output_dir: str | os.PathLike,
+    *,
+    with_past: bool = True,
+    opset: int = 18,
+    overwrite: bool = False,
+    tokenizer: PreTrainedTokenizerBase | str | None = None,
+    external_data: bool | None = None,
+) -> Path:
+    """Export a causal LM (a loaded model or a saved folder) to ``output_dir/model.onnx``.
+
+    The folder also gets ``config.json``, the generation config and the tokenizer. ``external_data=None``
+    writes the weights to ``model.onnx_data`` only when they reach 2 GB. The output folder is written
+    atomically and a non-empty one is kept unless ``overwrite``.
+    """
+    import onnx_ir as ir
+
+    check_writable(output_dir, overwrite)
+    model, tokenizer = _load(model_or_dir, tokenizer)
+    if not isinstance(model, PreTrainedModel):
+        raise TypeError(f"export_onnx needs a transformers causal LM, got {type(model).__name__}.")
+    check_exportable(model)
+    if isinstance(tokenizer, str | os.PathLike):
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer)
+    args, input_names, output_names, dynamic_shapes = _example(model, with_past)
+    wrapper = _Decoder(model, with_past).eval()
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*shares the same shape constraints", category=UserWarning)
+        program = torch.onnx.export(
+            wrapper,
+            args,
+            dynamo=True,
+            input_names=input_names,
+            output_names=output_names,
+            dynamic_shapes=dynamic_shapes,
+            opset_version=opset,
+            optimize=False,
+            verbose=False,
+        )
+    _name_weights(program.model.graph)
+    program.optimize()
+    onnx_model = program.model
+    metadata = read_metadata(model.config)
+    if metadata is not None:
+        onnx_model.metadata_props[METADATA_KEY] = json.dumps(metadata, sort_keys=True)
+    onnx_model.producer_name = "optimum-prune"
+    if opset <= MAX_OPSET_FOR_IR_9:
+        onnx_model.ir_version = 9  # the newest IR older runtimes (DeepSparse 1.8, onnxruntime < 1.16) read
+    size = sum(value.const_value.nbytes for value in onnx_model.graph.initializers.values() if value.const_value)
+    if external_data is None:
+        external_data = size >= EXTERNAL_DATA_THRESHOLD
+    with atomic_directory(output_dir, overwrite) as staging:
+        ir.save(onnx_model, staging / ONNX_FILE, external_data=EXTERNAL_DATA_FILE if external_data else None)
+        model.config.save_pretrained(staging)
+        if getattr(model, "generation_config", None) is not None:
+            model.generation_config.save_pretrained(staging)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(staging)
+    return Path(output_dir)
