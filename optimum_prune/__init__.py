@@ -20,6 +20,7 @@ _EXPORTS = {
     "load_masks": ".loading",
     "apply_masks": ".export.masks",
     "decompress": ".export.compressed",
+    "export_onnx": ".export.onnx",
 }
 
 if TYPE_CHECKING:
@@ -27,6 +28,7 @@ if TYPE_CHECKING:
     from .evaluation import perplexity
     from .export.compressed import decompress
     from .export.masks import apply_masks
+    from .export.onnx import export_onnx
     from .loading import load_masks, load_pruned
     from .pruner import Pruner
     from .report import PruningReport
@@ -51,6 +53,7 @@ __all__ = [
     "__version__",
     "apply_masks",
     "decompress",
+    "export_onnx",
     "load_masks",
     "load_pruned",
     "perplexity",
