@@ -1,0 +1,130 @@
+"""Every supported architecture, pruned end to end on tiny random-init models (see conftest.ARCHITECTURES)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import ARCHITECTURES, random_ids, tiny_model
+from transformers import AutoModelForCausalLM
+
+from optimum_prune import Pruner, PruningConfig
+from optimum_prune.engine.structure import find_target_layers
+from optimum_prune.export import METADATA_KEY
+from optimum_prune.methods.masking import unpack_mask
+
+# Each method once, unstructured and both N:M patterns covered (SparseGPT unstructured: bf16 and targets tests).
+RUNS = [("magnitude", "unstructured", 0.6), ("wanda", "2:4", None), ("sparsegpt", "4:8", None)]
+
+
+def prune_tiny(
+    architecture: str, method: str, pattern: str = "unstructured", sparsity: float | None = None, **kwargs
+) -> tuple[torch.nn.Module, dict[str, torch.Tensor], Pruner]:
+    """Prune a tiny model; return it, a copy of its state dict before pruning, and the pruner."""
+    model = tiny_model(architecture)
+    dtype = kwargs.pop("dtype", None)
+    if dtype is not None:
+        model = model.to(dtype)
+    before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    config = PruningConfig(method=method, pattern=pattern, sparsity=sparsity, batch_size=4, **kwargs)
+    pruner = Pruner.from_pretrained(model, config, device="cpu", progress=False)
+    pruner.prune(random_ids(8, 32))
+    return model, before, pruner
+
+
+def check_layers(model, pruner: Pruner, sparsity: float, pattern: str) -> list[str]:
+    """Every target layer holds exactly the requested zeros (and N:M groups); return the pruned names."""
+    names = []
+    for layer in (layer for block in find_target_layers(model) for layer in block):
+        matrix = layer.matrix()  # (out, in), GPT-2 Conv1D transposed back
+        zeros = matrix == 0
+        assert zeros.sum().item() == round(matrix.numel() * sparsity), layer.name
+        assert torch.equal(unpack_mask(pruner.masks[layer.name], matrix.shape), zeros), layer.name
+        if pattern != "unstructured":
+            n, m = map(int, pattern.split(":"))
+            assert (zeros.view(matrix.shape[0], -1, m).sum(dim=2) == m - n).all(), layer.name
+        names.append(layer.name)
+    return names
+
+
+@pytest.mark.parametrize(("method", "pattern", "sparsity"), RUNS)
+@pytest.mark.parametrize("architecture", sorted(ARCHITECTURES))
+def test_prune_every_architecture(architecture, method, pattern, sparsity):
+    model, before, pruner = prune_tiny(architecture, method, pattern, sparsity)
+    target = pruner.config.sparsity
+    names = check_layers(model, pruner, target, pattern)
+    assert [layer.name for layer in pruner.report.layers] == names
+    assert pruner.report.global_sparsity == pytest.approx(target, abs=1e-3)
+    pruned = {f"{name}.weight" for name in names}
+    for name, tensor in model.state_dict().items():
+        if name not in pruned:  # embeddings, lm_head, norms, biases: untouched
+            assert torch.equal(tensor, before[name]), name
+    logits = model(random_ids(2, 16, seed=1)).logits
+    assert torch.isfinite(logits).all()
+
+
+@pytest.mark.parametrize("architecture", sorted(ARCHITECTURES))
+def test_saved_folder_reloads_with_same_logits(architecture, tmp_path):
+    model, _, pruner = prune_tiny(architecture, "wanda", sparsity=0.5)
+    pruner.save_pretrained(tmp_path / "pruned")
+    metadata = json.loads((tmp_path / "pruned" / "config.json").read_text())[METADATA_KEY]
+    assert metadata["method"] == "wanda" and metadata["target_sparsity"] == 0.5
+    assert set(metadata["layers"]) == {layer.name for layer in pruner.report.layers}
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "pruned").eval()
+    ids = random_ids(2, 16, seed=2)
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(ids).logits, model(ids).logits, rtol=0, atol=0)
+    check_layers(reloaded, pruner, 0.5, "unstructured")
+
+
+def test_targets_and_ignore_select_layers():
+    model, before, pruner = prune_tiny(
+        "llama", "sparsegpt", sparsity=0.5, targets=["mlp.*"], ignore=["model.layers.1.mlp.down_proj"]
+    )
+    pruned = [layer.name for layer in pruner.report.layers]
+    assert pruned == [
+        "model.layers.0.mlp.gate_proj",
+        "model.layers.0.mlp.up_proj",
+        "model.layers.0.mlp.down_proj",
+        "model.layers.1.mlp.gate_proj",
+        "model.layers.1.mlp.up_proj",
+    ]
+    for name, tensor in model.state_dict().items():
+        if name.removesuffix(".weight") in pruned:
+            assert (tensor == 0).float().mean().item() == 0.5, name
+        else:
+            assert torch.equal(tensor, before[name]), name
+
+
+def test_ignore_by_trailing_name():
+    _, _, pruner = prune_tiny("opt", "wanda", sparsity=0.5, ignore=["q_proj", "k_proj", "fc2"])
+    names = {layer.name.split(".", 4)[-1] for layer in pruner.report.layers}
+    assert names == {"self_attn.v_proj", "self_attn.out_proj", "fc1"}
+
+
+@pytest.mark.parametrize(
+    ("method", "dtype"),
+    [
+        ("magnitude", torch.bfloat16),
+        ("wanda", torch.bfloat16),
+        ("sparsegpt", torch.bfloat16),
+        ("sparsegpt", torch.float16),
+    ],
+)
+def test_half_precision_models(method, dtype):
+    """Statistics and updates run in float32; the weights stay in the model dtype with exact sparsity."""
+    model, _, pruner = prune_tiny("llama", method, sparsity=0.5, dtype=dtype)
+    assert all(parameter.dtype == dtype for parameter in model.parameters())
+    check_layers(model, pruner, 0.5, "unstructured")
+    logits = model(random_ids(2, 16, seed=3)).logits
+    assert torch.isfinite(logits).all()
+
+
+def test_half_precision_close_to_float32():
+    """A bf16 model pruned with SparseGPT picks nearly the same masks as its float32 copy."""
+    model32, _, pruner32 = prune_tiny("llama", "sparsegpt", sparsity=0.5)
+    model16, _, pruner16 = prune_tiny("llama", "sparsegpt", sparsity=0.5, dtype=torch.bfloat16)
+    for name, packed in pruner32.masks.items():
+        agreement = (packed == pruner16.masks[name]).float().mean().item()
+        assert agreement > 0.5, name  # bytes of 8 mask bits: identical in most places
