@@ -103,19 +103,18 @@ def encode(
     if tuple(mask.shape) != tuple(tensor.shape):
         raise ValueError(f"The mask of {name} has shape {tuple(mask.shape)} but the weight {tuple(tensor.shape)}.")
     mask = mask.to("cpu", torch.bool)
-    pruned = tensor[mask]
-    changed = int(torch.count_nonzero(pruned))
+    changed = int(torch.count_nonzero((tensor != 0) & mask))
     if changed:
         raise ValueError(
             f"{name} has {changed} nonzero weights where its mask says pruned (was it trained after pruning?): "
             "call optimum_prune.apply_masks(model, masks) first, or save with format='dense'."
         )
-    negative_zeros = tensor.is_floating_point() and bool(torch.signbit(pruned).any())
+    negative_zeros = tensor.is_floating_point() and bool((torch.signbit(tensor) & mask).any())
     entry["crc32"] = checksum(tensor.masked_fill(mask, 0) if negative_zeros else tensor)  # pruned decode as +0.0
     group_dim = _nm_group_dim(mask, pattern)
     if group_dim is None:
-        entry.update(encoding="bitmask", kept=int(mask.numel() - mask.sum()))
-        return entry, {f"{name}:values": tensor[~mask], f"{name}:mask": pack_mask(mask)}
+        entry.update(encoding="bitmask", kept=int(mask.numel() - torch.count_nonzero(mask)))
+        return entry, {f"{name}:values": torch.masked_select(tensor, ~mask), f"{name}:mask": pack_mask(mask)}
     matrix, kept = (tensor, ~mask) if group_dim == 1 else (tensor.T, ~mask.T)
     rows, cols = matrix.shape
     width = _index_width(pattern.m)
