@@ -110,6 +110,7 @@ def run_row(row: Row, num_samples: int, seq_len: int, eval_windows: int) -> dict
         result["global_sparsity"] = report.global_sparsity
         result["block_sparsities"] = report.block_sparsities
     result["peak_rss_bytes"] = peak_memory(torch.device("cpu"))  # load + prune, before evaluation
+    result["torch_threads"] = torch.get_num_threads()
     text, _ = eval_text(row.model)
     start = time.perf_counter()
     result["perplexity"] = perplexity(model, tokenizer, text, seq_len=512, max_windows=eval_windows, device="cpu")
@@ -173,6 +174,13 @@ def cells(result: dict | None) -> list[str]:
     ]
 
 
+def block_range(result: dict | None) -> str:
+    """The lowest and highest block sparsity of a run, e.g. ``0.62-0.78``."""
+    if not result or "block_sparsities" not in result:
+        return ""
+    return f"{min(result['block_sparsities']):.2f}-{max(result['block_sparsities']):.2f}"
+
+
 def ratio_note(pairs: list[tuple[str, dict | None, dict | None]], better: str, baseline: str) -> str:
     """One sentence per measured pair saying whether ``better`` beat ``baseline``, with the ratio."""
     notes = []
@@ -203,10 +211,15 @@ def model_tables(model: str) -> str:
     for method in ("wanda", "sparsegpt"):
         for sparsity in ("60%", "70%", "80%"):
             uniform, owl = get(Row(model, method, sparsity).key), get(Row(model, method, sparsity, "owl").key)
-            owl_rows.append([method, sparsity, cells(uniform)[0], cells(owl)[0]])
+            owl_rows.append([method, sparsity, cells(uniform)[0], cells(owl)[0], block_range(owl)])
             owl_pairs.append((f"{method} {sparsity}", uniform, owl))
     out += ["Uniform vs OWL allocation (owl_m=5, owl_lambda=0.08):", ""]
-    out += [table(["method", "sparsity", "uniform", "OWL"], owl_rows), "", ratio_note(owl_pairs, "OWL", "uniform"), ""]
+    out += [
+        table(["method", "sparsity", "uniform", "OWL", "OWL block sparsities"], owl_rows),
+        "",
+        ratio_note(owl_pairs, "OWL", "uniform"),
+        "",
+    ]
 
     sweep = [r for r in grid("owl-sweep", model) if r.key in results]
     if sweep:
@@ -237,6 +250,7 @@ def render(section: str) -> None:
     measured = [result for model in models for result in load_results(model).values()]
     dates = sorted(result["date"] for result in measured)
     settings = sorted({(r["num_samples"], r["seq_len"], r["eval_windows"]) for r in measured})
+    threads = sorted({str(r["torch_threads"]) for r in measured if "torch_threads" in r})
     span = f"{dates[0]} to {dates[-1]}" if dates else "nothing measured yet"
     eval_data = " and ".join(sorted({eval_text(m)[1] for m in models}))
     header = [
@@ -250,7 +264,8 @@ def render(section: str) -> None:
         f"tokens of {eval_data}, no BOS. Settings as (calibration samples, calibration length, eval windows): "
         f"{', '.join(f'{n} x {s}, {w} x 512' for n, s, w in settings) or 'none yet'}.",
         "",
-        f"Machine: 2 shared CPU cores (fp32, torch CPU), measured {span}. Seven other engineers used the same "
+        f"Machine: 2 shared CPU cores (fp32, torch CPU, {' or '.join(threads) or '2'} torch threads per row), "
+        f"measured {span}. Seven other engineers used the same "
         "two cores at the same time, so the prune times (seconds for `Pruner.prune` alone) are inflated and "
         "noisy; peak RSS is the process's peak resident memory after loading and pruning, before evaluation.",
         "",

@@ -47,12 +47,14 @@ def test_results_accumulate_and_render(tmp_path, monkeypatch) -> None:
     measured = {"global_sparsity": 0.7, "prune_seconds": 3.0, "peak_rss_bytes": 2**20, "eval_seconds": 1.0}
     quality.save_result(Row("stories260k", "wanda", "70%"), {**settings, **measured, "perplexity": 90.0})
     quality.save_result(Row("stories260k", "wanda", "70%", "owl"), {**settings, **measured, "perplexity": 60.0})
-    quality.save_result(Row("stories260k", "sparsegpt", "70%"), {**settings, "error": "subprocess exited with status 1"})
+    quality.save_result(
+        Row("stories260k", "sparsegpt", "70%"), {**settings, "error": "subprocess exited with status 1"}
+    )
     assert len(quality.load_results("stories260k")) == 3
 
     quality.render("quality-tiny")
     markdown = written["quality-tiny"]
-    assert "| wanda | 70% | 90.00 | 60.00 |" in markdown
+    assert "| wanda | 70% | 90.00 | 60.00 |  |" in markdown
     assert "wanda 70%: OWL lower than uniform (60.00 vs 90.00, x0.67)" in markdown
     assert "failed (subprocess exited with status 1)" in markdown
     assert "| dense | 0% | uniform | not run |" in markdown
