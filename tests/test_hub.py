@@ -143,3 +143,10 @@ def test_model_card_base_model_and_recipe(pruner: Pruner) -> None:
     assert "| target sparsity | 0.5 |" in card.text
     reloaded = ModelCard(str(card))
     assert reloaded.data.tags == card.data.tags
+
+
+def test_offline_mode_is_refused(pruner: Pruner, hub: FakeHub, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(RuntimeError, match="HF_HUB_OFFLINE"):
+        pruner.push_to_hub("someone/model", token=TOKEN)
+    assert authorizations(hub) == set()
