@@ -103,8 +103,11 @@ class PruningConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}.")
-        if nm is not None and self.block_size % nm.m:
-            raise ValueError(f"block_size={self.block_size} must be a multiple of M={nm.m} for {self.pattern}.")
+        if nm is not None and self.method in ("sparsegpt", "sparsellm") and self.block_size % nm.m:
+            raise ValueError(
+                f"block_size={self.block_size} must be a multiple of M={nm.m} for {self.pattern} with "
+                f"{self.method}: its N:M groups must not straddle two lazy-update blocks."
+            )
         if self.dampening < 0:
             raise ValueError(f"dampening must be >= 0, got {self.dampening}.")
         if isinstance(self.targets, str) or isinstance(self.ignore, str):
