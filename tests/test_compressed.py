@@ -76,6 +76,16 @@ def test_tied_embeddings_stored_once_and_tied_again(tmp_path, arch):
     assert_same_state(pruner.model, loaded)
 
 
+def test_from_pretrained_arguments_pass_through(tmp_path):
+    pruner = pruned(dtype=torch.bfloat16)
+    pruner.save_pretrained(tmp_path / "out", format="compressed")
+    loaded = load_pruned(tmp_path / "out", dtype=torch.float32)
+    assert loaded.dtype == torch.float32
+    for name, tensor in pruner.model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], tensor.float()), name
+    assert loaded.generation_config.eos_token_id == pruner.model.generation_config.eos_token_id
+
+
 def test_conv1d_nm_groups_run_along_the_stored_rows(tmp_path):
     pruner = pruned("gpt2", pattern="2:4")
     pruner.save_pretrained(tmp_path / "out", format="compressed")
