@@ -111,3 +111,10 @@ def test_save_and_load_pretrained(tmp_path):
 def test_from_pretrained_missing_file_names_it(tmp_path):
     with pytest.raises(FileNotFoundError, match=CONFIG_NAME):
         PruningConfig.from_pretrained(tmp_path)
+
+
+def test_block_size_constraint_only_for_lazy_update_methods():
+    assert PruningConfig(method="wanda", pattern="2:5").sparsity == pytest.approx(0.6)
+    with pytest.raises(ValueError, match="block_size=128 must be a multiple of M=5"):
+        PruningConfig(method="sparsegpt", pattern="2:5")
+    assert PruningConfig(method="sparsegpt", pattern="2:5", block_size=125).block_size == 125
