@@ -261,7 +261,11 @@ class BlockwiseEngine:
         for index in bar:
             block_start = time.perf_counter()
             with self._block(index) as block:
-                statistics = self._collect(block, self.layers[index], batches, self.method.make_statistic)
+                statistics = (
+                    self._collect(block, self.layers[index], batches, self.method.make_statistic)
+                    if self.method.needs_statistics
+                    else {}
+                )
                 context = BlockContext(
                     index, block, self.layers[index], statistics, sparsities[index], self.config.nm_pattern
                 )
@@ -315,7 +319,7 @@ class BlockwiseEngine:
         make: Callable[[TargetLayer, torch.device], LayerStatistic | None],
     ) -> dict[str, LayerStatistic]:
         """Run the calibration batches through ``block`` and return each layer's statistic."""
-        if batches is None or not layers or not self.method.needs_statistics:
+        if batches is None or not layers:
             return {}
         collector = _StatisticsCollector(layers, lambda layer: make(layer, self.device))
         try:
