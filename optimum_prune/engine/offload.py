@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import struct
@@ -11,7 +12,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from torch import nn
 
 OFFLOAD_MODES = ("cpu", "disk")
@@ -34,11 +34,12 @@ _DTYPES = {
 
 @dataclass(frozen=True)
 class TensorInfo:
-    """A tensor of a checkpoint, described from its shard's header."""
+    """A tensor of a checkpoint, described from its shard's header: file, dtype, shape, byte offset."""
 
     file: str
     dtype: torch.dtype
     shape: tuple[int, ...]
+    offset: int
 
     @property
     def nbytes(self) -> int:
@@ -49,19 +50,22 @@ class TensorInfo:
 
 
 def read_header(path: Path) -> dict[str, dict]:
-    """The JSON header of a safetensors file (8-byte little-endian length, then JSON), without its data."""
+    """The JSON header of a safetensors file (8-byte little-endian length, then JSON), without its data.
+    Each entry's ``data_offsets`` are made absolute (from the start of the file)."""
     with open(path, "rb") as file:
         (length,) = struct.unpack("<Q", file.read(8))
         header = json.loads(file.read(length))
     header.pop("__metadata__", None)
+    for entry in header.values():
+        entry["data_offsets"] = [8 + length + offset for offset in entry["data_offsets"]]
     return header
 
 
 class SafetensorsCheckpoint:
     """The safetensors weights of a local model folder: one ``model.safetensors`` or shards with an index.
 
-    Only headers are read when it is opened; `read` maps the shards (``safe_open``) only while copying the
-    requested tensors out of them, so nothing stays resident afterwards.
+    Only headers are read when it is opened; `read` copies each requested tensor straight from its file
+    into a new CPU tensor (one ``readinto``, no memory map), so reading a block costs that block's memory.
     """
 
     def __init__(self, folder: str | os.PathLike) -> None:
@@ -89,7 +93,11 @@ class SafetensorsCheckpoint:
             for key, entry in read_header(self.folder / name).items():
                 if entry["dtype"] not in _DTYPES:
                     raise ValueError(f"{name} holds {key} as {entry['dtype']}, a dtype optimum-prune cannot read.")
-                self.tensors[key] = TensorInfo(name, _DTYPES[entry["dtype"]], tuple(entry["shape"]))
+                dtype = _DTYPES[entry["dtype"]]
+                info = TensorInfo(name, dtype, tuple(entry["shape"]), entry["data_offsets"][0])
+                if entry["data_offsets"][1] - info.offset != info.nbytes:
+                    raise ValueError(f"{name} is corrupt: {key}'s byte range does not match its shape and dtype.")
+                self.tensors[key] = info
         lost = [key for key, name in weight_map.items() if key not in self.tensors]
         if lost:
             raise ValueError(
@@ -107,14 +115,16 @@ class SafetensorsCheckpoint:
 
     def read(self, keys: Iterable[str]) -> dict[str, torch.Tensor]:
         """Copy ``keys`` out of their shards into CPU memory."""
-        by_file: dict[str, list[str]] = {}
-        for key in keys:
-            by_file.setdefault(self.tensors[key].file, []).append(key)
+        infos = sorted(((key, self.tensors[key]) for key in keys), key=lambda item: (item[1].file, item[1].offset))
         tensors = {}
-        for name, names in by_file.items():
-            with safe_open(self.folder / name, framework="pt") as file:
-                for key in names:
-                    tensors[key] = file.get_tensor(key).clone()
+        for file_name, group in itertools.groupby(infos, key=lambda item: item[1].file):
+            with open(self.folder / file_name, "rb") as file:
+                for key, info in group:
+                    tensor = torch.empty(info.shape, dtype=info.dtype)
+                    file.seek(info.offset)
+                    if info.nbytes and file.readinto(tensor.view(-1).view(torch.uint8).numpy()) != info.nbytes:
+                        raise ValueError(f"{file_name} is truncated: {key} ends past the end of the file.")
+                    tensors[key] = tensor
         return tensors
 
 

@@ -1,0 +1,198 @@
+"""Peak memory of pruning a model bigger than the memory it is allowed: SparseGPT with ``offload="disk"``.
+
+Builds a random-init Llama with about 1.5 GB of fp32 weights as one safetensors shard per block (block
+by block, so building it needs one block of RAM), then prunes it in a fresh subprocess per offload mode
+and records that subprocess's peak resident memory (``VmHWM``), its time, and the dry-run estimate made
+before any weight was loaded. Writes the ``memory`` section of docs/benchmarks.md.
+
+    python benchmarks/memory.py                  # offload="disk" only
+    python benchmarks/memory.py --modes disk cpu # also the in-memory run, for comparison
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+LLAMA = {
+    "vocab_size": 32000,
+    "hidden_size": 1024,
+    "intermediate_size": 2816,
+    "num_hidden_layers": 24,
+    "num_attention_heads": 16,
+    "num_key_value_heads": 16,
+    "max_position_embeddings": 2048,
+    "tie_word_embeddings": False,
+}
+SAMPLES, SEQ_LEN = 8, 128
+
+
+def build_model(folder: Path, seed: int = 0) -> int:
+    """Write the random Llama to ``folder`` shard by shard; return its weight bytes."""
+    import torch
+    from accelerate import init_empty_weights
+    from safetensors.torch import save_file
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(**LLAMA, dtype="float32")
+    with init_empty_weights():
+        model = LlamaForCausalLM(config)
+    shapes = {name: tensor.shape for name, tensor in model.state_dict().items()}
+    groups: dict[str, list[str]] = {}
+    for name in shapes:
+        parts = name.split(".")
+        group = f"block-{int(parts[2]):03d}" if parts[:2] == ["model", "layers"] else "outside"
+        groups.setdefault(group, []).append(name)
+    generator = torch.Generator().manual_seed(seed)
+    folder.mkdir(parents=True)
+    names = sorted(groups)
+    weight_map, total = {}, 0
+    for index, group in enumerate(names, start=1):
+        file = f"model-{index:05d}-of-{len(names):05d}.safetensors"
+        tensors = {}
+        for name in groups[group]:
+            shape = shapes[name]
+            tensors[name] = (
+                torch.ones(shape) if name.endswith("norm.weight") else torch.randn(shape, generator=generator) * 0.02
+            )
+            weight_map[name] = file
+            total += tensors[name].nbytes
+        save_file(tensors, folder / file, {"format": "pt"})
+        del tensors
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    config.save_pretrained(folder)
+    return total
+
+
+def _hwm() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("VmHWM needs Linux /proc.")
+
+
+def worker(source: str, output: str, offload: str) -> None:
+    """One run in this (fresh) process; prints a JSON line with the measurements."""
+    import torch
+
+    from optimum_prune import Pruner, PruningConfig
+
+    config = PruningConfig(method="sparsegpt", sparsity=0.5, num_samples=SAMPLES, seq_len=SEQ_LEN, batch_size=4)
+    baseline = _hwm()
+    estimate = Pruner.estimate(source, config, device="cpu", offload=offload)
+    ids = torch.randint(0, LLAMA["vocab_size"], (SAMPLES, SEQ_LEN), generator=torch.Generator().manual_seed(0))
+    start = time.perf_counter()
+    pruner = Pruner.from_pretrained(source, config, device="cpu", offload=offload, progress=False)
+    report = pruner.prune(ids, output_dir=output)
+    seconds = time.perf_counter() - start
+    result = {
+        "offload": offload,
+        "baseline_bytes": baseline,
+        "peak_rss_bytes": _hwm(),
+        "seconds": seconds,
+        "global_sparsity": report.global_sparsity,
+        "estimate_host_peak_bytes": estimate.host_peak_bytes,
+        "estimate_seconds": estimate.seconds,
+        "activations_bytes": estimate.activations_bytes,
+        "block_bytes": estimate.block_bytes,
+    }
+    print("RESULT " + json.dumps(result), flush=True)
+
+
+def _gb(size: int) -> str:
+    return f"{size / 1e9:.2f} GB"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--modes", nargs="+", choices=("disk", "cpu"), default=["disk"])
+    parser.add_argument("--workdir", help="where to build the model (default: a temporary folder, removed after)")
+    parser.add_argument("--worker", nargs=3, metavar=("SOURCE", "OUTPUT", "OFFLOAD"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        worker(*args.worker)
+        return
+    from benchmarks.markdown import table, write_section
+
+    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="optimum-prune-memory-"))
+    try:
+        source = workdir / "source"
+        size = build_model(source)
+        rows, results = [], []
+        for mode in args.modes:
+            output = workdir / f"pruned-{mode}"
+            command = [sys.executable, __file__, "--worker", str(source), str(output), mode]
+            run = subprocess.run(command, capture_output=True, text=True, check=False)
+            lines = [line for line in run.stdout.splitlines() if line.startswith("RESULT ")]
+            if run.returncode or not lines:
+                raise RuntimeError(f"The {mode} run failed:\n{run.stderr[-4000:]}")
+            result = json.loads(lines[-1].removeprefix("RESULT "))
+            results.append(result)
+            print(json.dumps(result), flush=True)
+            limit = 0.3 * size + result["activations_bytes"]
+            rows.append(
+                [
+                    f'`offload="{mode}"`',
+                    _gb(result["peak_rss_bytes"]),
+                    f"{result['peak_rss_bytes'] / size:.2f}",
+                    _gb(result["peak_rss_bytes"] - result["baseline_bytes"]),
+                    _gb(result["estimate_host_peak_bytes"]),
+                    f"{result['peak_rss_bytes'] / result['estimate_host_peak_bytes']:.2f}",
+                    f"{result['seconds']:.0f}",
+                    f"{result['estimate_seconds']:.0f}",
+                    "yes" if result["peak_rss_bytes"] <= limit else "no",
+                ]
+            )
+            shutil.rmtree(output, ignore_errors=True)
+        headers = [
+            "run",
+            "peak RSS",
+            "peak / model",
+            "peak above interpreter",
+            "estimated peak",
+            "measured / estimated",
+            "time (s)",
+            "estimated time (s)",
+            "within 0.3 x model + activations",
+        ]
+        text = "\n".join(
+            [
+                "## Memory: pruning a model larger than the memory it is given",
+                "",
+                f"Random-init Llama ({LLAMA['num_hidden_layers']} blocks, hidden {LLAMA['hidden_size']}, "
+                f"intermediate {LLAMA['intermediate_size']}, vocab {LLAMA['vocab_size']}, untied), "
+                f"{_gb(size)} of fp32 weights in one safetensors shard per block; SparseGPT 50%, "
+                f"{SAMPLES} x {SEQ_LEN} calibration tokens "
+                f"({_gb(results[0]['activations_bytes'])} of activations), one block = "
+                f"{_gb(results[0]['block_bytes'])}. Each run is a fresh process; peak RSS is its `VmHWM`, which "
+                f"includes the interpreter with torch and transformers imported "
+                f"({_gb(results[0]['baseline_bytes'])} before any model code ran).",
+                "",
+                table(headers, rows),
+                "",
+                f"Command: `python benchmarks/memory.py --modes {' '.join(args.modes)}`; "
+                f"machine: {os.cpu_count()}-core CPU shared with other jobs ({platform.machine()}), "
+                f"date: {datetime.date.today().isoformat()}.",
+            ]
+        )
+        write_section("memory", text)
+    finally:
+        if not args.workdir:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
