@@ -192,7 +192,7 @@ def evaluate(model_name: str, weights: Path | None, text: str, windows: int) -> 
     return perplexity(model, tokenizer, text, seq_len=SEQ_LEN, max_windows=windows, batch_size=4)
 
 
-def compare(models: list[str], configs: list[str], repeats: int) -> list[dict]:
+def compare(models: list[str], configs: list[str], repeats: int, samples: int | None, command: str) -> list[dict]:
     import torch
 
     from benchmarks.models import calibration_token_ids, load_model, model_folder
@@ -201,7 +201,8 @@ def compare(models: list[str], configs: list[str], repeats: int) -> list[dict]:
     rows = []
     with tempfile.TemporaryDirectory(prefix="compare_llmc_") as tmp:
         for model_name in models:
-            samples, text_name, windows = MODEL_SETTINGS[model_name]
+            default_samples, text_name, windows = MODEL_SETTINGS[model_name]
+            samples = samples or default_samples
             folder = model_folder(model_name)
             _, tokenizer = load_model(model_name)
             ids_path = Path(tmp) / f"{model_name}-ids.pt"
@@ -219,7 +220,7 @@ def compare(models: list[str], configs: list[str], repeats: int) -> list[dict]:
                 ppl = {tool: evaluate(model_name, Path(tmp) / f"{model_name}-{config}-{tool}.safetensors", text, windows)
                        for tool in runs}  # fmt: skip
                 row = {"model": model_name, "config": config, "dense_ppl": dense, "samples": samples,
-                       "eval": f"{text_name} {windows}x{SEQ_LEN}"}  # fmt: skip
+                       "repeats": repeats, "command": command, "eval": f"{text_name} {windows}x{SEQ_LEN}"}  # fmt: skip
                 for tool, results in runs.items():
                     row[f"{tool}_ppl"] = ppl[tool]
                     for key in ("prune_seconds", "total_seconds", "peak_rss_bytes"):
@@ -229,7 +230,7 @@ def compare(models: list[str], configs: list[str], repeats: int) -> list[dict]:
     return rows
 
 
-def markdown(rows: list[dict], repeats: int, command: str) -> str:
+def markdown(rows: list[dict]) -> str:
     from benchmarks.markdown import table
 
     headers = ["model", "config", "dense ppl", "ppl ours", "ppl theirs", "ppl ratio", "prune s ours",
@@ -246,13 +247,13 @@ def markdown(rows: list[dict], repeats: int, command: str) -> str:
             f"{r['ours_peak_rss_bytes'] / mib:.0f}", f"{r['theirs_peak_rss_bytes'] / mib:.0f}",
             f"{r['ours_peak_rss_bytes'] / r['theirs_peak_rss_bytes']:.2f}",
         ])  # fmt: skip
-    settings = ", ".join(
-        f"{m}: {MODEL_SETTINGS[m][0]}x{SEQ_LEN} calibration tokens" for m in dict.fromkeys(r["model"] for r in rows)
-    )
+    settings = ", ".join(dict.fromkeys(f"{r['model']}: {r['samples']}x{SEQ_LEN}" for r in rows))
+    commands = "; ".join(f"`{command}`" for command in dict.fromkeys(r["command"] for r in rows))
+    repeats = "/".join(str(n) for n in sorted({r["repeats"] for r in rows}))
     return "\n".join([
         "## optimum-prune vs llm-compressor 0.14 (speed, memory, perplexity)",
         "",
-        f"Command: `{command}`",
+        f"Commands: {commands}",
         "",
         f"Machine: 2-core CPU shared with other jobs, one thread per run (`OMP_NUM_THREADS=1`), "
         f"{time.strftime('%Y-%m-%d', time.gmtime())}. torch 2.13 CPU; ours on transformers "
@@ -281,8 +282,10 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=list(MODEL_SETTINGS), choices=list(MODEL_SETTINGS))
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
     parser.add_argument("--repeats", type=int, default=2, help="alternating runs per tool and config (median)")
+    parser.add_argument("--samples", type=int, help="calibration sequences (default: per model)")
     parser.add_argument("--write", action="store_true", help="write the table into docs/benchmarks.md")
     parser.add_argument("--output-json", type=Path, help="also save the rows as JSON")
+    parser.add_argument("--from-json", type=Path, nargs="+", help="render (and --write) saved rows, run nothing")
     parser.add_argument("--worker", choices=("ours", "theirs"), help=argparse.SUPPRESS)
     parser.add_argument("--config", choices=list(CONFIGS), help=argparse.SUPPRESS)
     parser.add_argument("--model-folder", help=argparse.SUPPRESS)
@@ -293,12 +296,15 @@ def main() -> None:
         worker(args)
         return
     sys.path.insert(0, str(REPO))
-    rows = compare(args.models, args.configs, args.repeats)
-    command = "OMP_NUM_THREADS=1 python " + " ".join(["benchmarks/compare_llmcompressor.py", *sys.argv[1:]])
-    text = markdown(rows, args.repeats, command)
+    if args.from_json:
+        rows = [row for path in args.from_json for row in json.loads(path.read_text())]
+    else:
+        command = "OMP_NUM_THREADS=1 python " + " ".join(["benchmarks/compare_llmcompressor.py", *sys.argv[1:]])
+        rows = compare(args.models, args.configs, args.repeats, args.samples, command)
+        if args.output_json:
+            args.output_json.write_text(json.dumps(rows, indent=2))
+    text = markdown(rows)
     print(text)
-    if args.output_json:
-        args.output_json.write_text(json.dumps(rows, indent=2))
     if args.write:
         from benchmarks.markdown import write_section
 
