@@ -118,10 +118,10 @@ def encode(
     matrix, kept = (tensor, ~mask) if group_dim == 1 else (tensor.T, ~mask.T)
     rows, cols = matrix.shape
     width = _index_width(pattern.m)
-    positions = (torch.arange(cols) % pattern.m).to(torch.uint8).expand(rows, cols)[kept]
+    positions = torch.masked_select((torch.arange(cols) % pattern.m).to(torch.uint8), kept)
     entry.update(encoding="nm", n=pattern.n, m=pattern.m, group_dim=group_dim, index_bits=width)
     return entry, {
-        f"{name}:values": matrix[kept].reshape(rows, cols * pattern.n // pattern.m),
+        f"{name}:values": torch.masked_select(matrix, kept).reshape(rows, cols * pattern.n // pattern.m),
         f"{name}:indices": pack_bits(positions, width),
     }
 
