@@ -1,0 +1,123 @@
+"""Calibration data: every source kind, and reproducible ``(num_samples, seq_len)`` token windows."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import datasets
+import pytest
+import torch
+from conftest import C4_SAMPLE, STORIES_260K, TINYSTORIES_VAL, tiny_model
+from transformers import AutoTokenizer
+
+from optimum_prune import Pruner, PruningConfig
+from optimum_prune.calibration import calibration_ids, load_texts
+
+TEXTS = [f"Once upon a time there was a cat number {i}. It liked to play in the sun all day." for i in range(40)]
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return AutoTokenizer.from_pretrained(STORIES_260K)
+
+
+def test_list_of_strings():
+    texts, name = load_texts(TEXTS)
+    assert texts == TEXTS and name == "custom texts"
+
+
+def test_dataset_with_text_column():
+    dataset = datasets.Dataset.from_dict({"text": TEXTS, "id": list(range(40))})
+    texts, _ = load_texts(dataset)
+    assert texts == TEXTS
+    renamed = dataset.rename_column("text", "content")
+    assert load_texts(renamed, text_column="content")[0] == TEXTS
+    with pytest.raises(ValueError, match="no 'text' column"):
+        load_texts(renamed)
+
+
+def test_local_jsonl_and_parquet_agree():
+    jsonl, jsonl_name = load_texts(C4_SAMPLE)
+    parquet, parquet_name = load_texts(C4_SAMPLE.with_suffix(".parquet"))
+    assert len(jsonl) == 2000 and jsonl == parquet
+    assert (jsonl_name, parquet_name) == ("c4_validation_2k.jsonl", "c4_validation_2k.parquet")
+    with pytest.raises(ValueError, match="no 'body' column"):
+        load_texts(C4_SAMPLE.with_suffix(".parquet"), text_column="body")
+
+
+def test_local_txt_and_json(tmp_path):
+    texts, name = load_texts(TINYSTORIES_VAL)
+    assert len(texts) == 1 and texts[0].startswith("Spot. Spot saw the shiny car") and name == "tinystories_val.txt"
+    (tmp_path / "rows.json").write_text(json.dumps([{"text": "a b"}, {"text": "c"}]))
+    (tmp_path / "plain.json").write_text(json.dumps(["a b", "c"]))
+    assert load_texts(tmp_path / "rows.json")[0] == load_texts(tmp_path / "plain.json")[0] == ["a b", "c"]
+    (tmp_path / "bad.jsonl").write_text('{"body": "x"}\n')
+    with pytest.raises(ValueError, match="pass text_column="):
+        load_texts(tmp_path / "bad.jsonl")
+
+
+def test_missing_file_and_unsupported_sources(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_texts(tmp_path / "missing.jsonl")
+    (tmp_path / "data.csv").write_text("text\nhello\n")
+    with pytest.raises(ValueError, match="Unsupported calibration file"):
+        load_texts(tmp_path / "data.csv")
+    with pytest.raises(TypeError, match="Unsupported calibration data of type int"):
+        load_texts(42)
+
+
+@pytest.mark.parametrize("texts", [[], [""], ["   ", "\n\n"]])
+def test_empty_text_is_an_error(texts):
+    with pytest.raises(ValueError, match="holds no text"):
+        load_texts(texts)
+
+
+def test_windows_have_the_requested_shape_and_come_from_the_text(tokenizer):
+    ids = calibration_ids(TEXTS, tokenizer, num_samples=6, seq_len=32, seed=0)
+    assert ids.shape == (6, 32) and ids.dtype == torch.long
+    stream = ids.flatten().tolist()  # consecutive windows of one stream of texts joined by EOS
+    assert tokenizer.eos_token_id in stream
+    first_text = tokenizer.decode(stream[: stream.index(tokenizer.eos_token_id)])
+    assert first_text in TEXTS
+
+
+def test_sampling_is_deterministic_with_seed(tokenizer):
+    first = calibration_ids(TEXTS, tokenizer, 4, 32, seed=1)
+    assert torch.equal(first, calibration_ids(TEXTS, tokenizer, 4, 32, seed=1))
+    assert not torch.equal(first, calibration_ids(TEXTS, tokenizer, 4, 32, seed=2))
+
+
+def test_small_corpus_overlaps_windows_with_a_warning(tokenizer):
+    texts = TEXTS[:3]
+    with pytest.warns(UserWarning, match="sampling overlapping windows"):
+        ids = calibration_ids(texts, tokenizer, 8, 32, seed=0)
+    assert ids.shape == (8, 32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert torch.equal(ids, calibration_ids(texts, tokenizer, 8, 32, seed=0))
+
+
+def test_too_short_text_names_the_fix(tokenizer):
+    with pytest.raises(ValueError, match="fewer than seq_len=512: give more text or lower seq_len"):
+        calibration_ids(["A short story."], tokenizer, 4, 512)
+
+
+def test_pruner_calibration_from_text_and_token_ids(tokenizer):
+    config = PruningConfig(method="wanda", num_samples=5, seq_len=16)
+    pruner = Pruner.from_pretrained(tiny_model("llama"), config, tokenizer=tokenizer, device="cpu", progress=False)
+    ids = pruner.calibration_ids(C4_SAMPLE)
+    assert ids.shape == (5, 16) and pruner.config.dataset == "c4_validation_2k.jsonl"
+    given = torch.randint(0, 512, (3, 24), dtype=torch.int32)
+    assert torch.equal(pruner.calibration_ids(given), given.long())
+    assert (pruner.config.num_samples, pruner.config.seq_len) == (3, 24)
+    with pytest.raises(ValueError, match=r"integer tensor of shape \(num_samples, seq_len\)"):
+        pruner.calibration_ids(torch.rand(3, 24))
+    with pytest.raises(ValueError, match=r"integer tensor of shape \(num_samples, seq_len\)"):
+        pruner.calibration_ids(torch.zeros(24, dtype=torch.long))
+
+
+def test_text_without_tokenizer_is_an_error():
+    pruner = Pruner.from_pretrained(tiny_model("llama"), PruningConfig(method="wanda"), device="cpu", progress=False)
+    with pytest.raises(ValueError, match="needs a tokenizer: pass tokenizer="):
+        pruner.prune(TEXTS)
