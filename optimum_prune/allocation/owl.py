@@ -1,9 +1,16 @@
 """OWL, outlier-weighted layerwise sparsity (Yin et al., 2023, arXiv 2310.05175).
 
-Blocks whose Wanda scores ``|W| * ||X||`` hold more outliers (scores above ``M`` times the block mean) keep
-more weights. This implementation spreads block sparsities linearly in the outlier ratio around the target,
-scaled so that the farthest block sits exactly at ``target +- lambda``; the mean weighted by each block's
-parameter count equals the target exactly, so the model reaches the requested global sparsity.
+Blocks whose Wanda scores ``|W| * ||X||`` hold more outliers (scores above ``M`` times the block mean, over all
+target layers of the block at once) keep more weights. Block sparsities are linear in the outlier ratio:
+
+    S_i = S - lambda * (r_i - r_mean) / max_j |r_j - r_mean|,   r_mean = sum_j n_j r_j / sum_j n_j
+
+(``n_j``: the block's prunable weights), so every block lies in ``[S - lambda, S + lambda]`` as the paper
+states, the farthest one exactly on the edge, and the parameter-weighted mean is ``S`` exactly. The reference
+code (github.com/luuyin/OWL) min-max scales the ratios onto ``[0, 2 lambda]`` and subtracts their plain mean:
+its spread is always ``2 lambda`` but one side can exceed ``lambda`` (up to ``2 lambda``) when the ratios are
+skewed, and its mean is the target only when all blocks have the same size. Both agree when the ratios are
+symmetric about their mean.
 """
 
 from __future__ import annotations
