@@ -65,8 +65,11 @@ class Pruner:
             raise ValueError(
                 "offload='disk' streams weights from a checkpoint: use Pruner.from_pretrained(path, offload='disk')."
             )
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"Pruner needs a loaded transformers model, got {type(model).__name__}.")
+        if not isinstance(model, nn.Module) or not hasattr(model, "config"):
+            raise TypeError(
+                f"Pruner needs a loaded transformers model (a module with a `config`), got {type(model).__name__}: "
+                "load it with AutoModelForCausalLM.from_pretrained or pass its path."
+            )
         self.model = model
         self.config = config if config is not None else PruningConfig()
         self.tokenizer = tokenizer
