@@ -237,7 +237,8 @@ def sparsellm_prune(
     """Prune a feed-forward chain with SparseLLM's alternating optimisation; write the weights back.
 
     ``inputs`` and ``hidden`` are the chain's calibration inputs and the inputs of its last layer (the dense
-    post-activations), as CPU chunks of ``(tokens, features)``. Iteration 0 is SparseGPT on every layer; each
+    post-activations), as CPU chunks of ``(tokens, features)``; the chunks of ``hidden`` are replaced by the
+    auxiliary ``p`` as the optimisation goes (no second copy is kept). Iteration 0 is SparseGPT on every layer; each
     later one refits the weights to the auxiliary variables and prunes them again. The iterate with the lowest
     reconstruction error is written back (the last one whenever the error keeps decreasing).
     """
@@ -248,14 +249,13 @@ def sparsellm_prune(
     relu = gate is None and _is_relu(chain.activation)
 
     # Constants: the dense outputs Y; initial auxiliaries: the dense pre-activations z (and s) and p.
-    targets, pre, gates, post = [], [], [], []
+    targets, pre, gates, post = [], [], [], hidden  # p overwrites the recorded inputs chunk by chunk
     for x_cpu, p_cpu in zip(inputs, hidden, strict=True):
         x = x_cpu.to(device)
         targets.append(output(p_cpu.to(device)).cpu())
         pre.append(up(x).cpu())
         if gate is not None:
             gates.append(gate(x).cpu())
-        post.append(p_cpu)
     target_energy = sum(float(y.pow(2).sum()) for y in targets)
     gram_x = _gram(inputs, device)
     inverse_x = inverse_hessian_cholesky(gram_x, dampening)
