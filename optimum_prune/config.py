@@ -110,6 +110,9 @@ class PruningConfig:
             )
         if self.dampening < 0:
             raise ValueError(f"dampening must be >= 0, got {self.dampening}.")
+        for name in ("sparsellm_alpha", "sparsellm_beta", "sparsellm_gamma"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be positive (SparseLLM's penalty weight), got {getattr(self, name)!r}.")
         if isinstance(self.targets, str) or isinstance(self.ignore, str):
             raise TypeError("targets and ignore are lists of glob patterns, e.g. ['*.mlp.*'].")
         self.ignore = list(self.ignore)
