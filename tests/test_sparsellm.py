@@ -165,3 +165,9 @@ def test_owl_allocation_with_sparsellm():
     assert sorted(method.errors) == [0, 1]
     assert max(blocks) - min(blocks) == pytest.approx(0.1, abs=1e-9)
     assert report.global_sparsity == pytest.approx(0.7, abs=1e-3)
+
+
+@pytest.mark.parametrize("name", ["sparsellm_alpha", "sparsellm_beta", "sparsellm_gamma"])
+def test_penalties_must_be_positive(name):
+    with pytest.raises(ValueError, match=f"{name} must be positive"):
+        PruningConfig(method="sparsellm", **{name: 0.0})
