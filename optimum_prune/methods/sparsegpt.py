@@ -14,6 +14,8 @@ from .base import PruningMethod
 from .masking import NMPattern, lowest_mask, nm_mask, prune_count
 from .statistics import Hessian
 
+PANEL = 32  # columns per lazily batched panel inside a block
+
 
 def inverse_hessian_cholesky(hessian: torch.Tensor, dampening: float) -> torch.Tensor:
     """Upper Cholesky factor of the dampened inverse Hessian; dampening grows until it is positive definite."""
@@ -41,34 +43,43 @@ def sparsegpt_prune(
     block_size: int,
 ) -> torch.Tensor:
     """Prune ``weight`` (float32, ``(out, in)``) in place given the Cholesky factor of ``H^-1``; return the
-    mask. Unstructured masks prune exactly ``round(sparsity * numel)`` weights."""
-    rows, cols = weight.shape
-    mask = torch.zeros_like(weight, dtype=torch.bool)
+    mask. Unstructured masks prune exactly ``round(sparsity * numel)`` weights.
+
+    The weight is processed transposed, so that each input column is one contiguous row. Inside a block the
+    error of each column reaches the next columns of its panel of `PANEL` columns at once (a rank-1 update)
+    and the rest of the block after the panel (one matrix product), as the block reaches the columns after it.
+    """
+    cols = weight.shape[1]
+    columns = weight.T.contiguous()
+    pruned = torch.zeros_like(columns, dtype=torch.bool)
+    errors = torch.empty_like(columns[:block_size])
     total = prune_count(weight.numel(), sparsity)
+    panel = PANEL if pattern is None else max(pattern.m, PANEL // pattern.m * pattern.m)
     for start in range(0, cols, block_size):
         end = min(start + block_size, cols)
-        block = weight[:, start:end].clone()
-        block_inverse = hessian_inverse[start:end, start:end]
-        diagonal = block_inverse.diagonal()
-        errors = torch.zeros_like(block)
+        block, block_mask, block_errors = columns[start:end], pruned[start:end], errors[: end - start]
+        inverse = hessian_inverse[start:end, start:end]
+        diagonal = inverse.diagonal().unsqueeze(1)
         if pattern is None:
             count = round(total * end / cols) - round(total * start / cols)
-            block_mask = lowest_mask(block.pow(2) / diagonal.pow(2), count)
+            block_mask.copy_(lowest_mask((block.pow(2) / diagonal.pow(2)).T, count).T)
+            scale = block_mask / diagonal  # error of column i: its pruned weights / [H^-1]_ii
         else:
-            block_mask = torch.zeros_like(block, dtype=torch.bool)
-        for i in range(end - start):
-            if pattern is not None and i % pattern.m == 0:
-                group = slice(i, i + pattern.m)
-                block_mask[:, group] = nm_mask(block[:, group].pow(2) / diagonal[group].pow(2), pattern)
-            column = block[:, i]
-            error = torch.where(block_mask[:, i], column, torch.zeros_like(column)) / diagonal[i]
-            block[:, i:].sub_(error.unsqueeze(1) * block_inverse[i, i:].unsqueeze(0))
-            errors[:, i] = error
-        block[block_mask] = 0.0
-        weight[:, start:end] = block
-        mask[:, start:end] = block_mask
-        weight[:, end:].sub_(errors @ hessian_inverse[start:end, end:])
-    return mask
+            scale = torch.empty_like(block)
+        for first in range(0, end - start, panel):
+            last = min(first + panel, end - start)
+            for i in range(first, last):
+                if pattern is not None and i % pattern.m == 0:
+                    group = slice(i, i + pattern.m)
+                    block_mask[group] = nm_mask((block[group].pow(2) / diagonal[group].pow(2)).T, pattern).T
+                    torch.div(block_mask[group], diagonal[group], out=scale[group])
+                torch.mul(block[i], scale[i], out=block_errors[i])
+                block[i + 1 : last].addr_(inverse[i, i + 1 : last], block_errors[i], alpha=-1)
+            block[last:].addmm_(inverse[first:last, last:].T, block_errors[first:last], alpha=-1)
+        block.masked_fill_(block_mask, 0.0)
+        columns[end:].addmm_(hessian_inverse[start:end, end:].T, block_errors, alpha=-1)
+    weight.copy_(columns.T)
+    return pruned.T.contiguous()
 
 
 class SparseGPTPruning(PruningMethod):
