@@ -11,9 +11,9 @@ from conftest import tiny_model
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
-from optimum_prune import Pruner, PruningConfig, decompress, load_pruned
-from optimum_prune.export.compressed import INDEX_NAME, pack_bits, read_index, unpack_bits
-from optimum_prune.export.masks import Masks
+from optimum_prune import Pruner, PruningConfig, apply_masks, decompress, load_masks, load_pruned
+from optimum_prune.export.compressed import INDEX_NAME, compress, pack_bits, read_index, unpack_bits
+from optimum_prune.export.masks import Masks, write_masks
 
 
 def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -268,3 +268,29 @@ def test_unknown_encoding_is_refused(saved):
 def test_load_pruned_needs_a_local_folder(tmp_path):
     with pytest.raises(FileNotFoundError, match="snapshot_download"):
         load_pruned(tmp_path / "nowhere")
+
+
+def test_compress_a_fine_tuned_dense_folder_with_masks(tmp_path):
+    pruner = pruned(dtype=torch.bfloat16, pattern="2:4")
+    pruner.save_pretrained(tmp_path / "dense", save_masks=True, max_shard_size="60KB")
+    model = load_pruned(tmp_path / "dense")
+    masks = load_masks(tmp_path / "dense")
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(0.01)  # a "fine-tuning step" that also moves pruned weights
+    model.save_pretrained(tmp_path / "tuned")
+    write_masks(masks, tmp_path / "tuned")
+    with pytest.raises(ValueError, match="apply_masks"):
+        compress(tmp_path / "tuned", tmp_path / "refused")
+    assert not (tmp_path / "refused").exists()
+    apply_masks(model, masks)
+    model.save_pretrained(tmp_path / "tuned", max_shard_size="60KB")
+    compress(tmp_path / "tuned", tmp_path / "sparse")
+    assert {e["encoding"] for n, e in index_of(tmp_path / "sparse")["tensors"].items() if ".layers." in n} >= {"nm"}
+    assert (tmp_path / "sparse" / "config.json").is_file() and not (tmp_path / "sparse" / "model.safetensors").exists()
+    assert_same_state(model, load_pruned(tmp_path / "sparse"))
+    pruner.model.save_pretrained(tmp_path / "no-masks")
+    with pytest.raises(FileNotFoundError, match="save_masks=True"):
+        compress(tmp_path / "no-masks", tmp_path / "x")
+    with pytest.raises(ValueError, match="already compressed"):
+        compress(tmp_path / "sparse", tmp_path / "x")

@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -28,13 +28,15 @@ from torch import nn
 
 from ..methods.masking import NMPattern, pack_mask, unpack_mask
 from .files import atomic_directory
-from .masks import Masks
+from .masks import MASKS_NAME, Masks, read_masks
+from .metadata import read_metadata
 from .shards import DTYPES, ShardWriter, checksum, dtype_name, open_safetensors
 
 FORMAT_NAME = "optimum-prune-sparse"
 FORMAT_VERSION = 1
 INDEX_NAME = "model.sparse.safetensors.index.json"
 SHARD_PREFIX = "model.sparse"
+DENSE_NAME = "model.safetensors"
 DENSE_INDEX_NAME = "model.safetensors.index.json"
 # The names `Pruner.save_pretrained(format=...)` accepts.
 SAVE_FORMATS = ("dense", "compressed")
@@ -316,6 +318,55 @@ def _storage_key(tensor: torch.Tensor) -> tuple:
     )
 
 
+def write_compressed(
+    tensors: Iterable[tuple[str, torch.Tensor]],
+    directory: str | os.PathLike,
+    masks: Mapping[str, torch.Tensor],
+    *,
+    pattern: NMPattern | None = None,
+    max_shard_size: int | str = "5GB",
+) -> list[str]:
+    """Encode ``(name, tensor)`` pairs as they come into compressed shards plus the index; return the shard names.
+
+    ``masks`` maps names to boolean pruned masks (a `Masks` unpacks one weight at a time); those tensors are stored
+    sparse, with the ``nm`` encoding where they follow ``pattern`` exactly. Tensors sharing memory are stored once.
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    writer = ShardWriter(directory, SHARD_PREFIX, max_shard_size, {"format": "pt", "optimum_prune": FORMAT_NAME})
+    entries: dict[str, dict[str, Any]] = {}
+    stored: dict[tuple, str] = {}
+    dense_size = 0
+    for name, tensor in tensors:
+        if tensor.device.type == "meta":
+            raise ValueError(f"{name} is on the meta device (offloaded): load the whole model before saving it.")
+        key = _storage_key(tensor)
+        if key in stored:
+            entries[name] = {"encoding": "tied", "target": stored[key]}
+            continue
+        stored[key] = name
+        entry, parts = encode(name, tensor, masks.get(name), pattern)
+        entry["shard"] = writer.add(parts)
+        entries[name] = entry
+        dense_size += tensor.numel() * tensor.element_size()
+    unknown = sorted(set(masks) - set(entries))
+    if unknown:
+        raise KeyError(f"The masks name weights the model does not have: {unknown[:5]}.")
+    names = writer.close()
+    for entry in entries.values():
+        if "shard" in entry:
+            entry["shard"] = names[entry["shard"]]
+    index = {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "metadata": {"dense_size": dense_size, "stored_size": writer.total_size},
+        "files": {name: (directory / name).stat().st_size for name in names},
+        "tensors": entries,
+    }
+    (directory / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+    return names
+
+
 def save_compressed(
     model: nn.Module,
     directory: str | os.PathLike,
@@ -324,48 +375,71 @@ def save_compressed(
     pattern: NMPattern | None = None,
     max_shard_size: int | str = "5GB",
 ) -> list[str]:
-    """Write ``model`` into ``directory`` in the compressed format, streaming shard by shard.
-
-    ``masks`` maps parameter names to boolean pruned masks (a `Masks`, unpacked one weight at a time); those
-    weights are stored sparse, with the ``nm`` encoding where they follow ``pattern`` exactly. Writes
-    ``config.json`` and ``generation_config.json`` like ``save_pretrained``; returns the shard names.
-    """
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
+    """Write ``model`` into ``directory`` in the compressed format, streaming shard by shard (see
+    `write_compressed`), with ``config.json`` and ``generation_config.json`` as ``save_pretrained`` writes them."""
     state = model.state_dict()
     unknown = sorted(set(masks) - set(state))
     if unknown:
         raise KeyError(f"The masks name weights the model does not have: {unknown[:5]}.")
-    writer = ShardWriter(directory, SHARD_PREFIX, max_shard_size, {"format": "pt", "optimum_prune": FORMAT_NAME})
-    tensors: dict[str, dict[str, Any]] = {}
-    stored: dict[tuple, str] = {}
-    dense_size = 0
-    for name, tensor in state.items():
-        if tensor.device.type == "meta":
-            raise ValueError(f"{name} is on the meta device (offloaded): load the whole model before saving it.")
-        key = _storage_key(tensor)
-        if key in stored:
-            tensors[name] = {"encoding": "tied", "target": stored[key]}
-            continue
-        stored[key] = name
-        entry, parts = encode(name, tensor, masks.get(name), pattern)
-        entry["shard"] = writer.add(parts)
-        tensors[name] = entry
-        dense_size += tensor.numel() * tensor.element_size()
-    names = writer.close()
-    for entry in tensors.values():
-        if "shard" in entry:
-            entry["shard"] = names[entry["shard"]]
-    index = {
-        "format": FORMAT_NAME,
-        "format_version": FORMAT_VERSION,
-        "metadata": {"dense_size": dense_size, "stored_size": writer.total_size},
-        "files": {name: (directory / name).stat().st_size for name in names},
-        "tensors": tensors,
-    }
-    (directory / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
-    _save_configs(model, directory)
+    names = write_compressed(state.items(), directory, masks, pattern=pattern, max_shard_size=max_shard_size)
+    _save_configs(model, Path(directory))
     return names
+
+
+def _dense_tensors(folder: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """The tensors of a transformers safetensors folder (one file or shards), one at a time."""
+    index = folder / DENSE_INDEX_NAME
+    if index.is_file():
+        files = list(dict.fromkeys(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+    elif (folder / DENSE_NAME).is_file():
+        files = [DENSE_NAME]
+    else:
+        raise FileNotFoundError(f"{folder} has no {DENSE_NAME} or {DENSE_INDEX_NAME}: it is not a dense model folder.")
+    for file in files:
+        with open_safetensors(folder / file) as handle:
+            for name in handle.keys():  # noqa: SIM118 (a safetensors handle is not a dict)
+                yield name, handle.get_tensor(name)
+
+
+def compress(
+    source: str | os.PathLike,
+    save_directory: str | os.PathLike,
+    *,
+    overwrite: bool = False,
+    max_shard_size: int | str = "5GB",
+) -> str:
+    """Write a dense folder saved with ``save_masks=True`` (after fine-tuning, say) in the compressed format.
+
+    The pruned weights come from its ``sparsity_masks.safetensors`` and must be zero (`apply_masks`); the N:M
+    pattern from its metadata. Streams one tensor at a time and copies every other file.
+    """
+    source = Path(source)
+    if is_compressed(source):
+        raise ValueError(f"{source} is already compressed.")
+    if not (source / MASKS_NAME).is_file():
+        raise FileNotFoundError(
+            f"{source} has no {MASKS_NAME}: compressing needs the masks, so save the model with save_masks=True."
+        )
+    masks = read_masks(source / MASKS_NAME)
+    metadata = read_metadata(source)
+    pattern = NMPattern.parse(metadata["pattern"]) if metadata else None
+    skip = {DENSE_NAME, DENSE_INDEX_NAME}
+    if (source / DENSE_INDEX_NAME).is_file():
+        skip |= set(json.loads((source / DENSE_INDEX_NAME).read_text(encoding="utf-8"))["weight_map"].values())
+    with atomic_directory(save_directory, overwrite) as staging:
+        write_compressed(_dense_tensors(source), staging, masks, pattern=pattern, max_shard_size=max_shard_size)
+        _copy_other_files(source, staging, skip)
+    return os.fspath(save_directory)
+
+
+def _copy_other_files(source: Path, target: Path, skip: set[str]) -> None:
+    for item in source.iterdir():
+        if item.name in skip:
+            continue
+        if item.is_dir():
+            shutil.copytree(item, target / item.name)
+        else:
+            shutil.copy2(item, target / item.name)
 
 
 def _save_configs(model: nn.Module, directory: Path) -> None:
@@ -406,11 +480,5 @@ def decompress(
                 "weight_map": {name: names[shard] for name, shard in placed.items()},
             }
             (staging / DENSE_INDEX_NAME).write_text(json.dumps(dense_index, indent=2) + "\n", encoding="utf-8")
-        for item in source.iterdir():
-            if item.name in ours:
-                continue
-            if item.is_dir():
-                shutil.copytree(item, staging / item.name)
-            else:
-                shutil.copy2(item, staging / item.name)
+        _copy_other_files(source, staging, ours)
     return os.fspath(save_directory)
