@@ -58,10 +58,16 @@ def split_count(total: int, parts: int) -> torch.Tensor:
 
 
 def lowest_mask(scores: torch.Tensor, count: int) -> torch.Tensor:
-    """Mask the ``count`` lowest scores of the whole tensor (one threshold per tensor)."""
-    mask = torch.zeros(scores.numel(), dtype=torch.bool, device=scores.device)
-    if count > 0:
-        mask[torch.topk(scores.flatten(), count, largest=False).indices] = True
+    """Mask the ``count`` lowest scores of the whole tensor (one threshold per tensor); scores equal to the
+    threshold are taken in order until exactly ``count`` are masked. (`kthvalue` is several times faster than
+    `topk` when ``count`` is a large fraction of the tensor.)"""
+    flat = scores.flatten()
+    if count <= 0:
+        return torch.zeros_like(scores, dtype=torch.bool)
+    threshold = torch.kthvalue(flat, count).values
+    mask = flat < threshold
+    ties = (flat == threshold).nonzero().squeeze(1)
+    mask[ties[: count - int(mask.sum())]] = True
     return mask.view_as(scores)
 
 
