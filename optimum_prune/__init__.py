@@ -20,13 +20,14 @@ _EXPORTS = {
     "load_masks": ".loading",
     "apply_masks": ".export.masks",
     "decompress": ".export.compressed",
+    "compress": ".export.compressed",
     "export_onnx": ".export.onnx",
 }
 
 if TYPE_CHECKING:
     from .config import PruningConfig
     from .evaluation import perplexity
-    from .export.compressed import decompress
+    from .export.compressed import compress, decompress
     from .export.masks import apply_masks
     from .export.onnx import export_onnx
     from .loading import load_masks, load_pruned
@@ -52,6 +53,7 @@ __all__ = [
     "PruningReport",
     "__version__",
     "apply_masks",
+    "compress",
     "decompress",
     "export_onnx",
     "load_masks",
