@@ -12,12 +12,15 @@ row finishes (rows already there are skipped unless ``--force``), and the ``qual
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
+import fcntl
 import json
 import os
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -122,15 +125,40 @@ def results_path(model: str) -> Path:
     return RESULTS / f"quality-{model}.json"
 
 
-def load_results(model: str) -> dict[str, dict]:
+def settings_of(result: dict) -> tuple[int, int, int]:
+    """``(calibration samples, calibration length, eval windows)`` of a result."""
+    return result["num_samples"], result["seq_len"], result["eval_windows"]
+
+
+def stored_key(result: dict) -> str:
+    row = Row(**{name: result[name] for name in Row.__dataclass_fields__})
+    samples, length, windows = settings_of(result)
+    return f"{row.key}|{samples}x{length}|{windows}w"
+
+
+def load_results(model: str, settings: tuple[int, int, int] | None = None) -> dict[str, dict]:
+    """The results of ``model`` by row key, only those measured with ``settings`` if given."""
     path = results_path(model)
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    stored = json.loads(path.read_text(encoding="utf-8")).values() if path.is_file() else []
+    if settings is None:
+        return {stored_key(result): result for result in stored}
+    return {stored_key(r).rsplit("|", 2)[0]: r for r in stored if settings_of(r) == settings}
+
+
+@contextlib.contextmanager
+def results_lock() -> Iterator[None]:
+    """Serialise writers of the results files and of the docs sections (several runs may go at once)."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    with (RESULTS / ".lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
 
 
 def save_result(row: Row, result: dict) -> None:
     """Add one row's result to its model's JSON file (written to a temporary file, then renamed)."""
     results = load_results(row.model)
-    results[row.key] = {**asdict(row), **result}
+    result = {**asdict(row), **result}
+    results[stored_key(result)] = result
     path = results_path(row.model)
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_suffix(f".json.partial-{os.getpid()}")
@@ -195,17 +223,19 @@ def ratio_note(pairs: list[tuple[str, dict | None, dict | None]], better: str, b
     return "; ".join(notes) + "." if notes else "No pair measured yet."
 
 
-def model_tables(model: str) -> str:
-    """The markdown for one model: the issue 2 grid, uniform vs OWL, SparseLLM vs SparseGPT."""
-    results = load_results(model)
+def model_tables(model: str, settings: tuple[int, int, int]) -> str:
+    """The markdown for one model and settings: the issue 2 grid, uniform vs OWL, SparseLLM vs SparseGPT."""
+    results = load_results(model, settings)
     get = results.get
     _, data = eval_text(model)
+    samples, length, windows = settings
+    title = f"### {MODELS[model]}: perplexity on {data} ({windows} x 512 tokens), calibration {samples} x {length}"
     headers = ["method", "sparsity", "allocation", "perplexity", "achieved sparsity", "prune s", "peak RSS MiB"]
     issue2 = [
         [r.method, r.sparsity if r.method != "dense" else "0%", r.allocation, *cells(get(r.key))]
         for r in grid("issue2", model)
     ]
-    out = [f"### {MODELS[model]}: perplexity on {data}", "", table(headers, issue2), ""]
+    out = [title, "", table(headers, issue2), ""]
 
     owl_rows, owl_pairs = [], []
     for method in ("wanda", "sparsegpt"):
@@ -248,6 +278,10 @@ def render(section: str) -> None:
     """Rewrite one quality section of docs/benchmarks.md from the results files."""
     models = SECTIONS[section]
     measured = [result for model in models for result in load_results(model).values()]
+    groups = [
+        (model, settings) for model in models for settings in {settings_of(r) for r in load_results(model).values()}
+    ]
+    groups.sort(key=lambda group: (models.index(group[0]), -len(load_results(*group)), group[1]))
     dates = sorted(result["date"] for result in measured)
     settings = sorted({(r["num_samples"], r["seq_len"], r["eval_windows"]) for r in measured})
     threads = sorted({str(r["torch_threads"]) for r in measured if "torch_threads" in r})
@@ -270,7 +304,7 @@ def render(section: str) -> None:
         "noisy; peak RSS is the process's peak resident memory after loading and pruning, before evaluation.",
         "",
     ]
-    write_section(section, "\n".join(header + [model_tables(m) for m in models]))
+    write_section(section, "\n".join(header + [model_tables(model, settings) for model, settings in groups]))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -293,8 +327,9 @@ def main(argv: list[str] | None = None) -> None:
         return
     sections = [name for name, models in SECTIONS.items() if set(models) & set(args.models)]
     if args.render_only:
-        for section in sections:
-            render(section)
+        with results_lock():
+            for section in sections:
+                render(section)
         return
 
     from optimum_prune.methods import METHODS
@@ -302,8 +337,9 @@ def main(argv: list[str] | None = None) -> None:
     rows = list(dict.fromkeys(row for model in args.models for name in args.grids for row in grid(name, model)))
     rows = [r for r in rows if args.methods is None or r.method in args.methods]
     rows = [r for r in rows if args.sparsities is None or r.sparsity in args.sparsities]
+    settings = (args.num_samples, args.seq_len, args.eval_windows)
     for row in rows:
-        done = load_results(row.model).get(row.key)
+        done = load_results(row.model, settings).get(row.key)
         if done and "error" not in done and not args.force:
             continue
         if row.method != "dense" and row.method not in METHODS:
@@ -311,10 +347,11 @@ def main(argv: list[str] | None = None) -> None:
             continue
         print(f"run {row.model} {row.key}", flush=True)
         result = measure(row, args)
-        save_result(row, result)
+        with results_lock():
+            save_result(row, result)
+            for section in sections:
+                render(section)
         print(f"done {row.model} {row.key}: {cells(result)}", flush=True)
-        for section in sections:
-            render(section)
 
 
 if __name__ == "__main__":
