@@ -284,7 +284,7 @@ def render(section: str) -> None:
     groups.sort(key=lambda group: (models.index(group[0]), -len(load_results(*group)), group[1]))
     dates = sorted(result["date"] for result in measured)
     settings = sorted({(r["num_samples"], r["seq_len"], r["eval_windows"]) for r in measured})
-    threads = sorted({str(r["torch_threads"]) for r in measured if "torch_threads" in r})
+    threads = sorted({str(r.get("torch_threads", "the default number of")) for r in measured})
     span = f"{dates[0]} to {dates[-1]}" if dates else "nothing measured yet"
     eval_data = " and ".join(sorted({eval_text(m)[1] for m in models}))
     header = [
@@ -299,8 +299,8 @@ def render(section: str) -> None:
         f"{', '.join(f'{n} x {s}, {w} x 512' for n, s, w in settings) or 'none yet'}.",
         "",
         f"Machine: 2 shared CPU cores (fp32, torch CPU, {' or '.join(threads) or '2'} torch threads per row), "
-        f"measured {span}. Seven other engineers used the same "
-        "two cores at the same time, so the prune times (seconds for `Pruner.prune` alone) are inflated and "
+        f"measured {span}. Other engineers' jobs ran on the same "
+        "two cores at the same time (load average 10 to 18), so the prune times (seconds for `Pruner.prune` alone) are inflated and "
         "noisy; peak RSS is the process's peak resident memory after loading and pruning, before evaluation.",
         "",
     ]
