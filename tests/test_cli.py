@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -47,7 +48,7 @@ def test_optimum_cli_prune_writes_a_loadable_model(tmp_path) -> None:
     assert result.returncode == 0, result.stderr
     assert "model.layers.0.mlp.down_proj" in result.stdout  # the per-layer table
     assert "global sparsity 0.5000" in result.stdout
-    before, after = (float(x) for x in result.stdout.split("dense ")[1].split(" -> pruned "))
+    before, after = map(float, re.search(r"dense ([\d.]+) -> pruned ([\d.]+)", result.stdout).groups())
     assert 1 < before < after  # pruning half of a 260K model costs perplexity
     model = AutoModelForCausalLM.from_pretrained(output)
     assert zero_fraction(model, "model.layers.4.self_attn.q_proj") == pytest.approx(0.5, abs=1e-3)
@@ -145,3 +146,91 @@ def test_config_file_with_flag_override(tmp_path, capsys) -> None:
     assert zero_fraction(model, "model.layers.1.self_attn.o_proj") == pytest.approx(0.75)
     assert zero_fraction(model, "model.layers.1.mlp.gate_proj") == 0.0  # ignored by the config file
     assert json.loads((output / "pruning_config.json").read_text())["sparsity"] == 0.75
+
+
+def test_dry_run_loads_nothing(capsys, monkeypatch) -> None:
+    import transformers
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("--dry-run must not load weights")
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", refuse)
+    assert run_main("--model", str(STORIES_260K), "--method", "wanda", "--dry-run", "--offload", "disk") == 0
+    out = capsys.readouterr().out
+    assert out.startswith("dry run of wanda unstructured at 0.5") and "estimated peak memory" in out
+
+
+def test_compressed_onnx_and_masks(tmp_path, capsys) -> None:
+    from optimum_prune import load_masks, load_pruned
+
+    output = tmp_path / "out"
+    flags = ["--model", str(STORIES_260K), "--method", "magnitude", "--pattern", "2:4", "--output", str(output)]
+    assert run_main(*flags, "--export", "compressed", "onnx", "--save-masks") == 0
+    assert f"saved (compressed) to {output}" in capsys.readouterr().out
+    assert not (output / "model.safetensors").exists() and (output / "onnx" / "model.onnx").is_file()
+    model = load_pruned(output)
+    assert zero_fraction(model, "model.layers.2.mlp.down_proj") == pytest.approx(0.5)
+    masks = load_masks(output)
+    assert len(masks) == 35
+
+
+def test_offload_disk_and_resume(tmp_path, monkeypatch, capsys) -> None:
+    from optimum_prune.engine.checkpoint import RunCheckpoint
+
+    model_dir, output = tmp_path / "tiny", tmp_path / "out"
+    tiny_model("llama").save_pretrained(model_dir)
+    save_block, saved = RunCheckpoint.save_block, []
+
+    def interrupt_after_block_0(self, index, *args, **kwargs):
+        save_block(self, index, *args, **kwargs)
+        saved.append(index)
+        if index == 0 and len(saved) == 1:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(RunCheckpoint, "save_block", interrupt_after_block_0)
+    flags = ["--model", str(model_dir), "--method", "magnitude", "--offload", "disk", "--output", str(output)]
+    assert run_main(*flags) == 130
+    assert "interrupted" in capsys.readouterr().err and not output.exists()
+    assert run_main(*flags, "--resume") == 0
+    assert saved == [0, 1]  # the resumed run started at block 1
+    model = AutoModelForCausalLM.from_pretrained(output)
+    assert zero_fraction(model, "model.layers.0.self_attn.q_proj") == pytest.approx(0.5)
+    assert zero_fraction(model, "model.layers.1.mlp.up_proj") == pytest.approx(0.5)
+
+
+def test_push_to_hub_with_perplexity(tmp_path, monkeypatch, capsys) -> None:
+    import huggingface_hub
+    from hub_server import FakeHub
+
+    with FakeHub() as hub:
+        monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", hub.endpoint)
+        monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+        monkeypatch.setenv("HF_TOKEN", "hf_cli_test_token")
+        code = run_main(
+            "--model", str(STORIES_260K), "--method", "magnitude", "--eval", str(TINYSTORIES_VAL),
+            "--eval-windows", "1", "--eval-seq-len", "128", "--push-to-hub", "me/stories-pruned", "--private",
+        )  # fmt: skip
+    assert code == 0
+    captured = capsys.readouterr()
+    assert "pushed to " in captured.out and "hf_cli_test_token" not in captured.out + captured.err
+    assert hub.recorded.created[0]["visibility"] == "private"
+    (commit,) = hub.recorded.commits
+    assert {"model.safetensors", "config.json", "README.md", "pruning_config.json"} <= set(commit["files"])
+    assert b"tinystories_val.txt" in commit["files"]["README.md"]
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--resume"], "argument --resume: --resume writes to a folder: pass --output DIR."),
+        (["--export", "onnx"], "argument --export: --export onnx writes to a folder"),
+        (["--offload", "ram"], "argument --offload: unknown mode 'ram'"),
+        (["--offload", "disk", "--output", "o", "--eval", "x.txt"], "argument --eval: needs the whole pruned model"),
+        (["--output", "o", "--resume", "--export", "compressed"], "argument --resume: resuming writes dense"),
+        (["--max-memory", "cpu:64GB"], "argument --max-memory: cannot read 'cpu:64GB'"),
+        (["--max-memory", "0=lots"], "argument --max-memory: cannot read '0=lots'"),
+    ],
+)
+def test_bad_output_combinations_exit_2(flags, message, capsys) -> None:
+    assert run_main("--model", str(STORIES_260K), "--method", "magnitude", *flags) == 2
+    assert f"optimum-prune: error: {message}" in capsys.readouterr().err

@@ -32,6 +32,7 @@ CONFIG_FIELDS = (
 )
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+EXPORTS = ("compressed", "onnx")
 
 
 def flag(field: str) -> str:
@@ -75,6 +76,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     loading.add_argument(
         "--allow-unsafe-weights", action="store_true", help="accept pickled (non-safetensors) weights you trust."
     )
+    loading.add_argument(
+        "--offload",
+        help="cpu: weights in RAM, one block at a time on --device (default); disk: read each block from the "
+        "safetensors checkpoint and stream it to --output, so about one block is ever in memory.",
+    )
+    loading.add_argument("--offload-folder", metavar="DIR", help="where a run keeps its resumable state.")
+    loading.add_argument(
+        "--max-memory",
+        metavar="SPEC",
+        help="memory limits checked against the estimate before pruning, e.g. '0=20GiB,cpu=64GiB'.",
+    )
+    loading.add_argument(
+        "--dry-run", action="store_true", help="print the estimated memory, disk and time; load no weights."
+    )
 
     evaluation = parser.add_argument_group("evaluation")
     evaluation.add_argument(
@@ -87,5 +102,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     output = parser.add_argument_group("output")
     output.add_argument("--output", metavar="DIR", help="folder for the pruned model (loads with transformers).")
     output.add_argument("--overwrite", action="store_true", help="replace a non-empty --output folder.")
+    output.add_argument(
+        "--resume", action="store_true", help="continue an interrupted run with the same flags and --output."
+    )
+    output.add_argument(
+        "--export",
+        nargs="+",
+        choices=EXPORTS,
+        default=[],
+        help="compressed: save --output in the compressed format (docs/formats.md); onnx: also write DIR/onnx.",
+    )
+    output.add_argument("--save-masks", action="store_true", help="add sparsity_masks.safetensors to --output.")
+    output.add_argument(
+        "--push-to-hub", metavar="REPO", help="upload the pruned model and its card (token: HF_TOKEN or hf auth login)."
+    )
+    output.add_argument("--private", action="store_true", help="create the --push-to-hub repository as private.")
     output.add_argument("--verbose", action="store_true", help="info logs, and a traceback on failure.")
     return parser

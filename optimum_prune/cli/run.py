@@ -29,6 +29,7 @@ class Plan:
     explicit: set[str]  # config fields set by a flag or the --config file
     eval_texts: list[str] | None = None
     eval_name: str | None = None
+    max_memory: dict[int | str, str] | None = None
 
 
 def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
@@ -55,12 +56,24 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 def check(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Plan:
     """Validate the flags before any model is loaded; a bad one exits 2 with a message naming it."""
     config, explicit = build_config(args, parser)
+    from ..engine.offload import OFFLOAD_MODES
     from ..methods import get_method
 
     try:
         get_method(config)
     except ValueError as error:
         parser.error(f"argument --method: {error}")
+    if args.offload is not None and args.offload not in OFFLOAD_MODES:
+        parser.error(f"argument --offload: unknown mode {args.offload!r}: choose one of {', '.join(OFFLOAD_MODES)}.")
+    _check_device(args.device, parser)
+    for name in ("eval_seq_len", "eval_windows"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            parser.error(f"argument {flag(name)}: must be a positive integer, got {value}.")
+    _check_outputs(args, parser)
+    plan = Plan(config, explicit, max_memory=_parse_max_memory(args.max_memory, parser))
+    if args.dry_run:
+        return plan
     if config.needs_calibration and not args.dataset:
         parser.error(
             f"argument --dataset: method {config.method!r} with {config.allocation} allocation needs calibration "
@@ -68,19 +81,6 @@ def check(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Plan:
         )
     if args.dataset and _looks_local(args.dataset) and not Path(args.dataset).is_file():
         parser.error(f"argument --dataset: no file at {args.dataset}.")
-    _check_device(args.device, parser)
-    for name in ("eval_seq_len", "eval_windows"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            parser.error(f"argument {flag(name)}: must be a positive integer, got {value}.")
-    if args.output:
-        from ..export.files import check_writable
-
-        try:
-            check_writable(args.output, args.overwrite)
-        except FileExistsError as error:
-            parser.error(f"argument --output: {error}")
-    plan = Plan(config, explicit)
     if args.eval:
         from ..calibration import load_texts
 
@@ -89,6 +89,68 @@ def check(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Plan:
         except (OSError, ValueError, TypeError) as error:
             parser.error(f"argument --eval: {error}")
     return plan
+
+
+def streams_output(args: argparse.Namespace) -> bool:
+    """Whether `Pruner.prune` writes --output itself, block by block and resumably (dense safetensors only)."""
+    return bool(args.output) and "compressed" not in args.export and not args.save_masks
+
+
+def _check_outputs(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    """Flags that need --output, and combinations the chosen offload or resume cannot serve."""
+    needs_output = {
+        "--resume": args.resume,
+        "--export onnx": "onnx" in args.export,
+        "--offload disk": args.offload == "disk",
+    }
+    needs_output["--save-masks"] = args.save_masks
+    needs_output["--export compressed"] = "compressed" in args.export and not args.push_to_hub
+    for name, asked in needs_output.items():
+        if asked and not args.output and not args.dry_run:
+            parser.error(f"argument {name.split()[0]}: {name} writes to a folder: pass --output DIR.")
+    if args.offload == "disk":
+        in_memory = {"--eval": args.eval, "--export": "compressed" in args.export, "--save-masks": args.save_masks}
+        in_memory["--push-to-hub"] = args.push_to_hub
+        for name, asked in in_memory.items():
+            if asked:
+                parser.error(
+                    f"argument {name}: needs the whole pruned model in memory, which --offload disk never holds: "
+                    "use --offload cpu, or load the saved --output folder afterwards (optimum_prune.load_pruned)."
+                )
+    if args.resume and not streams_output(args):
+        parser.error(
+            "argument --resume: resuming writes dense safetensors block by block; drop --export compressed "
+            "and --save-masks."
+        )
+    if args.output:
+        from ..export.files import check_writable
+
+        try:
+            check_writable(args.output, args.overwrite)
+        except FileExistsError as error:
+            parser.error(f"argument --output: {error}")
+
+
+def _parse_max_memory(spec: str | None, parser: argparse.ArgumentParser) -> dict[int | str, str] | None:
+    """``"0=20GiB,cpu=64GiB"`` -> ``{0: "20GiB", "cpu": "64GiB"}`` (accelerate's ``max_memory``)."""
+    if spec is None:
+        return None
+    from accelerate.utils import convert_file_size_to_int
+
+    limits: dict[int | str, str] = {}
+    for item in spec.split(","):
+        key, separator, value = (part.strip() for part in item.partition("="))
+        try:
+            if not separator or not key:
+                raise ValueError("expected DEVICE=SIZE")
+            convert_file_size_to_int(value)
+        except ValueError as error:
+            parser.error(
+                f"argument --max-memory: cannot read {item.strip()!r} ({error}): use DEVICE=SIZE pairs separated "
+                "by commas, e.g. '0=20GiB,cpu=64GiB'."
+            )
+        limits[int(key) if key.isdigit() else key] = value
+    return limits
 
 
 def build_config(args: argparse.Namespace, parser: argparse.ArgumentParser) -> tuple[Any, set[str]]:
@@ -141,8 +203,15 @@ def _check_device(device: str | None, parser: argparse.ArgumentParser) -> None:
         parser.error(f"argument --device: {device!r} asked for, but no CUDA device is available; use --device cpu.")
 
 
+def cap_seq_len(plan: Plan, context: int | None) -> None:
+    """Without an explicit seq_len, calibrate on at most the model's context."""
+    if "seq_len" not in plan.explicit and context and plan.config.seq_len > context:
+        logger.info("Calibration seq_len capped at the model's context, %d tokens.", context)
+        plan.config.seq_len = context
+
+
 def execute(args: argparse.Namespace, plan: Plan) -> None:
-    """Load, evaluate, prune, evaluate again, print the summary and save."""
+    """Load (or only estimate), evaluate, prune, evaluate again, print the summary, save, export and push."""
     import torch
 
     from ..evaluation import perplexity
@@ -150,6 +219,21 @@ def execute(args: argparse.Namespace, plan: Plan) -> None:
 
     config = plan.config
     dtype = args.dtype if args.dtype == "auto" else getattr(torch, args.dtype)
+    if args.dry_run:
+        from transformers import AutoConfig
+
+        model_config = AutoConfig.from_pretrained(args.model, trust_remote_code=args.trust_remote_code)
+        cap_seq_len(plan, getattr(model_config, "max_position_embeddings", None))
+        estimate = Pruner.estimate(
+            args.model,
+            config,
+            device=args.device,
+            offload=args.offload,
+            dtype=dtype,
+            trust_remote_code=args.trust_remote_code,
+        )
+        print(f"dry run of {config.method} {config.pattern} at {config.sparsity:g} on {args.model}: {estimate}")
+        return
     pruner = Pruner.from_pretrained(
         args.model,
         config,
@@ -157,34 +241,48 @@ def execute(args: argparse.Namespace, plan: Plan) -> None:
         dtype=dtype,
         trust_remote_code=args.trust_remote_code,
         allow_unsafe_weights=args.allow_unsafe_weights,
+        offload=args.offload,
+        offload_folder=args.offload_folder,
+        max_memory=plan.max_memory,
     )
-    context = getattr(pruner.model.config, "max_position_embeddings", None)
-    if "seq_len" not in plan.explicit and context and config.seq_len > context:
-        logger.info("Calibration seq_len capped at the model's context, %d tokens.", context)
-        config.seq_len = context
+    cap_seq_len(plan, getattr(pruner.model.config, "max_position_embeddings", None))
     if pruner.tokenizer is None and (config.needs_calibration or plan.eval_texts is not None):
         raise RuntimeError(f"No tokenizer could be loaded from {args.model}; calibration and --eval need one.")
+    eval_seq_len = args.eval_seq_len or config.seq_len
 
     def evaluate() -> float:
-        return perplexity(
-            pruner.model,
-            pruner.tokenizer,
-            plan.eval_texts,
-            seq_len=args.eval_seq_len or config.seq_len,
-            max_windows=args.eval_windows,
-        )
+        return perplexity(pruner.model, pruner.tokenizer, plan.eval_texts, eval_seq_len, args.eval_windows)
 
     before = evaluate() if plan.eval_texts is not None else None
-    report = pruner.prune(args.dataset, text_column=args.text_column, split=args.dataset_split)
+    stream = streams_output(args)
+    report = pruner.prune(
+        args.dataset,
+        text_column=args.text_column,
+        split=args.dataset_split,
+        output_dir=args.output if stream else None,
+        overwrite=args.overwrite,
+        resume=args.resume,
+    )
     after = evaluate() if plan.eval_texts is not None else None
 
     print(report.table())
     if before is not None:
-        windows = f"{args.eval_windows} windows" if args.eval_windows else "all windows"
+        windows = f"first {args.eval_windows} windows" if args.eval_windows else "all windows"
         print(
-            f"perplexity on {plan.eval_name} ({windows} of {args.eval_seq_len or config.seq_len} tokens): "
-            f"dense {before:.3f} -> pruned {after:.3f}"
+            f"perplexity on {plan.eval_name} ({windows} of {eval_seq_len} tokens): dense {before:.3f} -> pruned {after:.3f}"
         )
+    save_format = "compressed" if "compressed" in args.export else "dense"
+    if args.output and not stream:
+        pruner.save_pretrained(args.output, overwrite=args.overwrite, format=save_format, save_masks=args.save_masks)
     if args.output:
-        pruner.save_pretrained(args.output, overwrite=args.overwrite)
-        print(f"saved to {args.output}")
+        print(f"saved ({save_format}) to {args.output}")
+    if "onnx" in args.export:
+        from ..export.onnx import export_onnx
+
+        source = args.output if args.offload == "disk" else pruner.model
+        onnx_dir = export_onnx(source, Path(args.output) / "onnx", tokenizer=pruner.tokenizer)
+        print(f"ONNX model written to {onnx_dir}")
+    if args.push_to_hub:
+        scores = None if before is None else {"dataset": plan.eval_name, "before": before, "after": after}
+        commit = pruner.push_to_hub(args.push_to_hub, private=args.private, format=save_format, perplexity=scores)
+        print(f"pushed to {commit.commit_url}")
