@@ -9,8 +9,9 @@ import pytest
 import torch
 from conftest import ARCHITECTURES, random_ids, tiny_model
 from torch import nn
+from transformers import AutoModelForCausalLM
 
-from optimum_prune import PruningConfig
+from optimum_prune import Pruner, PruningConfig
 from optimum_prune.engine.blockwise import BlockwiseEngine
 from optimum_prune.engine.structure import TargetLayer
 from optimum_prune.methods import get_method
@@ -180,3 +181,19 @@ def test_owl_allocation_with_sparsellm():
 def test_penalties_must_be_positive(name):
     with pytest.raises(ValueError, match=f"{name} must be positive"):
         PruningConfig(method="sparsellm", **{name: 0.0})
+
+
+def test_disk_offload_matches_in_memory_run(tmp_path):
+    source = tmp_path / "source"
+    tiny_model("qwen2").save_pretrained(source)
+    config = dict(method="sparsellm", sparsity=0.7, sparsellm_iterations=2, num_samples=4, seq_len=16, batch_size=4)
+    ids = random_ids(4, 16)
+    memory = Pruner.from_pretrained(source, PruningConfig(**config), device="cpu", progress=False)
+    memory.prune(ids)
+    memory.save_pretrained(tmp_path / "memory")
+    disk = Pruner.from_pretrained(source, PruningConfig(**config), device="cpu", offload="disk", progress=False)
+    disk.prune(ids, output_dir=tmp_path / "disk")
+    expected = AutoModelForCausalLM.from_pretrained(tmp_path / "memory").state_dict()
+    actual = AutoModelForCausalLM.from_pretrained(tmp_path / "disk").state_dict()
+    assert all(torch.equal(expected[name], actual[name]) for name in expected)
+    assert all(torch.equal(disk.masks[name], memory.masks[name]) for name in memory.masks)
