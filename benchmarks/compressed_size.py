@@ -2,8 +2,9 @@
 
 For every dtype (fp32, fp16, bf16) and sparsity (50%, 70% unstructured, 2:4) a model is pruned by magnitude, saved
 dense and compressed, and the compressed folder is loaded back and checked bit-exact. Sizes count the weight files
-only (shards and their index). Two models: a random-init Llama of realistic layer shapes (hidden 1024, intermediate
-2816, 16 heads, 8 KV heads, vocab 32000; the default 4 blocks keep it quick) and the real TinyStories-656K.
+only (shards and their index). Models: a random-init Llama of realistic layer shapes (hidden 1024, intermediate
+2816, 16 heads, 8 KV heads, vocab 32000; the default 4 blocks keep it quick), and two real models in bf16:
+TinyStories-656K and SmolLM2-135M-Instruct (30 blocks, tied embeddings; see benchmarks/models.py).
 
     OMP_NUM_THREADS=1 python benchmarks/compressed_size.py            # prints the table and writes docs/benchmarks.md
 """
@@ -25,7 +26,7 @@ import torch  # noqa: E402
 from transformers import AutoModelForCausalLM, LlamaConfig  # noqa: E402
 
 from benchmarks.markdown import table, write_section  # noqa: E402
-from benchmarks.models import ASSETS  # noqa: E402
+from benchmarks.models import ASSETS, model_folder  # noqa: E402
 from optimum_prune import Pruner, PruningConfig, load_pruned  # noqa: E402
 from optimum_prune.export.compressed import read_index  # noqa: E402
 from optimum_prune.export.shards import DTYPES as STORED_DTYPES  # noqa: E402
@@ -50,6 +51,10 @@ def llama_1024(layers: int, dtype: torch.dtype) -> torch.nn.Module:
 
 def tinystories(dtype: torch.dtype) -> torch.nn.Module:
     return AutoModelForCausalLM.from_pretrained(ASSETS / "models" / "TinyStories-656K", dtype=dtype).eval()
+
+
+def smollm2(dtype: torch.dtype) -> torch.nn.Module:
+    return AutoModelForCausalLM.from_pretrained(model_folder("smollm2-135m"), dtype=dtype).eval()
 
 
 def weight_bytes(folder: Path) -> int:
@@ -123,6 +128,7 @@ def main() -> None:
             DTYPES,
         ),
         ("TinyStories-656K", tinystories, ["bf16"]),
+        ("SmolLM2-135M-Instruct (dequantized GGUF)", smollm2, ["bf16"]),
     ]
     with tempfile.TemporaryDirectory() as tmp:
         for label, build, dtypes in models:
