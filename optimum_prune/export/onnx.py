@@ -1,6 +1,6 @@
 """Export a (pruned) causal LM to ONNX with ``torch.onnx.export(dynamo=True)`` and optimum's decoder I/O names.
 
-Inputs are ``input_ids``, ``attention_mask``, ``position_ids`` (when the model takes them) and, with
+Inputs are ``input_ids``, ``attention_mask``, ``position_ids`` and, with
 ``with_past``, ``past_key_values.{i}.key/value``; outputs are ``logits`` and ``present.{i}.key/value``. Weights
 stay ordinary dense initializers named after their parameters, so the pruned zeros are exactly where
 sparse-aware engines (DeepSparse, for example) look for them. Linear weights are stored as the ``(in, out)``
@@ -60,7 +60,7 @@ class _Decoder(nn.Module):
 
 def check_exportable(model: nn.Module) -> None:
     """Refuse a model whose weights are not all materialized on one device (accelerate offload, meta tensors)."""
-    if any(hasattr(module, "_hf_hook") for module in model.modules()) or getattr(model, "hf_device_map", None):
+    if any(hasattr(module, "_hf_hook") for module in model.modules()):
         raise ValueError(
             "The model carries accelerate offload hooks (it was loaded with device_map or offload): ONNX export "
             "needs every weight in memory. Reload it without device_map/offload, or move its weights to the CPU "
