@@ -40,11 +40,11 @@ def correlated_inputs(seed: int = 0) -> torch.Tensor:
     )
 
 
-def make_chain(gated: bool, seed: int = 1) -> tuple[FeedForwardChain, nn.Module]:
+def make_chain(gated: bool, seed: int = 1, activation: nn.Module | None = None) -> tuple[FeedForwardChain, nn.Module]:
     torch.manual_seed(seed)
     up, output = nn.Linear(HIDDEN, INTERMEDIATE), nn.Linear(INTERMEDIATE, HIDDEN)
     gate = nn.Linear(HIDDEN, INTERMEDIATE, bias=False) if gated else None
-    activation = nn.SiLU() if gated else nn.ReLU()
+    activation = activation or (nn.SiLU() if gated else nn.ReLU())
     chain = FeedForwardChain(
         TargetLayer("mlp.up", up, 0),
         TargetLayer("mlp.down", output, 0),
@@ -95,12 +95,16 @@ def run_sparsellm(chain: FeedForwardChain, x: torch.Tensor, sparsity: float, ite
     )
 
 
-@pytest.mark.parametrize("gated", [False, True], ids=["relu", "gated-silu"])
-def test_beats_sparsegpt_at_70_percent_with_exact_sparsity(gated):
+@pytest.mark.parametrize(
+    ("gated", "activation"),
+    [(False, None), (True, None), (False, nn.GELU(approximate="tanh"))],
+    ids=["relu", "gated-silu", "gelu-numeric"],
+)
+def test_beats_sparsegpt_at_70_percent_with_exact_sparsity(gated, activation):
     x = correlated_inputs()
-    chain, _ = make_chain(gated)
+    chain, _ = make_chain(gated, activation=activation)
     target = forward(chain, x)
-    baseline, _ = make_chain(gated)
+    baseline, _ = make_chain(gated, activation=activation)
     sparsegpt_baseline(baseline, x, 0.7)
     sparsegpt_error = relative_error(baseline, x, target)
 
