@@ -313,7 +313,7 @@ def sparsellm_prune(
                 z = _descend(z, up_out, p, None, chain.activation, alpha, gamma)
             pre[index], post[index] = z.cpu(), p.cpu()
         result.errors.append(error / max(target_energy, 1e-30))
-        if result.errors[-1] <= min(result.errors):  # keep the best iterate (SparseGPT's at worst)
+        if step == 0 or result.errors[-1] <= min(result.errors[:-1]):  # the best iterate; SparseGPT's at worst
             best = [(layer, layer.weight.clone(), layer.mask.clone()) for layer in (*first, output)]
     for layer, weight, mask in best:
         layer.layer.write(weight)
