@@ -98,23 +98,41 @@ def capture_block_inputs(
     return batches
 
 
+class _StopForward(Exception):
+    """Raised once the last target layer of a block has its inputs: the rest of a statistics pass is unused."""
+
+
 class _StatisticsCollector:
-    """Forward hooks that feed each target layer's inputs to its statistic.
+    """Forward pre-hooks that feed each target layer's inputs to its statistic.
 
     Layers that receive the very same input tensor object (q/k/v, gate/up) share one statistic, computed
     once. Identity is checked through weak references: a data pointer alone can be reused by a later
     activation of the same shape once the first is freed (GPT-2's ``ln_2`` output lands where ``ln_1``'s was).
+    When the first batch calls every target layer exactly once (a dense block), later batches stop at the
+    last of them, before it computes: its output and everything after it in the block are never used.
     """
 
     def __init__(self, layers: list[TargetLayer], make: Callable[[TargetLayer], LayerStatistic | None]):
         self.statistics: dict[str, LayerStatistic] = {}
         self._owners: set[str] = set()
         self._make = make
+        self._names = [layer.name for layer in layers]
         self._seen: list[tuple[weakref.ref, type, str]] = []
-        self._handles = [layer.module.register_forward_hook(self._hook(layer)) for layer in layers]
+        self._calls: list[str] = []
+        self._last: str | None = None
+        self._handles = [layer.module.register_forward_pre_hook(self._hook(layer)) for layer in layers]
+
+    def run(self, batch: CalibrationBatch, block: nn.Module, device: torch.device) -> None:
+        """Run ``batch`` through ``block`` as far as the statistics need."""
+        self._calls = []
+        with suppress(_StopForward):
+            batch.run(block, device)
+        if self._last is None and sorted(self._calls) == sorted(self._names):
+            self._last = self._calls[-1]
 
     def _hook(self, layer: TargetLayer):
-        def observe(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+        def observe(module: nn.Module, args: tuple) -> None:
+            self._calls.append(layer.name)
             inputs = args[0]
             if layer.name not in self.statistics:
                 statistic = self._make(layer)
@@ -130,6 +148,8 @@ class _StatisticsCollector:
                 self.statistics[layer.name] = statistic
             if layer.name in self._owners:
                 self.statistics[layer.name].update(inputs)
+            if layer.name == self._last:
+                raise _StopForward
 
         return observe
 
@@ -324,7 +344,7 @@ class BlockwiseEngine:
         collector = _StatisticsCollector(layers, lambda layer: make(layer, self.device))
         try:
             for batch in batches:
-                batch.run(block, self.device)
+                collector.run(batch, block, self.device)
         finally:
             collector.remove()
         return collector.statistics
