@@ -73,7 +73,9 @@ def load_texts(source: Any, *, text_column: str = "text", split: str = "train") 
         path = Path(source)
         if path.is_file():
             texts, name = _read_local(path, text_column), path.name
-        elif path.suffix.lower() in LOCAL_FORMATS or os.sep in str(source) and path.exists():
+        elif path.is_dir():
+            raise ValueError(f"{path} is a folder: pass one {'/'.join(LOCAL_FORMATS)} file from it.")
+        elif path.suffix.lower() in LOCAL_FORMATS:
             raise FileNotFoundError(f"Calibration file {path} does not exist.")
         else:
             texts, name = _read_hub(str(source), split, text_column), str(source)
