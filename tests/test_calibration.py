@@ -63,6 +63,8 @@ def test_missing_file_and_unsupported_sources(tmp_path):
     (tmp_path / "data.csv").write_text("text\nhello\n")
     with pytest.raises(ValueError, match="Unsupported calibration file"):
         load_texts(tmp_path / "data.csv")
+    with pytest.raises(ValueError, match="is a folder: pass one .txt/.jsonl/.json/.parquet file"):
+        load_texts(tmp_path)
     with pytest.raises(TypeError, match="Unsupported calibration data of type int"):
         load_texts(42)
 
