@@ -10,9 +10,11 @@ from conftest import ARCHITECTURES, random_ids, tiny_model
 from transformers import AutoModelForCausalLM
 
 from optimum_prune import Pruner, PruningConfig
-from optimum_prune.engine.structure import find_target_layers
+from optimum_prune.engine.blockwise import _StatisticsCollector, capture_block_inputs
+from optimum_prune.engine.structure import find_decoder_blocks, find_target_layers
 from optimum_prune.export import METADATA_KEY
 from optimum_prune.methods.masking import unpack_mask
+from optimum_prune.methods.statistics import Hessian
 
 # Each method once, unstructured and both N:M patterns covered (SparseGPT unstructured: bf16 and targets tests).
 RUNS = [("magnitude", "unstructured", 0.6), ("wanda", "2:4", None), ("sparsegpt", "4:8", None)]
@@ -128,3 +130,35 @@ def test_half_precision_close_to_float32():
     for name, packed in pruner32.masks.items():
         agreement = (packed == pruner16.masks[name]).float().mean().item()
         assert agreement > 0.5, name  # bytes of 8 mask bits: identical in most places
+
+
+@pytest.mark.parametrize("architecture", sorted(ARCHITECTURES))
+@torch.no_grad()
+def test_each_layer_statistic_comes_from_its_own_inputs(architecture):
+    """Layers share a Hessian only when fed the same tensor (q/k/v; Phi's parallel attention and MLP), never
+    because a later activation reused a freed one's memory (GPT-2's ln_2 output, GPT-NeoX's second norm)."""
+    model = tiny_model(architecture)
+    for parameter in model.parameters():
+        if parameter.dim() == 1:  # distinct norm weights, so that every norm has its own output
+            parameter.add_(0.2 * torch.randn_like(parameter))
+    cpu = torch.device("cpu")
+    _, blocks = find_decoder_blocks(model)
+    layers = find_target_layers(model)[0]
+    batches = capture_block_inputs(model, blocks, random_ids(8, 32), 4, cpu, cpu)
+    seen: dict[str, list[torch.Tensor]] = {layer.name: [] for layer in layers}
+    handles = [  # registered first, so they see every call the collector's own pre-hooks see
+        layer.module.register_forward_pre_hook(lambda module, args, name=layer.name: seen[name].append(args[0].clone()))
+        for layer in layers
+    ]
+    collector = _StatisticsCollector(layers, lambda layer: Hessian(layer.in_features, cpu))
+    try:
+        for batch in batches:
+            collector.run(batch, blocks[0], cpu)
+    finally:
+        collector.remove()
+        for handle in handles:
+            handle.remove()
+    for layer in layers:
+        inputs = torch.cat(seen[layer.name]).reshape(-1, layer.in_features)
+        expected = 2 * inputs.T @ inputs / len(inputs)
+        torch.testing.assert_close(collector.statistics[layer.name].matrix, expected, rtol=1e-4, atol=1e-5)
