@@ -192,7 +192,9 @@ def evaluate(model_name: str, weights: Path | None, text: str, windows: int) -> 
     return perplexity(model, tokenizer, text, seq_len=SEQ_LEN, max_windows=windows, batch_size=4)
 
 
-def compare(models: list[str], configs: list[str], repeats: int, samples: int | None, command: str) -> list[dict]:
+def compare(
+    models: list[str], configs: list[str], repeats: int, samples: int | None, eval_windows: int | None, command: str
+) -> list[dict]:
     import torch
 
     from benchmarks.models import calibration_token_ids, load_model, model_folder
@@ -201,12 +203,12 @@ def compare(models: list[str], configs: list[str], repeats: int, samples: int | 
     rows = []
     with tempfile.TemporaryDirectory(prefix="compare_llmc_") as tmp:
         for model_name in models:
-            default_samples, text_name, windows = MODEL_SETTINGS[model_name]
-            samples = samples or default_samples
+            num_samples, text_name, windows = MODEL_SETTINGS[model_name]
+            num_samples, windows = samples or num_samples, eval_windows or windows
             folder = model_folder(model_name)
             _, tokenizer = load_model(model_name)
             ids_path = Path(tmp) / f"{model_name}-ids.pt"
-            torch.save(calibration_token_ids(tokenizer, samples, SEQ_LEN), ids_path)
+            torch.save(calibration_token_ids(tokenizer, num_samples, SEQ_LEN), ids_path)
             text = evaluation_text(text_name)
             dense = evaluate(model_name, None, text, windows)
             for config in configs:
@@ -219,7 +221,7 @@ def compare(models: list[str], configs: list[str], repeats: int, samples: int | 
                         print(f"{model_name} {config} {tool} #{repeat}: {json.dumps(result)}", flush=True)
                 ppl = {tool: evaluate(model_name, Path(tmp) / f"{model_name}-{config}-{tool}.safetensors", text, windows)
                        for tool in runs}  # fmt: skip
-                row = {"model": model_name, "config": config, "dense_ppl": dense, "samples": samples,
+                row = {"model": model_name, "config": config, "dense_ppl": dense, "samples": num_samples,
                        "repeats": repeats, "command": command, "eval": f"{text_name} {windows}x{SEQ_LEN}"}  # fmt: skip
                 for tool, results in runs.items():
                     row[f"{tool}_ppl"] = ppl[tool]
@@ -283,6 +285,7 @@ def main() -> None:
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
     parser.add_argument("--repeats", type=int, default=2, help="alternating runs per tool and config (median)")
     parser.add_argument("--samples", type=int, help="calibration sequences (default: per model)")
+    parser.add_argument("--eval-windows", type=int, help="512-token evaluation windows (default: per model)")
     parser.add_argument("--write", action="store_true", help="write the table into docs/benchmarks.md")
     parser.add_argument("--output-json", type=Path, help="also save the rows as JSON")
     parser.add_argument("--from-json", type=Path, nargs="+", help="render (and --write) saved rows, run nothing")
@@ -300,7 +303,7 @@ def main() -> None:
         rows = [row for path in args.from_json for row in json.loads(path.read_text())]
     else:
         command = "OMP_NUM_THREADS=1 python " + " ".join(["benchmarks/compare_llmcompressor.py", *sys.argv[1:]])
-        rows = compare(args.models, args.configs, args.repeats, args.samples, command)
+        rows = compare(args.models, args.configs, args.repeats, args.samples, args.eval_windows, command)
         if args.output_json:
             args.output_json.write_text(json.dumps(rows, indent=2))
     text = markdown(rows)
