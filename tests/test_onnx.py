@@ -13,6 +13,7 @@ import torch
 from accelerate import cpu_offload
 from conftest import STORIES_260K, tiny_model
 from onnx import numpy_helper
+from torch.nn import Linear
 
 from optimum_prune import Pruner, PruningConfig, export_onnx
 from optimum_prune.export.onnx import EXTERNAL_DATA_FILE, ONNX_FILE
@@ -159,8 +160,15 @@ def test_other_architectures_without_past_and_external_data(architecture: str, t
     mask, positions = np.ones_like(input_ids), np.arange(11)[None].repeat(2, 0)
     (logits,) = session.run(None, {"input_ids": input_ids, "attention_mask": mask, "position_ids": positions})
     assert np.abs(logits - torch_logits(pruner.model, input_ids, mask, positions)).max() <= 1e-4
-    initializers = {i.name: numpy_helper.to_array(i) for i in onnx.load(folder / ONNX_FILE).graph.initializer}
+    graph = onnx.load(folder / ONNX_FILE).graph
+    initializers = {init.name: numpy_helper.to_array(init) for init in graph.initializer}
     for layer in pruner.report.layers:
-        weight = pruner.model.get_submodule(layer.name).weight.detach().numpy()
-        stored = initializers[f"{layer.name}.weight"]
-        np.testing.assert_array_equal(stored == 0, (weight if stored.shape == weight.shape else weight.T) == 0)
+        name = f"{layer.name}.weight"
+        (consumer,) = [node for node in graph.node if name in node.input]
+        module = pruner.model.get_submodule(layer.name)
+        weight = module.weight.detach().numpy()  # Linear: (out, in); GPT-2's Conv1D: (in, out)
+        # MatMul reads the (in, out) operand; OPT flattens its MLP input to 2-D, giving Gemm(x, W, transB=1).
+        trans_b = next((attribute.i for attribute in consumer.attribute if attribute.name == "transB"), 0)
+        reads_out_in = consumer.op_type == "Gemm" and trans_b == 1
+        expected = weight.T if (type(module) is Linear) != reads_out_in else weight
+        np.testing.assert_array_equal(initializers[name], expected)

@@ -4,7 +4,8 @@ Inputs are ``input_ids``, ``attention_mask``, ``position_ids`` and, with
 ``with_past``, ``past_key_values.{i}.key/value``; outputs are ``logits`` and ``present.{i}.key/value``. Weights
 stay ordinary dense initializers named after their parameters, so the pruned zeros are exactly where
 sparse-aware engines (DeepSparse, for example) look for them. Linear weights are stored as the ``(in, out)``
-right-hand side of their ``MatMul``. The pruning metadata goes into the model's ``metadata_props``.
+right-hand side of their ``MatMul`` (or as they are, for a ``Gemm`` with ``transB=1``). The pruning metadata goes
+into the model's ``metadata_props``.
 """
 
 from __future__ import annotations
