@@ -160,18 +160,31 @@ def test_dry_run_loads_nothing(capsys, monkeypatch) -> None:
     assert out.startswith("dry run of wanda unstructured at 0.5") and "estimated peak memory" in out
 
 
-def test_compressed_onnx_and_masks(tmp_path, capsys) -> None:
+def test_compressed_and_masks(tmp_path, capsys) -> None:
     from optimum_prune import load_masks, load_pruned
 
     output = tmp_path / "out"
     flags = ["--model", str(STORIES_260K), "--method", "magnitude", "--pattern", "2:4", "--output", str(output)]
-    assert run_main(*flags, "--export", "compressed", "onnx", "--save-masks") == 0
+    assert run_main(*flags, "--export", "compressed", "--save-masks") == 0
     assert f"saved (compressed) to {output}" in capsys.readouterr().out
-    assert not (output / "model.safetensors").exists() and (output / "onnx" / "model.onnx").is_file()
+    assert not (output / "model.safetensors").exists()
     model = load_pruned(output)
     assert zero_fraction(model, "model.layers.2.mlp.down_proj") == pytest.approx(0.5)
-    masks = load_masks(output)
-    assert len(masks) == 35
+    assert len(load_masks(output)) == 35
+
+
+@pytest.mark.slow
+def test_export_onnx_beside_the_model(tmp_path, capsys) -> None:
+    import onnx
+
+    output = tmp_path / "out"
+    flags = ["--model", str(STORIES_260K), "--method", "magnitude", "--sparsity", "0.6", "--output", str(output)]
+    assert run_main(*flags, "--export", "onnx") == 0
+    assert f"ONNX model written to {output / 'onnx'}" in capsys.readouterr().out
+    graph = onnx.load(output / "onnx" / "model.onnx").graph
+    weight = next(w for w in graph.initializer if w.name == "model.layers.0.mlp.up_proj.weight")
+    values = onnx.numpy_helper.to_array(weight)
+    assert (values == 0).mean() == pytest.approx(0.6, abs=1e-3)  # the pruned zeros are in the ONNX graph
 
 
 def test_offload_disk_and_resume(tmp_path, monkeypatch, capsys) -> None:
