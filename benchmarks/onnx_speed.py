@@ -280,3 +280,7 @@ Where unstructured sparsity does and does not speed things up:
   unstructured sparsity with a constraint.
 """
     write_section("onnx_speed", markdown)
+
+
+if __name__ == "__main__":
+    main()
