@@ -100,7 +100,11 @@ def estimate_run(
     if offload not in OFFLOAD_MODES:
         raise ValueError(f"Unknown offload {offload!r}: choose one of {', '.join(OFFLOAD_MODES)}.")
     device = torch.device(device)
-    storage = torch.device(activations_device) if activations_device else (device if offload == "cpu" else torch.device("cpu"))
+    storage = (
+        torch.device(activations_device)
+        if activations_device
+        else (device if offload == "cpu" else torch.device("cpu"))
+    )
     blocks_name, blocks = find_decoder_blocks(model)
     layers = find_target_layers(model, config.targets, config.ignore)
     parameters = {id(p): p for p in model.parameters()}.values()
