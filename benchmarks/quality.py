@@ -230,12 +230,13 @@ def model_tables(model: str, settings: tuple[int, int, int]) -> str:
     _, data = eval_text(model)
     samples, length, windows = settings
     title = f"### {MODELS[model]}: perplexity on {data} ({windows} x 512 tokens), calibration {samples} x {length}"
+    flags = f"`--num-samples {samples} --seq-len {length} --eval-windows {windows}`"
     headers = ["method", "sparsity", "allocation", "perplexity", "achieved sparsity", "prune s", "peak RSS MiB"]
     issue2 = [
         [r.method, r.sparsity if r.method != "dense" else "0%", r.allocation, *cells(get(r.key))]
         for r in grid("issue2", model)
     ]
-    out = [title, "", table(headers, issue2), ""]
+    out = [title, "", f"Rows below were run with {flags}.", "", table(headers, issue2), ""]
 
     owl_rows, owl_pairs = [], []
     for method in ("wanda", "sparsegpt"):
