@@ -204,6 +204,8 @@ def test_offload_disk_and_resume(tmp_path, monkeypatch, capsys) -> None:
     flags = ["--model", str(model_dir), "--method", "magnitude", "--offload", "disk", "--output", str(output)]
     assert run_main(*flags) == 130
     assert "interrupted" in capsys.readouterr().err and not output.exists()
+    assert run_main(*flags) == 2
+    assert "holds an unfinished run for this output: add --resume" in capsys.readouterr().err
     assert run_main(*flags, "--resume") == 0
     assert saved == [0, 1]  # the resumed run started at block 1
     model = AutoModelForCausalLM.from_pretrained(output)

@@ -14,9 +14,12 @@ import sys
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .arguments import CONFIG_FIELDS, flag
+
+if TYPE_CHECKING:
+    from ..config import PruningConfig
 
 logger = logging.getLogger("optimum_prune.cli")
 
@@ -25,7 +28,7 @@ logger = logging.getLogger("optimum_prune.cli")
 class Plan:
     """What the checked flags ask for."""
 
-    config: Any  # PruningConfig
+    config: PruningConfig
     explicit: set[str]  # config fields set by a flag or the --config file
     eval_texts: list[str] | None = None
     eval_name: str | None = None
@@ -102,9 +105,9 @@ def _check_outputs(args: argparse.Namespace, parser: argparse.ArgumentParser) ->
         "--resume": args.resume,
         "--export onnx": "onnx" in args.export,
         "--offload disk": args.offload == "disk",
+        "--save-masks": args.save_masks,
+        "--export compressed": "compressed" in args.export and not args.push_to_hub,
     }
-    needs_output["--save-masks"] = args.save_masks
-    needs_output["--export compressed"] = "compressed" in args.export and not args.push_to_hub
     for name, asked in needs_output.items():
         if asked and not args.output and not args.dry_run:
             parser.error(f"argument {name.split()[0]}: {name} writes to a folder: pass --output DIR.")
@@ -123,12 +126,21 @@ def _check_outputs(args: argparse.Namespace, parser: argparse.ArgumentParser) ->
             "and --save-masks."
         )
     if args.output:
+        from ..engine.checkpoint import FINGERPRINT, work_folder
         from ..export.files import check_writable
 
         try:
             check_writable(args.output, args.overwrite)
         except FileExistsError as error:
             parser.error(f"argument --output: {error}")
+        folder = work_folder(args.output)
+        if args.offload_folder:
+            folder = Path(args.offload_folder) / folder.name
+        if streams_output(args) and not args.resume and (folder / FINGERPRINT).is_file():
+            parser.error(
+                f"argument --output: {folder} holds an unfinished run for this output: add --resume to continue "
+                "it, or delete that folder to start again."
+            )
 
 
 def _parse_max_memory(spec: str | None, parser: argparse.ArgumentParser) -> dict[int | str, str] | None:
@@ -153,7 +165,7 @@ def _parse_max_memory(spec: str | None, parser: argparse.ArgumentParser) -> dict
     return limits
 
 
-def build_config(args: argparse.Namespace, parser: argparse.ArgumentParser) -> tuple[Any, set[str]]:
+def build_config(args: argparse.Namespace, parser: argparse.ArgumentParser) -> tuple[PruningConfig, set[str]]:
     """The `PruningConfig` of the --config file overridden by the config flags.
 
     Flags are applied one at a time, so that the first one `PruningConfig` rejects is the one named.
