@@ -81,7 +81,10 @@ def test_push_example_to_a_local_hub() -> None:
     )
     (commit,) = hub.recorded.commits
     assert {"model.safetensors", "README.md", "pruning_config.json", "tokenizer.json"} <= set(commit["files"])
-    assert {auth for _, _, auth in hub.recorded.requests} == {"Bearer hf_example_test_token"}
+    assert {auth for _, _, auth in hub.recorded.requests if auth} == {"Bearer hf_example_test_token"}
+    assert ("POST", "/api/models/someone/stories-wanda-50/commit/main", "Bearer hf_example_test_token") in (
+        hub.recorded.requests
+    )
 
 
 def test_readme_python_example(tmp_path) -> None:
