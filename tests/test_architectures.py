@@ -162,3 +162,27 @@ def test_each_layer_statistic_comes_from_its_own_inputs(architecture):
         inputs = torch.cat(seen[layer.name]).reshape(-1, layer.in_features)
         expected = 2 * inputs.T @ inputs / len(inputs)
         torch.testing.assert_close(collector.statistics[layer.name].matrix, expected, rtol=1e-4, atol=1e-5)
+
+
+@torch.no_grad()
+def test_layers_fed_the_same_tensor_share_one_statistic():
+    model = tiny_model("llama")
+    cpu = torch.device("cpu")
+    _, blocks = find_decoder_blocks(model)
+    layers = find_target_layers(model)[0]
+    batches = capture_block_inputs(model, blocks, random_ids(8, 32), 4, cpu, cpu)
+    collector = _StatisticsCollector(layers, lambda layer: Hessian(layer.in_features, cpu))
+    try:
+        for batch in batches:
+            collector.run(batch, blocks[0], cpu)
+    finally:
+        collector.remove()
+    groups: dict[int, list[str]] = {}
+    for name, statistic in collector.statistics.items():
+        groups.setdefault(id(statistic), []).append(name.rsplit(".", 1)[-1])
+    assert sorted(groups.values()) == [
+        ["down_proj"],
+        ["gate_proj", "up_proj"],
+        ["o_proj"],
+        ["q_proj", "k_proj", "v_proj"],
+    ]
