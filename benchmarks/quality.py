@@ -302,7 +302,7 @@ def render(section: str) -> None:
         f"Machine: 2 shared CPU cores (fp32, torch CPU, {' or '.join(threads) or '2'} torch threads per row), "
         f"measured {span}. Other engineers' jobs ran on the same "
         "two cores at the same time (load average 10 to 18), so the prune times (seconds for `Pruner.prune` alone) are inflated and "
-        "noisy; peak RSS is the process's peak resident memory after loading and pruning, before evaluation.",
+        "noisy; peak RSS is the process's peak resident memory after loading and pruning, before evaluation (weights load memory-mapped, so a dense row, which reads no weight before evaluation, shows less than the model's size).",
         "",
     ]
     write_section(section, "\n".join(header + [model_tables(model, settings) for model, settings in groups]))
