@@ -58,4 +58,4 @@ def test_results_accumulate_and_render(tmp_path, monkeypatch) -> None:
     assert "wanda 70%: OWL lower than uniform (60.00 vs 90.00, x0.67)" in markdown
     assert "failed (subprocess exited with status 1)" in markdown
     assert "| dense | 0% | uniform | not run |" in markdown
-    assert "2 x 64, 2 x 512" in markdown
+    assert "`--num-samples 2 --seq-len 64 --eval-windows 2`" in markdown
