@@ -3,10 +3,13 @@
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import itertools
 import json
 import os
 import struct
+import sys
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -128,6 +131,22 @@ class SafetensorsCheckpoint:
         return tensors
 
 
+@functools.cache
+def _libc() -> ctypes.CDLL | None:
+    try:
+        return ctypes.CDLL("libc.so.6") if sys.platform.startswith("linux") else None
+    except OSError:
+        return None
+
+
+def trim_heap() -> None:
+    """Give the memory freed with the last block back to the OS: glibc keeps freed heap pages otherwise,
+    and the resident size would creep up block after block."""
+    libc = _libc()
+    if libc is not None and hasattr(libc, "malloc_trim"):
+        libc.malloc_trim(0)
+
+
 def _named_slots(
     module: nn.Module, prefix: str, recurse: bool = True
 ) -> Iterable[tuple[str, nn.Module, str, torch.Tensor]]:
@@ -184,6 +203,7 @@ class DiskOffload:
                 owner._parameters[attribute] = nn.Parameter(
                     torch.empty_like(tensor, device="meta"), requires_grad=False
                 )
+        trim_heap()
 
 
 def module_prefix(model: nn.Module, module: nn.Module) -> str:
