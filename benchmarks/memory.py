@@ -5,8 +5,9 @@ by block, so building it needs one block of RAM), then prunes it in a fresh subp
 and records that subprocess's peak resident memory (``VmHWM``), its time, and the dry-run estimate made
 before any weight was loaded. Writes the ``memory`` section of docs/benchmarks.md.
 
-    python benchmarks/memory.py                  # offload="disk" only
+    OMP_NUM_THREADS=1 python benchmarks/memory.py  # offload="disk" only
     python benchmarks/memory.py --modes disk cpu # also the in-memory run, for comparison
+    python benchmarks/memory.py --layers 8       # a smaller model (0.67 GB) when time is short
 """
 
 from __future__ import annotations
@@ -39,14 +40,14 @@ LLAMA = {
 SAMPLES, SEQ_LEN = 8, 128
 
 
-def build_model(folder: Path, seed: int = 0) -> int:
-    """Write the random Llama to ``folder`` shard by shard; return its weight bytes."""
+def build_model(folder: Path, layers: int, seed: int = 0) -> int:
+    """Write the random Llama with ``layers`` blocks to ``folder`` shard by shard; return its weight bytes."""
     import torch
     from accelerate import init_empty_weights
     from safetensors.torch import save_file
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(**LLAMA, dtype="float32")
+    config = LlamaConfig(**{**LLAMA, "num_hidden_layers": layers}, dtype="float32")
     with init_empty_weights():
         model = LlamaForCausalLM(config)
     shapes = {name: tensor.shape for name, tensor in model.state_dict().items()}
@@ -119,6 +120,7 @@ def _gb(size: int) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--modes", nargs="+", choices=("disk", "cpu"), default=["disk"])
+    parser.add_argument("--layers", type=int, default=LLAMA["num_hidden_layers"], help="decoder blocks")
     parser.add_argument("--workdir", help="where to build the model (default: a temporary folder, removed after)")
     parser.add_argument("--worker", nargs=3, metavar=("SOURCE", "OUTPUT", "OFFLOAD"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -130,7 +132,7 @@ def main() -> None:
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="optimum-prune-memory-"))
     try:
         source = workdir / "source"
-        size = build_model(source)
+        size = build_model(source, args.layers)
         rows, results = [], []
         for mode in args.modes:
             output = workdir / f"pruned-{mode}"
@@ -172,7 +174,7 @@ def main() -> None:
             [
                 "## Memory: pruning a model larger than the memory it is given",
                 "",
-                f"Random-init Llama ({LLAMA['num_hidden_layers']} blocks, hidden {LLAMA['hidden_size']}, "
+                f"Random-init Llama ({args.layers} blocks, hidden {LLAMA['hidden_size']}, "
                 f"intermediate {LLAMA['intermediate_size']}, vocab {LLAMA['vocab_size']}, untied), "
                 f"{_gb(size)} of fp32 weights in one safetensors shard per block; SparseGPT 50%, "
                 f"{SAMPLES} x {SEQ_LEN} calibration tokens "
@@ -183,7 +185,8 @@ def main() -> None:
                 "",
                 table(headers, rows),
                 "",
-                f"Command: `python benchmarks/memory.py --modes {' '.join(args.modes)}`; "
+                f"Command: `OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '')} python benchmarks/memory.py "
+                f"--modes {' '.join(args.modes)} --layers {args.layers}`; "
                 f"machine: {os.cpu_count()}-core CPU shared with other jobs ({platform.machine()}), "
                 f"date: {datetime.date.today().isoformat()}.",
             ]

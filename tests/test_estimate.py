@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -20,6 +21,15 @@ from optimum_prune.engine.estimate import estimate_run
 # Time is compared with the run's CPU time: on the shared 2-core machine wall time depends on the load.
 PEAK_FACTOR = 1.5
 TIME_FACTOR = 10.0
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny matrices: one torch thread is faster on the shared 2-core machine, and runs compare bit for bit."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def _config(**kwargs) -> PruningConfig:
@@ -120,6 +130,7 @@ def test_estimate_is_within_the_stated_factor_of_a_measured_run(tmp_path, offloa
     child = subprocess.run(
         [sys.executable, "-c", CHILD, str(tmp_path / "source"), str(tmp_path / "out"), offload],
         cwd=REPO,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
         capture_output=True,
         text=True,
         timeout=300,

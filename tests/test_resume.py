@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -40,6 +41,15 @@ CHILD = textwrap.dedent(
 )
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny matrices: one torch thread is faster on the shared 2-core machine, and runs compare bit for bit."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _config(**kwargs) -> PruningConfig:
     return PruningConfig(method="sparsegpt", sparsity=0.5, num_samples=8, seq_len=32, batch_size=4, **kwargs)
 
@@ -74,6 +84,7 @@ def test_killed_run_resumes_to_the_same_output(source, uninterrupted, tmp_path, 
     child = subprocess.run(
         [sys.executable, "-c", CHILD, str(source), str(output), offload, "1"],
         cwd=REPO,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
         capture_output=True,
         text=True,
         timeout=300,
