@@ -18,10 +18,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
 from ..report import LayerReport
+from .offload import write_safetensors
 
 FINGERPRINT = "fingerprint.json"
 STATE = "state.json"
@@ -47,9 +48,7 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
 
 def _save(tensors: dict[str, torch.Tensor], path: Path) -> None:
     temporary = path.with_suffix(".tmp")
-    save_file(
-        {name: tensor.detach().cpu().contiguous() for name, tensor in tensors.items()}, temporary, {"format": "pt"}
-    )
+    write_safetensors(temporary, tensors)
     os.replace(temporary, path)
 
 

@@ -252,3 +252,29 @@ def load_empty_model(
         model = AutoModelForCausalLM.from_config(config, dtype=resolved, trust_remote_code=trust_remote_code)
     model.config.name_or_path = os.fspath(folder)
     return model.eval(), DiskOffload(checkpoint)
+
+
+_DTYPE_CODES = {dtype: code for code, dtype in _DTYPES.items()}
+
+
+def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+    """Write ``tensors`` (CPU) as a safetensors file, streaming each tensor's bytes: unlike
+    ``safetensors.torch.save_file``, no serialized copy of the whole file is built in memory."""
+    header: dict[str, object] = {"__metadata__": metadata or {"format": "pt"}}
+    offset = 0
+    for name, tensor in tensors.items():
+        size = tensor.numel() * tensor.element_size()
+        header[name] = {
+            "dtype": _DTYPE_CODES[tensor.dtype],
+            "shape": list(tensor.shape),
+            "data_offsets": [offset, offset + size],
+        }
+        offset += size
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)
+    with open(path, "wb") as file:
+        file.write(struct.pack("<Q", len(encoded)))
+        file.write(encoded)
+        for tensor in tensors.values():
+            if tensor.numel():
+                file.write(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().data)

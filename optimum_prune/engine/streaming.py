@@ -1,7 +1,8 @@
 """Assemble the output of a disk-offloaded run from the blocks it streamed to its work folder.
 
-Shard 1 holds the weights outside the blocks, copied from the source checkpoint; shard ``k + 2`` is block
-``k``'s file, linked (or copied) from the work folder, which stays intact until the output is in place.
+The first shards hold the weights outside the blocks, copied from the source checkpoint a shard at a time
+(each no bigger than the largest of them); then one shard per block: its file, linked (or copied) from the
+work folder, which stays intact until the output is in place.
 """
 
 from __future__ import annotations
@@ -11,11 +12,10 @@ import os
 import shutil
 from pathlib import Path
 
-from safetensors.torch import save_file
 from torch import nn
 
 from .checkpoint import RunCheckpoint
-from .offload import INDEX_FILE, SafetensorsCheckpoint, read_header
+from .offload import INDEX_FILE, SafetensorsCheckpoint, read_header, write_safetensors
 
 
 def _link_or_copy(source: Path, target: Path) -> None:
@@ -44,28 +44,46 @@ def write_streamed_weights(
     tied = _tied_names(model)
     prefix = blocks_name + "."
     outside = [name for name in source.tensors if name not in tied and not name.startswith(prefix)]
-    shards = num_blocks + 1
+    groups = _groups(outside, source)
+    shards = len(groups) + num_blocks
     names = [f"model-{index:05d}-of-{shards:05d}.safetensors" for index in range(1, shards + 1)]
-    tensors = source.read(outside)
-    tensors = {
-        name: tensor.to(declared.get(name, default)) if tensor.is_floating_point() else tensor
-        for name, tensor in tensors.items()
-    }
-    save_file(tensors, staging / names[0], {"format": "pt"})
-    weight_map = dict.fromkeys(tensors, names[0])
-    total = sum(tensor.nbytes for tensor in tensors.values())
-    del tensors
-    for index in range(num_blocks):
-        target = staging / names[index + 1]
+    weight_map: dict[str, str] = {}
+    total = 0
+    for name, group in zip(names, groups, strict=False):  # one group in memory at a time
+        tensors = {
+            key: tensor.to(declared.get(key, default)) if tensor.is_floating_point() else tensor
+            for key, tensor in source.read(group).items()
+        }
+        write_safetensors(staging / name, tensors)
+        weight_map |= dict.fromkeys(tensors, name)
+        total += sum(tensor.nbytes for tensor in tensors.values())
+        del tensors
+    for index, name in enumerate(names[len(groups) :]):
+        target = staging / name
         _link_or_copy(work.block_file(index), target)
-        for name, entry in read_header(target).items():
-            weight_map[name] = names[index + 1]
+        for key, entry in read_header(target).items():
+            weight_map[key] = name
             count = 1
             for size in entry["shape"]:
                 count *= size
             total += count * _itemsize(entry["dtype"])
     index_data = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
     (staging / INDEX_FILE).write_text(json.dumps(index_data, indent=2) + "\n", encoding="utf-8")
+
+
+def _groups(names: list[str], source: SafetensorsCheckpoint) -> list[list[str]]:
+    """``names`` in shards no bigger than the largest of them (at least one shard, possibly empty)."""
+    cap = max((source.tensors[name].nbytes for name in names), default=0)
+    groups: list[list[str]] = [[]]
+    size = 0
+    for name in names:
+        nbytes = source.tensors[name].nbytes
+        if groups[-1] and size + nbytes > cap:
+            groups.append([])
+            size = 0
+        groups[-1].append(name)
+        size += nbytes
+    return groups
 
 
 def _itemsize(dtype: str) -> int:
