@@ -249,7 +249,7 @@ class Pruner:
             folder = work_folder(output_dir)
             if self.offload_folder is not None:
                 folder = os.path.join(self.offload_folder, folder.name)
-            check_free_space(planned, folder, output_dir)
+            check_free_space(planned, folder, output_dir, linked=self.disk is not None)
             checkpoint = RunCheckpoint(folder, self._fingerprint(input_ids), resume)
         engine = BlockwiseEngine(
             self.model,

@@ -58,14 +58,22 @@ def _size(folder: Path) -> int:
     return sum(entry.stat().st_size for entry in folder.rglob("*") if entry.is_file()) if folder.is_dir() else 0
 
 
-def check_free_space(estimate: RunEstimate, work_folder: Path, output_dir: str | os.PathLike) -> None:
-    """Refuse to start when the work folder's or the output's file system lacks room for the run's files."""
+def check_free_space(
+    estimate: RunEstimate, work_folder: Path, output_dir: str | os.PathLike, linked: bool = True
+) -> None:
+    """Refuse to start when the work folder's or the output's file system lacks room for the run's files.
+
+    ``linked``: the output shares the work folder's block files (hard links, disk offload) on one file system;
+    otherwise (an in-memory model saved at the end, or another file system) it needs its own copy.
+    """
     needed = max(estimate.disk_bytes - _size(work_folder), 0)
-    places = {os.stat(_existing(work_folder)).st_dev: (work_folder, needed)}
+    places = {os.stat(_existing(work_folder)).st_dev: [work_folder, needed]}
     output = _existing(Path(output_dir))
     device = os.stat(output).st_dev
-    if device not in places:  # blocks are copied, not linked, across file systems
-        places[device] = (output, estimate.weights_bytes)
+    if device in places and not linked:
+        places[device][1] += estimate.weights_bytes
+    elif device not in places:
+        places[device] = [output, estimate.weights_bytes]
     for place, size in places.values():
         free = shutil.disk_usage(_existing(place)).free
         if free < size:
