@@ -177,3 +177,30 @@ def test_disk_offload_on_cuda_matches_in_memory_cuda_run(sharded, tmp_path):
     disk = Pruner.from_pretrained(source, _config(), device="cuda:0", offload="disk", progress=False)
     disk.prune(ids, output_dir=tmp_path / "disk")
     _assert_identical(tmp_path / "memory", tmp_path / "disk")
+
+
+def test_safetensors_writer_and_reader_round_trip(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from optimum_prune.engine.offload import SafetensorsCheckpoint, write_safetensors
+
+    tensors = {
+        "bf16": torch.randn(3, 5).to(torch.bfloat16),
+        "f32": torch.randn(7),
+        "i64": torch.arange(4),
+        "flag": torch.tensor([True, False, True]),
+        "scalar": torch.tensor(2.5),
+        "empty": torch.zeros(0, 3),
+    }
+    write_safetensors(tmp_path / "model.safetensors", tensors)
+    loaded = load_file(tmp_path / "model.safetensors")  # the reference reader accepts our files
+    assert all(torch.equal(loaded[name], tensors[name]) for name in tensors)
+    save_file(tensors, tmp_path / "reference.safetensors")
+    (tmp_path / "reference.safetensors").replace(tmp_path / "model.safetensors")
+    read = SafetensorsCheckpoint(tmp_path).read(tensors)  # and we read the reference writer's files
+    assert all(torch.equal(read[name], tensors[name]) and read[name].dtype == tensors[name].dtype for name in tensors)
+
+    data = (tmp_path / "model.safetensors").read_bytes()
+    (tmp_path / "model.safetensors").write_bytes(data[:-8])
+    with pytest.raises(ValueError, match="truncated"):
+        SafetensorsCheckpoint(tmp_path).read(["f32", "i64", "bf16", "flag", "scalar", "empty"])
