@@ -249,7 +249,11 @@ def markdown(rows: list[dict]) -> str:
             f"{r['ours_peak_rss_bytes'] / mib:.0f}", f"{r['theirs_peak_rss_bytes'] / mib:.0f}",
             f"{r['ours_peak_rss_bytes'] / r['theirs_peak_rss_bytes']:.2f}",
         ])  # fmt: skip
-    settings = ", ".join(dict.fromkeys(f"{r['model']}: {r['samples']}x{SEQ_LEN}" for r in rows))
+    settings = "; ".join(
+        dict.fromkeys(
+            f"{r['model']}: {r['samples']}x{SEQ_LEN} calibration tokens, {r['eval']} evaluation" for r in rows
+        )
+    )
     commands = "; ".join(f"`{command}`" for command in dict.fromkeys(r["command"] for r in rows))
     repeats = "/".join(str(n) for n in sorted({r["repeats"] for r in rows}))
     return "\n".join([
@@ -257,16 +261,17 @@ def markdown(rows: list[dict]) -> str:
         "",
         f"Commands: {commands}",
         "",
-        f"Machine: 2-core CPU shared with other jobs, one thread per run (`OMP_NUM_THREADS=1`), "
+        f"Machine: 2-core CPU shared with other jobs (absolute times vary with their load; compare the ratios "
+        "of runs made back to back), one thread per run (`OMP_NUM_THREADS=1`), "
         f"{time.strftime('%Y-%m-%d', time.gmtime())}. torch 2.13 CPU; ours on transformers "
         f"{_version('transformers')}, llm-compressor 0.14 on transformers 5.17 in its own venv.",
         "",
         f"Same C4 calibration token ids for both ({settings}); batch size {BATCH_SIZE}, block size {BLOCK_SIZE}, "
         f"dampening {DAMPENING}; every decoder linear layer pruned, `lm_head` dense. Perplexity from "
-        "`optimum_prune.evaluation.perplexity` for both outputs (SmolLM2: WikiText-2 test; the asset "
-        "models: TinyStories val; 512-token windows). Ratios are ours / theirs; times (pruning only, model "
-        f"load and evaluation excluded) and peak RSS during pruning are medians of {repeats} alternating "
-        "runs per tool (ours, theirs, ours, theirs). Targets: ppl ratio <= 1.00, time ratio <= 0.7, "
+        "`optimum_prune.evaluation.perplexity` for both outputs (wikitext2: WikiText-2 test; tinystories: "
+        "TinyStories val). Ratios are ours / theirs; times (pruning only, model load and evaluation excluded) "
+        f"and peak RSS during pruning are medians over {repeats} run(s) per tool, alternating ours, theirs, "
+        "ours, theirs. Targets: ppl ratio <= 1.00, time ratio <= 0.7, "
         "memory ratio <= 1.0.",
         "",
         table(headers, body),
