@@ -178,7 +178,7 @@ def main() -> None:
                 f"intermediate {LLAMA['intermediate_size']}, vocab {LLAMA['vocab_size']}, untied), "
                 f"{_gb(size)} of fp32 weights in one safetensors shard per block; SparseGPT 50%, "
                 f"{SAMPLES} x {SEQ_LEN} calibration tokens "
-                f"({_gb(results[0]['activations_bytes'])} of activations), one block = "
+                f"({results[0]['activations_bytes'] / 1e6:.1f} MB of activations), one block = "
                 f"{_gb(results[0]['block_bytes'])}. Each run is a fresh process; peak RSS is its `VmHWM`, which "
                 f"includes the interpreter with torch and transformers imported "
                 f"({_gb(results[0]['baseline_bytes'])} before any model code ran).",
