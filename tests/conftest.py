@@ -64,3 +64,12 @@ def assets() -> Path:
     if not ASSETS.is_dir():
         pytest.fail(f"The offline assets are missing at {ASSETS}; set OPTIMUM_PRUNE_ASSETS to their folder.")
     return ASSETS
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _one_torch_thread():
+    """The test models are tiny: one torch thread is faster than two, and runs compare bit for bit."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

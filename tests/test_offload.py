@@ -13,15 +13,6 @@ from optimum_prune import Pruner, PruningConfig
 from optimum_prune.engine import resources
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny matrices: one torch thread is faster on the shared 2-core machine, and runs compare bit for bit."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _config(method: str = "sparsegpt", **kwargs) -> PruningConfig:
     return PruningConfig(method=method, sparsity=0.5, num_samples=8, seq_len=32, batch_size=4, **kwargs)
 

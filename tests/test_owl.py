@@ -21,15 +21,6 @@ RATIOS = [0.010, 0.052, 0.021, 0.033, 0.004]
 PARAMETERS = [10, 20, 30, 40, 25]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These matrices are tiny: on a shared 2-core machine OpenMP threads cost far more than they save."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def weighted_mean(values: list[float], weights: list[int]) -> float:
     return sum(v * w for v, w in zip(values, weights, strict=True)) / sum(weights)
 

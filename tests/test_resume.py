@@ -41,15 +41,6 @@ CHILD = textwrap.dedent(
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny matrices: one torch thread is faster on the shared 2-core machine, and runs compare bit for bit."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _config(**kwargs) -> PruningConfig:
     return PruningConfig(method="sparsegpt", sparsity=0.5, num_samples=8, seq_len=32, batch_size=4, **kwargs)
 

@@ -23,15 +23,6 @@ from optimum_prune.report import PruningReport
 HIDDEN, INTERMEDIATE, TOKENS = 32, 64, 1024
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These matrices are tiny: on a shared 2-core machine OpenMP threads cost far more than they save."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def correlated_inputs(seed: int = 0) -> torch.Tensor:
     generator = torch.Generator().manual_seed(seed)
     mixing = torch.randn(HIDDEN, HIDDEN, generator=generator) / HIDDEN**0.5
