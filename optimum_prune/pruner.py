@@ -23,6 +23,7 @@ from .export import METADATA_KEY, atomic_directory, build_metadata
 from .export.compressed import check_format, save_compressed
 from .export.files import check_writable
 from .export.masks import Masks, write_masks
+from .loading import dequantized_gguf_model
 from .methods import get_method
 from .report import PruningReport
 
@@ -108,7 +109,7 @@ class Pruner:
 
         Weights load only from safetensors unless ``allow_unsafe_weights=True``; remote code only runs with
         ``trust_remote_code=True``. Extra keyword arguments go to ``AutoModelForCausalLM.from_pretrained``
-        (``gguf_file=...``, for example).
+        (``gguf_file=...``, for example: GGUF weights are dequantized into a plain model that can be saved).
 
         Large models: ``offload="cpu"`` (the default) keeps the weights in CPU RAM and moves one block at a time
         to ``device``; ``offload="disk"`` builds the model on the meta device and reads each block from the
@@ -150,6 +151,8 @@ class Pruner:
                 else ""
             )
             raise OSError(f"Could not load a causal LM from {source!r}: {error}{hint}") from error
+        if "gguf_file" in model_kwargs:
+            model = dequantized_gguf_model(model)
         model.eval()
         if tokenizer is None:
             tokenizer = source
