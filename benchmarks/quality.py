@@ -34,8 +34,9 @@ RESULTS = Path(__file__).resolve().parent / "results"
 NOTES = {  # what the tables cannot say on their own: why rows are missing
     "quality-smollm2": (
         "The issue-2 grid ran at the issue's settings (64 x 512 calibration, 40 x 512 evaluation) once the cores "
-        "were quieter (about 2 to 5 minutes per row). The OWL and SparseLLM rows only ran at a reduced 8 x 512 "
-        "calibration / 10 x 512 evaluation while the cores were shared by eight jobs; those tables are not "
+        "were quieter (about 2 to 5 minutes per row), and so did the uniform vs OWL pairs at 70%. The other OWL rows "
+        "and the SparseLLM rows only ran at a reduced 8 x 512 calibration / 10 x 512 evaluation while the cores "
+        "were shared by eight jobs; those tables are not "
         "comparable with the 64 x 512 numbers (the Wanda paper reports that SparseGPT loses more than Wanda with "
         "few calibration samples). Rerun the command above to fill in the missing rows."
     ),
