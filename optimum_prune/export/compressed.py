@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from ..methods.masking import NMPattern, pack_mask, unpack_mask
-from .files import atomic_directory
+from .files import atomic_directory, read_json
 from .masks import MASKS_NAME, Masks, read_masks
 from .metadata import read_metadata
 from .shards import DTYPES, ShardWriter, checksum, dtype_name, open_safetensors
@@ -214,10 +214,7 @@ def read_index(directory: str | os.PathLike) -> dict[str, Any]:
     path = directory / INDEX_NAME
     if not path.is_file():
         raise FileNotFoundError(f"{directory} is not a compressed optimum-prune model: it has no {INDEX_NAME}.")
-    try:
-        index = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise ValueError(f"{path} is not valid JSON ({error}): the file is corrupted.") from error
+    index = read_json(path)
     if not isinstance(index, dict) or index.get("format") != FORMAT_NAME:
         raise ValueError(f"{path} does not describe the {FORMAT_NAME!r} format.")
     if index.get("format_version") != FORMAT_VERSION:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 
 def check_writable(target: str | os.PathLike, overwrite: bool) -> Path:
@@ -41,3 +43,11 @@ def atomic_directory(target: str | os.PathLike, overwrite: bool = False) -> Iter
     os.replace(staging, target)
     if previous is not None:
         shutil.rmtree(previous, ignore_errors=True)
+
+
+def read_json(path: Path) -> Any:
+    """Parse a JSON file; a corrupted one raises a `ValueError` naming it."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"{path} is not valid JSON ({error}): the file is corrupted.") from error

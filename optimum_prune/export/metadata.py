@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
@@ -11,6 +10,7 @@ from transformers import PretrainedConfig
 
 from ..config import PruningConfig
 from ..report import PruningReport
+from .files import read_json
 
 METADATA_KEY = "optimum_prune"
 METADATA_SCHEMA = 1
@@ -51,10 +51,7 @@ def read_metadata(source: PretrainedConfig | dict[str, Any] | str | os.PathLike)
         path = path / "config.json" if path.is_dir() else path
         if not path.is_file():
             raise FileNotFoundError(f"No model config at {path}: expected a folder holding config.json.")
-        try:
-            source = json.loads(path.read_text(encoding="utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as error:
-            raise ValueError(f"{path} is not valid JSON ({error}).") from error
+        source = read_json(path)
     data = source if isinstance(source, dict) else source.to_dict()
     metadata = data.get(METADATA_KEY)
     if metadata is None:
