@@ -16,7 +16,7 @@ from .config import PruningConfig
 from .engine.blockwise import BlockwiseEngine
 from .engine.checkpoint import RunCheckpoint, tensor_digest, work_folder
 from .engine.estimate import RunEstimate, estimate, estimate_run
-from .engine.offload import OFFLOAD_MODES, DiskOffload, load_empty_model
+from .engine.offload import OFFLOAD_MODES, DiskOffload, load_empty_model, map_large_allocations
 from .engine.resources import MaxMemory, check_free_space, check_max_memory
 from .engine.streaming import write_streamed_weights
 from .export import METADATA_KEY, atomic_directory, build_metadata
@@ -117,6 +117,7 @@ class Pruner:
         one block is ever in memory. ``offload_folder`` holds the run's resumable state (default: beside the
         output); ``max_memory`` (``{0: "20GiB", "cpu": "64GiB"}``) is checked against the estimate before pruning.
         """
+        map_large_allocations()
         resources = {"offload": offload, "offload_folder": offload_folder, "max_memory": max_memory}
         if isinstance(model_or_path, nn.Module):
             if offload == "disk":
@@ -182,6 +183,7 @@ class Pruner:
     ) -> RunEstimate:
         """Dry run: estimated peak device and host memory, disk use and time of pruning a local model folder,
         from its config.json and safetensors headers (no weight is loaded)."""
+        map_large_allocations()
         return estimate(
             model_or_path, config, device=device, offload=offload, dtype=dtype, trust_remote_code=trust_remote_code
         )

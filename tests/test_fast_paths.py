@@ -10,8 +10,8 @@ from test_methods import layer_inputs, reference_sparsegpt
 from optimum_prune.engine.blockwise import _StatisticsCollector, capture_block_inputs
 from optimum_prune.engine.structure import find_decoder_blocks, find_target_layers
 from optimum_prune.methods.masking import NMPattern, lowest_mask
-from optimum_prune.methods.sparsegpt import inverse_hessian_cholesky, sparsegpt_prune
-from optimum_prune.methods.statistics import Hessian
+from optimum_prune.methods.sparsegpt import sparsegpt_prune
+from optimum_prune.methods.statistics import Hessian, inverse_hessian_cholesky
 
 
 @pytest.mark.parametrize("features", [16, 300, 1100])  # one panel, uneven panels, eight panels

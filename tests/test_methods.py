@@ -10,8 +10,7 @@ from optimum_prune import PruningConfig
 from optimum_prune.engine.structure import TargetLayer
 from optimum_prune.methods import METHODS, get_method
 from optimum_prune.methods.masking import NMPattern
-from optimum_prune.methods.sparsegpt import inverse_hessian_cholesky
-from optimum_prune.methods.statistics import Hessian, InputNorms
+from optimum_prune.methods.statistics import Hessian, InputNorms, inverse_hessian_cholesky
 
 PATTERNS = [("unstructured", 0.5), ("unstructured", 0.7), ("2:4", 0.5), ("4:8", 0.5)]
 
@@ -125,6 +124,32 @@ def test_inverse_hessian_cholesky_is_dampened_upper_factor():
     assert torch.equal(factor, factor.triu())
     damped = hessian + 0.01 * hessian.diagonal().mean() * torch.eye(32)
     torch.testing.assert_close(factor.T @ factor, torch.linalg.inv(damped), rtol=1e-3, atol=1e-6)
+
+
+def test_inverse_hessian_cholesky_in_place_matches_copy_and_retries():
+    inputs = torch.randn(8, 16, generator=torch.Generator().manual_seed(7))
+    hessian = 2 * inputs.T @ inputs - 1e-3 * torch.eye(16)  # indefinite: positive only after a few retries
+    original = hessian.clone()
+    expected = inverse_hessian_cholesky(hessian, 0.0)
+    assert torch.equal(hessian, original)  # the copy leaves its input alone
+    torch.testing.assert_close(inverse_hessian_cholesky(hessian, 0.0, in_place=True), expected)
+    assert not torch.equal(hessian, original)
+    assert torch.linalg.cholesky_ex(original + 1e-7 * original.diagonal().mean() * torch.eye(16)).info > 0
+
+
+def test_hessian_inverse_is_computed_once_in_place_for_layers_sharing_it():
+    inputs = torch.randn(64, 24, generator=torch.Generator().manual_seed(8))
+    hessian = Hessian(24, torch.device("cpu"))
+    hessian.update(inputs)
+    matrix = hessian.matrix
+    expected = inverse_hessian_cholesky(matrix, 0.01)
+    factor = hessian.inverse_cholesky(0.01)
+    torch.testing.assert_close(factor, expected)
+    assert hessian.inverse_cholesky(0.01) is factor  # q, k and v share one factorisation
+    with pytest.raises(RuntimeError, match="turned into"):
+        _ = hessian.matrix
+    with pytest.raises(RuntimeError, match="no more inputs"):
+        hessian.update(inputs)
 
 
 def test_inverse_hessian_cholesky_handles_dead_and_singular_inputs():

@@ -59,8 +59,7 @@ def test_disk_offload_matches_in_memory_run(sharded, tmp_path, architecture, met
 
     _assert_identical(tmp_path / "memory", tmp_path / "disk")
     assert report.global_sparsity == pytest.approx(memory.report.global_sparsity)
-    assert disk.masks.keys() == memory.masks.keys()
-    assert all(torch.equal(disk.masks[name], memory.masks[name]) for name in memory.masks)
+    assert disk.masks == {} and memory.masks  # with disk offload only the work folder held the masks
     assert all(parameter.is_meta for parameter in disk.model.parameters())  # nothing kept in memory
     assert not (tmp_path / "disk.partial").exists()
     index = json.loads((tmp_path / "disk" / "model.safetensors.index.json").read_text())

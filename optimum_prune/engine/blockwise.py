@@ -27,7 +27,7 @@ from ..methods.masking import pack_mask
 from ..methods.statistics import InputNorms, LayerStatistic
 from ..report import LayerReport, PruningReport, peak_memory
 from .checkpoint import ResumeState, RunCheckpoint
-from .offload import DiskOffload
+from .offload import DiskOffload, map_large_allocations
 from .structure import TargetLayer, find_decoder_blocks, find_target_layers
 
 
@@ -254,8 +254,10 @@ class BlockwiseEngine:
     @torch.no_grad()
     def run(self, input_ids: torch.Tensor | None) -> PruningReport:
         """Prune every block; ``input_ids`` is ``(num_samples, seq_len)`` calibration tokens (``None`` for
-        methods that need no calibration). Returns the per-layer report; masks are kept in `masks`."""
+        methods that need no calibration). Returns the per-layer report; masks are kept in `masks` (packed),
+        except with disk offload, where only the work folder holds them."""
         start = time.perf_counter()
+        map_large_allocations()
         batches = None
         if self.config.needs_calibration:
             if input_ids is None:
@@ -279,32 +281,7 @@ class BlockwiseEngine:
             disable=not self.progress,
         )
         for index in bar:
-            block_start = time.perf_counter()
-            with self._block(index) as block:
-                statistics = (
-                    self._collect(block, self.layers[index], batches, self.method.make_statistic)
-                    if self.method.needs_statistics
-                    else {}
-                )
-                context = BlockContext(
-                    index, block, self.layers[index], statistics, sparsities[index], self.config.nm_pattern
-                )
-                masks = self.method.prune_block(context)
-                if self.method.needs_statistics and index + 1 < len(self.blocks):
-                    batches = self._propagate(block, batches)
-                packed = {}
-                for layer in self.layers[index]:
-                    mask = masks[layer.name]
-                    packed[layer.name] = pack_mask(mask)
-                    achieved = mask.sum().item() / mask.numel()
-                    state.layers.append(LayerReport(layer.name, index, layer.shape, sparsities[index], achieved))
-                self.masks.update(packed)
-                state.block_seconds.append(time.perf_counter() - block_start)
-                state.next_block = index + 1
-                if self.checkpoint is not None:
-                    state.elapsed_seconds = state.elapsed_seconds + state.block_seconds[-1]
-                    hidden = [batch.hidden for batch in batches] if batches and index + 1 < len(self.blocks) else None
-                    self.checkpoint.save_block(index, block, f"{self.blocks_name}.{index}", packed, hidden, state)
+            batches = self._prune_block(index, sparsities[index], batches, state)
             bar.set_postfix(sparsity=f"{sparsities[index]:.3f}")
         return PruningReport(
             method=self.config.method,
@@ -317,10 +294,43 @@ class BlockwiseEngine:
             peak_memory_bytes=peak_memory(self.device),
         )
 
+    def _prune_block(
+        self, index: int, sparsity: float, batches: list[CalibrationBatch] | None, state: ResumeState
+    ) -> list[CalibrationBatch] | None:
+        """Prune block ``index``, record it in ``state`` (and the work folder); return the next block's inputs.
+        Its statistics and masks are freed on return, before the next block is read."""
+        block_start = time.perf_counter()
+        with self._block(index) as block:
+            statistics = (
+                self._collect(block, self.layers[index], batches, self.method.make_statistic)
+                if self.method.needs_statistics
+                else {}
+            )
+            context = BlockContext(index, block, self.layers[index], statistics, sparsity, self.config.nm_pattern)
+            masks = self.method.prune_block(context)
+            del context, statistics
+            if self.method.needs_statistics and index + 1 < len(self.blocks):
+                batches = self._propagate(block, batches)
+            packed = {}
+            for layer in self.layers[index]:
+                mask = masks.pop(layer.name)
+                packed[layer.name] = pack_mask(mask)
+                achieved = mask.sum().item() / mask.numel()
+                state.layers.append(LayerReport(layer.name, index, layer.shape, sparsity, achieved))
+            if self.disk is None:  # a disk-offloaded run keeps them in its work folder only
+                self.masks.update(packed)
+            state.block_seconds.append(time.perf_counter() - block_start)
+            state.next_block = index + 1
+            if self.checkpoint is not None:
+                state.elapsed_seconds = state.elapsed_seconds + state.block_seconds[-1]
+                hidden = [batch.hidden for batch in batches] if batches and index + 1 < len(self.blocks) else None
+                self.checkpoint.save_block(index, block, f"{self.blocks_name}.{index}", packed, hidden, state)
+        return batches
+
     def _resume(self, state: ResumeState, batches: list[CalibrationBatch] | None) -> list[CalibrationBatch] | None:
         """Restore an interrupted run: masks, the pruned blocks of an in-memory model, the next block's inputs."""
-        self.masks.update(self.checkpoint.load_masks(state.next_block))
         if self.disk is None:
+            self.masks.update(self.checkpoint.load_masks(state.next_block))
             for index in range(state.next_block):
                 self.checkpoint.restore_block(self.blocks[index], index, f"{self.blocks_name}.{index}")
         if batches is None or state.next_block >= len(self.blocks) or not self.method.needs_statistics:

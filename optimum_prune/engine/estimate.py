@@ -132,12 +132,12 @@ def estimate_run(
 
     def working(rows: int, cols: int) -> int:
         if config.method in _HESSIAN_METHODS:
-            return rows * cols * 9 + 3 * cols * cols * 4
+            return rows * cols * 9 + 2 * cols * cols * 4  # the Hessian is inverted in place, with two more
         return rows * cols * 17
 
     statistics = max(sum(statistic(*layer.shape) for layer in block) for block in layers if block) if calibrated else 0
     work = max(working(*layer.shape) for block in layers for layer in block)
-    masks = sum(layer.shape[0] * layer.shape[1] for block in layers for layer in block) // 8
+    masks = 0 if offload == "disk" else sum(layer.shape[0] * layer.shape[1] for block in layers for layer in block) // 8
     baseline = current_rss() if baseline_bytes is None else baseline_bytes
 
     on_device_activations = 2 * activations if storage.type == device.type else 0

@@ -147,6 +147,23 @@ def trim_heap() -> None:
         libc.malloc_trim(0)
 
 
+_M_MMAP_THRESHOLD = -3  # mallopt parameter (glibc's malloc.h)
+MMAP_THRESHOLD_BYTES = 1 << 20
+
+
+def map_large_allocations() -> None:
+    """Have glibc serve every allocation of 1 MiB or more from its own memory map, unmapped when freed.
+
+    By default glibc raises that threshold to the largest size freed so far (up to 32 MiB), after which
+    tensors of a few MiB (activations, Hessians, weight copies) come from its heap, where fragmentation keeps
+    freed pages resident: the peak memory of a blockwise run then creeps up block after block (by about a
+    third over 24 blocks in ``benchmarks/memory.py``). The setting is process-wide and idempotent.
+    """
+    libc = _libc()
+    if libc is not None and hasattr(libc, "mallopt"):
+        libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)
+
+
 def _named_slots(
     module: nn.Module, prefix: str, recurse: bool = True
 ) -> Iterable[tuple[str, nn.Module, str, torch.Tensor]]:

@@ -17,24 +17,6 @@ from .statistics import Hessian
 PANEL = 32  # columns per lazily batched panel inside a block
 
 
-def inverse_hessian_cholesky(hessian: torch.Tensor, dampening: float) -> torch.Tensor:
-    """Upper Cholesky factor of the dampened inverse Hessian; dampening grows until it is positive definite."""
-    hessian = hessian.clone()
-    diagonal = hessian.diagonal()
-    diagonal[diagonal == 0] = 1.0  # inputs that are always zero
-    mean_diagonal = diagonal.mean()
-    for attempt in range(6):
-        damped = hessian + torch.eye(len(hessian), device=hessian.device) * (
-            max(dampening, 1e-8) * 10**attempt * mean_diagonal
-        )
-        factor, info = torch.linalg.cholesky_ex(damped)
-        if info == 0:
-            inverse, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(factor), upper=True)
-            if info == 0:
-                return inverse
-    raise RuntimeError("The calibration Hessian is not positive definite even with 10^5 x dampening.")
-
-
 def sparsegpt_prune(
     weight: torch.Tensor,
     hessian_inverse: torch.Tensor,
@@ -91,5 +73,6 @@ class SparseGPTPruning(PruningMethod):
     def prune_matrix(
         self, weight: torch.Tensor, statistic: Hessian, sparsity: float, pattern: NMPattern | None
     ) -> torch.Tensor:
-        inverse = inverse_hessian_cholesky(statistic.matrix, self.config.dampening)
-        return sparsegpt_prune(weight, inverse, sparsity, pattern, self.config.block_size)
+        return sparsegpt_prune(
+            weight, statistic.inverse_cholesky(self.config.dampening), sparsity, pattern, self.config.block_size
+        )

@@ -35,8 +35,8 @@ from torch import nn
 from ..engine.structure import TargetLayer
 from .base import BlockContext, PruningMethod
 from .masking import NMPattern
-from .sparsegpt import inverse_hessian_cholesky, sparsegpt_prune
-from .statistics import Hessian, LayerStatistic
+from .sparsegpt import sparsegpt_prune
+from .statistics import Hessian, LayerStatistic, inverse_hessian_cholesky
 
 logger = logging.getLogger(__name__)
 
@@ -335,8 +335,10 @@ class SparseLLMPruning(PruningMethod):
     def prune_matrix(
         self, weight: torch.Tensor, statistic: LayerStatistic, sparsity: float, pattern: NMPattern | None
     ) -> torch.Tensor:
-        hessian = statistic.gram(weight.device) if isinstance(statistic, RecordedInputs) else statistic.matrix
-        inverse = inverse_hessian_cholesky(hessian, self.config.dampening)
+        if isinstance(statistic, RecordedInputs):
+            inverse = inverse_hessian_cholesky(statistic.gram(weight.device), self.config.dampening, in_place=True)
+        else:
+            inverse = statistic.inverse_cholesky(self.config.dampening)
         return sparsegpt_prune(weight, inverse, sparsity, pattern, self.config.block_size)
 
     def prune_block(self, context: BlockContext) -> dict[str, torch.Tensor]:

@@ -32,24 +32,72 @@ class Hessian(LayerStatistic):
     """Running mean of ``2 X^T X`` over calibration tokens (SparseGPT's layer-wise Hessian).
 
     Only the upper triangle is accumulated, in column panels (a product per panel with the columns from it
-    onward: about 56% of the full product's FLOPs); `matrix` mirrors it into the full symmetric matrix.
+    onward: about 56% of the full product's FLOPs); `matrix` mirrors it in place into the full symmetric
+    matrix, and `inverse_cholesky` turns that, in place too, into the factor SparseGPT needs, once for all
+    the layers sharing this statistic.
     """
 
     def __init__(self, in_features: int, device: torch.device) -> None:
-        self._upper = torch.zeros(in_features, in_features, dtype=torch.float32, device=device)
+        self._matrix: torch.Tensor | None = torch.zeros(in_features, in_features, dtype=torch.float32, device=device)
         self._panel = max(128, -(-in_features // 8))
+        self._symmetric = False
+        self._inverse: torch.Tensor | None = None
         self.tokens = 0
 
     def update(self, inputs: torch.Tensor) -> None:
+        if self._symmetric:
+            raise RuntimeError("The Hessian is complete: it takes no more inputs once `matrix` was read.")
         x = inputs.reshape(-1, inputs.shape[-1]).float()
         total = self.tokens + x.shape[0]
         for start in range(0, x.shape[1], self._panel):
             panel = slice(start, start + self._panel)
-            self._upper[panel, start:].addmm_(x[:, panel].T, x[:, start:], beta=self.tokens / total, alpha=2.0 / total)
+            self._matrix[panel, start:].addmm_(x[:, panel].T, x[:, start:], beta=self.tokens / total, alpha=2.0 / total)
         self.tokens = total
 
     @property
     def matrix(self) -> torch.Tensor:
-        """The full symmetric ``(in_features, in_features)`` float32 Hessian (a new tensor)."""
-        upper = self._upper.triu()
-        return upper + upper.triu(1).T
+        """The full symmetric ``(in_features, in_features)`` float32 Hessian (completed in place when first read)."""
+        if self._matrix is None:
+            raise RuntimeError("The Hessian was turned into its inverse's Cholesky factor.")
+        if not self._symmetric:
+            size = self._matrix.shape[0]
+            for start in range(0, size, self._panel):
+                stop = min(start + self._panel, size)
+                diagonal = self._matrix[start:stop, start:stop]
+                diagonal.copy_(diagonal.triu() + diagonal.triu(1).T)
+                self._matrix[stop:, start:stop] = self._matrix[start:stop, stop:].T
+            self._symmetric = True
+        return self._matrix
+
+    def inverse_cholesky(self, dampening: float) -> torch.Tensor:
+        """`inverse_hessian_cholesky` of this Hessian, computed once in its place (`matrix` is gone after)."""
+        if self._inverse is None:
+            self._inverse = inverse_hessian_cholesky(self.matrix, dampening, in_place=True)
+            self._matrix = None
+        return self._inverse
+
+
+def inverse_hessian_cholesky(hessian: torch.Tensor, dampening: float, *, in_place: bool = False) -> torch.Tensor:
+    """Upper Cholesky factor of the dampened inverse Hessian; dampening grows until it is positive definite.
+
+    ``in_place=True`` uses ``hessian`` as the working matrix (it is overwritten), so that at most two more
+    matrices of its size are allocated.
+    """
+    work = hessian if in_place else hessian.clone()
+    diagonal = work.diagonal()
+    diagonal[diagonal == 0] = 1.0  # inputs that are always zero
+    mean_diagonal = float(diagonal.mean())
+    added = 0.0
+    for attempt in range(6):
+        damping = max(dampening, 1e-8) * 10**attempt * mean_diagonal
+        diagonal += damping - added
+        added = damping
+        factor, info = torch.linalg.cholesky_ex(work)
+        if info != 0:
+            continue
+        torch.cholesky_inverse(factor, out=work)
+        inverse, info = torch.linalg.cholesky_ex(work, upper=True)
+        if info == 0:
+            return inverse
+        torch.mm(factor, factor.T, out=work)  # back to the dampened Hessian, to dampen it more
+    raise RuntimeError("The calibration Hessian is not positive definite even with 10^5 x dampening.")
