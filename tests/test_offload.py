@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -194,3 +197,35 @@ def test_safetensors_writer_and_reader_round_trip(tmp_path):
     (tmp_path / "model.safetensors").write_bytes(data[:-8])
     with pytest.raises(ValueError, match="truncated"):
         SafetensorsCheckpoint(tmp_path).read(["f32", "i64", "bf16", "flag", "scalar", "empty"])
+
+
+_FRAGMENTATION = """
+import os, sys
+import torch
+from optimum_prune.engine.offload import map_large_allocations
+
+def rss():
+    return int(next(line for line in open("/proc/self/status") if line.startswith("VmRSS:")).split()[1]) * 1024
+
+if sys.argv[1] == "mapped":
+    map_large_allocations()
+freed = torch.ones(1 << 20)
+del freed  # 4 MiB freed: glibc's default raises its mmap threshold past it
+before = rss()
+tensors = [torch.ones(3 << 18) for _ in range(64)]  # 64 x 3 MiB
+last = tensors[-1]
+del tensors  # all freed but the last, which pins the heap's top
+print((rss() - before) >> 20)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc and /proc are Linux")
+def test_freed_activations_leave_resident_memory_with_large_allocations_mapped():
+    def grown(mode: str) -> int:
+        env = {key: value for key, value in os.environ.items() if not key.startswith("MALLOC_")}
+        run = subprocess.run([sys.executable, "-c", _FRAGMENTATION, mode], capture_output=True, text=True, env=env)
+        assert run.returncode == 0, run.stderr
+        return int(run.stdout.split()[-1])
+
+    assert grown("default") > 100  # MiB kept resident by glibc's heap
+    assert grown("mapped") < 16

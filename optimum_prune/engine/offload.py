@@ -157,10 +157,11 @@ def map_large_allocations() -> None:
     By default glibc raises that threshold to the largest size freed so far (up to 32 MiB), after which
     tensors of a few MiB (activations, Hessians, weight copies) come from its heap, where fragmentation keeps
     freed pages resident: the peak memory of a blockwise run then creeps up block after block (by about a
-    third over 24 blocks in ``benchmarks/memory.py``). The setting is process-wide and idempotent.
+    third over 24 blocks in ``benchmarks/memory.py``). The setting is process-wide and idempotent; a
+    threshold set through glibc's ``MALLOC_MMAP_THRESHOLD_`` environment variable is left alone.
     """
     libc = _libc()
-    if libc is not None and hasattr(libc, "mallopt"):
+    if libc is not None and hasattr(libc, "mallopt") and "MALLOC_MMAP_THRESHOLD_" not in os.environ:
         libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)
 
 
