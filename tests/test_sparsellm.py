@@ -70,14 +70,16 @@ def sparsegpt_baseline(chain: FeedForwardChain, x: torch.Tensor, sparsity: float
         layer.write(weight)
 
 
-def run_sparsellm(chain: FeedForwardChain, x: torch.Tensor, sparsity: float, iterations: int, pattern=None):
+def run_sparsellm(
+    chain: FeedForwardChain, x: torch.Tensor, sparsity: float, iterations: int, pattern=None, chunk: int = 512
+):
     with torch.no_grad():
         gate = chain.gate.module(x) if chain.gate is not None else None
         hidden = chain.hidden(chain.up.module(x), gate)
     return sparsellm_prune(
         chain,
-        list(x.split(512)),
-        list(hidden.split(512)),
+        list(x.split(chunk)),
+        list(hidden.split(chunk)),
         sparsity,
         pattern,
         iterations=iterations,
@@ -118,6 +120,30 @@ def test_error_non_increasing_over_iterations():
     assert len(errors) == 5
     assert all(later <= earlier * (1 + 1e-4) for earlier, later in zip(errors, errors[1:], strict=False)), errors
     assert errors[-1] < 0.8 * errors[0]
+
+
+def test_iterate_is_chosen_on_held_out_chunks():
+    x = correlated_inputs(seed=5)  # 8 chunks of 128 tokens: the last one is held out
+    chain, _ = make_chain(gated=True, seed=6)
+    target = forward(chain, x)
+    result = run_sparsellm(chain, x, 0.7, iterations=4, chunk=128)
+    assert len(result.errors) == len(result.held_out_errors) == 4
+    assert result.chosen == min(range(4), key=result.held_out_errors.__getitem__)
+    held = slice(7 * 128, None)
+    assert relative_error(chain, x[held], target[held]) == pytest.approx(
+        result.held_out_errors[result.chosen], rel=1e-4
+    )
+
+
+def test_sparsegpt_on_every_token_when_no_refit_does_better_on_held_out_chunks():
+    x = correlated_inputs(seed=5)
+    chain, _ = make_chain(gated=True, seed=6)
+    target = forward(chain, x)
+    baseline, _ = make_chain(gated=True, seed=6)
+    sparsegpt_baseline(baseline, x, 0.7)
+    result = run_sparsellm(chain, x, 0.7, iterations=1, chunk=128)
+    assert result.chosen == 0
+    assert relative_error(chain, x, target) == pytest.approx(relative_error(baseline, x, target), rel=1e-3)
 
 
 def test_nm_pattern_holds_for_every_chain_layer():

@@ -17,7 +17,7 @@ layer whose inputs are their outputs; the activation is the container's ``act_fn
 ``activation``, and the chain is accepted only if it reproduces the recorded inputs of the last layer. A
 block without such a chain is pruned with SparseGPT, with a warning.
 
-Memory: the calibration inputs of the chain are kept on the CPU in float32 chunks of 4096 tokens, together
+Memory: the calibration inputs of the chain are kept on the CPU in float32 chunks of 512 tokens, together
 with the auxiliary variables: ``tokens x (2 hidden + 2 intermediate)`` floats per block (``+ intermediate``
 for gated MLPs); the device only holds one chunk at a time plus ``intermediate x intermediate`` matrices.
 """
@@ -40,7 +40,8 @@ from .statistics import Hessian, LayerStatistic, inverse_hessian_cholesky
 
 logger = logging.getLogger(__name__)
 
-CHUNK_TOKENS = 4096
+CHUNK_TOKENS = 512
+HELD_OUT_EVERY = 8  # every 8th chunk of calibration tokens chooses the iterate instead of fitting it
 _CONTAINERS = ("mlp", "ffn", "feed_forward")
 _CHAIN_LAYERS = ("fc1", "fc2")  # OPT keeps its feed-forward layers directly in the decoder block
 _ACTIVATIONS = ("act_fn", "activation_fn", "act", "activation")
@@ -49,7 +50,7 @@ _CHAIN_TOLERANCE = 0.05  # relative error allowed when checking the chain agains
 
 
 class RecordedInputs(LayerStatistic):
-    """Keeps every calibration input of a layer on the CPU, in float32 chunks of at most 4096 tokens."""
+    """Keeps every calibration input of a layer on the CPU, in float32 chunks of at most 512 tokens."""
 
     def __init__(self) -> None:
         self.chunks: list[torch.Tensor] = []
@@ -111,11 +112,14 @@ class FeedForwardChain:
 
 @dataclass
 class SparseLLMResult:
-    """Masks of the chain and its relative reconstruction error ``||f(X) - Y||^2 / ||Y||^2`` after each
-    iteration's pruning; the weights kept are those of the iteration with the lowest error."""
+    """Masks of the chain; its relative reconstruction error ``||f(X) - Y||^2 / ||Y||^2`` on the fitted tokens
+    (`errors`) and on the held-out ones (`held_out_errors`) after each iteration's pruning; `chosen`, the
+    iteration written back (0: SparseGPT, then refit on every token)."""
 
     masks: dict[str, torch.Tensor]
     errors: list[float] = field(default_factory=list)
+    held_out_errors: list[float] = field(default_factory=list)
+    chosen: int = 0
 
 
 def _records_inputs(layer: TargetLayer) -> bool:
@@ -219,6 +223,23 @@ def _relu_preactivation(hidden: torch.Tensor, target: torch.Tensor, alpha: float
     return torch.where(cost(positive) <= cost(negative), positive, negative)
 
 
+def _relative_error(
+    chain: FeedForwardChain,
+    linears: tuple[_Linear, _Linear | None, _Linear],
+    inputs: list[torch.Tensor],
+    targets: list[torch.Tensor],
+    device: torch.device,
+) -> float:
+    up, gate, output = linears
+    error = energy = 0.0
+    for x_cpu, y_cpu in zip(inputs, targets, strict=True):
+        x, y = x_cpu.to(device), y_cpu.to(device)
+        produced = output(chain.hidden(up(x), gate(x) if gate is not None else None))
+        error += float((produced - y).pow(2).sum())
+        energy += float(y.pow(2).sum())
+    return error / max(energy, 1e-30)
+
+
 def sparsellm_prune(
     chain: FeedForwardChain,
     inputs: list[torch.Tensor],
@@ -237,30 +258,44 @@ def sparsellm_prune(
     """Prune a feed-forward chain with SparseLLM's alternating optimisation; write the weights back.
 
     ``inputs`` and ``hidden`` are the chain's calibration inputs and the inputs of its last layer (the dense
-    post-activations), as CPU chunks of ``(tokens, features)``; the chunks of ``hidden`` are replaced by the
-    auxiliary ``p`` as the optimisation goes (no second copy is kept). Iteration 0 is SparseGPT on every layer; each
-    later one refits the weights to the auxiliary variables and prunes them again. The iterate with the lowest
-    reconstruction error is written back (the last one whenever the error keeps decreasing).
+    post-activations), as CPU chunks of ``(tokens, features)``; the fitted chunks of ``hidden`` are taken over
+    (their entries become ``None``) and replaced by the auxiliary ``p`` as it is updated (no second copy). Iteration 0 is SparseGPT on every
+    layer; each later one refits the weights to the auxiliary variables and prunes them again.
+
+    With 8 chunks or more, every 8th chunk is held out: the iterate with the lowest error on those tokens is
+    written back, so that refits which only fit the calibration tokens better (few tokens for a wide layer)
+    are not kept; when that is iteration 0, SparseGPT is rerun on every token. With fewer chunks the iterate
+    with the lowest error on the fitted tokens is kept.
     """
     device = torch.device(device)
+    held = list(range(len(inputs) - 1, -1, -HELD_OUT_EVERY)) if len(inputs) >= HELD_OUT_EVERY else []
+    fit = [index for index in range(len(inputs)) if index not in held]
     up, output = _Linear.of(chain.up, device), _Linear.of(chain.output, device)
     gate = _Linear.of(chain.gate, device) if chain.gate is not None else None
     first = [layer for layer in (gate, up) if layer is not None]
     relu = gate is None and _is_relu(chain.activation)
+    if held:  # every token's Hessians, for SparseGPT on all of them if it is the best iterate
+        gram_x_all, gram_p_all = _gram(inputs, device), _gram(hidden, device)
+    held_inputs = [inputs[index] for index in held]
+    held_targets = [output(hidden[index].to(device)).cpu() for index in held]
+    inputs = [inputs[index] for index in fit]
 
     # Constants: the dense outputs Y; initial auxiliaries: the dense pre-activations z (and s) and p.
-    targets, pre, gates, post = [], [], [], hidden  # p overwrites the recorded inputs chunk by chunk
-    for x_cpu, p_cpu in zip(inputs, hidden, strict=True):
+    targets, pre, gates, post = [], [], [], []
+    for x_cpu, index in zip(inputs, fit, strict=True):
         x = x_cpu.to(device)
-        targets.append(output(p_cpu.to(device)).cpu())
+        targets.append(output(hidden[index].to(device)).cpu())
         pre.append(up(x).cpu())
         if gate is not None:
             gates.append(gate(x).cpu())
+        post.append(hidden[index])
+        hidden[index] = None  # p replaces the recorded chunk (below), which is freed with it
     target_energy = sum(float(y.pow(2).sum()) for y in targets)
     gram_x = _gram(inputs, device)
     inverse_x = inverse_hessian_cholesky(gram_x, dampening)
 
     result = SparseLLMResult(masks={})
+    best: list[tuple[_Linear, torch.Tensor, torch.Tensor]] = []
     for step in range(iterations):
         if step > 0:  # refit every weight to the auxiliary variables by least squares
             up_rhs = torch.zeros_like(up.weight)
@@ -282,7 +317,7 @@ def sparsellm_prune(
         for layer in first:
             layer.mask = sparsegpt_prune(layer.weight, inverse_x, sparsity, pattern, block_size)
         output.mask = sparsegpt_prune(
-            output.weight, inverse_hessian_cholesky(gram_p, dampening), sparsity, pattern, block_size
+            output.weight, inverse_hessian_cholesky(gram_p, dampening, in_place=True), sparsity, pattern, block_size
         )
         last = step == iterations - 1
         if not last:
@@ -313,8 +348,20 @@ def sparsellm_prune(
                 z = _descend(z, up_out, p, None, chain.activation, alpha, gamma)
             pre[index], post[index] = z.cpu(), p.cpu()
         result.errors.append(error / max(target_energy, 1e-30))
-        if step == 0 or result.errors[-1] <= min(result.errors[:-1]):  # the best iterate; SparseGPT's at worst
+        if held:
+            result.held_out_errors.append(_relative_error(chain, (up, gate, output), held_inputs, held_targets, device))
+        scores = result.held_out_errors or result.errors
+        if step == 0 or scores[-1] <= min(scores[:-1]):  # the best iterate; SparseGPT's at worst
+            result.chosen = step
             best = [(layer, layer.weight.clone(), layer.mask.clone()) for layer in (*first, output)]
+    if held and result.chosen == 0:  # SparseGPT, on every token
+        inverse_x = inverse_hessian_cholesky(gram_x_all, dampening, in_place=True)
+        inverse_p = inverse_hessian_cholesky(gram_p_all, dampening, in_place=True)
+        best = []
+        for linear, inverse in [(gate, inverse_x), (up, inverse_x), (output, inverse_p)]:
+            if linear is not None:
+                weight = linear.layer.matrix().to(device)
+                best.append((linear, weight, sparsegpt_prune(weight, inverse, sparsity, pattern, block_size)))
     for layer, weight, mask in best:
         layer.layer.write(weight)
         result.masks[layer.layer.name] = mask
@@ -366,9 +413,11 @@ class SparseLLMPruning(PruningMethod):
         )
         self.errors[context.index] = result.errors
         logger.info(
-            "SparseLLM block %d: feed-forward reconstruction error %s",
+            "SparseLLM block %d: feed-forward reconstruction error %s (held out: %s); kept iteration %d",
             context.index,
             " -> ".join(f"{e:.4g}" for e in result.errors),
+            " -> ".join(f"{e:.4g}" for e in result.held_out_errors) or "none",
+            result.chosen,
         )
         return {**masks, **result.masks}
 
