@@ -83,7 +83,7 @@ class Pruner:
         self.progress = progress
         self.source = source or getattr(model.config, "_name_or_path", None)
         self.report: PruningReport | None = None
-        self.masks: dict[str, torch.Tensor] = {}
+        self.masks: dict[str, torch.Tensor] = {}  # packed, by layer name; left empty by offload='disk' runs
         self.output_dir: str | None = None
 
     @classmethod
