@@ -61,6 +61,11 @@ def test_estimate_scales_with_the_method_and_calibration():
     magnitude = estimate_run(model, PruningConfig(method="magnitude"), **common)
     assert sparsegpt.statistics_bytes > wanda.statistics_bytes > magnitude.statistics_bytes == 0
     assert magnitude.activations_bytes == 0
+    sparsellm = estimate_run(model, _config(method="sparsellm"), **common)
+    config = model.config
+    per_token = 4 * (2 * config.hidden_size + 3 * config.intermediate_size)  # x, Y; z, s, p of a gated MLP
+    assert sparsellm.host_peak_bytes >= sparsegpt.host_peak_bytes + 8 * 32 * per_token
+    assert sparsellm.seconds > 3 * sparsegpt.seconds  # ten iterations over the MLP
     longer = estimate_run(model, _config(num_samples=16), **common)
     assert longer.activations_bytes == 2 * sparsegpt.activations_bytes
     assert longer.seconds > sparsegpt.seconds

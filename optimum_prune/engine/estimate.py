@@ -20,7 +20,7 @@ from torch import nn
 
 from ..config import PruningConfig
 from .offload import OFFLOAD_MODES, SafetensorsCheckpoint, resolve_dtype
-from .structure import find_decoder_blocks, find_target_layers
+from .structure import TargetLayer, find_decoder_blocks, find_target_layers
 
 DISK_BYTES_PER_S = 500e6
 """Assumed read and write speed of the checkpoint, output and work folders."""
@@ -139,6 +139,7 @@ def estimate_run(
     work = max(working(*layer.shape) for block in layers for layer in block)
     masks = 0 if offload == "disk" else sum(layer.shape[0] * layer.shape[1] for block in layers for layer in block) // 8
     baseline = current_rss() if baseline_bytes is None else baseline_bytes
+    chain_bytes, chain_flops = _sparsellm_chains(config, layers, tokens) if config.method == "sparsellm" else (0, 0.0)
 
     on_device_activations = 2 * activations if storage.type == device.type else 0
     block_phase = block_bytes + statistics + work + forward + on_device_activations
@@ -152,10 +153,11 @@ def estimate_run(
         host_peak = baseline + masks + max(block_phase + others, capture_phase + (weights if offload == "cpu" else 0))
     else:
         host_peak = baseline + masks + resident + host_activations + capture_outside
+    host_peak += chain_bytes  # SparseLLM keeps its chain's inputs and auxiliary variables in host RAM
 
     disk = (weights + activations) if write_output else 0
     passes = (2 if calibrated else 0) * (2 if config.allocation == "owl" else 1)
-    flops = 0.0
+    flops = chain_flops
     for block_layers in layers:
         linear = sum(layer.shape[0] * layer.shape[1] for layer in block_layers)
         flops += passes * (2 * linear * tokens + 4 * tokens * config.seq_len * hidden)
@@ -183,6 +185,27 @@ def estimate_run(
         disk_bytes=disk,
         seconds=seconds,
     )
+
+
+def _sparsellm_chains(config: PruningConfig, layers: list[list[TargetLayer]], tokens: int) -> tuple[int, float]:
+    """SparseLLM's extra cost: host bytes of the largest block's recorded chain inputs, auxiliary variables and
+    Gram matrices, and the FLOPs of every block's iterations after the first (Gram matrices, refits, the
+    auxiliary updates and one more SparseGPT pass over the chain per iteration)."""
+    from ..methods.sparsellm import records_inputs
+
+    peak, flops = 0, 0.0
+    for block in layers:
+        chain = [layer for layer in block if records_inputs(layer)]
+        if not chain:
+            continue
+        width, inner = min(layer.in_features for layer in chain), max(layer.in_features for layer in chain)
+        per_token = 2 * width + (3 if len(chain) > 2 else 2) * inner
+        peak = max(peak, 4 * (tokens * per_token + 4 * inner * inner))
+        pruning = sum(2 * rows * cols * cols + 3 * cols**3 for rows, cols in (layer.shape for layer in chain))
+        flops += (config.sparsellm_iterations - 1) * (
+            4 * tokens * inner * inner + 14 * tokens * width * inner + pruning
+        )
+    return peak, flops
 
 
 def estimate(

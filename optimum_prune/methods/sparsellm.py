@@ -122,7 +122,8 @@ class SparseLLMResult:
     chosen: int = 0
 
 
-def _records_inputs(layer: TargetLayer) -> bool:
+def records_inputs(layer: TargetLayer) -> bool:
+    """Whether SparseLLM keeps ``layer``'s calibration inputs: a candidate link of a feed-forward chain."""
     parts = layer.name.split(".")
     return parts[-1] in _CHAIN_LAYERS or any(part in _CONTAINERS for part in parts[:-1])
 
@@ -377,7 +378,7 @@ class SparseLLMPruning(PruningMethod):
         self.errors: dict[int, list[float]] = {}
 
     def make_statistic(self, layer: TargetLayer, device: torch.device) -> LayerStatistic:
-        return RecordedInputs() if _records_inputs(layer) else Hessian(layer.in_features, device)
+        return RecordedInputs() if records_inputs(layer) else Hessian(layer.in_features, device)
 
     def prune_matrix(
         self, weight: torch.Tensor, statistic: LayerStatistic, sparsity: float, pattern: NMPattern | None
