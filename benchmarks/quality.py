@@ -33,12 +33,15 @@ from benchmarks.models import MODELS, TINYSTORIES_VAL, WIKITEXT_TEST
 RESULTS = Path(__file__).resolve().parent / "results"
 NOTES = {  # what the tables cannot say on their own: why rows are missing
     "quality-smollm2": (
-        "The issue-2 grid ran at the issue's settings (64 x 512 calibration, 40 x 512 evaluation) once the cores "
-        "were quieter (about 2 to 5 minutes per row), and so did the uniform vs OWL pairs at 70%. The other OWL rows "
-        "and the SparseLLM rows only ran at a reduced 8 x 512 calibration / 10 x 512 evaluation while the cores "
-        "were shared by eight jobs; those tables are not "
-        "comparable with the 64 x 512 numbers (the Wanda paper reports that SparseGPT loses more than Wanda with "
-        "few calibration samples). Rerun the command above to fill in the missing rows."
+        "The issue-2 grid and every uniform vs OWL pair ran at the issue's settings (64 x 512 calibration, "
+        "40 x 512 evaluation). The SparseLLM pairs only ran at a reduced 8 x 512 calibration / 10 x 512 "
+        "evaluation: a SparseLLM row took about 1,300 to 1,600 s there on one shared core, and its cost grows "
+        "with the calibration tokens (about 8 x at 64 x 512); those tables are not comparable with the 64 x 512 "
+        "numbers (the Wanda paper reports that SparseGPT loses more than Wanda with few calibration samples). The "
+        "SparseLLM 70% row there was measured again after SparseLLM began choosing its iterate on held-out "
+        "calibration chunks (docs/methods.md); before that change it gave 2769, worse than SparseGPT's 1049, "
+        "because its refits overfit the 4,096 calibration tokens. Rows measured on 2026-11-29 ran while three or "
+        "four benchmark processes shared the two cores. Rerun the command above to fill in the missing rows."
     ),
     "quality-tiny": (
         "TinyStories-656K has only two blocks of equal size, so OWL's linear spread always puts them at exactly "
