@@ -260,8 +260,9 @@ def sparsellm_prune(
 
     ``inputs`` and ``hidden`` are the chain's calibration inputs and the inputs of its last layer (the dense
     post-activations), as CPU chunks of ``(tokens, features)``; the fitted chunks of ``hidden`` are taken over
-    (their entries become ``None``) and replaced by the auxiliary ``p`` as it is updated (no second copy). Iteration 0 is SparseGPT on every
-    layer; each later one refits the weights to the auxiliary variables and prunes them again.
+    (their entries become ``None``) and replaced by the auxiliary ``p`` as it is updated (no second copy).
+    Iteration 0 is SparseGPT on every layer; each later one refits the weights to the auxiliary variables and
+    prunes them again.
 
     With 8 chunks or more, every 8th chunk is held out: the iterate with the lowest error on those tokens is
     written back, so that refits which only fit the calibration tokens better (few tokens for a wide layer)
