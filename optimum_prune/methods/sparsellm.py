@@ -276,10 +276,9 @@ def sparsellm_prune(
     gate = _Linear.of(chain.gate, device) if chain.gate is not None else None
     first = [layer for layer in (gate, up) if layer is not None]
     relu = gate is None and _is_relu(chain.activation)
-    if held:  # every token's Hessians, for SparseGPT on all of them if it is the best iterate
-        gram_x_all, gram_p_all = _gram(inputs, device), _gram(hidden, device)
     held_inputs = [inputs[index] for index in held]
-    held_targets = [output(hidden[index].to(device)).cpu() for index in held]
+    held_hidden = [hidden[index] for index in held]
+    held_targets = [output(p.to(device)).cpu() for p in held_hidden]
     inputs = [inputs[index] for index in fit]
 
     # Constants: the dense outputs Y; initial auxiliaries: the dense pre-activations z (and s) and p.
@@ -294,6 +293,8 @@ def sparsellm_prune(
         hidden[index] = None  # p replaces the recorded chunk (below), which is freed with it
     target_energy = sum(float(y.pow(2).sum()) for y in targets)
     gram_x = _gram(inputs, device)
+    if held:  # every token's Hessians (fitted + held-out), for SparseGPT on all of them if it is the best iterate
+        gram_x_all = gram_x + _gram(held_inputs, device)
     inverse_x = inverse_hessian_cholesky(gram_x, dampening)
 
     result = SparseLLMResult(masks={})
@@ -316,6 +317,8 @@ def sparsellm_prune(
             output.weight = _solve(output_rhs, gram_p, dampening)
         else:
             gram_p = _gram(post, device)
+            if held:
+                gram_p_all = gram_p + _gram(held_hidden, device)
         for layer in first:
             layer.mask = sparsegpt_prune(layer.weight, inverse_x, sparsity, pattern, block_size)
         output.mask = sparsegpt_prune(
