@@ -6,11 +6,13 @@ import pytest
 import torch
 from conftest import random_ids, tiny_model
 from test_methods import layer_inputs, reference_sparsegpt
+from torch import nn
 
 from optimum_prune.engine.blockwise import _StatisticsCollector, capture_block_inputs
 from optimum_prune.engine.structure import find_decoder_blocks, find_target_layers
-from optimum_prune.methods.masking import NMPattern, lowest_mask
+from optimum_prune.methods.masking import NMPattern, lowest_mask, prune_count, row_lowest_mask, split_count
 from optimum_prune.methods.sparsegpt import sparsegpt_prune
+from optimum_prune.methods.sparsellm import _NUMERIC_STEPS, _descend
 from optimum_prune.methods.statistics import Hessian, inverse_hessian_cholesky
 
 
@@ -72,3 +74,32 @@ def test_statistics_pass_stops_at_last_layer_with_identical_statistics():
     assert set(collected[0]) == {layer.name for layer in layers}
     for name, statistic in collected[0].items():
         assert torch.equal(statistic.matrix, collected[1][name].matrix), name
+
+
+def test_row_lowest_mask_exact_counts_with_ties():
+    scores = torch.tensor([[3.0, 1.0, 1.0, 1.0, 0.0], [0.0, 0.0, 0.0, 0.0, 0.0], [5.0, 4.0, 3.0, 2.0, 1.0]])
+    for sparsity in (0.0, 0.2, 0.4, 0.5, 0.6, 0.8, 1.0):
+        mask = row_lowest_mask(scores, sparsity)
+        counts = split_count(prune_count(scores.numel(), sparsity), scores.shape[0])
+        assert mask.sum(dim=1).tolist() == counts.tolist()
+        for row in range(scores.shape[0]):
+            if 0 < counts[row] < scores.shape[1]:
+                assert scores[row][mask[row]].max() <= scores[row][~mask[row]].min()
+
+
+@pytest.mark.parametrize("activation", [nn.functional.silu, nn.functional.gelu, torch.sigmoid])
+@pytest.mark.parametrize("gated", [False, True])
+def test_sparsellm_descent_matches_autograd_of_the_objective(activation, gated):
+    generator = torch.Generator().manual_seed(4)
+    value, target, hidden = (torch.randn(64, 48, generator=generator) for _ in range(3))
+    scale = torch.randn(64, 48, generator=generator) if gated else None
+    alpha, gamma = 5.0, 3.0
+    expected = value.clone()
+    weight = 1.0 if scale is None else scale.pow(2)
+    for _ in range(_NUMERIC_STEPS):
+        variable = expected.clone().requires_grad_(True)
+        produced = activation(variable) if scale is None else activation(variable) * scale
+        loss = alpha * (variable - target).pow(2).sum() + gamma * (hidden - produced).pow(2).sum()
+        (gradient,) = torch.autograd.grad(loss, variable)
+        expected = expected - gradient / (2.0 * (alpha + gamma * 1.25 * weight))
+    torch.testing.assert_close(_descend(value, target, hidden, scale, activation, alpha, gamma), expected)

@@ -72,13 +72,20 @@ def lowest_mask(scores: torch.Tensor, count: int) -> torch.Tensor:
 
 
 def row_lowest_mask(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
-    """Mask the lowest scores within each row; rows get near-equal counts summing to the exact total."""
+    """Mask the lowest scores within each row; rows get near-equal counts summing to the exact total.
+
+    One `kthvalue` per row finds the threshold (several times faster than sorting the rows); scores equal to a
+    row's threshold are taken left to right until the row has its count."""
     rows, cols = scores.shape
     counts = split_count(prune_count(rows * cols, sparsity), rows).to(scores.device)
-    order = torch.argsort(scores, dim=1)
-    ranks = torch.empty_like(order)
-    ranks.scatter_(1, order, torch.arange(cols, device=scores.device).expand(rows, cols))
-    return ranks < counts.unsqueeze(1)
+    most = int(counts.max())
+    if most == 0:
+        return torch.zeros_like(scores, dtype=torch.bool)
+    thresholds = torch.kthvalue(scores, most, dim=1, keepdim=True).values
+    mask = scores < thresholds
+    ties = scores == thresholds
+    missing = counts - mask.sum(dim=1)  # >= 0: fewer than `most` scores lie below the most-th smallest
+    return mask | (ties & (ties.cumsum(dim=1) <= missing.unsqueeze(1)))
 
 
 def nm_mask(scores: torch.Tensor, pattern: NMPattern) -> torch.Tensor:

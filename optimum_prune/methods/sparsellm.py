@@ -36,7 +36,7 @@ from ..engine.structure import TargetLayer
 from .base import BlockContext, PruningMethod
 from .masking import NMPattern
 from .sparsegpt import sparsegpt_prune
-from .statistics import Hessian, LayerStatistic, inverse_hessian_cholesky
+from .statistics import Hessian, LayerStatistic, add_upper_gram, gram_panel, inverse_hessian_cholesky, mirror_upper
 
 logger = logging.getLogger(__name__)
 
@@ -65,11 +65,13 @@ class RecordedInputs(LayerStatistic):
 
 
 def _gram(chunks: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """``X^T X`` of the chunks stacked (upper triangle accumulated, then mirrored)."""
     width = chunks[0].shape[1]
     gram = torch.zeros(width, width, dtype=torch.float32, device=device)
+    panel = gram_panel(width)
     for chunk in chunks:
-        x = chunk.to(device)
-        gram.addmm_(x.T, x)
+        add_upper_gram(gram, chunk.to(device), panel)
+    mirror_upper(gram, panel)
     return gram
 
 
@@ -199,16 +201,22 @@ def _descend(
     gamma: float,
 ) -> torch.Tensor:
     """Minimise ``alpha (v - target)^2 + gamma (hidden - act(v) * scale)^2`` element-wise by gradient steps,
-    each scaled by a bound on the element's curvature (``act'`` taken as at most 1.12, as for GELU/SiLU)."""
+    each scaled by a bound on the element's curvature (``act'`` taken as at most 1.12, as for GELU/SiLU).
+    Autograd differentiates the activation alone (one vector-Jacobian product); the rest is written out."""
     weight = 1.0 if scale is None else scale.pow(2)
     step = 1.0 / (2.0 * (alpha + gamma * 1.25 * weight))
     for _ in range(_NUMERIC_STEPS):
         with torch.enable_grad():
             variable = value.detach().requires_grad_(True)
-            produced = activation(variable) if scale is None else activation(variable) * scale
-            loss = alpha * (variable - target).pow(2).sum() + gamma * (hidden - produced).pow(2).sum()
-            (gradient,) = torch.autograd.grad(loss, variable)
-        value = value - step * gradient
+            activated = activation(variable)
+        # d/dv of gamma (hidden - act(v) s)^2 is 2 gamma (act(v) s - hidden) s act'(v)
+        produced = activated.detach() if scale is None else activated.detach() * scale
+        upstream = (produced - hidden).mul_(2.0 * gamma)
+        if scale is not None:
+            upstream.mul_(scale)
+        (gradient,) = torch.autograd.grad(activated, variable, grad_outputs=upstream)
+        gradient.add_(value - target, alpha=2.0 * alpha).mul_(step)
+        value = value - gradient
     return value
 
 

@@ -39,7 +39,7 @@ class Hessian(LayerStatistic):
 
     def __init__(self, in_features: int, device: torch.device) -> None:
         self._matrix: torch.Tensor | None = torch.zeros(in_features, in_features, dtype=torch.float32, device=device)
-        self._panel = max(128, -(-in_features // 8))
+        self._panel = gram_panel(in_features)
         self._symmetric = False
         self._inverse: torch.Tensor | None = None
         self.tokens = 0
@@ -49,9 +49,7 @@ class Hessian(LayerStatistic):
             raise RuntimeError("The Hessian is complete: it takes no more inputs once `matrix` was read.")
         x = inputs.reshape(-1, inputs.shape[-1]).float()
         total = self.tokens + x.shape[0]
-        for start in range(0, x.shape[1], self._panel):
-            panel = slice(start, start + self._panel)
-            self._matrix[panel, start:].addmm_(x[:, panel].T, x[:, start:], beta=self.tokens / total, alpha=2.0 / total)
+        add_upper_gram(self._matrix, x, self._panel, beta=self.tokens / total, alpha=2.0 / total)
         self.tokens = total
 
     @property
@@ -60,12 +58,7 @@ class Hessian(LayerStatistic):
         if self._matrix is None:
             raise RuntimeError("The Hessian was turned into its inverse's Cholesky factor.")
         if not self._symmetric:
-            size = self._matrix.shape[0]
-            for start in range(0, size, self._panel):
-                stop = min(start + self._panel, size)
-                diagonal = self._matrix[start:stop, start:stop]
-                diagonal.copy_(diagonal.triu() + diagonal.triu(1).T)
-                self._matrix[stop:, start:stop] = self._matrix[start:stop, stop:].T
+            mirror_upper(self._matrix, self._panel)
             self._symmetric = True
         return self._matrix
 
@@ -75,6 +68,29 @@ class Hessian(LayerStatistic):
             self._inverse = inverse_hessian_cholesky(self.matrix, dampening, in_place=True)
             self._matrix = None
         return self._inverse
+
+
+def gram_panel(width: int) -> int:
+    """Column panel width for `add_upper_gram`: at least 128, at most 8 panels."""
+    return max(128, -(-width // 8))
+
+
+def add_upper_gram(matrix: torch.Tensor, x: torch.Tensor, panel: int, *, beta: float = 1.0, alpha: float = 1.0) -> None:
+    """``matrix = beta * matrix + alpha * x^T x`` on the upper triangle only, one product per column panel with
+    the columns from it onward (about 56% of the full product's FLOPs with 8 panels); see `mirror_upper`."""
+    for start in range(0, x.shape[1], panel):
+        columns = slice(start, start + panel)
+        matrix[columns, start:].addmm_(x[:, columns].T, x[:, start:], beta=beta, alpha=alpha)
+
+
+def mirror_upper(matrix: torch.Tensor, panel: int) -> None:
+    """Complete, in place, a matrix accumulated by `add_upper_gram` into the full symmetric one."""
+    size = matrix.shape[0]
+    for start in range(0, size, panel):
+        stop = min(start + panel, size)
+        diagonal = matrix[start:stop, start:stop]
+        diagonal.copy_(diagonal.triu() + diagonal.triu(1).T)
+        matrix[stop:, start:stop] = matrix[start:stop, stop:].T
 
 
 def inverse_hessian_cholesky(hessian: torch.Tensor, dampening: float, *, in_place: bool = False) -> torch.Tensor:
