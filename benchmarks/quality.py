@@ -5,7 +5,7 @@ resident memory are its own. Results accumulate in ``benchmarks/results/quality-
 row finishes (rows already there are skipped unless ``--force``), and the ``quality-smollm2`` and
 ``quality-tiny`` sections of docs/benchmarks.md are rewritten from those files after every row.
 
-    python benchmarks/quality.py --models smollm2-135m --grids issue2 owl sparsellm
+    python benchmarks/quality.py --models smollm2-135m --grids issue2 owl sparsellm owl-sweep-80
     python benchmarks/quality.py --models stories260k tinystories-656k --grids issue2 owl sparsellm owl-sweep
 """
 
@@ -50,6 +50,10 @@ NOTES = {  # what the tables cannot say on their own: why rows are missing
 }
 EVAL_DATA = {"smollm2-135m": "wikitext2"}  # every other model is evaluated on TinyStories val
 SECTIONS = {"quality-smollm2": ["smollm2-135m"], "quality-tiny": ["stories260k", "tinystories-656k"]}
+SECTION_GRIDS = {  # the grids each section's command runs
+    "quality-smollm2": "issue2 owl sparsellm owl-sweep-80",
+    "quality-tiny": "issue2 owl sparsellm owl-sweep",
+}
 SPARSITIES = {"50%": (0.5, "unstructured"), "2:4": (0.5, "2:4"), "60%": (0.6, "unstructured")}
 SPARSITIES |= {"70%": (0.7, "unstructured"), "80%": (0.8, "unstructured")}
 
@@ -71,6 +75,9 @@ class Row:
         return f"{self.method}|{self.sparsity}|{self.allocation}{owl}"
 
 
+GRIDS = ("issue2", "owl", "sparsellm", "owl-sweep", "owl-sweep-80")
+
+
 def grid(name: str, model: str) -> list[Row]:
     """The rows of one named grid for ``model``."""
     if name == "issue2":
@@ -88,7 +95,9 @@ def grid(name: str, model: str) -> list[Row]:
     if name == "owl-sweep":
         settings = [(5.0, 0.08), (5.0, 0.2), (7.0, 0.08), (7.0, 0.2)]
         return [Row(model, m, "70%", "owl", om, ol) for m in ("wanda", "sparsegpt") for om, ol in settings]
-    raise ValueError(f"Unknown grid {name!r}: choose one of issue2, owl, sparsellm, owl-sweep.")
+    if name == "owl-sweep-80":  # smaller spreads where the default one loses to uniform (SmolLM2, Wanda 80%)
+        return [Row(model, "wanda", "80%", "owl", om, ol) for om, ol in [(5.0, 0.02), (5.0, 0.04), (10.0, 0.08)]]
+    raise ValueError(f"Unknown grid {name!r}: choose one of {', '.join(GRIDS)}.")
 
 
 def eval_text(model: str) -> tuple[str | list[str], str]:
@@ -272,17 +281,22 @@ def model_tables(model: str, settings: tuple[int, int, int]) -> str:
             "",
         ]
 
-    sweep = [r for r in grid("owl-sweep", model) if r.key in results]
+    sweep = [r for name in ("owl-sweep", "owl-sweep-80") for r in grid(name, model) if r.key in results]
     if sweep:
-        out += ["OWL hyperparameters at 70% (uniform for reference):", ""]
+        out += ["OWL hyperparameters (uniform and the default m=5, lambda=0.08 for reference):", ""]
+        references = dict.fromkeys((r.method, r.sparsity) for r in sweep)
         sweep_rows = [
-            [r.method, "uniform", "", cells(get(Row(model, r.method, "70%").key))[0]]
-            for r in grid("owl-sweep", model)[::4]
+            [method, sparsity, allocation, setting, cells(get(Row(model, method, sparsity, allocation).key))[0]]
+            for method, sparsity in references
+            for allocation, setting in (("uniform", ""), ("owl", "m=5, lambda=0.08"))
         ]
         sweep_rows += [
-            [r.method, "owl", f"m={r.owl_m:g}, lambda={r.owl_lambda:g}", cells(get(r.key))[0]] for r in sweep
+            [r.method, r.sparsity, "owl", f"m={r.owl_m:g}, lambda={r.owl_lambda:g}", cells(get(r.key))[0]]
+            for r in sweep
+            if (r.owl_m, r.owl_lambda) != (5.0, 0.08)
         ]
-        out += [table(["method", "allocation", "setting", "perplexity"], sweep_rows), ""]
+        sweep_rows.sort(key=lambda row: (row[0], row[1]))
+        out += [table(["method", "sparsity", "allocation", "setting", "perplexity"], sweep_rows), ""]
 
     sparsellm_rows, sparsellm_pairs = [], []
     for sparsity in ("70%", "80%"):
@@ -312,9 +326,8 @@ def render(section: str) -> None:
     header = [
         f"## Quality: {', '.join(MODELS[m] for m in models)}",
         "",
-        f"Command: `python benchmarks/quality.py --models {' '.join(models)} --grids issue2 owl sparsellm"
-        + (" owl-sweep" if section == "quality-tiny" else "")
-        + "` (each row in a fresh subprocess; rows already measured are kept).",
+        f"Command: `python benchmarks/quality.py --models {' '.join(models)} --grids {SECTION_GRIDS[section]}` "
+        "(each row in a fresh subprocess; rows already measured are kept).",
         "",
         f"Calibration: C4 validation sample (`c4_validation_2k.jsonl`), seed 0; perplexity: first windows of 512 "
         f"tokens of {eval_data}, no BOS. The defaults are the issue's settings (64 x 512 calibration tokens, "
@@ -334,7 +347,7 @@ def render(section: str) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", choices=list(MODELS), default=["stories260k", "tinystories-656k"])
-    parser.add_argument("--grids", nargs="+", default=["issue2"], choices=["issue2", "owl", "sparsellm", "owl-sweep"])
+    parser.add_argument("--grids", nargs="+", default=["issue2"], choices=GRIDS)
     parser.add_argument("--methods", nargs="+", help="only rows of these methods (dense included by name)")
     parser.add_argument("--sparsities", nargs="+", choices=["0%", *SPARSITIES], help="only rows at these sparsities")
     parser.add_argument("--num-samples", type=int, default=64)

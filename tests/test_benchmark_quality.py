@@ -24,6 +24,9 @@ def test_grids_cover_the_issues() -> None:
     assert len(owl) == 12 and sum(r.allocation == "owl" for r in owl) == 6
     sweep = grid("owl-sweep", "stories260k")
     assert len({r.key for r in sweep}) == 8  # the OWL hyperparameters are part of the key
+    sweep_80 = grid("owl-sweep-80", "stories260k")
+    assert {(r.method, r.sparsity, r.allocation) for r in sweep_80} == {("wanda", "80%", "owl")}
+    assert len({r.key for r in sweep_80}) == 3
     with pytest.raises(ValueError, match="Unknown grid"):
         grid("owl2", "stories260k")
 
@@ -58,4 +61,12 @@ def test_results_accumulate_and_render(tmp_path, monkeypatch) -> None:
     assert "wanda 70%: OWL lower than uniform (60.00 vs 90.00, x0.67)" in markdown
     assert "failed (subprocess exited with status 1)" in markdown
     assert "| dense | 0% | uniform | not run |" in markdown
+
+    sweep_row = Row("stories260k", "wanda", "70%", "owl", 7.0, 0.2)
+    quality.save_result(sweep_row, {**settings, **measured, "perplexity": 70.0})
+    quality.render("quality-tiny")
+    markdown = written["quality-tiny"]
+    assert "| wanda | 70% | uniform |  | 90.00 |" in markdown
+    assert "| wanda | 70% | owl | m=5, lambda=0.08 | 60.00 |" in markdown
+    assert "| wanda | 70% | owl | m=7, lambda=0.2 | 70.00 |" in markdown
     assert "`--num-samples 2 --seq-len 64 --eval-windows 2`" in markdown
