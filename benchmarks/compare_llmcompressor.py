@@ -193,7 +193,13 @@ def evaluate(model_name: str, weights: Path | None, text: str, windows: int) -> 
 
 
 def compare(
-    models: list[str], configs: list[str], repeats: int, samples: int | None, eval_windows: int | None, command: str
+    models: list[str],
+    configs: list[str],
+    repeats: int,
+    samples: int | None,
+    eval_windows: int | None,
+    command: str,
+    seed: int = 0,
 ) -> list[dict]:
     import torch
 
@@ -208,7 +214,7 @@ def compare(
             folder = model_folder(model_name)
             _, tokenizer = load_model(model_name)
             ids_path = Path(tmp) / f"{model_name}-ids.pt"
-            torch.save(calibration_token_ids(tokenizer, num_samples, SEQ_LEN), ids_path)
+            torch.save(calibration_token_ids(tokenizer, num_samples, SEQ_LEN, seed), ids_path)
             text = evaluation_text(text_name)
             dense = evaluate(model_name, None, text, windows)
             for config in configs:
@@ -221,7 +227,7 @@ def compare(
                         print(f"{model_name} {config} {tool} #{repeat}: {json.dumps(result)}", flush=True)
                 ppl = {tool: evaluate(model_name, Path(tmp) / f"{model_name}-{config}-{tool}.safetensors", text, windows)
                        for tool in runs}  # fmt: skip
-                row = {"model": model_name, "config": config, "dense_ppl": dense, "samples": num_samples,
+                row = {"model": model_name, "config": config, "seed": seed, "dense_ppl": dense, "samples": num_samples,
                        "repeats": repeats, "command": command, "eval": f"{text_name} {windows}x{SEQ_LEN}"}  # fmt: skip
                 for tool, results in runs.items():
                     row[f"{tool}_ppl"] = ppl[tool]
@@ -242,7 +248,7 @@ def markdown(rows: list[dict]) -> str:
     for r in rows:
         mib = 1 << 20
         body.append([
-            r["model"], r["config"], f"{r['dense_ppl']:.2f}", f"{r['ours_ppl']:.2f}", f"{r['theirs_ppl']:.2f}",
+            r["model"], r["config"] + (f" (seed {r['seed']})" if r.get("seed") else ""), f"{r['dense_ppl']:.2f}", f"{r['ours_ppl']:.2f}", f"{r['theirs_ppl']:.2f}",
             f"{r['ours_ppl'] / r['theirs_ppl']:.3f}", f"{r['ours_prune_seconds']:.1f}",
             f"{r['theirs_prune_seconds']:.1f}", f"{r['ours_prune_seconds'] / r['theirs_prune_seconds']:.2f}",
             f"{r['ours_total_seconds']:.1f} / {r['theirs_total_seconds']:.1f}",
@@ -296,6 +302,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2, help="alternating runs per tool and config (median)")
     parser.add_argument("--samples", type=int, help="calibration sequences (default: per model)")
     parser.add_argument("--eval-windows", type=int, help="512-token evaluation windows (default: per model)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the calibration sample (shown when not 0)")
     parser.add_argument("--write", action="store_true", help="write the table into docs/benchmarks.md")
     parser.add_argument("--output-json", type=Path, help="also save the rows as JSON")
     parser.add_argument("--from-json", type=Path, nargs="+", help="render (and --write) saved rows, run nothing")
@@ -313,7 +320,7 @@ def main() -> None:
         rows = [row for path in args.from_json for row in json.loads(path.read_text())]
     else:
         command = "OMP_NUM_THREADS=1 python " + " ".join(["benchmarks/compare_llmcompressor.py", *sys.argv[1:]])
-        rows = compare(args.models, args.configs, args.repeats, args.samples, args.eval_windows, command)
+        rows = compare(args.models, args.configs, args.repeats, args.samples, args.eval_windows, command, args.seed)
         if args.output_json:
             args.output_json.write_text(json.dumps(rows, indent=2))
     text = markdown(rows)

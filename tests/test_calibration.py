@@ -90,6 +90,16 @@ def test_sampling_is_deterministic_with_seed(tokenizer):
     assert not torch.equal(first, calibration_ids(TEXTS, tokenizer, 4, 32, seed=2))
 
 
+def test_single_text_starts_at_a_seeded_offset(tokenizer):
+    text = TINYSTORIES_VAL.read_text(encoding="utf-8")[:20000]
+    stream = tokenizer(text, add_special_tokens=False)["input_ids"]
+    first = calibration_ids([text], tokenizer, 4, 32, seed=1)
+    assert torch.equal(first, calibration_ids([text], tokenizer, 4, 32, seed=1))
+    assert not torch.equal(first, calibration_ids([text], tokenizer, 4, 32, seed=2))
+    start = next(i for i in range(len(stream)) if stream[i : i + 128] == first.flatten().tolist())
+    assert start > 0  # not always the head of the text
+
+
 def test_small_corpus_overlaps_windows_with_a_warning(tokenizer):
     texts = TEXTS[:3]
     with pytest.warns(UserWarning, match="sampling overlapping windows"):

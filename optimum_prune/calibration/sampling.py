@@ -15,8 +15,9 @@ def calibration_ids(
     """Sample ``num_samples`` windows of ``seq_len`` tokens.
 
     Texts are visited in a seeded random order and tokenised (joined by the EOS token) only until enough
-    tokens are gathered; the stream is then cut into consecutive windows. A corpus too small for that gives
-    overlapping windows at seeded random offsets, with a warning.
+    tokens are gathered; the stream is then cut into consecutive windows. A single text (a ``.txt`` file) is
+    entered at a seeded random token instead, so that the seed matters there too. A corpus too small for
+    ``num_samples x seq_len`` tokens gives overlapping windows at seeded random offsets, with a warning.
     """
     generator = torch.Generator().manual_seed(seed)
     needed = num_samples * seq_len
@@ -37,7 +38,8 @@ def calibration_ids(
         )
     tokens = torch.tensor(stream, dtype=torch.long)
     if len(tokens) >= needed:
-        return tokens[:needed].view(num_samples, seq_len)
+        start = int(torch.randint(0, len(tokens) - needed + 1, (1,), generator=generator)) if len(texts) == 1 else 0
+        return tokens[start : start + needed].view(num_samples, seq_len)
     warnings.warn(
         f"The calibration text has {len(tokens)} tokens, fewer than num_samples x seq_len = {needed}: "
         "sampling overlapping windows.",
