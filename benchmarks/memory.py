@@ -1,14 +1,19 @@
 """Peak memory of pruning a model bigger than the memory it is allowed: SparseGPT with ``offload="disk"``.
 
 Builds a random-init Llama with about 1.5 GB of fp32 weights as one safetensors shard per block (block
-by block, so building it needs one block of RAM), then prunes it in a fresh subprocess per offload mode
-and records that subprocess's peak resident memory (``VmHWM``), its time, and the dry-run estimate made
-before any weight was loaded. Writes the ``memory`` section of docs/benchmarks.md.
+by block, so building it needs one block of RAM), then prunes it in a fresh subprocess per mode and
+records that subprocess's peak resident memory (``VmHWM``), its time, and the dry-run estimate made
+before any weight was loaded. Modes: ``disk`` (``offload="disk"``), ``disk-activations`` (the same with
+``offload_activations=True``) and ``cpu`` (the whole model in RAM). Rows accumulate in
+``benchmarks/results/memory.json`` (a row measured again replaces the old one) and the ``memory`` section
+of docs/benchmarks.md is written from all of them.
 
     OMP_NUM_THREADS=1 python benchmarks/memory.py  # offload="disk" only
     python benchmarks/memory.py --modes disk cpu # also the in-memory run, for comparison
     python benchmarks/memory.py --layers 8       # a smaller model (0.67 GB) when time is short
     python benchmarks/memory.py --layers 24 48   # 1.5 GB and 2.7 GB: the fixed interpreter cost weighs less
+    python benchmarks/memory.py --modes disk disk-activations --layers 8 --samples 64 --seq-len 512
+                                                 # activations that outweigh a block: in RAM or on disk
 """
 
 from __future__ import annotations
@@ -39,6 +44,8 @@ LLAMA = {
     "tie_word_embeddings": False,
 }
 SAMPLES, SEQ_LEN = 8, 128
+MODES = {"disk": ("disk", False), "disk-activations": ("disk", True), "cpu": ("cpu", False)}  # offload, activations
+RESULTS = Path(__file__).resolve().parent / "results" / "memory.json"
 
 
 def build_model(folder: Path, layers: int, seed: int = 0) -> int:
@@ -86,22 +93,27 @@ def _hwm() -> int:
     raise RuntimeError("VmHWM needs Linux /proc.")
 
 
-def worker(source: str, output: str, offload: str) -> None:
+def worker(source: str, output: str, mode: str, samples: int, seq_len: int) -> None:
     """One run in this (fresh) process; prints a JSON line with the measurements."""
     import torch
 
     from optimum_prune import Pruner, PruningConfig
 
-    config = PruningConfig(method="sparsegpt", sparsity=0.5, num_samples=SAMPLES, seq_len=SEQ_LEN, batch_size=4)
+    offload, activations = MODES[mode]
+    config = PruningConfig(method="sparsegpt", sparsity=0.5, num_samples=samples, seq_len=seq_len, batch_size=4)
     baseline = _hwm()
-    estimate = Pruner.estimate(source, config, device="cpu", offload=offload)
-    ids = torch.randint(0, LLAMA["vocab_size"], (SAMPLES, SEQ_LEN), generator=torch.Generator().manual_seed(0))
+    estimate = Pruner.estimate(source, config, device="cpu", offload=offload, offload_activations=activations)
+    ids = torch.randint(0, LLAMA["vocab_size"], (samples, seq_len), generator=torch.Generator().manual_seed(0))
     start = time.perf_counter()
-    pruner = Pruner.from_pretrained(source, config, device="cpu", offload=offload, progress=False)
+    pruner = Pruner.from_pretrained(
+        source, config, device="cpu", offload=offload, offload_activations=activations, progress=False
+    )
     report = pruner.prune(ids, output_dir=output)
     seconds = time.perf_counter() - start
     result = {
-        "offload": offload,
+        "offload": mode,
+        "samples": samples,
+        "seq_len": seq_len,
         "baseline_bytes": baseline,
         "peak_rss_bytes": _hwm(),
         "seconds": seconds,
@@ -110,6 +122,7 @@ def worker(source: str, output: str, offload: str) -> None:
         "estimate_seconds": estimate.seconds,
         "activations_bytes": estimate.activations_bytes,
         "block_bytes": estimate.block_bytes,
+        "date": datetime.date.today().isoformat(),
     }
     print("RESULT " + json.dumps(result), flush=True)
 
@@ -126,106 +139,129 @@ def _reading(results: list[dict]) -> str:
         above = result["peak_rss_bytes"] - result["baseline_bytes"]
         limit = 0.3 * size + result["activations_bytes"]
         lines.append(
-            f'{result["layers"]} blocks, `offload="{result["offload"]}"`: peak {result["peak_rss_bytes"] / size:.2f} '
-            f"x the model in all, {above / size:.2f} x above the interpreter; the target of 0.3 x model + "
-            f"activations ({_gb(int(limit))}) is {'met' if result['peak_rss_bytes'] <= limit else 'not met'} by "
-            f"the whole process and {'met' if above <= limit else 'not met'} by what pruning adds to the "
-            f"interpreter. Measured / estimated peak: "
-            f"{result['peak_rss_bytes'] / result['estimate_host_peak_bytes']:.2f}; time: "
+            f"{_label(result)}: peak {result['peak_rss_bytes'] / size:.2f} x the model in all, {above / size:.2f} x "
+            f"above the interpreter; the target of 0.3 x model + activations ({_gb(int(limit))}) is "
+            f"{'met' if result['peak_rss_bytes'] <= limit else 'not met'} by the whole process and "
+            f"{'met' if above <= limit else 'not met'} by what pruning adds to the interpreter. Measured / estimated "
+            f"peak: {result['peak_rss_bytes'] / result['estimate_host_peak_bytes']:.2f}; time: "
             f"{result['seconds'] / result['estimate_seconds']:.2f} x the estimate."
         )
     lines.append(
         f"The interpreter with torch and transformers imported ({_gb(results[0]['baseline_bytes'])}) is a fixed "
         "cost that does not grow with the model; what pruning adds grows with the width of one block (its weights, "
         "its statistics, and SparseGPT's inverse of the widest layer's Hessian, three matrices of "
-        f"{LLAMA['intermediate_size']}^2 floats at once), not with the number of blocks."
+        f"{LLAMA['intermediate_size']}^2 floats at once) and, unless `offload_activations=True`, with the "
+        "calibration activations (twice: a block's inputs and outputs), not with the number of blocks."
     )
     return "\n\n".join(f"- {line}" if index < len(results) else line for index, line in enumerate(lines))
 
 
+def _label(result: dict) -> str:
+    return f"{result['layers']} blocks, {result['samples']} x {result['seq_len']} tokens, `{result['offload']}`"
+
+
+def _key(result: dict) -> tuple[int, int, int, int]:
+    """Table order, and what makes two rows the same run."""
+    tokens = result["samples"] * result["seq_len"]
+    return tokens, result["samples"], result["layers"], list(MODES).index(result["offload"])
+
+
+def load_results() -> list[dict]:
+    """Every measured row, in table order."""
+    return sorted(json.loads(RESULTS.read_text()) if RESULTS.is_file() else [], key=_key)
+
+
+def save_result(result: dict) -> None:
+    """Add one row to the results file (replacing an earlier measurement of the same run)."""
+    results = [r for r in load_results() if _key(r) != _key(result)] + [result]
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    partial = RESULTS.with_suffix(".json.partial")
+    partial.write_text(json.dumps(sorted(results, key=_key), indent=1) + "\n")
+    os.replace(partial, RESULTS)
+
+
+def render(results: list[dict]) -> str:
+    """The ``memory`` section of docs/benchmarks.md."""
+    from benchmarks.markdown import table
+
+    headers = ["model", "calibration", "run", "peak RSS", "peak / model", "(peak - interpreter) / model",
+               "estimated peak", "measured / estimated", "time (s)", "estimated time (s)",
+               "peak within 0.3 x model + activations"]  # fmt: skip
+    rows = []
+    for r in results:
+        size = r["model_bytes"]
+        rows.append([
+            f"{r['layers']} blocks, {_gb(size)}",
+            f"{r['samples']} x {r['seq_len']} ({r['activations_bytes'] / 1e6:.0f} MB)",
+            f"`{r['offload']}`", _gb(r["peak_rss_bytes"]), f"{r['peak_rss_bytes'] / size:.2f}",
+            f"{(r['peak_rss_bytes'] - r['baseline_bytes']) / size:.2f}", _gb(r["estimate_host_peak_bytes"]),
+            f"{r['peak_rss_bytes'] / r['estimate_host_peak_bytes']:.2f}", f"{r['seconds']:.0f}",
+            f"{r['estimate_seconds']:.0f}",
+            "yes" if r["peak_rss_bytes"] <= 0.3 * size + r["activations_bytes"] else "no",
+        ])  # fmt: skip
+    commands = "; ".join(f"`{command}`" for command in dict.fromkeys(r["command"] for r in results))
+    dates = sorted({r["date"] for r in results})
+    return "\n".join([
+        "## Memory: pruning a model larger than the memory it is given",
+        "",
+        f"Random-init Llama (hidden {LLAMA['hidden_size']}, intermediate {LLAMA['intermediate_size']}, vocab "
+        f"{LLAMA['vocab_size']}, untied), fp32 weights in one safetensors shard per block; SparseGPT 50%, batch size "
+        "4. Runs: `disk` is `offload=\"disk\"`, `disk-activations` the same with `offload_activations=True`, `cpu` "
+        "the whole model in RAM. Each run is a fresh process; peak RSS is its `VmHWM`, which includes the "
+        f"interpreter with torch and transformers imported ({_gb(results[0]['baseline_bytes'])} before any model "
+        "code ran). The calibration column gives the activations entering one block.",
+        "",
+        table(headers, rows),
+        "",
+        _reading(results),
+        "",
+        f"Commands: {commands}; machine: {os.cpu_count()}-core CPU shared with other jobs ({platform.machine()}), "
+        f"dates: {', '.join(dates)}.",
+    ])  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--modes", nargs="+", choices=("disk", "cpu"), default=["disk"])
+    parser.add_argument("--modes", nargs="+", choices=list(MODES), default=["disk"])
     parser.add_argument(
         "--layers", type=int, nargs="+", default=[LLAMA["num_hidden_layers"]], help="decoder blocks (one model each)"
     )
+    parser.add_argument("--samples", type=int, default=SAMPLES, help="calibration sequences")
+    parser.add_argument("--seq-len", type=int, default=SEQ_LEN, help="tokens per calibration sequence")
     parser.add_argument("--workdir", help="where to build the model (default: a temporary folder, removed after)")
-    parser.add_argument("--worker", nargs=3, metavar=("SOURCE", "OUTPUT", "OFFLOAD"), help=argparse.SUPPRESS)
+    parser.add_argument("--render-only", action="store_true", help="only rewrite the docs section from the results")
+    parser.add_argument("--worker", nargs=5, metavar=("SOURCE", "OUTPUT", "MODE", "SAMPLES", "SEQ_LEN"),
+                        help=argparse.SUPPRESS)  # fmt: skip
     args = parser.parse_args()
     if args.worker:
-        worker(*args.worker)
+        source, output, mode, samples, seq_len = args.worker
+        worker(source, output, mode, int(samples), int(seq_len))
         return
-    from benchmarks.markdown import table, write_section
+    from benchmarks.markdown import write_section
 
+    command = f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '')} python benchmarks/memory.py " + " ".join(
+        sys.argv[1:]
+    )
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="optimum-prune-memory-"))
     try:
-        rows, results = [], []
-        for layers in args.layers:
+        for layers in [] if args.render_only else args.layers:
             source = workdir / f"source-{layers}"
             size = build_model(source, layers)
             for mode in args.modes:
-                result = _run(source, workdir / f"pruned-{mode}", mode) | {"layers": layers, "model_bytes": size}
-                results.append(result)
+                result = _run(source, workdir / f"pruned-{mode}", mode, args.samples, args.seq_len)
+                result |= {"layers": layers, "model_bytes": size, "command": command}
+                save_result(result)
                 print(json.dumps(result), flush=True)
-                limit = 0.3 * size + result["activations_bytes"]
-                rows.append(
-                    [
-                        f"{layers} blocks, {_gb(size)}",
-                        f'`offload="{mode}"`',
-                        _gb(result["peak_rss_bytes"]),
-                        f"{result['peak_rss_bytes'] / size:.2f}",
-                        f"{(result['peak_rss_bytes'] - result['baseline_bytes']) / size:.2f}",
-                        _gb(result["estimate_host_peak_bytes"]),
-                        f"{result['peak_rss_bytes'] / result['estimate_host_peak_bytes']:.2f}",
-                        f"{result['seconds']:.0f}",
-                        f"{result['estimate_seconds']:.0f}",
-                        "yes" if result["peak_rss_bytes"] <= limit else "no",
-                    ]
-                )
             shutil.rmtree(source, ignore_errors=True)
-        headers = [
-            "model",
-            "run",
-            "peak RSS",
-            "peak / model",
-            "(peak - interpreter) / model",
-            "estimated peak",
-            "measured / estimated",
-            "time (s)",
-            "estimated time (s)",
-            "peak within 0.3 x model + activations",
-        ]
-        text = "\n".join(
-            [
-                "## Memory: pruning a model larger than the memory it is given",
-                "",
-                f"Random-init Llama (hidden {LLAMA['hidden_size']}, intermediate {LLAMA['intermediate_size']}, "
-                f"vocab {LLAMA['vocab_size']}, untied; {', '.join(str(n) for n in args.layers)} blocks), fp32 "
-                f"weights in one safetensors shard per block; SparseGPT 50%, {SAMPLES} x {SEQ_LEN} calibration "
-                f"tokens ({results[0]['activations_bytes'] / 1e6:.1f} MB of activations), one block = "
-                f"{_gb(results[0]['block_bytes'])}. Each run is a fresh process; peak RSS is its `VmHWM`, which "
-                f"includes the interpreter with torch and transformers imported "
-                f"({_gb(results[0]['baseline_bytes'])} before any model code ran).",
-                "",
-                table(headers, rows),
-                "",
-                _reading(results),
-                "",
-                f"Command: `OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '')} python benchmarks/memory.py "
-                f"--modes {' '.join(args.modes)} --layers {' '.join(str(n) for n in args.layers)}`; "
-                f"machine: {os.cpu_count()}-core CPU shared with other jobs ({platform.machine()}), "
-                f"date: {datetime.date.today().isoformat()}.",
-            ]
-        )
-        write_section("memory", text)
     finally:
         if not args.workdir:
             shutil.rmtree(workdir, ignore_errors=True)
+    write_section("memory", render(load_results()))
 
 
-def _run(source: Path, output: Path, mode: str) -> dict:
+def _run(source: Path, output: Path, mode: str, samples: int, seq_len: int) -> dict:
     """One worker subprocess; its measurements."""
-    command = [sys.executable, __file__, "--worker", str(source), str(output), mode]
+    command = [sys.executable, __file__, "--worker", str(source), str(output), mode, str(samples), str(seq_len)]
     run = subprocess.run(command, capture_output=True, text=True, check=False)
     lines = [line for line in run.stdout.splitlines() if line.startswith("RESULT ")]
     shutil.rmtree(output, ignore_errors=True)

@@ -13,6 +13,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 
 from .calibration import calibration_ids, load_texts
 from .config import PruningConfig
+from .engine.activations import DISK
 from .engine.blockwise import BlockwiseEngine
 from .engine.checkpoint import RunCheckpoint, tensor_digest, work_folder
 from .engine.estimate import RunEstimate, estimate, estimate_run
@@ -59,6 +60,7 @@ class Pruner:
         disk: DiskOffload | None = None,
         offload_folder: str | os.PathLike | None = None,
         max_memory: MaxMemory | None = None,
+        offload_activations: bool = False,
     ) -> None:
         if offload not in (None, *OFFLOAD_MODES):
             raise ValueError(f"Unknown offload {offload!r}: choose None, {', '.join(map(repr, OFFLOAD_MODES))}.")
@@ -79,7 +81,13 @@ class Pruner:
         self.disk = disk
         self.offload_folder = offload_folder
         self.max_memory = max_memory
-        self.activations_device = activations_device or ("cpu" if disk is not None else None)
+        if offload_activations and activations_device not in (None, DISK):
+            raise ValueError(
+                f"offload_activations=True keeps the calibration activations on disk; drop "
+                f"activations_device={activations_device!r} or offload_activations."
+            )
+        self.activations_device = DISK if offload_activations else activations_device
+        self.activations_device = self.activations_device or ("cpu" if disk is not None else None)
         self.progress = progress
         self.source = source or getattr(model.config, "_name_or_path", None)
         self.report: PruningReport | None = None
@@ -103,6 +111,7 @@ class Pruner:
         offload: str | None = None,
         offload_folder: str | os.PathLike | None = None,
         max_memory: MaxMemory | None = None,
+        offload_activations: bool = False,
         **model_kwargs: Any,
     ) -> Pruner:
         """Load a model (a Hub id, a local folder, or an already loaded model) and its tokenizer.
@@ -116,9 +125,16 @@ class Pruner:
         safetensors checkpoint only while it is pruned, then `prune` streams it to ``output_dir``, so only about
         one block is ever in memory. ``offload_folder`` holds the run's resumable state (default: beside the
         output); ``max_memory`` (``{0: "20GiB", "cpu": "64GiB"}``) is checked against the estimate before pruning.
+        ``offload_activations=True`` keeps the calibration activations between blocks in memory-mapped files (in
+        the work folder, else ``offload_folder``, else the system's temporary folder) instead of host RAM.
         """
         map_large_allocations()
-        resources = {"offload": offload, "offload_folder": offload_folder, "max_memory": max_memory}
+        resources = {
+            "offload": offload,
+            "offload_folder": offload_folder,
+            "max_memory": max_memory,
+            "offload_activations": offload_activations,
+        }
         if isinstance(model_or_path, nn.Module):
             if offload == "disk":
                 raise ValueError("offload='disk' reads blocks from a checkpoint: pass its folder, not a loaded model.")
@@ -180,12 +196,19 @@ class Pruner:
         offload: str | None = None,
         dtype: str | torch.dtype = "auto",
         trust_remote_code: bool = False,
+        offload_activations: bool = False,
     ) -> RunEstimate:
         """Dry run: estimated peak device and host memory, disk use and time of pruning a local model folder,
         from its config.json and safetensors headers (no weight is loaded)."""
         map_large_allocations()
         return estimate(
-            model_or_path, config, device=device, offload=offload, dtype=dtype, trust_remote_code=trust_remote_code
+            model_or_path,
+            config,
+            device=device,
+            offload=offload,
+            dtype=dtype,
+            trust_remote_code=trust_remote_code,
+            offload_activations=offload_activations,
         )
 
     def calibration_ids(self, dataset: Any, text_column: str = "text", split: str = "train") -> torch.Tensor:
@@ -265,6 +288,7 @@ class Pruner:
             progress=self.progress,
             disk=self.disk,
             checkpoint=checkpoint,
+            activations_folder=checkpoint.folder if checkpoint is not None else self.offload_folder,
         )
         self.report = engine.run(input_ids)
         self.masks = engine.masks

@@ -10,6 +10,7 @@ from conftest import ARCHITECTURES, random_ids, tiny_model
 from transformers import AutoModelForCausalLM
 
 from optimum_prune import Pruner, PruningConfig
+from optimum_prune.engine.activations import ActivationStore
 from optimum_prune.engine.blockwise import _StatisticsCollector, capture_block_inputs
 from optimum_prune.engine.structure import find_decoder_blocks, find_target_layers
 from optimum_prune.export import METADATA_KEY
@@ -144,7 +145,7 @@ def test_each_layer_statistic_comes_from_its_own_inputs(architecture):
     cpu = torch.device("cpu")
     _, blocks = find_decoder_blocks(model)
     layers = find_target_layers(model)[0]
-    batches = capture_block_inputs(model, blocks, random_ids(8, 32), 4, cpu, cpu)
+    batches = capture_block_inputs(model, blocks, random_ids(8, 32), 4, cpu, ActivationStore(cpu))
     seen: dict[str, list[torch.Tensor]] = {layer.name: [] for layer in layers}
     handles = [  # registered first, so they see every call the collector's own pre-hooks see
         layer.module.register_forward_pre_hook(lambda module, args, name=layer.name: seen[name].append(args[0].clone()))
@@ -170,7 +171,7 @@ def test_layers_fed_the_same_tensor_share_one_statistic():
     cpu = torch.device("cpu")
     _, blocks = find_decoder_blocks(model)
     layers = find_target_layers(model)[0]
-    batches = capture_block_inputs(model, blocks, random_ids(8, 32), 4, cpu, cpu)
+    batches = capture_block_inputs(model, blocks, random_ids(8, 32), 4, cpu, ActivationStore(cpu))
     collector = _StatisticsCollector(layers, lambda layer: Hessian(layer.in_features, cpu))
     try:
         for batch in batches:

@@ -158,6 +158,11 @@ def test_dry_run_loads_nothing(capsys, monkeypatch) -> None:
     assert run_main("--model", str(STORIES_260K), "--method", "wanda", "--dry-run", "--offload", "disk") == 0
     out = capsys.readouterr().out
     assert out.startswith("dry run of wanda unstructured at 0.5") and "estimated peak memory" in out
+    flags = ("--model", str(STORIES_260K), "--method", "wanda", "--dry-run", "--offload", "disk")
+    assert run_main(*flags, "--offload-activations") == 0
+    on_disk = capsys.readouterr().out
+    disk_gib = [float(text.split("disk ")[1].split(" GiB")[0]) for text in (out, on_disk)]
+    assert disk_gib[1] > disk_gib[0]  # the activations moved from host memory to disk
 
 
 def test_compressed_and_masks(tmp_path, capsys) -> None:

@@ -8,6 +8,7 @@ from conftest import random_ids, tiny_model
 from test_methods import layer_inputs, reference_sparsegpt
 from torch import nn
 
+from optimum_prune.engine.activations import ActivationStore
 from optimum_prune.engine.blockwise import _StatisticsCollector, capture_block_inputs
 from optimum_prune.engine.structure import find_decoder_blocks, find_target_layers
 from optimum_prune.methods.masking import NMPattern, lowest_mask, prune_count, row_lowest_mask, split_count
@@ -57,7 +58,7 @@ def test_statistics_pass_stops_at_last_layer_with_identical_statistics():
     _, blocks = find_decoder_blocks(model)
     layers = find_target_layers(model)[0]
     cpu = torch.device("cpu")
-    batches = capture_block_inputs(model, blocks, random_ids(12, 16), 4, cpu, cpu)
+    batches = capture_block_inputs(model, blocks, random_ids(12, 16), 4, cpu, ActivationStore(cpu))
     down_calls = []
     handle = blocks[0].mlp.down_proj.register_forward_hook(lambda *args: down_calls.append(1))
     collected = []

@@ -83,6 +83,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     )
     loading.add_argument("--offload-folder", metavar="DIR", help="where a run keeps its resumable state.")
     loading.add_argument(
+        "--offload-activations",
+        action="store_true",
+        help="keep the calibration activations between blocks in memory-mapped files (in the run's work folder) "
+        "instead of host RAM.",
+    )
+    loading.add_argument(
         "--max-memory",
         metavar="SPEC",
         help="memory limits checked against the estimate before pruning, e.g. '0=20GiB,cpu=64GiB'.",

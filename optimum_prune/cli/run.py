@@ -243,6 +243,7 @@ def execute(args: argparse.Namespace, plan: Plan) -> None:
             offload=args.offload,
             dtype=dtype,
             trust_remote_code=args.trust_remote_code,
+            offload_activations=args.offload_activations,
         )
         print(f"dry run of {config.method} {config.pattern} at {config.sparsity:g} on {args.model}: {estimate}")
         return
@@ -256,6 +257,7 @@ def execute(args: argparse.Namespace, plan: Plan) -> None:
         offload=args.offload,
         offload_folder=args.offload_folder,
         max_memory=plan.max_memory,
+        offload_activations=args.offload_activations,
     )
     cap_seq_len(plan, getattr(pruner.model.config, "max_position_embeddings", None))
     if pruner.tokenizer is None and (config.needs_calibration or plan.eval_texts is not None):

@@ -10,6 +10,7 @@ that an interrupted run resumes from the first unfinished one.
 
 from __future__ import annotations
 
+import os
 import time
 import weakref
 from collections.abc import Callable, Iterator
@@ -26,6 +27,7 @@ from ..methods import BlockContext, PruningMethod
 from ..methods.masking import pack_mask
 from ..methods.statistics import InputNorms, LayerStatistic
 from ..report import LayerReport, PruningReport, peak_memory
+from .activations import ActivationStore
 from .checkpoint import ResumeState, RunCheckpoint
 from .offload import DiskOffload, map_large_allocations
 from .structure import TargetLayer, find_decoder_blocks, find_target_layers
@@ -68,7 +70,7 @@ def capture_block_inputs(
     input_ids: torch.Tensor,
     batch_size: int,
     device: torch.device,
-    storage: torch.device,
+    store: ActivationStore,
 ) -> list[CalibrationBatch]:
     """Run the model up to its first block for every batch of ``input_ids`` and record what the block gets.
 
@@ -83,7 +85,7 @@ def capture_block_inputs(
         hidden = args[0] if args else kwargs.pop("hidden_states")
         if hidden.shape not in extras:
             extras[hidden.shape] = (args[1:], kwargs)
-        batches.append(CalibrationBatch(hidden.detach().to(storage), *extras[hidden.shape]))
+        batches.append(CalibrationBatch(store.keep(hidden), *extras[hidden.shape]))
         raise _InputsCaptured
 
     _move_outside_blocks(model, blocks, device)
@@ -196,7 +198,8 @@ class BlockwiseEngine:
         config: the pruning config.
         method: the method choosing the masks.
         device: where each block is processed (``"cuda:0"``, ``"cpu"``).
-        activations_device: where calibration activations are kept between blocks (default: ``device``).
+        activations_device: where calibration activations are kept between blocks (default: ``device``), or
+            ``"disk"``: memory-mapped files in ``activations_folder`` (default: the system's temporary folder).
         progress: show a tqdm bar per block.
         disk: read each block from the checkpoint when it is processed (the model is on the meta device).
         checkpoint: save every finished block there and resume from it.
@@ -212,12 +215,13 @@ class BlockwiseEngine:
         progress: bool = True,
         disk: DiskOffload | None = None,
         checkpoint: RunCheckpoint | None = None,
+        activations_folder: str | os.PathLike | None = None,
     ) -> None:
         self.model = model
         self.config = config
         self.method = method
         self.device = torch.device(device)
-        self.activations_device = torch.device(activations_device) if activations_device else self.device
+        self.activations = ActivationStore(activations_device or self.device, activations_folder)
         self.progress = progress
         self.disk = disk
         self.checkpoint = checkpoint
@@ -264,7 +268,7 @@ class BlockwiseEngine:
                 raise ValueError(f"Method {self.config.method!r} needs calibration data: pass a dataset to prune().")
             with _outside_blocks_loaded(self.model, self.blocks, self.disk):
                 batches = capture_block_inputs(
-                    self.model, self.blocks, input_ids, self.config.batch_size, self.device, self.activations_device
+                    self.model, self.blocks, input_ids, self.config.batch_size, self.device, self.activations
                 )
         state = self.checkpoint.load() if self.checkpoint is not None else None
         if state is None:
@@ -337,7 +341,7 @@ class BlockwiseEngine:
             return batches
         hidden = self.checkpoint.load_activations()
         return [
-            CalibrationBatch(h.to(self.activations_device), batch.args, batch.kwargs)
+            CalibrationBatch(self.activations.keep(h), batch.args, batch.kwargs)
             for h, batch in zip(hidden, batches, strict=True)
         ]
 
@@ -362,7 +366,7 @@ class BlockwiseEngine:
     def _propagate(self, block: nn.Module, batches: list[CalibrationBatch]) -> list[CalibrationBatch]:
         """The next block's inputs: every batch run through ``block``."""
         return [
-            CalibrationBatch(batch.run(block, self.device).to(self.activations_device), batch.args, batch.kwargs)
+            CalibrationBatch(self.activations.keep(batch.run(block, self.device)), batch.args, batch.kwargs)
             for batch in batches
         ]
 

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from ..config import PruningConfig
+from .activations import DISK
 from .offload import OFFLOAD_MODES, SafetensorsCheckpoint, resolve_dtype
 from .structure import TargetLayer, find_decoder_blocks, find_target_layers
 
@@ -100,8 +101,9 @@ def estimate_run(
     if offload not in OFFLOAD_MODES:
         raise ValueError(f"Unknown offload {offload!r}: choose one of {', '.join(OFFLOAD_MODES)}.")
     device = torch.device(device)
+    on_disk = activations_device == DISK  # memory-mapped files: neither device nor host memory
     storage = (
-        torch.device(activations_device)
+        torch.device("cpu" if on_disk else activations_device)
         if activations_device
         else (device if offload == "cpu" else torch.device("cpu"))
     )
@@ -141,12 +143,12 @@ def estimate_run(
     baseline = current_rss() if baseline_bytes is None else baseline_bytes
     chain_bytes, chain_flops = _sparsellm_chains(config, layers, tokens) if config.method == "sparsellm" else (0, 0.0)
 
-    on_device_activations = 2 * activations if storage.type == device.type else 0
+    on_device_activations = 2 * activations if storage.type == device.type and not on_disk else 0
     block_phase = block_bytes + statistics + work + forward + on_device_activations
     capture_phase = capture_outside + forward + on_device_activations // 2
     device_peak = max(block_phase, capture_phase)
     resident = weights if offload == "cpu" else block_bytes  # weights held in host memory at the busiest moment
-    host_activations = 0 if storage.type == device.type and device.type != "cpu" else 2 * activations
+    host_activations = 0 if on_disk or (storage.type == device.type and device.type != "cpu") else 2 * activations
     if device.type == "cpu":
         # in RAM: all weights (cpu), or the block being processed plus its copy while read from disk (disk)
         others = weights - block_bytes if offload == "cpu" else block_bytes
@@ -155,7 +157,7 @@ def estimate_run(
         host_peak = baseline + masks + resident + host_activations + capture_outside
     host_peak += chain_bytes  # SparseLLM keeps its chain's inputs and auxiliary variables in host RAM
 
-    disk = (weights + activations) if write_output else 0
+    disk = ((weights + activations) if write_output else 0) + (2 * activations if on_disk else 0)
     passes = (2 if calibrated else 0) * (2 if config.allocation == "owl" else 1)
     flops = chain_flops
     for block_layers in layers:
@@ -168,7 +170,8 @@ def estimate_run(
             else:
                 flops += 20 * rows * cols
     throughput = flops_per_second or matmul_flops_per_second(device)
-    traffic = (weights if offload == "disk" else 0) + disk + activations * len(blocks) * int(write_output)
+    traffic = (weights if offload == "disk" else 0) + disk
+    traffic += activations * len(blocks) * (int(write_output) + 2 * int(on_disk))
     seconds = flops / throughput + traffic / DISK_BYTES_PER_S
     return RunEstimate(
         parameters=sum(p.numel() for p in parameters),
@@ -217,6 +220,7 @@ def estimate(
     dtype: str | torch.dtype = "auto",
     trust_remote_code: bool = False,
     write_output: bool = True,
+    offload_activations: bool = False,
 ) -> RunEstimate:
     """Estimate a run on a local model folder from its config.json and safetensors headers, loading no weight.
 
@@ -237,5 +241,10 @@ def estimate(
         torch.device(device) if device is not None else torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
     )
     return estimate_run(
-        model, config or PruningConfig(), device=device, offload=offload or "cpu", write_output=write_output
+        model,
+        config or PruningConfig(),
+        device=device,
+        offload=offload or "cpu",
+        activations_device=DISK if offload_activations else None,
+        write_output=write_output,
     )
