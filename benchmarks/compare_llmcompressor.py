@@ -286,7 +286,32 @@ def markdown(rows: list[dict]) -> str:
         "row, fewer than asked where that is not a whole number (44 of 64 = 68.75% in stories260K's 64-wide "
         "layers, 403 of 576 in SmolLM2's); optimum-prune prunes `round(sparsity x numel)` weights per layer, "
         "spread over the rows, so its 70% rows are sparser, by the most on the two small models.",
+        "",
+        "Otherwise the two tools compute the same masks up to float rounding, and on SmolLM2 that rounding is "
+        "enough to move the perplexity by a few percent either way: llm-compressor keeps Wanda's statistic as a "
+        "running mean of `norm(x)^2`, optimum-prune as a sum of `x^2`; on block 0's `down_proj` (16 x 512 C4 "
+        "tokens) that alone flips 2 of the 884,736 entries of the 2:4 mask between near-tied weights, and the "
+        "flipped weights change every later block's inputs: 4 mask entries differ in block 0 (Wanda 2:4), 0.3% in "
+        "block 5, 2.9% in block 29 (`benchmarks/mask_agreement.py` on the two workers' outputs). Our "
+        "output is bit-identical under transformers 5.17 and 5.24, so the version difference plays no part. "
+        "Several calibration seeds show which way a gap goes:",
+        "",
+        *seed_spread(rows),
     ])  # fmt: skip
+
+
+def seed_spread(rows: list[dict]) -> list[str]:
+    """For every model and config measured with several calibration seeds, its perplexity ratio per seed."""
+    by_config: dict[tuple[str, str], dict[int, float]] = {}
+    for r in rows:
+        by_config.setdefault((r["model"], r["config"]), {})[r.get("seed", 0)] = r["ours_ppl"] / r["theirs_ppl"]
+    lines = [
+        f"- {model} {config}: ppl ratio "
+        + ", ".join(f"{ratio:.3f} (seed {seed})" for seed, ratio in sorted(ratios.items()))
+        for (model, config), ratios in by_config.items()
+        if len(ratios) > 1
+    ]
+    return lines or ["- (no configuration measured with more than one seed yet)"]
 
 
 def _version(package: str) -> str:
