@@ -223,3 +223,21 @@ def test_sparsegpt_compensates_kept_weights():
     assert not torch.allclose(pruned[~mask], weight[~mask])  # OBS updates the kept weights
     masked_only = weight.masked_fill(mask, 0.0)
     assert relative_error(weight, pruned, inputs) < 0.5 * relative_error(weight, masked_only, inputs)
+
+
+def test_inverse_retries_when_the_inverse_is_not_positive_definite(monkeypatch):
+    _, inputs = layer_inputs(8, 32, 200, seed=5)
+    hessian = 2 * inputs.T @ inputs / 200
+    expected = inverse_hessian_cholesky(hessian, 0.1)  # what one more factor of 10 of dampening gives
+    real, failed = torch.linalg.cholesky_ex, []
+
+    def fail_first_upper(matrix, *, upper=False, **kwargs):
+        factor, info = real(matrix, upper=upper, **kwargs)
+        if upper and not failed:
+            failed.append(True)
+            return factor, torch.ones_like(info)
+        return factor, info
+
+    monkeypatch.setattr(torch.linalg, "cholesky_ex", fail_first_upper)
+    torch.testing.assert_close(inverse_hessian_cholesky(hessian, 0.01), expected, rtol=1e-3, atol=1e-5)
+    assert failed
