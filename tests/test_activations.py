@@ -22,6 +22,10 @@ def test_disk_store_keeps_values_in_unlinked_files(tmp_path, dtype):
         assert copy.dtype == dtype and copy.shape == tensor.shape and torch.equal(copy, tensor)
         assert copy.untyped_storage().data_ptr() != tensor.untyped_storage().data_ptr()
     assert ActivationStore("cpu").keep(tensors[0]).data_ptr() == tensors[0].data_ptr()  # no copy in RAM
+    store.evict(kept[0])  # its pages leave the process; its values come back from the file
+    assert torch.equal(kept[0], tensors[0])
+    del kept, copy
+    assert store._mappings == {}  # a dropped tensor's mapping is released
 
 
 @pytest.mark.parametrize("offload", ["cpu", "disk"])

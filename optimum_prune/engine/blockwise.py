@@ -359,16 +359,20 @@ class BlockwiseEngine:
         try:
             for batch in batches:
                 collector.run(batch, block, self.device)
+                self.activations.evict(batch.hidden)
         finally:
             collector.remove()
         return collector.statistics
 
     def _propagate(self, block: nn.Module, batches: list[CalibrationBatch]) -> list[CalibrationBatch]:
         """The next block's inputs: every batch run through ``block``."""
-        return [
-            CalibrationBatch(self.activations.keep(batch.run(block, self.device)), batch.args, batch.kwargs)
-            for batch in batches
-        ]
+        outputs = []
+        for batch in batches:
+            outputs.append(
+                CalibrationBatch(self.activations.keep(batch.run(block, self.device)), batch.args, batch.kwargs)
+            )
+            self.activations.evict(batch.hidden)
+        return outputs
 
     def _block_sparsities(self, batches: list[CalibrationBatch] | None) -> list[float]:
         """The sparsity of every block: uniform, or OWL from a dense statistics pass."""
