@@ -146,6 +146,15 @@ def _reading(results: list[dict]) -> str:
             f"peak: {result['peak_rss_bytes'] / result['estimate_host_peak_bytes']:.2f}; time: "
             f"{result['seconds'] / result['estimate_seconds']:.2f} x the estimate."
         )
+    runs = {(r["layers"], r["samples"], r["seq_len"], r["offload"]): r for r in results}
+    for (layers, samples, seq_len, mode), on_disk in runs.items():
+        in_ram = runs.get((layers, samples, seq_len, "disk"))
+        if mode == "disk-activations" and in_ram is not None:
+            lines.append(
+                f"{layers} blocks, {samples} x {seq_len} tokens: `offload_activations=True` lowered the peak from "
+                f"{_gb(in_ram['peak_rss_bytes'])} to {_gb(on_disk['peak_rss_bytes'])} (the activations in RAM: 2 x "
+                f"{_gb(in_ram['activations_bytes'])})."
+            )
     lines.append(
         f"The interpreter with torch and transformers imported ({_gb(results[0]['baseline_bytes'])}) is a fixed "
         "cost that does not grow with the model; what pruning adds grows with the width of one block (its weights, "
@@ -153,7 +162,7 @@ def _reading(results: list[dict]) -> str:
         f"{LLAMA['intermediate_size']}^2 floats at once) and, unless `offload_activations=True`, with the "
         "calibration activations (twice: a block's inputs and outputs), not with the number of blocks."
     )
-    return "\n\n".join(f"- {line}" if index < len(results) else line for index, line in enumerate(lines))
+    return "\n\n".join(f"- {line}" if index < len(lines) - 1 else line for index, line in enumerate(lines))
 
 
 def _label(result: dict) -> str:

@@ -34,3 +34,8 @@ def test_rows_accumulate_and_render(tmp_path, monkeypatch):
     assert "target of 0.3 x model + activations (0.30 GB) is met by the whole process" in markdown
     assert "24 blocks, 8 x 128 tokens, `cpu`: peak 1.20 x the model in all" in markdown
     assert markdown.count("not met by the whole process") == 1
+    memory.save_result(_row("disk", 400_000_000, samples=64))
+    markdown = memory.render(memory.load_results())
+    assert (
+        "- 24 blocks, 64 x 128 tokens: `offload_activations=True` lowered the peak from 0.40 GB to 0.28 GB" in markdown
+    )
