@@ -86,8 +86,8 @@ class Pruner:
                 f"offload_activations=True keeps the calibration activations on disk; drop "
                 f"activations_device={activations_device!r} or offload_activations."
             )
-        self.activations_device = DISK if offload_activations else activations_device
-        self.activations_device = self.activations_device or ("cpu" if disk is not None else None)
+        in_memory = activations_device or ("cpu" if disk is not None else None)
+        self.activations_device = DISK if offload_activations else in_memory
         self.progress = progress
         self.source = source or getattr(model.config, "_name_or_path", None)
         self.report: PruningReport | None = None
