@@ -23,4 +23,6 @@ def test_time_split_adds_up_and_counts_passes() -> None:
     assert wanda["passes"] == pytest.approx((2 * 5 - 1) / 5)  # 5 blocks, no outputs computed for the last
     magnitude = profile_prune.profile("stories260k", "magnitude", samples=2)
     assert magnitude["passes"] == 0 and magnitude["statistics"] == 0  # no calibration pass at all
-    assert "| stories260K (assets) | wanda | 2 x 512 |" in profile_prune.markdown([wanda], "command")
+    markdown = profile_prune.markdown([wanda], "command")
+    assert "| stories260K (assets) | wanda | 2 x 512 |" in markdown
+    assert f"wanda {wanda['forward']:.0f} s of {wanda['total']:.0f} s." in markdown
