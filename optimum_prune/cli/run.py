@@ -126,17 +126,15 @@ def _check_outputs(args: argparse.Namespace, parser: argparse.ArgumentParser) ->
             "and --save-masks."
         )
     if args.output:
-        from ..engine.checkpoint import FINGERPRINT, work_folder
+        from ..engine.checkpoint import STATE, work_folder
         from ..export.files import check_writable
 
         try:
             check_writable(args.output, args.overwrite)
         except FileExistsError as error:
             parser.error(f"argument --output: {error}")
-        folder = work_folder(args.output)
-        if args.offload_folder:
-            folder = Path(args.offload_folder) / folder.name
-        if streams_output(args) and not args.resume and (folder / FINGERPRINT).is_file():
+        folder = work_folder(args.output, args.offload_folder)
+        if streams_output(args) and not args.resume and (folder / STATE).is_file():
             parser.error(
                 f"argument --output: {folder} holds an unfinished run for this output: add --resume to continue "
                 "it, or delete that folder to start again."

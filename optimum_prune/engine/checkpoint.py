@@ -29,10 +29,12 @@ STATE = "state.json"
 ACTIVATIONS = "activations.safetensors"
 
 
-def work_folder(output_dir: str | os.PathLike) -> Path:
-    """Where the run writing ``output_dir`` keeps its state until it completes."""
+def work_folder(output_dir: str | os.PathLike, offload_folder: str | os.PathLike | None = None) -> Path:
+    """Where the run writing ``output_dir`` keeps its state until it completes: ``<output_dir>.partial``,
+    inside ``offload_folder`` when one is given."""
     output = Path(output_dir).absolute()
-    return output.with_name(output.name + ".partial")
+    parent = Path(offload_folder).absolute() if offload_folder is not None else output.parent
+    return parent / (output.name + ".partial")
 
 
 def tensor_digest(tensor: torch.Tensor) -> str:
@@ -78,22 +80,27 @@ class RunCheckpoint:
         self.folder = Path(folder)
         fingerprint = json.loads(json.dumps(fingerprint, sort_keys=True))
         path = self.folder / FINGERPRINT
-        if path.is_file():
+        if self.has_finished_block:
             if not resume:
                 raise FileExistsError(
                     f"{self.folder} holds an unfinished run: pass resume=True (--resume) to continue it, or delete "
                     "the folder to start again from the first block."
                 )
-            saved = json.loads(path.read_text(encoding="utf-8"))
+            saved = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
             if saved != fingerprint:
                 changed = sorted(key for key in {*saved, *fingerprint} if saved.get(key) != fingerprint.get(key))
                 raise ValueError(
                     f"Cannot resume from {self.folder}: it was started with a different {', '.join(changed)}. "
                     "Run again with the same arguments, or delete the folder to start fresh."
                 )
-        else:
+        else:  # nothing worth keeping: a run that stopped before its first block finished starts afresh
             self.folder.mkdir(parents=True, exist_ok=True)
             _write_json(path, fingerprint)
+
+    @property
+    def has_finished_block(self) -> bool:
+        """Whether a block has finished, so that the folder holds work a new run would throw away."""
+        return (self.folder / STATE).is_file()
 
     def block_file(self, index: int) -> Path:
         return self.folder / f"block-{index:05d}.safetensors"

@@ -66,6 +66,7 @@ def check_free_space(
     ``linked``: the output shares the work folder's block files (hard links, disk offload) on one file system;
     otherwise (an in-memory model saved at the end, or another file system) it needs its own copy.
     """
+    work_folder = Path(work_folder)
     needed = max(estimate.disk_bytes - _size(work_folder), 0)
     places = {os.stat(_existing(work_folder)).st_dev: [work_folder, needed]}
     output = _existing(Path(output_dir))
