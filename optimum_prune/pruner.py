@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,7 @@ from .export.files import check_writable
 from .export.masks import Masks, write_masks
 from .loading import dequantized_gguf_model
 from .methods import get_method
+from .model_source import check_causal_lm_module, check_local_weights, load_model_config
 from .report import PruningReport
 
 logger = logging.getLogger(__name__)
@@ -139,53 +141,28 @@ class Pruner:
         if isinstance(model_or_path, nn.Module):
             if offload == "disk":
                 raise ValueError("offload='disk' reads blocks from a checkpoint: pass its folder, not a loaded model.")
+            check_causal_lm_module(model_or_path)
             return cls(model_or_path, config, _load_tokenizer(tokenizer), device, progress=progress, **resources)
         source = os.fspath(model_or_path)
+        hub = {"revision": revision, "token": token, "trust_remote_code": trust_remote_code}
+        gguf_file = model_kwargs.get("gguf_file")
+        load_model_config(source, **hub, gguf_file=gguf_file)
+        if os.path.isdir(source) and gguf_file is None:
+            check_local_weights(source, allow_unsafe_weights)
+        tokenizer_kwargs = dict(hub)
+        if gguf_file is not None and tokenizer is None:
+            tokenizer_kwargs["gguf_file"] = gguf_file
+        tokenizer = _load_tokenizer(source if tokenizer is None else tokenizer, **tokenizer_kwargs)
         if offload == "disk":
             if model_kwargs:
                 raise ValueError(f"offload='disk' reads safetensors checkpoints only; drop {', '.join(model_kwargs)}.")
-            folder = _local_folder(source, revision, token)
-            model, disk = load_empty_model(folder, dtype, trust_remote_code)
-            tokenizer_kwargs = {"revision": revision, "token": token, "trust_remote_code": trust_remote_code}
+            model, disk = load_empty_model(_local_folder(source, revision, token), dtype, trust_remote_code)
             return cls(
-                model,
-                config,
-                _load_tokenizer(source if tokenizer is None else tokenizer, **tokenizer_kwargs),
-                device,
-                progress=progress,
-                source=source,
-                disk=disk,
+                model, config, tokenizer, device, progress=progress, source=source, disk=disk,
                 **{**resources, "offload": None},
-            )
-        load_kwargs: dict[str, Any] = {"revision": revision, "token": token, "trust_remote_code": trust_remote_code}
-        if not allow_unsafe_weights and "gguf_file" not in model_kwargs:
-            load_kwargs["use_safetensors"] = True
-        try:
-            model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **load_kwargs, **model_kwargs)
-        except OSError as error:
-            hint = (
-                " It may only ship pickled weights: pass allow_unsafe_weights=True if you trust it."
-                if "safetensors" in str(error).lower()
-                else ""
-            )
-            raise OSError(f"Could not load a causal LM from {source!r}: {error}{hint}") from error
-        if "gguf_file" in model_kwargs:
-            model = dequantized_gguf_model(model)
-        model.eval()
-        if tokenizer is None:
-            tokenizer = source
-        tokenizer_kwargs = {"revision": revision, "token": token, "trust_remote_code": trust_remote_code}
-        if "gguf_file" in model_kwargs and isinstance(tokenizer, str) and tokenizer == source:
-            tokenizer_kwargs["gguf_file"] = model_kwargs["gguf_file"]
-        return cls(
-            model,
-            config,
-            _load_tokenizer(tokenizer, **tokenizer_kwargs),
-            device,
-            progress=progress,
-            source=source,
-            **resources,
-        )
+            )  # fmt: skip
+        model = _load_model(source, dtype, allow_unsafe_weights, hub, model_kwargs)
+        return cls(model, config, tokenizer, device, progress=progress, source=source, **resources)
 
     @classmethod
     def estimate(
@@ -254,7 +231,7 @@ class Pruner:
         if resume and output_dir is None:
             raise ValueError("resume=True continues a run that writes to an output_dir: pass output_dir= too.")
         if output_dir is not None:
-            check_writable(output_dir, overwrite)
+            check_writable(output_dir, overwrite, inputs=self._inputs())
         input_ids = None
         if self.config.needs_calibration:
             if dataset is None:
@@ -305,6 +282,10 @@ class Pruner:
             checkpoint.remove()
         return self.report
 
+    def _inputs(self) -> tuple[str, ...]:
+        """The local folders this run reads, which no output may replace."""
+        return (self.source,) if self.source is not None and os.path.isdir(self.source) else ()
+
     def _fingerprint(self, input_ids: torch.Tensor | None) -> dict[str, Any]:
         """What must match for a run to resume from another's work folder."""
         config = self.config.to_dict()
@@ -353,12 +334,10 @@ class Pruner:
         """
         if self.report is None:
             raise RuntimeError("Nothing to save yet: call prune() first.")
-        if self.disk is not None:
-            raise RuntimeError(
-                f"With offload='disk' the pruned blocks were streamed to {self.output_dir} and are no longer in "
-                "memory: load the model from there (optimum_prune.load_pruned) to save it elsewhere."
-            )
         check_format(format)
+        if self.disk is not None:
+            return self._copy_streamed(save_directory, overwrite, format, save_masks)
+        check_writable(save_directory, overwrite, inputs=self._inputs())
         masks = Masks.from_pruner(self.model, self.masks) if save_masks or format == "compressed" else None
         with atomic_directory(save_directory, overwrite) as staging:
             if format == "compressed":
@@ -372,6 +351,21 @@ class Pruner:
             if self.tokenizer is not None:
                 self.tokenizer.save_pretrained(staging)
             self.config.save_pretrained(staging)
+        return os.fspath(save_directory)
+
+    def _copy_streamed(self, save_directory: str | os.PathLike, overwrite: bool, format: str, save_masks: bool) -> str:
+        """`save_pretrained` after a disk-offloaded run: a copy of the dense folder it streamed to ``output_dir``."""
+        if format != "dense" or save_masks:
+            raise RuntimeError(
+                f"With offload='disk' the pruned model exists only as dense safetensors in {self.output_dir} (its "
+                "masks were never all in memory): save it with format='dense' and save_masks=False, or prune with "
+                "offload='cpu' for the compressed format and masks."
+            )
+        if Path(save_directory).resolve() == Path(self.output_dir).resolve():
+            return os.fspath(save_directory)
+        check_writable(save_directory, overwrite, inputs=self._inputs())
+        with atomic_directory(save_directory, overwrite) as staging:
+            shutil.copytree(self.output_dir, staging, dirs_exist_ok=True)
         return os.fspath(save_directory)
 
     def model_card(
@@ -421,6 +415,26 @@ class Pruner:
         )
 
 
+def _load_model(
+    source: str, dtype: str | torch.dtype, allow_unsafe_weights: bool, hub: dict[str, Any], model_kwargs: dict[str, Any]
+) -> PreTrainedModel:
+    """The model of a checked source, in eval mode (GGUF weights dequantized into a plain model)."""
+    load_kwargs = dict(hub)
+    if not allow_unsafe_weights and "gguf_file" not in model_kwargs:
+        load_kwargs["use_safetensors"] = True
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **load_kwargs, **model_kwargs)
+    except OSError as error:
+        pickled_only = "safetensors" in str(error).replace(source, "").lower() and not os.path.isdir(source)
+        hint = (
+            " It may ship only pickled weights: pass allow_unsafe_weights=True if you trust it." if pickled_only else ""
+        )
+        raise OSError(f"Could not load a causal LM from {source!r}: {error}{hint}") from error
+    if "gguf_file" in model_kwargs:
+        model = dequantized_gguf_model(model)
+    return model.eval()
+
+
 def _local_folder(source: str, revision: str | None, token: str | bool | None) -> str:
     """``source`` if it is a folder, else the local snapshot of that Hub repository's configs and safetensors."""
     if os.path.isdir(source):
@@ -445,6 +459,8 @@ def _load_tokenizer(tokenizer: PreTrainedTokenizerBase | str | None, **kwargs: A
         return AutoTokenizer.from_pretrained(tokenizer, **kwargs)
     except (OSError, ValueError) as error:
         logger.warning(
-            "No tokenizer could be loaded from %s (%s); pass tokenizer= to calibrate on text.", tokenizer, error
+            "No tokenizer in %s: calibration on text and evaluation need one; pass tokenizer= (--tokenizer).",
+            tokenizer,
         )
+        logger.info("The tokenizer could not be loaded: %s", error)
         return None

@@ -78,7 +78,10 @@ def test_calibration_needed_but_missing():
 
 @pytest.mark.parametrize(
     ("texts", "match"),
-    [(["", "  "], "holds no text"), (["Once upon a time."], "fewer than seq_len=64: give more text or lower seq_len")],
+    [
+        (["", "  "], "holds no text"),
+        (["Once upon a time."], "fewer than a window of seq_len=64: give more text or lower seq_len"),
+    ],
 )
 def test_empty_or_too_short_calibration_text(texts, match):
     tokenizer = AutoTokenizer.from_pretrained(STORIES_260K)

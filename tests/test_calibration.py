@@ -8,7 +8,7 @@ import warnings
 import datasets
 import pytest
 import torch
-from conftest import C4_SAMPLE, STORIES_260K, TINYSTORIES_VAL, tiny_model
+from conftest import C4_SAMPLE, GPT2_TOKENIZER, STORIES_260K, TINYSTORIES_VAL, tiny_model
 from transformers import AutoTokenizer
 
 from optimum_prune import Pruner, PruningConfig
@@ -53,15 +53,15 @@ def test_local_txt_and_json(tmp_path):
     (tmp_path / "plain.json").write_text(json.dumps(["a b", "c"]))
     assert load_texts(tmp_path / "rows.json")[0] == load_texts(tmp_path / "plain.json")[0] == ["a b", "c"]
     (tmp_path / "bad.jsonl").write_text('{"body": "x"}\n')
-    with pytest.raises(ValueError, match="pass text_column="):
+    with pytest.raises(ValueError, match="name the text field with text_column="):
         load_texts(tmp_path / "bad.jsonl")
 
 
 def test_missing_file_and_unsupported_sources(tmp_path):
-    with pytest.raises(FileNotFoundError, match="does not exist"):
+    with pytest.raises(FileNotFoundError, match="No file at"):
         load_texts(tmp_path / "missing.jsonl")
     (tmp_path / "data.csv").write_text("text\nhello\n")
-    with pytest.raises(ValueError, match="Unsupported calibration file"):
+    with pytest.raises(ValueError, match="Unsupported text file"):
         load_texts(tmp_path / "data.csv")
     with pytest.raises(ValueError, match="is a folder: pass one .txt/.jsonl/.json/.parquet file"):
         load_texts(tmp_path)
@@ -78,10 +78,18 @@ def test_empty_text_is_an_error(texts):
 def test_windows_have_the_requested_shape_and_come_from_the_text(tokenizer):
     ids = calibration_ids(TEXTS, tokenizer, num_samples=6, seq_len=32, seed=0)
     assert ids.shape == (6, 32) and ids.dtype == torch.long
-    stream = ids.flatten().tolist()  # consecutive windows of one stream of texts joined by EOS
-    assert tokenizer.eos_token_id in stream
+    assert (ids[:, 0] == tokenizer.bos_token_id).all()  # the Llama tokenizer adds BOS: every window starts with it
+    stream = ids[:, 1:].flatten().tolist()  # then consecutive windows of one stream of texts joined by EOS
+    assert tokenizer.eos_token_id in stream and tokenizer.bos_token_id not in stream
     first_text = tokenizer.decode(stream[: stream.index(tokenizer.eos_token_id)])
     assert first_text in TEXTS
+
+
+def test_no_bos_for_tokenizers_that_add_none():
+    gpt2 = AutoTokenizer.from_pretrained(GPT2_TOKENIZER)
+    ids = calibration_ids(TEXTS, gpt2, num_samples=3, seq_len=16, seed=0)
+    stream = gpt2(TEXTS[0], add_special_tokens=False)["input_ids"]
+    assert ids.shape == (3, 16) and any(ids[0, :5].tolist() == stream[i : i + 5] for i in range(len(stream)))
 
 
 def test_sampling_is_deterministic_with_seed(tokenizer):
@@ -96,7 +104,8 @@ def test_single_text_starts_at_a_seeded_offset(tokenizer):
     first = calibration_ids([text], tokenizer, 4, 32, seed=1)
     assert torch.equal(first, calibration_ids([text], tokenizer, 4, 32, seed=1))
     assert not torch.equal(first, calibration_ids([text], tokenizer, 4, 32, seed=2))
-    start = next(i for i in range(len(stream)) if stream[i : i + 128] == first.flatten().tolist())
+    text_ids = first[:, 1:].flatten().tolist()  # after each window's BOS
+    start = next(i for i in range(len(stream)) if stream[i : i + len(text_ids)] == text_ids)
     assert start > 0  # not always the head of the text
 
 
@@ -111,7 +120,7 @@ def test_small_corpus_overlaps_windows_with_a_warning(tokenizer):
 
 
 def test_too_short_text_names_the_fix(tokenizer):
-    with pytest.raises(ValueError, match="fewer than seq_len=512: give more text or lower seq_len"):
+    with pytest.raises(ValueError, match="fewer than a window of seq_len=512: give more text or lower seq_len"):
         calibration_ids(["A short story."], tokenizer, 4, 512)
 
 

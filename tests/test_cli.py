@@ -24,6 +24,11 @@ def command(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
     return subprocess.run(args, capture_output=True, text=True, env=ENV, timeout=timeout)
 
 
+def parse_bytes(text: str) -> float:
+    number, unit = text.split()
+    return float(number) * 1024 ** ["B", "KiB", "MiB", "GiB"].index(unit)
+
+
 def zero_fraction(model: torch.nn.Module, name: str) -> float:
     weight = model.get_submodule(name).weight
     return (weight == 0).float().mean().item()
@@ -99,8 +104,8 @@ def run_main(*argv: str) -> int:
         (["--num-samples", "0"], "argument --num-samples: num_samples must be a positive integer"),
         (["--sparsity", "half"], "argument --sparsity: invalid float value: 'half'"),
         (["--method", "wanda"], "argument --dataset: method 'wanda' with uniform allocation needs calibration"),
-        (["--dataset", "missing/c4.jsonl"], "argument --dataset: no file at missing/c4.jsonl"),
-        (["--eval", "missing.txt"], "argument --eval: Calibration file missing.txt does not exist"),
+        (["--dataset", "missing/c4.jsonl"], "argument --dataset: No file at missing/c4.jsonl"),
+        (["--eval", "missing.txt"], "argument --eval: No file at missing.txt"),
         (["--eval-windows", "0"], "argument --eval-windows: must be a positive integer"),
         (["--device", "tpu:zero"], "argument --device:"),
     ],
@@ -118,17 +123,18 @@ def test_existing_output_and_config_file_errors(tmp_path, capsys) -> None:
     bad_config = tmp_path / "config.json"
     bad_config.write_text(json.dumps({"method": "magnitude", "sparsity": 0.5, "flavour": "x"}))
     assert run_main("--model", str(STORIES_260K), "--config", str(bad_config)) == 2
-    assert "argument --config: Unknown PruningConfig fields ['flavour']" in capsys.readouterr().err
+    assert f"argument --config: {bad_config}: Unknown PruningConfig fields ['flavour']" in capsys.readouterr().err
     assert (tmp_path / "kept.txt").read_text() == "do not overwrite"
 
 
 def test_runtime_failure_exits_1_with_one_line(tmp_path, capsys) -> None:
-    missing = tmp_path / "no-model"
-    assert run_main("--model", str(missing), "--method", "magnitude") == 1
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("optimum-prune: error: OSError: Could not load a causal LM") and "\n" not in err
-    assert "rerun with --verbose" in err
-    assert run_main("--model", str(missing), "--method", "magnitude", "--verbose") == 1
+    short = tmp_path / "short.txt"
+    short.write_text("Once upon a time.")  # readable, but fewer tokens than one calibration window
+    flags = ("--model", str(STORIES_260K), "--method", "wanda", "--dataset", str(short), "--seq-len", "64")
+    assert run_main(*flags) == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("optimum-prune: error: ValueError: The calibration text has") and "--verbose" in err
+    assert run_main(*flags, "--verbose") == 1
     assert "Traceback (most recent call last)" in capsys.readouterr().err
 
 
@@ -161,8 +167,9 @@ def test_dry_run_loads_nothing(capsys, monkeypatch) -> None:
     flags = ("--model", str(STORIES_260K), "--method", "wanda", "--dry-run", "--offload", "disk")
     assert run_main(*flags, "--offload-activations") == 0
     on_disk = capsys.readouterr().out
-    disk_gib = [float(text.split("disk ")[1].split(" GiB")[0]) for text in (out, on_disk)]
-    assert disk_gib[1] > disk_gib[0]  # the activations moved from host memory to disk
+    disk = [parse_bytes(re.search(r"disk ([\d.]+ [KMG]?i?B)", text).group(1)) for text in (out, on_disk)]
+    assert disk[1] > disk[0]  # the activations moved from host memory to disk
+    assert "0.00 GiB" not in out  # small sizes in units that fit
 
 
 def test_compressed_and_masks(tmp_path, capsys) -> None:

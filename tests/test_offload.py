@@ -129,7 +129,7 @@ def test_max_memory_smaller_than_a_block(sharded, tmp_path):
     pruner = Pruner.from_pretrained(
         sharded("llama"), _config(), device="cpu", offload="disk", max_memory={"cpu": "10KB"}, progress=False
     )
-    with pytest.raises(ValueError, match=r"smaller than one decoder block \(0\.00 GiB"):
+    with pytest.raises(ValueError, match=r"smaller than one decoder block \([\d.]+ KiB"):
         pruner.prune(random_ids(), output_dir=tmp_path / "out")
     assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
     in_memory = Pruner(tiny_model("llama"), _config(), device="cpu", max_memory={"cpu": "200KB"}, progress=False)
@@ -152,11 +152,18 @@ class _Usage:
         self.used = 0
 
 
-def test_save_pretrained_after_disk_offload_points_to_the_output(sharded, tmp_path):
+def test_save_pretrained_after_disk_offload_copies_the_output(sharded, tmp_path):
+    """prune -> save_pretrained works as transformers users expect: the streamed dense folder is copied."""
     pruner = Pruner.from_pretrained(sharded("llama"), _config(), device="cpu", offload="disk", progress=False)
     pruner.prune(random_ids(), output_dir=tmp_path / "out")
-    with pytest.raises(RuntimeError, match="streamed to"):
-        pruner.save_pretrained(tmp_path / "again")
+    assert pruner.save_pretrained(tmp_path / "out") == str(tmp_path / "out")  # already there
+    pruner.save_pretrained(tmp_path / "again")
+    streamed = AutoModelForCausalLM.from_pretrained(tmp_path / "out").state_dict()
+    copied = AutoModelForCausalLM.from_pretrained(tmp_path / "again").state_dict()
+    assert all(torch.equal(streamed[name], copied[name]) for name in streamed)
+    assert (tmp_path / "again" / "pruning_config.json").is_file()
+    with pytest.raises(RuntimeError, match="exists only as dense safetensors"):
+        pruner.save_pretrained(tmp_path / "compressed", format="compressed")
 
 
 @pytest.mark.gpu

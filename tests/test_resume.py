@@ -139,6 +139,7 @@ def test_existing_work_needs_resume_and_the_same_arguments(source, tmp_path):
     first = Pruner.from_pretrained(source, _config(), device="cpu", offload="disk", progress=False)
     first_fingerprint = first._fingerprint(ids)
     (work / "fingerprint.json").write_text(json.dumps(first_fingerprint))
+    (work / "state.json").write_text("{}")  # a finished block: work that a new run must not throw away
 
     again = Pruner.from_pretrained(source, _config(), device="cpu", offload="disk", progress=False)
     with pytest.raises(FileExistsError, match="resume=True"):
@@ -150,6 +151,24 @@ def test_existing_work_needs_resume_and_the_same_arguments(source, tmp_path):
     with pytest.raises(ValueError, match="different calibration"):
         other_ids.prune((ids + 1) % 512, output_dir=tmp_path / "model", resume=True)
     assert json.loads((work / "fingerprint.json").read_text()) == first_fingerprint
+
+
+def test_a_work_folder_without_a_finished_block_blocks_nothing(source, tmp_path):
+    """A run that failed before its first block finished (a bad pattern, say) leaves no work worth keeping:
+    the corrected command runs, with or without resume, and the failing one leaves no folder behind."""
+    ids = torch.load(source / "ids.pt")
+    work = tmp_path / "model.partial"
+    failing = Pruner.from_pretrained(source, _config(), device="cpu", progress=False)
+    failing.config.pattern = "2:3"  # no layer width is a multiple of 3: refused before the first block
+    with pytest.raises(ValueError, match="multiple of 3"):
+        failing.prune(ids, output_dir=tmp_path / "model")
+    assert not work.exists()
+    for resume in (False, True):
+        work.mkdir()
+        (work / "fingerprint.json").write_text(json.dumps({"config": "of another run"}))
+        pruner = Pruner.from_pretrained(source, _config(), device="cpu", progress=False)
+        pruner.prune(ids, output_dir=tmp_path / "model", resume=resume, overwrite=True)
+        assert not work.exists() and (tmp_path / "model" / "model.safetensors").is_file()
 
 
 def test_resume_needs_an_output_dir(source):

@@ -9,18 +9,30 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 
+def bos_token_id(tokenizer: PreTrainedTokenizerBase) -> int | None:
+    """The BOS token the tokenizer puts before every text (Llama, Gemma), or ``None`` when it adds none (GPT-2,
+    OPT, SmolLM2): windows of models that expect one start with it, as lm-evaluation-harness does."""
+    bos = tokenizer.bos_token_id
+    if bos is None:
+        return None
+    return bos if tokenizer("a", verbose=False)["input_ids"][:1] == [bos] else None
+
+
 def calibration_ids(
     texts: Sequence[str], tokenizer: PreTrainedTokenizerBase, num_samples: int, seq_len: int, seed: int = 0
 ) -> torch.Tensor:
-    """Sample ``num_samples`` windows of ``seq_len`` tokens.
+    """Sample ``num_samples`` windows of ``seq_len`` tokens; each starts with the BOS token when the tokenizer
+    adds one (`bos_token_id`), followed by ``seq_len - 1`` tokens of text.
 
     Texts are visited in a seeded random order and tokenised (joined by the EOS token) only until enough
     tokens are gathered; the stream is then cut into consecutive windows. A single text (a ``.txt`` file) is
     entered at a seeded random token instead, so that the seed matters there too. A corpus too small for
     ``num_samples x seq_len`` tokens gives overlapping windows at seeded random offsets, with a warning.
     """
+    bos = bos_token_id(tokenizer)
+    length = seq_len - (bos is not None)  # text tokens per window
     generator = torch.Generator().manual_seed(seed)
-    needed = num_samples * seq_len
+    needed = num_samples * length
     separator = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     stream: list[int] = []
     for index in torch.randperm(len(texts), generator=generator).tolist():
@@ -28,22 +40,26 @@ def calibration_ids(
             continue
         if stream:
             stream.extend(separator)
-        stream.extend(tokenizer(texts[index], add_special_tokens=False)["input_ids"])
+        stream.extend(tokenizer(texts[index], add_special_tokens=False, verbose=False)["input_ids"])
         if len(stream) >= needed:
             break
-    if len(stream) < seq_len:
+    if len(stream) < max(length, 1):
         raise ValueError(
-            f"The calibration text has {len(stream)} tokens, fewer than seq_len={seq_len}: give more text or "
-            "lower seq_len."
+            f"The calibration text has {len(stream)} tokens, fewer than a window of seq_len={seq_len}: give more "
+            "text or lower seq_len."
         )
     tokens = torch.tensor(stream, dtype=torch.long)
     if len(tokens) >= needed:
         start = int(torch.randint(0, len(tokens) - needed + 1, (1,), generator=generator)) if len(texts) == 1 else 0
-        return tokens[start : start + needed].view(num_samples, seq_len)
-    warnings.warn(
-        f"The calibration text has {len(tokens)} tokens, fewer than num_samples x seq_len = {needed}: "
-        "sampling overlapping windows.",
-        stacklevel=2,
-    )
-    starts = torch.randint(0, len(tokens) - seq_len + 1, (num_samples,), generator=generator)
-    return torch.stack([tokens[start : start + seq_len] for start in starts.tolist()])
+        windows = tokens[start : start + needed].view(num_samples, length)
+    else:
+        warnings.warn(
+            f"The calibration text has {len(tokens)} tokens, fewer than num_samples x seq_len = {needed}: "
+            "sampling overlapping windows.",
+            stacklevel=2,
+        )
+        starts = torch.randint(0, len(tokens) - length + 1, (num_samples,), generator=generator)
+        windows = torch.stack([tokens[start : start + length] for start in starts.tolist()])
+    if bos is None:
+        return windows
+    return torch.cat([torch.full((num_samples, 1), bos, dtype=torch.long), windows], dim=1)

@@ -30,7 +30,7 @@ def _read_local(path: Path, text_column: str) -> list[str]:
             raise ValueError(f"{path} has no {text_column!r} column (columns: {table.column_names}).")
         return [str(text) for text in table.column(text_column).to_pylist()]
     else:
-        raise ValueError(f"Unsupported calibration file {path}: use one of {', '.join(LOCAL_FORMATS)}.")
+        raise ValueError(f"Unsupported text file {path}: use one of {', '.join(LOCAL_FORMATS)}.")
     texts = []
     for row in rows:
         if isinstance(row, str):
@@ -38,7 +38,10 @@ def _read_local(path: Path, text_column: str) -> list[str]:
         elif isinstance(row, dict) and text_column in row:
             texts.append(str(row[text_column]))
         else:
-            raise ValueError(f"{path}: a row has no {text_column!r} field; pass text_column= to name it.")
+            raise ValueError(
+                f"{path}: a row has no {text_column!r} field; name the text field with text_column= "
+                "(--text-column for --dataset, --eval-text-column for --eval)."
+            )
     return texts
 
 
@@ -76,7 +79,7 @@ def load_texts(source: Any, *, text_column: str = "text", split: str = "train") 
         elif path.is_dir():
             raise ValueError(f"{path} is a folder: pass one {'/'.join(LOCAL_FORMATS)} file from it.")
         elif path.suffix.lower() in LOCAL_FORMATS:
-            raise FileNotFoundError(f"Calibration file {path} does not exist.")
+            raise FileNotFoundError(f"No file at {path}.")
         else:
             texts, name = _read_hub(str(source), split, text_column), str(source)
     elif isinstance(source, Sequence) and all(isinstance(text, str) for text in source):
@@ -90,5 +93,5 @@ def load_texts(source: Any, *, text_column: str = "text", split: str = "train") 
             "datasets.Dataset, a local .txt/.jsonl/.json/.parquet path or a Hub dataset name."
         )
     if not any(text.strip() for text in texts):
-        raise ValueError(f"The calibration data {name!r} holds no text.")
+        raise ValueError(f"{name!r} holds no text.")
     return texts, name

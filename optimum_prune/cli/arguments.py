@@ -63,7 +63,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         "--dataset", help="calibration text: a local .txt/.jsonl/.json/.parquet file or a Hub dataset ('name:subset')."
     )
     calibration.add_argument("--dataset-split", default="train", help="split of a Hub dataset (default train).")
-    calibration.add_argument("--text-column", default="text", help="text field of --dataset and --eval rows.")
+    calibration.add_argument("--text-column", default="text", help="text field of --dataset rows (default text).")
     calibration.add_argument("--num-samples", type=int, help="calibration sequences.")
     calibration.add_argument("--seq-len", type=int, help="tokens per sequence (default 2048, capped at the context).")
     calibration.add_argument("--seed", type=int, help="seed of the calibration sampling.")
@@ -72,6 +72,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     loading = parser.add_argument_group("model loading")
     loading.add_argument("--device", help="where blocks are pruned: cpu, cuda, cuda:1 (default: first GPU, else CPU).")
     loading.add_argument("--dtype", choices=DTYPES, default="auto", help="weights dtype (default: the checkpoint's).")
+    loading.add_argument(
+        "--tokenizer", metavar="PATH", help="tokenizer folder or Hub id, when --model has none (default: --model)."
+    )
     loading.add_argument("--trust-remote-code", action="store_true", help="run the model repository's own code.")
     loading.add_argument(
         "--allow-unsafe-weights", action="store_true", help="accept pickled (non-safetensors) weights you trust."
@@ -99,9 +102,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
     evaluation = parser.add_argument_group("evaluation")
     evaluation.add_argument(
-        "--eval", metavar="TEXT", help="measure perplexity before and after on a local text file or a Hub dataset."
+        "--eval",
+        metavar="TEXT",
+        help="measure perplexity before and after on a local text file or a Hub dataset (windows start with the "
+        "BOS token when the tokenizer adds one).",
     )
     evaluation.add_argument("--eval-split", default="test", help="split of a Hub --eval dataset (default test).")
+    evaluation.add_argument("--eval-text-column", default="text", help="text field of --eval rows (default text).")
     evaluation.add_argument("--eval-seq-len", type=int, help="tokens per window (default: --seq-len).")
     evaluation.add_argument("--eval-windows", type=int, help="evaluate only the first N windows (default: all).")
 

@@ -19,6 +19,8 @@ from typing import TYPE_CHECKING, Any
 from .arguments import CONFIG_FIELDS, flag
 
 if TYPE_CHECKING:
+    from transformers import PretrainedConfig
+
     from ..config import PruningConfig
 
 logger = logging.getLogger("optimum_prune.cli")
@@ -30,6 +32,7 @@ class Plan:
 
     config: PruningConfig
     explicit: set[str]  # config fields set by a flag or the --config file
+    model_config: PretrainedConfig
     eval_texts: list[str] | None = None
     eval_name: str | None = None
     max_memory: dict[int | str, str] | None = None
@@ -40,11 +43,15 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
     )
+    logging.captureWarnings(True)  # warnings go through logging, which tqdm's bars leave room for
     plan = check(args, parser)
     try:
-        execute(args, plan)
+        from tqdm.contrib.logging import logging_redirect_tqdm
+
+        with logging_redirect_tqdm():
+            execute(args, plan)
     except KeyboardInterrupt:
-        print(f"{parser.prog}: interrupted", file=sys.stderr)
+        print(f"{parser.prog}: interrupted{_resume_hint(args)}", file=sys.stderr)
         return 130
     except Exception as error:
         if args.verbose:
@@ -57,7 +64,7 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
 
 def check(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Plan:
-    """Validate the flags before any model is loaded; a bad one exits 2 with a message naming it."""
+    """Validate the flags before any weight is loaded; a bad one exits 2 with a message naming it."""
     config, explicit = build_config(args, parser)
     from ..engine.offload import OFFLOAD_MODES
     from ..methods import get_method
@@ -68,13 +75,24 @@ def check(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Plan:
         parser.error(f"argument --method: {error}")
     if args.offload is not None and args.offload not in OFFLOAD_MODES:
         parser.error(f"argument --offload: unknown mode {args.offload!r}: choose one of {', '.join(OFFLOAD_MODES)}.")
+    if args.private and not args.push_to_hub:
+        parser.error("argument --private: it makes the --push-to-hub repository private; add --push-to-hub REPO.")
     _check_device(args.device, parser)
     for name in ("eval_seq_len", "eval_windows"):
         value = getattr(args, name)
         if value is not None and value < 1:
             parser.error(f"argument {flag(name)}: must be a positive integer, got {value}.")
+    model_config = _check_model(args, parser)
+    context = getattr(model_config, "max_position_embeddings", None)
+    if args.eval_seq_len and context and args.eval_seq_len > context:
+        parser.error(
+            f"argument --eval-seq-len: {args.eval_seq_len} tokens is longer than the model's context of {context}: "
+            f"use at most {context}."
+        )
     _check_outputs(args, parser)
-    plan = Plan(config, explicit, max_memory=_parse_max_memory(args.max_memory, parser))
+    if args.push_to_hub and not args.dry_run:
+        _check_push(parser)
+    plan = Plan(config, explicit, model_config, max_memory=_parse_max_memory(args.max_memory, parser))
     if args.dry_run:
         return plan
     if config.needs_calibration and not args.dataset:
@@ -82,16 +100,64 @@ def check(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Plan:
             f"argument --dataset: method {config.method!r} with {config.allocation} allocation needs calibration "
             "text: pass --dataset path/to/c4_sample.jsonl (or a Hub dataset name)."
         )
-    if args.dataset and _looks_local(args.dataset) and not Path(args.dataset).is_file():
-        parser.error(f"argument --dataset: no file at {args.dataset}.")
+    if args.dataset:
+        _read_texts(parser, "--dataset", args.dataset, args.text_column, args.dataset_split)
     if args.eval:
-        from ..calibration import load_texts
-
-        try:
-            plan.eval_texts, plan.eval_name = load_texts(args.eval, text_column=args.text_column, split=args.eval_split)
-        except (OSError, ValueError, TypeError) as error:
-            parser.error(f"argument --eval: {error}")
+        plan.eval_texts, plan.eval_name = _read_texts(
+            parser, "--eval", args.eval, args.eval_text_column, args.eval_split
+        )
     return plan
+
+
+def _read_texts(
+    parser: argparse.ArgumentParser, name: str, source: str, column: str, split: str
+) -> tuple[list[str], str]:
+    """The texts of --dataset or --eval, read by the one rule both share (a local file, else a Hub dataset)."""
+    from ..calibration import load_texts
+
+    try:
+        return load_texts(source, text_column=column, split=split)
+    except (OSError, ValueError, TypeError) as error:
+        parser.error(f"argument {name}: {error}")
+
+
+def _check_model(args: argparse.Namespace, parser: argparse.ArgumentParser) -> PretrainedConfig:
+    """--model's config (a causal LM) and, for a local folder, whole weight files: checked before loading."""
+    from ..model_source import check_local_weights, load_model_config
+
+    try:
+        model_config = load_model_config(args.model, trust_remote_code=args.trust_remote_code)
+        if os.path.isdir(args.model):
+            check_local_weights(args.model, args.allow_unsafe_weights)
+    except (OSError, ValueError) as error:
+        parser.error(f"argument --model: {error}")
+    return model_config
+
+
+def _check_push(parser: argparse.ArgumentParser) -> None:
+    """--push-to-hub needs a token and the Hub: known before the model is loaded and pruned."""
+    from huggingface_hub import constants
+
+    from ..hub.push import resolve_token
+
+    try:
+        resolve_token(None)
+    except ValueError as error:
+        parser.error(f"argument --push-to-hub: {error}")
+    if constants.is_offline_mode():
+        parser.error("argument --push-to-hub: HF_HUB_OFFLINE is set; unset it to push to the Hub.")
+
+
+def _resume_hint(args: argparse.Namespace) -> str:
+    """After Ctrl-C: how to continue a run whose finished blocks were kept."""
+    if not streams_output(args):
+        return ""
+    from ..engine.checkpoint import work_folder
+
+    folder = work_folder(args.output, args.offload_folder)
+    if not folder.is_dir():
+        return ""
+    return f"; finished blocks are kept in {folder}: run the same command with --resume to continue"
 
 
 def streams_output(args: argparse.Namespace) -> bool:
@@ -130,8 +196,8 @@ def _check_outputs(args: argparse.Namespace, parser: argparse.ArgumentParser) ->
         from ..export.files import check_writable
 
         try:
-            check_writable(args.output, args.overwrite)
-        except FileExistsError as error:
+            check_writable(args.output, args.overwrite, inputs=(args.model,))
+        except (OSError, ValueError) as error:
             parser.error(f"argument --output: {error}")
         folder = work_folder(args.output, args.offload_folder)
         if streams_output(args) and not args.resume and (folder / STATE).is_file():
@@ -177,10 +243,10 @@ def build_config(args: argparse.Namespace, parser: argparse.ArgumentParser) -> t
         try:
             values = json.loads(path.read_text(encoding="utf-8"))
             if not isinstance(values, dict):
-                raise ValueError(f"{path} must hold a JSON object of PruningConfig fields.")
+                raise ValueError("it must hold a JSON object of PruningConfig fields")
             PruningConfig.from_dict(values)
         except (OSError, ValueError, TypeError) as error:
-            parser.error(f"argument --config: {error}")
+            parser.error(f"argument --config: {path}: {error}")
     for field in CONFIG_FIELDS:
         value = getattr(args, field)
         if value is None:
@@ -192,12 +258,6 @@ def build_config(args: argparse.Namespace, parser: argparse.ArgumentParser) -> t
             parser.error(f"argument {flag(field)}: {error}")
         values = candidate
     return PruningConfig.from_dict(values), set(values)
-
-
-def _looks_local(source: str) -> bool:
-    from ..calibration.sources import LOCAL_FORMATS
-
-    return Path(source).suffix.lower() in LOCAL_FORMATS or os.sep in source or source.startswith(".")
 
 
 def _check_device(device: str | None, parser: argparse.ArgumentParser) -> None:
@@ -224,30 +284,23 @@ def execute(args: argparse.Namespace, plan: Plan) -> None:
     """Load (or only estimate), evaluate, prune, evaluate again, print the summary, save, export and push."""
     import torch
 
-    from ..evaluation import perplexity
+    from ..evaluation import evaluate_perplexity
     from ..pruner import Pruner
 
     config = plan.config
     dtype = args.dtype if args.dtype == "auto" else getattr(torch, args.dtype)
+    cap_seq_len(plan, getattr(plan.model_config, "max_position_embeddings", None))
     if args.dry_run:
-        from transformers import AutoConfig
-
-        model_config = AutoConfig.from_pretrained(args.model, trust_remote_code=args.trust_remote_code)
-        cap_seq_len(plan, getattr(model_config, "max_position_embeddings", None))
-        estimate = Pruner.estimate(
-            args.model,
-            config,
-            device=args.device,
-            offload=args.offload,
-            dtype=dtype,
-            trust_remote_code=args.trust_remote_code,
-            offload_activations=args.offload_activations,
-        )
-        print(f"dry run of {config.method} {config.pattern} at {config.sparsity:g} on {args.model}: {estimate}")
+        dry_run(args, plan, dtype)
         return
+    if not args.output and not args.push_to_hub:
+        print(
+            "note: neither --output nor --push-to-hub was given: the pruned model will not be saved.", file=sys.stderr
+        )
     pruner = Pruner.from_pretrained(
         args.model,
         config,
+        tokenizer=args.tokenizer,
         device=args.device,
         dtype=dtype,
         trust_remote_code=args.trust_remote_code,
@@ -257,13 +310,15 @@ def execute(args: argparse.Namespace, plan: Plan) -> None:
         max_memory=plan.max_memory,
         offload_activations=args.offload_activations,
     )
-    cap_seq_len(plan, getattr(pruner.model.config, "max_position_embeddings", None))
     if pruner.tokenizer is None and (config.needs_calibration or plan.eval_texts is not None):
-        raise RuntimeError(f"No tokenizer could be loaded from {args.model}; calibration and --eval need one.")
+        raise RuntimeError(
+            f"No tokenizer could be loaded from {args.tokenizer or args.model}; calibration and --eval need one: "
+            "pass --tokenizer PATH (a folder or Hub id holding one)."
+        )
     eval_seq_len = args.eval_seq_len or config.seq_len
 
-    def evaluate() -> float:
-        return perplexity(pruner.model, pruner.tokenizer, plan.eval_texts, eval_seq_len, args.eval_windows)
+    def evaluate():
+        return evaluate_perplexity(pruner.model, pruner.tokenizer, plan.eval_texts, eval_seq_len, args.eval_windows)
 
     before = evaluate() if plan.eval_texts is not None else None
     stream = streams_output(args)
@@ -279,9 +334,8 @@ def execute(args: argparse.Namespace, plan: Plan) -> None:
 
     print(report.table())
     if before is not None:
-        windows = f"first {args.eval_windows} windows" if args.eval_windows else "all windows"
         print(
-            f"perplexity on {plan.eval_name} ({windows} of {eval_seq_len} tokens): dense {before:.3f} -> pruned {after:.3f}"
+            f"perplexity on {plan.eval_name} ({before.describe()}): dense {before.value:.3f} -> pruned {after.value:.3f}"
         )
     save_format = "compressed" if "compressed" in args.export else "dense"
     if args.output and not stream:
@@ -291,10 +345,34 @@ def execute(args: argparse.Namespace, plan: Plan) -> None:
     if "onnx" in args.export:
         from ..export.onnx import export_onnx
 
+        onnx_dir = Path(args.output) / "onnx"
+        print(f"exporting ONNX to {onnx_dir} ...", flush=True)
         source = args.output if args.offload == "disk" else pruner.model
-        onnx_dir = export_onnx(source, Path(args.output) / "onnx", tokenizer=pruner.tokenizer)
+        export_onnx(source, onnx_dir, tokenizer=pruner.tokenizer)
         print(f"ONNX model written to {onnx_dir}")
     if args.push_to_hub:
-        scores = None if before is None else {"dataset": plan.eval_name, "before": before, "after": after}
+        scores = None if before is None else {"dataset": plan.eval_name, "before": before.value, "after": after.value}
         commit = pruner.push_to_hub(args.push_to_hub, private=args.private, format=save_format, perplexity=scores)
         print(f"pushed to {commit.commit_url}")
+
+
+def dry_run(args: argparse.Namespace, plan: Plan, dtype: Any) -> None:
+    """Print the estimate of the run, refused as the real run would be when it exceeds --max-memory."""
+    import torch
+
+    from ..engine.resources import check_max_memory
+    from ..pruner import Pruner, default_device
+
+    config = plan.config
+    estimate = Pruner.estimate(
+        args.model,
+        config,
+        device=args.device,
+        offload=args.offload,
+        dtype=dtype,
+        trust_remote_code=args.trust_remote_code,
+        offload_activations=args.offload_activations,
+    )
+    print(f"dry run of {config.method} {config.pattern} at {config.sparsity:g} on {args.model}: {estimate}")
+    device = default_device() if args.device is None else torch.device(args.device)
+    check_max_memory(plan.max_memory, estimate, device, args.offload or "cpu")

@@ -29,8 +29,15 @@ DISK_BYTES_PER_S = 500e6
 _HESSIAN_METHODS = ("sparsegpt", "sparsellm")
 
 
-def _gib(size: int) -> str:
-    return f"{size / 2**30:.2f} GiB"
+def format_bytes(size: float) -> str:
+    """``size`` in the largest binary unit that keeps the number at 1 or more: ``"512 B"``, ``"3.25 MiB"``."""
+    if abs(size) < 1024:
+        return f"{size:.0f} B"
+    for unit in ("KiB", "MiB", "GiB"):
+        size /= 1024
+        if abs(size) < 1024:
+            return f"{size:.2f} {unit}"
+    return f"{size / 1024:.2f} TiB"
 
 
 @dataclass
@@ -53,10 +60,10 @@ class RunEstimate:
 
     def __str__(self) -> str:
         return (
-            f"{self.parameters / 1e6:.1f}M parameters, {_gib(self.weights_bytes)} of weights, largest block "
-            f"{_gib(self.block_bytes)}, calibration activations {_gib(self.activations_bytes)}; estimated peak "
-            f"memory: device {_gib(self.device_peak_bytes)}, host {_gib(self.host_peak_bytes)}; disk "
-            f"{_gib(self.disk_bytes)}; time {self.seconds / 60:.1f} min"
+            f"{self.parameters / 1e6:.1f}M parameters, {format_bytes(self.weights_bytes)} of weights, largest block "
+            f"{format_bytes(self.block_bytes)}, calibration activations {format_bytes(self.activations_bytes)}; estimated peak "
+            f"memory: device {format_bytes(self.device_peak_bytes)}, host {format_bytes(self.host_peak_bytes)}; disk "
+            f"{format_bytes(self.disk_bytes)}; time {self.seconds / 60:.1f} min"
         )
 
 

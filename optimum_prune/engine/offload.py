@@ -54,13 +54,30 @@ class TensorInfo:
 
 def read_header(path: Path) -> dict[str, dict]:
     """The JSON header of a safetensors file (8-byte little-endian length, then JSON), without its data.
-    Each entry's ``data_offsets`` are made absolute (from the start of the file)."""
+    Each entry's ``data_offsets`` are made absolute (from the start of the file). A truncated or corrupted
+    file raises a `ValueError` that names it."""
+    size = os.path.getsize(path)
     with open(path, "rb") as file:
-        (length,) = struct.unpack("<Q", file.read(8))
-        header = json.loads(file.read(length))
+        prefix = file.read(8)
+        length = struct.unpack("<Q", prefix)[0] if len(prefix) == 8 else None
+        if length is None or length > size - 8:
+            raise ValueError(f"{path} is truncated or is not a safetensors file: download or save it again.")
+        try:
+            header = json.loads(file.read(length))
+        except (UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise ValueError(
+                f"{path} has a corrupted safetensors header ({error}): download or save it again."
+            ) from error
+    if not isinstance(header, dict):
+        raise ValueError(f"{path} has a corrupted safetensors header: download or save it again.")
     header.pop("__metadata__", None)
-    for entry in header.values():
+    for key, entry in header.items():
         entry["data_offsets"] = [8 + length + offset for offset in entry["data_offsets"]]
+        if entry["data_offsets"][1] > size:
+            raise ValueError(
+                f"{path} is truncated: {key} ends at byte {entry['data_offsets'][1]} of a {size}-byte file. "
+                "Download or save it again."
+            )
     return header
 
 

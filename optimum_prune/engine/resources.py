@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from .estimate import RunEstimate, _gib
+from .estimate import RunEstimate, format_bytes
 
 MaxMemory = dict[int | str, int | str]
 
@@ -35,15 +35,15 @@ def check_max_memory(max_memory: MaxMemory | None, estimate: RunEstimate, device
     limit = limits.get(device_key)
     if limit is not None and limit < estimate.block_bytes:
         raise ValueError(
-            f"max_memory allows {_gib(limit)} on {device_key}, smaller than one decoder block "
-            f"({_gib(estimate.block_bytes)} of weights): the engine processes a whole block at once. Raise the "
-            f"limit to at least {_gib(estimate.block_bytes + estimate.statistics_bytes)} (block + statistics)."
+            f"max_memory allows {format_bytes(limit)} on {device_key}, smaller than one decoder block "
+            f"({format_bytes(estimate.block_bytes)} of weights): the engine processes a whole block at once. Raise the "
+            f"limit to at least {format_bytes(estimate.block_bytes + estimate.statistics_bytes)} (block + statistics)."
         )
     host = limits.get("cpu")
     if host is not None and offload == "cpu" and host < estimate.weights_bytes:
         raise ValueError(
-            f"max_memory allows {_gib(host)} of host memory, but offload='cpu' keeps all "
-            f"{_gib(estimate.weights_bytes)} of weights there: use offload='disk' to stream blocks from the checkpoint."
+            f"max_memory allows {format_bytes(host)} of host memory, but offload='cpu' keeps all "
+            f"{format_bytes(estimate.weights_bytes)} of weights there: use offload='disk' to stream blocks from the checkpoint."
         )
 
 
@@ -79,7 +79,7 @@ def check_free_space(
         free = shutil.disk_usage(_existing(place)).free
         if free < size:
             raise OSError(
-                f"Not enough free disk space for {place}: the run writes about {_gib(size)} there (pruned weights "
-                f"and calibration activations) but only {_gib(free)} is free. Free some space or choose another "
+                f"Not enough free disk space for {place}: the run writes about {format_bytes(size)} there (pruned weights "
+                f"and calibration activations) but only {format_bytes(free)} is free. Free some space or choose another "
                 "output_dir/offload_folder."
             )

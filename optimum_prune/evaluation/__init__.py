@@ -1,5 +1,5 @@
 """Evaluation of pruned models."""
 
-from .perplexity import perplexity
+from .perplexity import Perplexity, evaluate_perplexity, perplexity
 
-__all__ = ["perplexity"]
+__all__ = ["Perplexity", "evaluate_perplexity", "perplexity"]

@@ -4,15 +4,33 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
+from ..calibration import bos_token_id
+
+
+@dataclass(frozen=True)
+class Perplexity:
+    """A perplexity and how it was measured."""
+
+    value: float
+    windows: int
+    seq_len: int
+    bos: bool  # every window started with the tokenizer's BOS token
+
+    def describe(self) -> str:
+        """``"12 windows of 512 tokens, each after <bos>"``."""
+        windows = f"{self.windows} window{'s' if self.windows != 1 else ''} of {self.seq_len} tokens"
+        return f"{windows}, each after the BOS token" if self.bos else windows
+
 
 @torch.no_grad()
-def perplexity(
+def evaluate_perplexity(
     model: nn.Module,
     tokenizer: PreTrainedTokenizerBase,
     text: str | Sequence[str],
@@ -20,16 +38,28 @@ def perplexity(
     max_windows: int | None = None,
     batch_size: int = 1,
     device: str | torch.device | None = None,
-) -> float:
+    bos: bool | None = None,
+) -> Perplexity:
     """Perplexity of ``model`` on ``text`` (a list is joined with blank lines, as in SparseGPT/Wanda).
 
-    The text is tokenised once, without special tokens, and cut into non-overlapping windows of
-    ``seq_len`` tokens (the first ``max_windows`` of them); the result is ``exp`` of the mean next-token
-    negative log-likelihood over every window.
+    The text is tokenised once, without special tokens, and cut into non-overlapping windows of ``seq_len``
+    tokens (the first ``max_windows`` of them); the result is ``exp`` of the mean next-token negative
+    log-likelihood over every window. ``bos=None`` follows the tokenizer, as lm-evaluation-harness does: when
+    it adds a BOS token (Llama, Gemma), each window's ``seq_len`` tokens are all predicted after a BOS; when it
+    adds none (GPT-2, OPT), the paper protocol predicts the last ``seq_len - 1`` tokens of each window.
     """
+    context = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if context is not None and seq_len > context:
+        raise ValueError(
+            f"seq_len={seq_len} is longer than the model's context of {context} tokens: its perplexity there "
+            f"measures positions it was never trained on. Use seq_len <= {context}."
+        )
+    bos_id = bos_token_id(tokenizer) if bos is None else (tokenizer.bos_token_id if bos else None)
+    if bos and bos_id is None:
+        raise ValueError("bos=True, but the tokenizer has no BOS token.")
     if not isinstance(text, str):
         text = "\n\n".join(text)
-    ids = tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids[0]
+    ids = tokenizer(text, return_tensors="pt", add_special_tokens=False, verbose=False).input_ids[0]
     windows = len(ids) // seq_len
     if max_windows is not None:
         windows = min(windows, max_windows)
@@ -40,8 +70,27 @@ def perplexity(
     total_nll, total_tokens = 0.0, 0
     for batch in ids.split(batch_size):
         batch = batch.to(device)
-        logits = model(input_ids=batch, use_cache=False).logits[:, :-1].float()
-        targets = batch[:, 1:]
+        if bos_id is None:  # every token but the first is predicted from the ones before it
+            logits = model(input_ids=batch, use_cache=False).logits[:, :-1].float()
+            targets = batch[:, 1:]
+        else:  # every token is predicted, the first from the BOS token
+            inputs = torch.cat([torch.full_like(batch[:, :1], bos_id), batch[:, :-1]], dim=1)
+            logits = model(input_ids=inputs, use_cache=False).logits.float()
+            targets = batch
         total_nll += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum").item()
         total_tokens += targets.numel()
-    return math.exp(total_nll / total_tokens)
+    return Perplexity(math.exp(total_nll / total_tokens), windows, seq_len, bos_id is not None)
+
+
+def perplexity(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    text: str | Sequence[str],
+    seq_len: int = 2048,
+    max_windows: int | None = None,
+    batch_size: int = 1,
+    device: str | torch.device | None = None,
+    bos: bool | None = None,
+) -> float:
+    """The perplexity value of `evaluate_perplexity` (same arguments)."""
+    return evaluate_perplexity(model, tokenizer, text, seq_len, max_windows, batch_size, device, bos).value

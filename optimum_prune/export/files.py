@@ -12,11 +12,36 @@ from pathlib import Path
 from typing import Any
 
 
-def check_writable(target: str | os.PathLike, overwrite: bool) -> Path:
-    """Refuse a target that is a file, or a non-empty folder unless ``overwrite``."""
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _nearest_existing(path: Path) -> Path:
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def check_writable(target: str | os.PathLike, overwrite: bool, inputs: tuple[str | os.PathLike, ...] = ()) -> Path:
+    """Refuse an output folder that cannot be written before any long work: a file, a non-empty folder unless
+    ``overwrite``, the current directory or one of its parents, one of ``inputs`` (or a folder holding one), or
+    a place where no folder can be created (read-only, no permission, a path through a file)."""
     target = Path(target)
     if target.exists() and not target.is_dir():
         raise FileExistsError(f"{target} is a file: choose a folder path for the output.")
+    resolved = target.resolve()
+    if Path.cwd().resolve().is_relative_to(resolved):
+        raise ValueError(f"{target} is the current directory or holds it: choose a new folder for the output.")
+    for source in inputs:
+        if Path(source).exists() and Path(source).resolve().is_relative_to(resolved):
+            raise ValueError(f"{target} would replace the input {source}: choose another folder for the output.")
+    existing = _nearest_existing(resolved)
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".optimum-prune-write-test-", dir=existing))
+    except OSError as error:
+        raise PermissionError(f"Cannot write the output {target}: {error.strerror} ({existing}).") from error
     if target.is_dir() and any(target.iterdir()) and not overwrite:
         raise FileExistsError(
             f"{target} already exists and is not empty: choose another folder or pass overwrite=True "
@@ -31,6 +56,7 @@ def atomic_directory(target: str | os.PathLike, overwrite: bool = False) -> Iter
     target = check_writable(target, overwrite).absolute()
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
+    staging.chmod(0o777 & ~_umask())  # mkdtemp makes it private (0700); a saved model is a folder like any other
     try:
         yield staging
     except BaseException:

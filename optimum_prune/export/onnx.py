@@ -10,10 +10,14 @@ into the model's ``metadata_props``.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import logging
 import os
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +61,38 @@ class _Decoder(nn.Module):
         output = self.decoder(**inputs, past_key_values=cache, use_cache=True)
         present = [tensor for layer in output.past_key_values.layers for tensor in (layer.keys, layer.values)]
         return (output.logits, *present)
+
+
+@contextmanager
+def _in_float32(model: nn.Module) -> Iterator[None]:
+    """Export half-precision models in float32: onnxruntime's CPU kernels have no bfloat16 (and few float16)
+    implementations, so a bf16 graph does not load ("Could not find an implementation for Mul"). The model is
+    cast in place and cast back afterwards (exact: float32 holds every bf16 and fp16 value)."""
+    dtype = next(model.parameters()).dtype
+    if dtype not in (torch.bfloat16, torch.float16):
+        yield
+        return
+    logger.info("Exporting the %s model in float32, the dtype onnxruntime runs everywhere.", dtype)
+    model.float()
+    try:
+        yield
+    finally:
+        model.to(dtype)
+
+
+@contextmanager
+def _quiet_exporter() -> Iterator[None]:
+    """Keep the exporter's own chatter (progress lines printed to stdout, info logs) out of the user's output."""
+    loggers = [logging.getLogger(name) for name in ("torch.onnx", "torch.export", "torch._dynamo", "onnxscript")]
+    levels = [item.level for item in loggers]
+    for item in loggers:
+        item.setLevel(logging.ERROR)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            yield
+    finally:
+        for item, level in zip(loggers, levels, strict=True):
+            item.setLevel(level)
 
 
 def check_exportable(model: nn.Module) -> None:
@@ -179,38 +215,42 @@ def export_onnx(
     check_exportable(model)
     if isinstance(tokenizer, str | os.PathLike):
         tokenizer = AutoTokenizer.from_pretrained(tokenizer)
-    args, input_names, output_names, dynamic_shapes = _example(model, with_past)
-    wrapper = _Decoder(model, with_past).eval()
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*shares the same shape constraints", category=UserWarning)
-        program = torch.onnx.export(
-            wrapper,
-            args,
-            dynamo=True,
-            input_names=input_names,
-            output_names=output_names,
-            dynamic_shapes=dynamic_shapes,
-            opset_version=opset,
-            optimize=False,
-            verbose=False,
-        )
-    _name_weights(program.model.graph)
-    program.optimize()
-    onnx_model = program.model
-    metadata = read_metadata(model.config)
-    if metadata is not None:
-        onnx_model.metadata_props[METADATA_KEY] = json.dumps(metadata, sort_keys=True)
-    onnx_model.producer_name = "optimum-prune"
-    if opset <= MAX_OPSET_FOR_IR_9:
-        onnx_model.ir_version = 9  # the newest IR older runtimes (DeepSparse 1.8, onnxruntime < 1.16) read
-    size = sum(value.const_value.nbytes for value in onnx_model.graph.initializers.values() if value.const_value)
-    if external_data is None:
-        external_data = size >= EXTERNAL_DATA_THRESHOLD
-    with atomic_directory(output_dir, overwrite) as staging:
-        ir.save(onnx_model, staging / ONNX_FILE, external_data=EXTERNAL_DATA_FILE if external_data else None)
-        model.config.save_pretrained(staging)
-        if getattr(model, "generation_config", None) is not None:
-            model.generation_config.save_pretrained(staging)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(staging)
+    with _in_float32(model):
+        args, input_names, output_names, dynamic_shapes = _example(model, with_past)
+        wrapper = _Decoder(model, with_past).eval()
+        with torch.no_grad(), warnings.catch_warnings(), _quiet_exporter():
+            warnings.filterwarnings("ignore", category=UserWarning)
+            warnings.filterwarnings("ignore", category=DeprecationWarning)
+            warnings.filterwarnings("ignore", category=FutureWarning)
+            program = torch.onnx.export(
+                wrapper,
+                args,
+                dynamo=True,
+                input_names=input_names,
+                output_names=output_names,
+                dynamic_shapes=dynamic_shapes,
+                opset_version=opset,
+                optimize=False,
+                verbose=False,
+            )
+        _name_weights(program.model.graph)
+        program.optimize()
+        onnx_model = program.model
+        metadata = read_metadata(model.config)
+        if metadata is not None:
+            onnx_model.metadata_props[METADATA_KEY] = json.dumps(metadata, sort_keys=True)
+        onnx_model.producer_name = "optimum-prune"
+        if opset <= MAX_OPSET_FOR_IR_9:
+            onnx_model.ir_version = 9  # the newest IR older runtimes (DeepSparse 1.8, onnxruntime < 1.16) read
+        initializers = onnx_model.graph.initializers.values()
+        size = sum(value.const_value.nbytes for value in initializers if value.const_value)
+        if external_data is None:
+            external_data = size >= EXTERNAL_DATA_THRESHOLD
+        with atomic_directory(output_dir, overwrite) as staging:
+            ir.save(onnx_model, staging / ONNX_FILE, external_data=EXTERNAL_DATA_FILE if external_data else None)
+            model.config.save_pretrained(staging)
+            if getattr(model, "generation_config", None) is not None:
+                model.generation_config.save_pretrained(staging)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(staging)
     return Path(output_dir)

@@ -1,0 +1,108 @@
+"""What a model argument names, a local folder or a Hub id, checked before any weight is read."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+from transformers import AutoConfig, PretrainedConfig
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+from .engine.offload import read_header
+
+PICKLED_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+
+
+def looks_like_path(source: str | os.PathLike) -> bool:
+    """Whether ``source`` names a local path rather than a Hub id (``"name"`` or ``"owner/name"``): it exists,
+    is absolute, starts with ``.`` or ``~``, or has more than one ``/``."""
+    text = os.fspath(source)
+    return os.path.exists(text) or os.path.isabs(text) or text.startswith((".", "~")) or text.count("/") > 1
+
+
+def _is_causal_lm_class(name: str) -> bool:
+    return name in set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values()) or name.endswith(("ForCausalLM", "LMHeadModel"))
+
+
+def check_causal_lm(config: PretrainedConfig, source: str) -> None:
+    """Refuse a config that is not a decoder-only causal LM (an encoder such as ``BertModel``, a seq2seq model)."""
+    architectures = getattr(config, "architectures", None) or []
+    if architectures:
+        causal = any(_is_causal_lm_class(name) for name in architectures)
+    else:
+        causal = config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and not config.is_encoder_decoder
+    if not causal:
+        kind = ", ".join(architectures) or config.model_type
+        raise ValueError(
+            f"{source} is a {kind} model, not a causal language model: optimum-prune prunes decoder-only models "
+            "that AutoModelForCausalLM loads (Llama, Mistral, Qwen2, Gemma, Phi, OPT, GPT-NeoX, GPT-2...)."
+        )
+
+
+def check_causal_lm_module(model: nn.Module) -> None:
+    """The same check for a model that is already loaded."""
+    name = type(model).__name__
+    if not _is_causal_lm_class(name):
+        raise ValueError(
+            f"{name} is not a causal language model: load it with AutoModelForCausalLM.from_pretrained, which "
+            "adds the language-model head that pruning and evaluation need."
+        )
+
+
+def load_model_config(
+    source: str | os.PathLike,
+    *,
+    revision: str | None = None,
+    token: str | bool | None = None,
+    trust_remote_code: bool = False,
+    gguf_file: str | None = None,
+) -> PretrainedConfig:
+    """The config of a local folder or Hub repository, checked to be a causal LM; errors name the fix."""
+    text = os.fspath(source)
+    if looks_like_path(text) and not os.path.isdir(text):
+        raise FileNotFoundError(
+            f"No model folder at {text}: pass an existing folder, or a Hub id such as 'HuggingFaceTB/SmolLM2-135M'."
+        )
+    if os.path.isdir(text) and gguf_file is None and not os.path.isfile(os.path.join(text, "config.json")):
+        raise FileNotFoundError(
+            f"{text} has no config.json: pass a model folder written by save_pretrained (config.json and "
+            "*.safetensors weights)."
+        )
+    kwargs: dict[str, Any] = {"revision": revision, "token": token, "trust_remote_code": trust_remote_code}
+    if gguf_file is not None:
+        kwargs["gguf_file"] = gguf_file
+    try:
+        config = AutoConfig.from_pretrained(text, **kwargs)
+    except ValueError as error:
+        if "trust_remote_code" in str(error):
+            raise ValueError(
+                f"{text} needs its own code to load (a custom architecture): pass trust_remote_code=True "
+                "(--trust-remote-code) if you trust that repository."
+            ) from error
+        raise
+    except OSError as error:
+        where = "folder" if os.path.isdir(text) else "Hub repository (no local folder has that name)"
+        raise OSError(f"Could not read a model config from the {where} {text!r}: {error}") from error
+    check_causal_lm(config, text)
+    return config
+
+
+def check_local_weights(folder: str | os.PathLike, allow_unsafe_weights: bool = False) -> None:
+    """Before loading a local folder: every safetensors file is whole (a truncated one is named), and a folder
+    that holds only pickled weights is refused unless ``allow_unsafe_weights``."""
+    folder = Path(folder)
+    safetensors = sorted(folder.glob("*.safetensors"))
+    for path in safetensors:
+        read_header(path)
+    if safetensors:
+        return
+    pickled = sorted(path.name for path in folder.iterdir() if path.suffix in PICKLED_SUFFIXES)
+    if not pickled:
+        raise FileNotFoundError(f"{folder} holds no model weights: expected *.safetensors files.")
+    if not allow_unsafe_weights:
+        raise OSError(
+            f"{folder} holds only pickled weights ({', '.join(pickled[:3])}), which can run code when loaded: pass "
+            "allow_unsafe_weights=True (--allow-unsafe-weights) if you trust them, or convert them to safetensors."
+        )
