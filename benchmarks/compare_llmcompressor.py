@@ -189,7 +189,7 @@ def evaluate(model_name: str, weights: Path | None, text: str, windows: int) -> 
         if missing:
             raise RuntimeError(f"Pruned weights {sorted(missing)[:3]} are not in {model_name}.")
         model.load_state_dict(load_file(weights), strict=False)
-    return perplexity(model, tokenizer, text, seq_len=SEQ_LEN, max_windows=windows, batch_size=4)
+    return perplexity(model, tokenizer, text, seq_len=SEQ_LEN, max_windows=windows, batch_size=4, bos=False)
 
 
 def compare(

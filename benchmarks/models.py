@@ -86,4 +86,4 @@ def calibration_token_ids(
 ) -> torch.Tensor:
     """``(num_samples, seq_len)`` calibration token ids drawn from the offline C4 sample."""
     texts, _ = load_texts(C4_SAMPLE)
-    return calibration_ids(texts, tokenizer, num_samples, seq_len, seed)
+    return calibration_ids(texts, tokenizer, num_samples, seq_len, seed, bos=False)  # the protocol of every table

@@ -151,7 +151,9 @@ def run_row(row: Row, num_samples: int, seq_len: int, eval_windows: int) -> dict
     result["torch_threads"] = torch.get_num_threads()
     text, _ = eval_text(row.model)
     start = time.perf_counter()
-    result["perplexity"] = perplexity(model, tokenizer, text, seq_len=512, max_windows=eval_windows, device="cpu")
+    result["perplexity"] = perplexity(
+        model, tokenizer, text, seq_len=512, max_windows=eval_windows, device="cpu", bos=False
+    )  # the paper protocol these tables have always used
     result["eval_seconds"] = time.perf_counter() - start
     return result
 

@@ -198,7 +198,9 @@ class Pruner:
             self.config.dataset = self.config.dataset or "token ids"
             return dataset.long()
         if self.tokenizer is None:
-            raise ValueError("Calibration text needs a tokenizer: pass tokenizer= to Pruner.from_pretrained.")
+            raise ValueError(
+                "Calibration text needs a tokenizer: pass tokenizer= to Pruner.from_pretrained (--tokenizer)."
+            )
         texts, name = load_texts(dataset, text_column=text_column, split=split)
         self.config.dataset = name
         config = self.config
@@ -427,7 +429,9 @@ def _load_model(
     except OSError as error:
         pickled_only = "safetensors" in str(error).replace(source, "").lower() and not os.path.isdir(source)
         hint = (
-            " It may ship only pickled weights: pass allow_unsafe_weights=True if you trust it." if pickled_only else ""
+            " It may ship only pickled weights: pass allow_unsafe_weights=True (--allow-unsafe-weights) if you trust it."
+            if pickled_only
+            else ""
         )
         raise OSError(f"Could not load a causal LM from {source!r}: {error}{hint}") from error
     if "gguf_file" in model_kwargs:

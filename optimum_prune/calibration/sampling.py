@@ -19,17 +19,22 @@ def bos_token_id(tokenizer: PreTrainedTokenizerBase) -> int | None:
 
 
 def calibration_ids(
-    texts: Sequence[str], tokenizer: PreTrainedTokenizerBase, num_samples: int, seq_len: int, seed: int = 0
+    texts: Sequence[str],
+    tokenizer: PreTrainedTokenizerBase,
+    num_samples: int,
+    seq_len: int,
+    seed: int = 0,
+    bos: bool | None = None,
 ) -> torch.Tensor:
-    """Sample ``num_samples`` windows of ``seq_len`` tokens; each starts with the BOS token when the tokenizer
-    adds one (`bos_token_id`), followed by ``seq_len - 1`` tokens of text.
+    """Sample ``num_samples`` windows of ``seq_len`` tokens. With ``bos`` (``None``: when the tokenizer adds a
+    BOS token, see `bos_token_id`) each window is the BOS token followed by ``seq_len - 1`` tokens of text.
 
     Texts are visited in a seeded random order and tokenised (joined by the EOS token) only until enough
     tokens are gathered; the stream is then cut into consecutive windows. A single text (a ``.txt`` file) is
     entered at a seeded random token instead, so that the seed matters there too. A corpus too small for
     ``num_samples x seq_len`` tokens gives overlapping windows at seeded random offsets, with a warning.
     """
-    bos = bos_token_id(tokenizer)
+    bos = bos_token_id(tokenizer) if bos is None else (tokenizer.bos_token_id if bos else None)
     length = seq_len - (bos is not None)  # text tokens per window
     generator = torch.Generator().manual_seed(seed)
     needed = num_samples * length

@@ -20,7 +20,7 @@ def resolve_token(token: str | None) -> str:
     token = token if token is not None else get_token()
     if not token:
         raise ValueError(
-            "Pushing to the Hub needs a write token: pass token=..., set HF_TOKEN, or run `hf auth login`."
+            "Pushing to the Hub needs a write token: set HF_TOKEN or run `hf auth login` (or pass token=... in Python)."
         )
     return token
 
