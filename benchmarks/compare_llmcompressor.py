@@ -79,8 +79,8 @@ def _prune_ours(model, ids, method: str, sparsity: float, pattern: str) -> None:
     from optimum_prune.pruner import Pruner
 
     config = PruningConfig(
-        method=method, sparsity=sparsity, pattern=pattern, batch_size=BATCH_SIZE, block_size=BLOCK_SIZE,
-        dampening=DAMPENING,
+        method=method, sparsity=sparsity, pattern=pattern, batch_size=BATCH_SIZE,
+        settings={"block_size": BLOCK_SIZE, "dampening": DAMPENING} if method == "sparsegpt" else None,
     )  # fmt: skip
     Pruner(model, config, device="cpu", progress=False).prune(ids)
 

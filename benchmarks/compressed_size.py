@@ -28,8 +28,8 @@ from transformers import AutoModelForCausalLM, LlamaConfig  # noqa: E402
 from benchmarks.markdown import table, write_section  # noqa: E402
 from benchmarks.models import ASSETS, model_folder  # noqa: E402
 from optimum_prune import Pruner, PruningConfig, load_pruned  # noqa: E402
+from optimum_prune.core.safetensors import DTYPES as STORED_DTYPES  # noqa: E402
 from optimum_prune.export.compressed import read_index  # noqa: E402
-from optimum_prune.export.shards import DTYPES as STORED_DTYPES  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 SPARSITIES = {"50%": {"sparsity": 0.5}, "70%": {"sparsity": 0.7}, "2:4": {"pattern": "2:4"}}

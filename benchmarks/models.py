@@ -21,7 +21,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 
 from optimum_prune.calibration import calibration_ids, load_texts
 from optimum_prune.export import atomic_directory
-from optimum_prune.loading import dequantized_gguf_model
+from optimum_prune.model_source import dequantized_gguf_model
 
 REPO = Path(__file__).resolve().parents[1]
 ASSETS = Path(os.environ.get("OPTIMUM_PRUNE_ASSETS", REPO.parent / "shared" / "assets"))

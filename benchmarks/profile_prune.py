@@ -53,13 +53,13 @@ def _cumulative(stats: dict, key: tuple[str, int, str] | None) -> float:
 def profile(model_name: str, method: str, samples: int) -> dict:
     """Prune ``model_name`` with ``method`` under cProfile; return the split of its wall time."""
     from optimum_prune import PruningConfig
+    from optimum_prune.core.layers import find_decoder_blocks
     from optimum_prune.engine import blockwise
-    from optimum_prune.engine.structure import find_decoder_blocks
     from optimum_prune.pruner import Pruner
 
     model, tokenizer = load_model(model_name)
     ids = calibration_token_ids(tokenizer, samples, SEQ_LEN)
-    config = PruningConfig(method=method, sparsity=0.5, batch_size=BATCH_SIZE, dampening=0.01)
+    config = PruningConfig(method=method, sparsity=0.5, batch_size=BATCH_SIZE)
     pruner = Pruner(model, config, device="cpu", progress=False)
     _, blocks = find_decoder_blocks(model)
     profiler = cProfile.Profile()

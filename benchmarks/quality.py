@@ -123,8 +123,8 @@ def run_row(row: Row, num_samples: int, seq_len: int, eval_windows: int) -> dict
 
     from benchmarks.models import calibration_token_ids, load_model
     from optimum_prune import Pruner, PruningConfig
+    from optimum_prune.core.memory import peak_memory
     from optimum_prune.evaluation import perplexity
-    from optimum_prune.report import peak_memory
 
     model, tokenizer = load_model(row.model)
     result: dict = {"prune_seconds": None, "global_sparsity": 0.0}

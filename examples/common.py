@@ -11,7 +11,7 @@ import torch
 from smollm2_gguf import smollm2_gguf
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from optimum_prune.loading import dequantized_gguf_model
+from optimum_prune.model_source import dequantized_gguf_model
 
 ASSETS = Path(os.environ.get("OPTIMUM_PRUNE_ASSETS", Path(__file__).resolve().parents[2] / "shared" / "assets"))
 SMOLLM2 = "smollm2"

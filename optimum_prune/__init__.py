@@ -8,7 +8,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.1.0"
+from .version import __version__
 
 # Public name -> the submodule that defines it.
 _EXPORTS = {
@@ -16,8 +16,8 @@ _EXPORTS = {
     "PruningConfig": ".config",
     "PruningReport": ".report",
     "perplexity": ".evaluation",
-    "load_pruned": ".loading",
-    "load_masks": ".loading",
+    "load_pruned": ".export.loading",
+    "load_masks": ".export.loading",
     "apply_masks": ".export.masks",
     "decompress": ".export.compressed",
     "compress": ".export.compressed",
@@ -28,9 +28,9 @@ if TYPE_CHECKING:
     from .config import PruningConfig
     from .evaluation import perplexity
     from .export.compressed import compress, decompress
+    from .export.loading import load_masks, load_pruned
     from .export.masks import apply_masks
     from .export.onnx import export_onnx
-    from .loading import load_masks, load_pruned
     from .pruner import Pruner
     from .report import PruningReport
 

@@ -9,12 +9,21 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from .methods.masking import NMPattern
+from .core.masks import NMPattern
+from .methods import MethodSettings, method_class
 
 CONFIG_NAME = "pruning_config.json"
-METHODS = ("magnitude", "wanda", "sparsegpt", "sparsellm")
 ALLOCATIONS = ("uniform", "owl")
-_FINITE_FIELDS = ("owl_m", "owl_lambda", "dampening", "sparsellm_alpha", "sparsellm_beta", "sparsellm_gamma")
+_FINITE_FIELDS = ("owl_m", "owl_lambda")
+# Method settings that pruning_config.json files of version 0.1 kept at the top level, by their new name.
+_LEGACY_SETTINGS = {
+    "block_size": "block_size",
+    "dampening": "dampening",
+    "sparsellm_iterations": "iterations",
+    "sparsellm_alpha": "alpha",
+    "sparsellm_beta": "beta",
+    "sparsellm_gamma": "gamma",
+}
 
 
 @dataclass
@@ -22,7 +31,8 @@ class PruningConfig:
     """How to prune a model.
 
     Args:
-        method: ``"magnitude"``, ``"wanda"``, ``"sparsegpt"`` or ``"sparsellm"``.
+        method: a name from `optimum_prune.methods.METHODS`: ``"magnitude"``, ``"wanda"``, ``"sparsegpt"``,
+            ``"sparsellm"``.
         sparsity: fraction of the target weights set to zero, ``0 <= sparsity < 1``. With an ``N:M``
             pattern it defaults to (and must equal) ``1 - N/M``.
         pattern: ``"unstructured"`` or ``"N:M"`` (keep ``N`` weights in every group of ``M`` consecutive
@@ -39,10 +49,9 @@ class PruningConfig:
         seed: seed of the calibration sampling.
         dataset: name of the calibration data, recorded in the metadata (set by `Pruner.prune`).
         batch_size: calibration sequences per forward pass.
-        block_size: SparseGPT/SparseLLM lazy-update block size (columns).
-        dampening: SparseGPT dampening, as a fraction of the mean Hessian diagonal.
-        sparsellm_iterations, sparsellm_alpha, sparsellm_beta, sparsellm_gamma: SparseLLM's alternating
-            optimisation (arXiv 2402.17946).
+        settings: the method's own settings, a dict or its settings object (``{"dampening": 0.02}`` for
+            SparseGPT: ``block_size``, ``dampening``; SparseLLM adds ``iterations``, ``alpha``, ``beta``,
+            ``gamma``). Default: the method's defaults.
     """
 
     method: str = "sparsegpt"
@@ -58,17 +67,20 @@ class PruningConfig:
     seed: int = 0
     dataset: str | None = None
     batch_size: int = 8
-    block_size: int = 128
-    dampening: float = 0.01
-    sparsellm_iterations: int = 10
-    sparsellm_alpha: float = 5.0
-    sparsellm_beta: float = 5.0
-    sparsellm_gamma: float = 5.0
+    settings: MethodSettings | dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         self.method = str(self.method).lower()
-        if self.method not in METHODS:
-            raise ValueError(f"Unknown pruning method {self.method!r}: choose one of {', '.join(METHODS)}.")
+        settings_class = method_class(self.method).settings_class
+        if self.settings is None:
+            self.settings = settings_class()
+        elif isinstance(self.settings, dict):
+            self.settings = settings_class.from_dict(self.method, self.settings)
+        elif type(self.settings) is not settings_class:
+            raise TypeError(
+                f"settings for method {self.method!r} must be a {settings_class.__name__} or a dict, got "
+                f"{type(self.settings).__name__}."
+            )
         if self.allocation not in ALLOCATIONS:
             raise ValueError(f"Unknown allocation {self.allocation!r}: choose one of {', '.join(ALLOCATIONS)}.")
         for name in _FINITE_FIELDS:
@@ -105,20 +117,11 @@ class PruningConfig:
                 )
             if self.owl_m <= 0:
                 raise ValueError(f"owl_m must be positive, got {self.owl_m}.")
-        for name in ("num_samples", "seq_len", "batch_size", "block_size", "sparsellm_iterations"):
+        for name in ("num_samples", "seq_len", "batch_size"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}.")
-        if nm is not None and self.method in ("sparsegpt", "sparsellm") and self.block_size % nm.m:
-            raise ValueError(
-                f"block_size={self.block_size} must be a multiple of M={nm.m} for {self.pattern} with "
-                f"{self.method}: its N:M groups must not straddle two lazy-update blocks."
-            )
-        if self.dampening < 0:
-            raise ValueError(f"dampening must be >= 0, got {self.dampening}.")
-        for name in ("sparsellm_alpha", "sparsellm_beta", "sparsellm_gamma"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name} must be positive (SparseLLM's penalty weight), got {getattr(self, name)!r}.")
+        self.settings.check(nm)
         if isinstance(self.targets, str) or isinstance(self.ignore, str):
             raise TypeError("targets and ignore are lists of glob patterns, e.g. ['*.mlp.*'].")
         self.ignore = list(self.ignore)
@@ -133,13 +136,21 @@ class PruningConfig:
     @property
     def needs_calibration(self) -> bool:
         """Whether the run needs calibration data (all but uniform magnitude pruning do)."""
-        return self.method != "magnitude" or self.allocation != "uniform"
+        return method_class(self.method).needs_statistics or self.allocation != "uniform"
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> PruningConfig:
+        """A config from `to_dict`'s output; files of version 0.1, with the method settings at the top level,
+        read too."""
+        data = dict(data)
+        legacy = {new: data.pop(old) for old, new in _LEGACY_SETTINGS.items() if old in data}
+        if legacy:
+            method = method_class(str(data.get("method", cls.method)).lower())
+            names = {field.name for field in dataclasses.fields(method.settings_class)}
+            data["settings"] = {**{k: v for k, v in legacy.items() if k in names}, **(data.get("settings") or {})}
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:

@@ -7,10 +7,10 @@ from pathlib import Path
 from typing import Any
 
 from torch import nn
-from transformers import AutoConfig, PretrainedConfig
+from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-from .engine.offload import read_header
+from .core.safetensors import read_header
 
 PICKLED_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 
@@ -106,3 +106,21 @@ def check_local_weights(folder: str | os.PathLike, allow_unsafe_weights: bool = 
             f"{folder} holds only pickled weights ({', '.join(pickled[:3])}), which can run code when loaded: pass "
             "allow_unsafe_weights=True (--allow-unsafe-weights) if you trust them, or convert them to safetensors."
         )
+
+
+def dequantized_gguf_model(model: PreTrainedModel) -> PreTrainedModel:
+    """A plain copy of a model loaded with ``gguf_file=``.
+
+    transformers dequantizes GGUF weights on load but still marks the model as quantized (its modules may be
+    GGUF wrappers, and ``save_pretrained`` refuses it); the copy is built from the same config without
+    ``quantization_config`` and holds the dequantized weights in ordinary ``nn.Linear`` layers.
+    """
+    config = model.config
+    if getattr(config, "quantization_config", None) is None:
+        return model
+    state_dict = model.state_dict()
+    del config.quantization_config
+    plain = AutoModelForCausalLM.from_config(config, dtype=next(iter(state_dict.values())).dtype)
+    plain.load_state_dict(state_dict)
+    plain.generation_config = model.generation_config
+    return plain.eval()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -15,20 +16,20 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 
 from .calibration import calibration_ids, load_texts
 from .config import PruningConfig
+from .core.memory import map_large_allocations
 from .engine.activations import DISK
 from .engine.blockwise import BlockwiseEngine
 from .engine.checkpoint import RunCheckpoint, tensor_digest, work_folder
 from .engine.estimate import RunEstimate, estimate, estimate_run
-from .engine.offload import OFFLOAD_MODES, DiskOffload, load_empty_model, map_large_allocations
+from .engine.offload import OFFLOAD_MODES, DiskOffload, load_empty_model
 from .engine.resources import MaxMemory, check_free_space, check_max_memory
 from .engine.streaming import write_streamed_weights
 from .export import METADATA_KEY, atomic_directory, build_metadata
 from .export.compressed import check_format, save_compressed
 from .export.files import check_writable
 from .export.masks import Masks, write_masks
-from .loading import dequantized_gguf_model
 from .methods import get_method
-from .model_source import check_causal_lm_module, check_local_weights, load_model_config
+from .model_source import check_causal_lm_module, check_local_weights, dequantized_gguf_model, load_model_config
 from .report import PruningReport
 
 logger = logging.getLogger(__name__)
@@ -261,7 +262,7 @@ class Pruner:
             engine = BlockwiseEngine(
                 self.model,
                 self.config,
-                get_method(self.config),
+                get_method(self.config.method, self.config.settings),
                 device=self.device,
                 activations_device=self.activations_device,
                 progress=self.progress,
@@ -403,18 +404,24 @@ class Pruner:
         (README.md) in one commit. ``perplexity={"dataset": ..., "before": x, "after": y}`` goes into the card's
         model-index. Without ``token``, the saved one is used; with none at all, nothing is uploaded.
         """
-        from .hub.push import push_to_hub
+        from .hub.model_card import check_perplexity
+        from .hub.push import check_can_push, push_folder
 
-        return push_to_hub(
-            self,
-            repo_id,
-            private=private,
-            token=token,
-            commit_message=commit_message,
-            format=format,
-            perplexity=perplexity,
-            base_model=base_model,
+        if self.report is None:
+            raise RuntimeError("Nothing to push yet: call prune() first.")
+        check_format(format)
+        check_perplexity(perplexity)
+        token = check_can_push(token)
+        card = self.model_card(repo_id, format=format, perplexity=perplexity, base_model=base_model)
+        message = commit_message or (
+            f"Upload {self.config.method} {self.config.pattern} pruned model "
+            f"({self.report.global_sparsity:.1%} sparse) with optimum-prune"
         )
+        with tempfile.TemporaryDirectory(prefix="optimum-prune-push-") as tmp:
+            folder = Path(tmp) / "model"
+            self.save_pretrained(folder, format=format)
+            card.save(folder / "README.md")
+            return push_folder(folder, repo_id, token=token, private=private, commit_message=message)
 
 
 def _load_model(

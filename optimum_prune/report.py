@@ -3,20 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
-import resource
-import sys
 from dataclasses import dataclass, field
 from typing import Any
-
-import torch
-
-
-def peak_memory(device: torch.device) -> int:
-    """Peak bytes allocated on a CUDA ``device``, else the peak resident memory of this process."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak if sys.platform == "darwin" else peak * 1024
 
 
 @dataclass

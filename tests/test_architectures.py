@@ -10,12 +10,12 @@ from conftest import ARCHITECTURES, random_ids, tiny_model
 from transformers import AutoModelForCausalLM
 
 from optimum_prune import Pruner, PruningConfig
+from optimum_prune.core.layers import find_decoder_blocks, find_target_layers
+from optimum_prune.core.masks import unpack_mask
+from optimum_prune.core.statistics import Hessian
 from optimum_prune.engine.activations import ActivationStore
 from optimum_prune.engine.blockwise import _StatisticsCollector, capture_block_inputs
-from optimum_prune.engine.structure import find_decoder_blocks, find_target_layers
 from optimum_prune.export import METADATA_KEY
-from optimum_prune.methods.masking import unpack_mask
-from optimum_prune.methods.statistics import Hessian
 
 # Each method once, unstructured and both N:M patterns covered (SparseGPT unstructured: bf16 and targets tests).
 RUNS = [("magnitude", "unstructured", 0.6), ("wanda", "2:4", None), ("sparsegpt", "4:8", None)]

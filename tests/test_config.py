@@ -59,10 +59,12 @@ def test_method_is_case_insensitive_and_calibration_need():
         ({"num_samples": 0}, ValueError, "num_samples must be a positive integer"),
         ({"seq_len": 12.5}, ValueError, "seq_len must be a positive integer"),
         ({"batch_size": True}, ValueError, "batch_size must be a positive integer"),
-        ({"block_size": -128}, ValueError, "block_size must be a positive integer"),
-        ({"sparsellm_iterations": 0}, ValueError, "sparsellm_iterations must be a positive integer"),
-        ({"pattern": "4:8", "block_size": 100}, ValueError, "block_size=100 must be a multiple of M=8"),
-        ({"dampening": -0.01}, ValueError, "dampening must be >= 0"),
+        ({"settings": {"block_size": -128}}, ValueError, "block_size must be a positive integer"),
+        ({"method": "sparsellm", "settings": {"iterations": 0}}, ValueError, "iterations must be a positive integer"),
+        ({"pattern": "4:8", "settings": {"block_size": 100}}, ValueError, "block_size=100 must be a multiple of M=8"),
+        ({"settings": {"dampening": -0.01}}, ValueError, "dampening must be >= 0"),
+        ({"settings": {"dampening": float("nan")}}, ValueError, "dampening must be a finite number"),
+        ({"method": "wanda", "settings": {"dampening": 0.1}}, ValueError, "Method 'wanda' has no setting dampening"),
         ({"targets": "q_proj"}, TypeError, "lists of glob patterns"),
         ({"ignore": "lm_head"}, TypeError, "lists of glob patterns"),
     ],
@@ -82,11 +84,28 @@ def test_dict_round_trip_keeps_every_field():
         seq_len=64,
         seed=3,
         batch_size=2,
-        dampening=0.05,
     )
     data = config.to_dict()
     assert json.loads(json.dumps(data)) == data  # plain JSON types
     assert PruningConfig.from_dict(data) == config
+
+
+def test_method_settings_round_trip_and_old_files():
+    """A method's settings serialise nested under "settings"; a 0.1 file with them at the top level still reads."""
+    config = PruningConfig(method="sparsellm", settings={"dampening": 0.05, "alpha": 2.0})
+    data = config.to_dict()
+    assert data["settings"] == {
+        "block_size": 128,
+        "dampening": 0.05,
+        "iterations": 10,
+        "alpha": 2.0,
+        "beta": 5.0,
+        "gamma": 5.0,
+    }
+    assert PruningConfig.from_dict(data) == config
+    old = {"method": "sparsellm", "dampening": 0.05, "block_size": 128, "sparsellm_alpha": 2.0, "sparsellm_gamma": 5.0}
+    assert PruningConfig.from_dict(old) == config
+    assert PruningConfig.from_dict({"method": "wanda", "dampening": 0.01}) == PruningConfig(method="wanda")
 
 
 def test_from_dict_rejects_unknown_fields():
@@ -117,4 +136,4 @@ def test_block_size_constraint_only_for_lazy_update_methods():
     assert PruningConfig(method="wanda", pattern="2:5").sparsity == pytest.approx(0.6)
     with pytest.raises(ValueError, match="block_size=128 must be a multiple of M=5"):
         PruningConfig(method="sparsegpt", pattern="2:5")
-    assert PruningConfig(method="sparsegpt", pattern="2:5", block_size=125).block_size == 125
+    assert PruningConfig(method="sparsegpt", pattern="2:5", settings={"block_size": 125}).settings.block_size == 125

@@ -8,13 +8,13 @@ from conftest import random_ids, tiny_model
 from test_methods import layer_inputs, reference_sparsegpt
 from torch import nn
 
+from optimum_prune.core.layers import find_decoder_blocks, find_target_layers
+from optimum_prune.core.masks import NMPattern, lowest_mask, prune_count, row_lowest_mask, split_count
+from optimum_prune.core.statistics import Hessian, inverse_hessian_cholesky
 from optimum_prune.engine.activations import ActivationStore
 from optimum_prune.engine.blockwise import _StatisticsCollector, capture_block_inputs
-from optimum_prune.engine.structure import find_decoder_blocks, find_target_layers
-from optimum_prune.methods.masking import NMPattern, lowest_mask, prune_count, row_lowest_mask, split_count
 from optimum_prune.methods.sparsegpt import sparsegpt_prune
 from optimum_prune.methods.sparsellm import _NUMERIC_STEPS, _descend
-from optimum_prune.methods.statistics import Hessian, inverse_hessian_cholesky
 
 
 @pytest.mark.parametrize("features", [16, 300, 1100])  # one panel, uneven panels, eight panels

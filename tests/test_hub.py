@@ -13,8 +13,7 @@ from hub_server import FakeHub
 from huggingface_hub import ModelCard
 from safetensors.torch import load as load_safetensors
 
-from optimum_prune import Pruner, PruningConfig
-from optimum_prune.loading import load_pruned
+from optimum_prune import Pruner, PruningConfig, load_pruned
 
 TOKEN = "hf_optimumPruneTestToken0123456789xyz"
 PERPLEXITY = {"dataset": "tinystories", "before": 4.06, "after": 9.5, "seq_len": 512}

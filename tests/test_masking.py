@@ -7,7 +7,7 @@ import re
 import pytest
 import torch
 
-from optimum_prune.methods.masking import (
+from optimum_prune.core.masks import (
     NMPattern,
     lowest_mask,
     nm_mask,

@@ -74,7 +74,7 @@ def test_plain_model_has_no_metadata_and_loads_with_a_warning(tmp_path, caplog):
     assert read_metadata(model.config) is None
     model.save_pretrained(tmp_path / "plain")
     assert read_metadata(tmp_path / "plain") is None
-    with caplog.at_level(logging.WARNING, logger="optimum_prune.loading"):
+    with caplog.at_level(logging.WARNING, logger="optimum_prune.export.loading"):
         loaded = load_pruned(tmp_path / "plain")
     assert "no optimum-prune metadata" in caplog.text
     assert torch.equal(loaded.lm_head.weight, model.lm_head.weight)

@@ -7,10 +7,10 @@ import torch
 from torch import nn
 
 from optimum_prune import PruningConfig
-from optimum_prune.engine.structure import TargetLayer
+from optimum_prune.core.layers import TargetLayer
+from optimum_prune.core.masks import NMPattern
+from optimum_prune.core.statistics import Hessian, InputNorms, inverse_hessian_cholesky
 from optimum_prune.methods import METHODS, get_method
-from optimum_prune.methods.masking import NMPattern
-from optimum_prune.methods.statistics import Hessian, InputNorms, inverse_hessian_cholesky
 
 PATTERNS = [("unstructured", 0.5), ("unstructured", 0.7), ("2:4", 0.5), ("4:8", 0.5)]
 
@@ -26,10 +26,13 @@ def layer_inputs(rows: int, cols: int, tokens: int, seed: int, outliers: int = 4
     return weight, inputs
 
 
-def prune(method: str, weight: torch.Tensor, inputs: torch.Tensor, pattern: str = "unstructured", **kwargs):
-    """Prune one ``(out, in)`` weight with ``method`` calibrated on ``inputs``; return (pruned weight, mask)."""
-    config = PruningConfig(method=method, pattern=pattern, **kwargs)
-    pruner = get_method(config)
+def prune(
+    method: str, weight: torch.Tensor, inputs: torch.Tensor, pattern: str = "unstructured", sparsity=None, **settings
+):
+    """Prune one ``(out, in)`` weight with ``method`` (and its ``settings``) calibrated on ``inputs``; return
+    (pruned weight, mask)."""
+    config = PruningConfig(method=method, pattern=pattern, sparsity=sparsity, settings=settings or None)
+    pruner = get_method(config.method, config.settings)
     linear = nn.Linear(weight.shape[1], weight.shape[0], bias=False)
     layer = TargetLayer("layer", linear, 0)
     statistic = pruner.make_statistic(layer, torch.device("cpu"))

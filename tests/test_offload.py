@@ -182,7 +182,7 @@ def test_disk_offload_on_cuda_matches_in_memory_cuda_run(sharded, tmp_path):
 def test_safetensors_writer_and_reader_round_trip(tmp_path):
     from safetensors.torch import load_file, save_file
 
-    from optimum_prune.engine.offload import SafetensorsCheckpoint, write_safetensors
+    from optimum_prune.core.safetensors import SafetensorsCheckpoint, write_safetensors
 
     tensors = {
         "bf16": torch.randn(3, 5).to(torch.bfloat16),
@@ -209,7 +209,7 @@ def test_safetensors_writer_and_reader_round_trip(tmp_path):
 _FRAGMENTATION = """
 import os, sys
 import torch
-from optimum_prune.engine.offload import map_large_allocations
+from optimum_prune.core.memory import map_large_allocations
 
 def rss():
     return int(next(line for line in open("/proc/self/status") if line.startswith("VmRSS:")).split()[1]) * 1024

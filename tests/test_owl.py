@@ -10,11 +10,11 @@ from torch import nn
 
 from optimum_prune import PruningConfig
 from optimum_prune.allocation import outlier_ratio, owl_sparsities
+from optimum_prune.core.layers import TargetLayer, find_target_layers
+from optimum_prune.core.statistics import InputNorms
 from optimum_prune.engine.blockwise import BlockwiseEngine
-from optimum_prune.engine.structure import TargetLayer, find_target_layers
 from optimum_prune.export import build_metadata
 from optimum_prune.methods import get_method
-from optimum_prune.methods.statistics import InputNorms
 from optimum_prune.report import PruningReport
 
 RATIOS = [0.010, 0.052, 0.021, 0.033, 0.004]
@@ -86,12 +86,12 @@ def prune_with_owl(architecture: str, method: str, outlier_block: int) -> tuple[
         sparsity=0.6,
         allocation="owl",
         owl_lambda=0.1,
-        sparsellm_iterations=2,
+        settings={"iterations": 2} if method == "sparsellm" else None,
         num_samples=4,
         seq_len=16,
         batch_size=4,
     )
-    engine = BlockwiseEngine(model, config, get_method(config), progress=False)
+    engine = BlockwiseEngine(model, config, get_method(config.method, config.settings), progress=False)
     report = engine.run(random_ids(4, 16))
     return report, build_metadata(config, report)
 

@@ -12,13 +12,13 @@ from torch import nn
 from transformers import AutoModelForCausalLM
 
 from optimum_prune import Pruner, PruningConfig
+from optimum_prune.core.layers import TargetLayer
+from optimum_prune.core.masks import NMPattern, prune_count
+from optimum_prune.core.statistics import inverse_hessian_cholesky
 from optimum_prune.engine.blockwise import BlockwiseEngine
-from optimum_prune.engine.structure import TargetLayer
 from optimum_prune.methods import get_method
-from optimum_prune.methods.masking import NMPattern, prune_count
 from optimum_prune.methods.sparsegpt import sparsegpt_prune
 from optimum_prune.methods.sparsellm import FeedForwardChain, SparseLLMPruning, sparsellm_prune
-from optimum_prune.methods.statistics import inverse_hessian_cholesky
 from optimum_prune.report import PruningReport
 
 HIDDEN, INTERMEDIATE, TOKENS = 32, 64, 1024
@@ -159,13 +159,13 @@ def prune_tiny(architecture: str, **overrides) -> tuple[BlockwiseEngine, Pruning
     config = PruningConfig(
         method="sparsellm",
         sparsity=0.7,
-        sparsellm_iterations=2,
+        settings={"iterations": 2},
         num_samples=4,
         seq_len=16,
         batch_size=4,
         **overrides,
     )
-    method = get_method(config)
+    method = get_method(config.method, config.settings)
     engine = BlockwiseEngine(tiny_model(architecture), config, method, progress=False)
     return engine, engine.run(random_ids(4, 16)), method
 
@@ -199,16 +199,16 @@ def test_owl_allocation_with_sparsellm():
     assert report.global_sparsity == pytest.approx(0.7, abs=1e-3)
 
 
-@pytest.mark.parametrize("name", ["sparsellm_alpha", "sparsellm_beta", "sparsellm_gamma"])
+@pytest.mark.parametrize("name", ["alpha", "beta", "gamma"])
 def test_penalties_must_be_positive(name):
     with pytest.raises(ValueError, match=f"{name} must be positive"):
-        PruningConfig(method="sparsellm", **{name: 0.0})
+        PruningConfig(method="sparsellm", settings={name: 0.0})
 
 
 def test_disk_offload_matches_in_memory_run(tmp_path):
     source = tmp_path / "source"
     tiny_model("qwen2").save_pretrained(source)
-    config = dict(method="sparsellm", sparsity=0.7, sparsellm_iterations=2, num_samples=4, seq_len=16, batch_size=4)
+    config = dict(method="sparsellm", sparsity=0.7, settings={"iterations": 2}, num_samples=4, seq_len=16, batch_size=4)
     ids = random_ids(4, 16)
     memory = Pruner.from_pretrained(source, PruningConfig(**config), device="cpu", progress=False)
     memory.prune(ids)

@@ -19,8 +19,8 @@ from collections.abc import Sequence
 
 import torch
 
-from ..engine.structure import TargetLayer
-from ..methods.statistics import InputNorms
+from ..core.layers import TargetLayer
+from ..core.statistics import InputNorms
 
 
 def _wanda_scores(layer: TargetLayer, norms: InputNorms) -> torch.Tensor:

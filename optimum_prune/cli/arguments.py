@@ -1,12 +1,15 @@
 """The command-line flags of ``optimum-prune``, ``python -m optimum_prune`` and ``optimum-cli prune``.
 
 Standard library only: ``optimum-cli`` builds every registered parser at start-up, so nothing heavy is
-imported here. Values are validated later by `PruningConfig` itself (see `optimum_prune.cli.run`).
+imported here. Values are validated later by `PruningConfig` itself (see `optimum_prune.cli.run`). Each
+method's settings get a flag from their declaration in `optimum_prune.method_settings`.
 """
 
 from __future__ import annotations
 
 import argparse
+
+from ..method_settings import all_settings_fields
 
 DESCRIPTION = (
     "Prune a Hugging Face causal LM block by block (magnitude, Wanda, SparseGPT, SparseLLM; unstructured or N:M, "
@@ -27,8 +30,6 @@ CONFIG_FIELDS = (
     "seq_len",
     "seed",
     "batch_size",
-    "block_size",
-    "dampening",
 )
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -55,8 +56,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     pruning.add_argument("--owl-lambda", type=float, help="OWL spread of block sparsities around --sparsity.")
     pruning.add_argument("--targets", nargs="+", metavar="GLOB", help="module names to prune (fnmatch globs).")
     pruning.add_argument("--ignore", nargs="+", metavar="GLOB", help="module names never to prune.")
-    pruning.add_argument("--block-size", type=int, help="SparseGPT/SparseLLM lazy-update block size (columns).")
-    pruning.add_argument("--dampening", type=float, help="SparseGPT dampening (fraction of the mean diagonal).")
+
+    settings = parser.add_argument_group("method settings (defaults: the method's own)")
+    for name, (item, owners) in all_settings_fields().items():
+        kind = int if item.type in (int, "int") else float
+        settings.add_argument(flag(name), type=kind, help=f"{item.metadata['help']} ({', '.join(owners)}).")
 
     calibration = parser.add_argument_group("calibration")
     calibration.add_argument(

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ..method_settings import all_settings_fields
 from .arguments import CONFIG_FIELDS, flag
 
 if TYPE_CHECKING:
@@ -67,12 +68,7 @@ def check(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Plan:
     """Validate the flags before any weight is loaded; a bad one exits 2 with a message naming it."""
     config, explicit = build_config(args, parser)
     from ..engine.offload import OFFLOAD_MODES
-    from ..methods import get_method
 
-    try:
-        get_method(config)
-    except ValueError as error:
-        parser.error(f"argument --method: {error}")
     if args.offload is not None and args.offload not in OFFLOAD_MODES:
         parser.error(f"argument --offload: unknown mode {args.offload!r}: choose one of {', '.join(OFFLOAD_MODES)}.")
     if args.private and not args.push_to_hub:
@@ -136,16 +132,12 @@ def _check_model(args: argparse.Namespace, parser: argparse.ArgumentParser) -> P
 
 def _check_push(parser: argparse.ArgumentParser) -> None:
     """--push-to-hub needs a token and the Hub: known before the model is loaded and pruned."""
-    from huggingface_hub import constants
-
-    from ..hub.push import resolve_token
+    from ..hub.push import check_can_push
 
     try:
-        resolve_token(None)
-    except ValueError as error:
+        check_can_push(None)
+    except (ValueError, RuntimeError) as error:
         parser.error(f"argument --push-to-hub: {error}")
-    if constants.is_offline_mode():
-        parser.error("argument --push-to-hub: HF_HUB_OFFLINE is set; unset it to push to the Hub.")
 
 
 def _resume_hint(args: argparse.Namespace) -> str:
@@ -247,11 +239,15 @@ def build_config(args: argparse.Namespace, parser: argparse.ArgumentParser) -> t
             PruningConfig.from_dict(values)
         except (OSError, ValueError, TypeError) as error:
             parser.error(f"argument --config: {path}: {error}")
-    for field in CONFIG_FIELDS:
-        value = getattr(args, field)
+    given = [(field, getattr(args, field), None) for field in CONFIG_FIELDS]
+    given += [(name, getattr(args, name), "settings") for name in all_settings_fields()]
+    for field, value, nested in given:
         if value is None:
             continue
-        candidate = {**values, field: value}
+        if nested is None:
+            candidate = {**values, field: value}
+        else:
+            candidate = {**values, nested: {**(values.get(nested) or {}), field: value}}
         try:
             PruningConfig.from_dict(candidate)
         except (ValueError, TypeError) as error:

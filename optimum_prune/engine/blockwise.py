@@ -23,14 +23,15 @@ from tqdm.auto import tqdm
 
 from ..allocation import outlier_ratio, owl_sparsities
 from ..config import PruningConfig
+from ..core.layers import TargetLayer, find_decoder_blocks, find_target_layers
+from ..core.masks import pack_mask
+from ..core.memory import map_large_allocations, peak_memory
+from ..core.statistics import InputNorms, LayerStatistic
 from ..methods import BlockContext, PruningMethod
-from ..methods.masking import pack_mask
-from ..methods.statistics import InputNorms, LayerStatistic
-from ..report import LayerReport, PruningReport, peak_memory
+from ..report import LayerReport, PruningReport
 from .activations import ActivationStore
 from .checkpoint import ResumeState, RunCheckpoint
-from .offload import DiskOffload, map_large_allocations
-from .structure import TargetLayer, find_decoder_blocks, find_target_layers
+from .offload import DiskOffload
 
 
 class _InputsCaptured(Exception):

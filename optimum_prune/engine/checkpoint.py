@@ -21,8 +21,8 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
+from ..core.safetensors import write_safetensors
 from ..report import LayerReport
-from .offload import write_safetensors
 
 FINGERPRINT = "fingerprint.json"
 STATE = "state.json"

@@ -9,8 +9,6 @@ matmul throughput measured on the device in a fraction of a second, plus disk tr
 from __future__ import annotations
 
 import os
-import resource
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,25 +17,15 @@ import torch
 from torch import nn
 
 from ..config import PruningConfig
+from ..core.layers import find_decoder_blocks, find_target_layers
+from ..core.memory import current_rss, format_bytes
+from ..core.safetensors import SafetensorsCheckpoint
+from ..methods import get_method
 from .activations import DISK
-from .offload import OFFLOAD_MODES, SafetensorsCheckpoint, resolve_dtype
-from .structure import TargetLayer, find_decoder_blocks, find_target_layers
+from .offload import OFFLOAD_MODES, resolve_dtype
 
 DISK_BYTES_PER_S = 500e6
 """Assumed read and write speed of the checkpoint, output and work folders."""
-
-_HESSIAN_METHODS = ("sparsegpt", "sparsellm")
-
-
-def format_bytes(size: float) -> str:
-    """``size`` in the largest binary unit that keeps the number at 1 or more: ``"512 B"``, ``"3.25 MiB"``."""
-    if abs(size) < 1024:
-        return f"{size:.0f} B"
-    for unit in ("KiB", "MiB", "GiB"):
-        size /= 1024
-        if abs(size) < 1024:
-            return f"{size:.2f} {unit}"
-    return f"{size / 1024:.2f} TiB"
 
 
 @dataclass
@@ -65,17 +53,6 @@ class RunEstimate:
             f"memory: device {format_bytes(self.device_peak_bytes)}, host {format_bytes(self.host_peak_bytes)}; disk "
             f"{format_bytes(self.disk_bytes)}; time {self.seconds / 60:.1f} min"
         )
-
-
-def current_rss() -> int:
-    """Resident memory of this process now (Linux), else its peak so far."""
-    status = Path("/proc/self/status")
-    if status.is_file():
-        for line in status.read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak if sys.platform == "darwin" else peak * 1024
 
 
 def matmul_flops_per_second(device: torch.device, size: int = 512, repeats: int = 8) -> float:
@@ -134,21 +111,16 @@ def estimate_run(
     batch_tokens = min(config.batch_size, config.num_samples) * config.seq_len if calibrated else 0
     forward = batch_tokens * (6 * hidden + 3 * widest) * 4 + 2 * batch_tokens * config.seq_len * heads * 4
 
-    def statistic(rows: int, cols: int) -> int:
-        if config.method in _HESSIAN_METHODS:
-            return cols * cols * 4
-        return cols * 4 if config.method == "wanda" else 0
-
-    def working(rows: int, cols: int) -> int:
-        if config.method in _HESSIAN_METHODS:
-            return rows * cols * 9 + 2 * cols * cols * 4  # the Hessian is inverted in place, with two more
-        return rows * cols * 17
-
-    statistics = max(sum(statistic(*layer.shape) for layer in block) for block in layers if block) if calibrated else 0
-    work = max(working(*layer.shape) for block in layers for layer in block)
+    method = get_method(config.method, config.settings)
+    statistics = (
+        max(sum(method.statistic_bytes(*layer.shape) for layer in block) for block in layers if block)
+        if calibrated
+        else 0
+    )
+    work = max(method.working_bytes(*layer.shape) for block in layers for layer in block)
     masks = 0 if offload == "disk" else sum(layer.shape[0] * layer.shape[1] for block in layers for layer in block) // 8
     baseline = current_rss() if baseline_bytes is None else baseline_bytes
-    chain_bytes, chain_flops = _sparsellm_chains(config, layers, tokens) if config.method == "sparsellm" else (0, 0.0)
+    chain_bytes, chain_flops = method.block_costs(layers, tokens)
 
     on_device_activations = 2 * activations if storage.type == device.type and not on_disk else 0
     block_phase = block_bytes + statistics + work + forward + on_device_activations
@@ -162,7 +134,7 @@ def estimate_run(
         host_peak = baseline + masks + max(block_phase + others, capture_phase + (weights if offload == "cpu" else 0))
     else:
         host_peak = baseline + masks + resident + host_activations + capture_outside
-    host_peak += chain_bytes  # SparseLLM keeps its chain's inputs and auxiliary variables in host RAM
+    host_peak += chain_bytes  # what a method pruning layers jointly keeps in host RAM (SparseLLM's chain inputs)
 
     disk = ((weights + activations) if write_output else 0) + (2 * activations if on_disk else 0)
     passes = (2 if calibrated else 0) * (2 if config.allocation == "owl" else 1)
@@ -170,12 +142,7 @@ def estimate_run(
     for block_layers in layers:
         linear = sum(layer.shape[0] * layer.shape[1] for layer in block_layers)
         flops += passes * (2 * linear * tokens + 4 * tokens * config.seq_len * hidden)
-        for layer in block_layers:
-            rows, cols = layer.shape
-            if config.method in _HESSIAN_METHODS:
-                flops += 2 * cols * cols * tokens + 2 * rows * cols * cols + 3 * cols**3
-            else:
-                flops += 20 * rows * cols
+        flops += sum(method.pruning_flops(*layer.shape, tokens) for layer in block_layers)
     throughput = flops_per_second or matmul_flops_per_second(device)
     traffic = (weights if offload == "disk" else 0) + disk
     traffic += activations * len(blocks) * (int(write_output) + 2 * int(on_disk))
@@ -195,27 +162,6 @@ def estimate_run(
         disk_bytes=disk,
         seconds=seconds,
     )
-
-
-def _sparsellm_chains(config: PruningConfig, layers: list[list[TargetLayer]], tokens: int) -> tuple[int, float]:
-    """SparseLLM's extra cost: host bytes of the largest block's recorded chain inputs, auxiliary variables and
-    Gram matrices, and the FLOPs of every block's iterations after the first (Gram matrices, refits, the
-    auxiliary updates and one more SparseGPT pass over the chain per iteration)."""
-    from ..methods.sparsellm import records_inputs
-
-    peak, flops = 0, 0.0
-    for block in layers:
-        chain = [layer for layer in block if records_inputs(layer)]
-        if not chain:
-            continue
-        width, inner = min(layer.in_features for layer in chain), max(layer.in_features for layer in chain)
-        per_token = 2 * width + (3 if len(chain) > 2 else 2) * inner
-        peak = max(peak, 4 * (tokens * per_token + 4 * inner * inner))
-        pruning = sum(2 * rows * cols * cols + 3 * cols**3 for rows, cols in (layer.shape for layer in chain))
-        flops += (config.sparsellm_iterations - 1) * (
-            4 * tokens * inner * inner + 14 * tokens * width * inner + pruning
-        )
-    return peak, flops
 
 
 def estimate(

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import torch
 
-from .estimate import RunEstimate, format_bytes
+from ..core.memory import format_bytes
+from .estimate import RunEstimate
 
 MaxMemory = dict[int | str, int | str]
 

@@ -14,8 +14,8 @@ from pathlib import Path
 
 from torch import nn
 
+from ..core.safetensors import INDEX_FILE, SafetensorsCheckpoint, read_header, write_safetensors
 from .checkpoint import RunCheckpoint
-from .offload import INDEX_FILE, SafetensorsCheckpoint, read_header, write_safetensors
 
 
 def _link_or_copy(source: Path, target: Path) -> None:

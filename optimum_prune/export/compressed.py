@@ -26,11 +26,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..methods.masking import NMPattern, pack_mask, unpack_mask
+from ..core.masks import NMPattern, pack_mask, unpack_mask
+from ..core.safetensors import DTYPES, dtype_name, open_safetensors
 from .files import atomic_directory, read_json
 from .masks import MASKS_NAME, Masks, read_masks
 from .metadata import read_metadata
-from .shards import DTYPES, ShardWriter, checksum, dtype_name, open_safetensors
+from .shards import ShardWriter, checksum
 
 FORMAT_NAME = "optimum-prune-sparse"
 FORMAT_VERSION = 1

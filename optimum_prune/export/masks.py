@@ -16,9 +16,9 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from ..engine.structure import TargetLayer
-from ..methods.masking import pack_mask, unpack_mask
-from .shards import open_safetensors
+from ..core.layers import TargetLayer
+from ..core.masks import pack_mask, unpack_mask
+from ..core.safetensors import open_safetensors
 
 MASKS_NAME = "sparsity_masks.safetensors"
 MASKS_FORMAT = "optimum-prune-masks"

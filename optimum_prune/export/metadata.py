@@ -19,7 +19,7 @@ REQUIRED_KEYS = ("version", "method", "pattern", "target_sparsity", "global_spar
 
 def build_metadata(config: PruningConfig, report: PruningReport) -> dict[str, Any]:
     """The metadata of a pruned model: recipe, calibration, achieved sparsity of every layer."""
-    from .. import __version__
+    from ..version import __version__
 
     return {
         "schema": METADATA_SCHEMA,

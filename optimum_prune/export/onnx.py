@@ -174,7 +174,7 @@ def _name_weights(graph: Any) -> None:
 
 def _load(model_or_dir: str | os.PathLike | nn.Module, tokenizer: Any) -> tuple[nn.Module, Any]:
     """The model (a saved dense or compressed folder loads in fp32) and the tokenizer to put beside it."""
-    from ..loading import load_pruned
+    from .loading import load_pruned
 
     if isinstance(model_or_dir, nn.Module):
         return model_or_dir, tokenizer

@@ -4,58 +4,18 @@ from __future__ import annotations
 
 import os
 import zlib
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
 
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 from transformers.utils.hub import convert_file_size_to_int
 
-# Our own fixed table of dtype names (the safetensors spelling); never resolved through ``getattr(torch, ...)``.
-DTYPES: dict[str, torch.dtype] = {
-    "float64": torch.float64,
-    "float32": torch.float32,
-    "float16": torch.float16,
-    "bfloat16": torch.bfloat16,
-    "float8_e4m3fn": torch.float8_e4m3fn,
-    "float8_e5m2": torch.float8_e5m2,
-    "int64": torch.int64,
-    "int32": torch.int32,
-    "int16": torch.int16,
-    "int8": torch.int8,
-    "uint8": torch.uint8,
-    "bool": torch.bool,
-}
-DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    """The table name of ``dtype``; a clear error for a dtype the formats do not store."""
-    if dtype not in DTYPE_NAMES:
-        raise TypeError(f"Tensors of dtype {dtype} cannot be saved; supported: {', '.join(DTYPES)}.")
-    return DTYPE_NAMES[dtype]
+from ..core.safetensors import write_safetensors
 
 
 def checksum(tensor: torch.Tensor) -> int:
     """CRC-32 of the tensor's bytes (row-major), the same for every dtype and device."""
     data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
     return zlib.crc32(memoryview(data))
-
-
-@contextmanager
-def open_safetensors(path: str | os.PathLike) -> Iterator[Any]:
-    """``safe_open`` a file lazily, turning a missing, truncated or garbled file into an error that names it."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path} is missing: the saved model is incomplete, save it again.")
-    try:
-        handle = safe_open(os.fspath(path), framework="pt")
-    except SafetensorError as error:
-        raise ValueError(f"{path} is not a valid safetensors file ({error}): it is truncated or corrupted.") from error
-    with handle as f:
-        yield f
 
 
 def parse_shard_size(size: int | str) -> int:
@@ -96,7 +56,7 @@ class ShardWriter:
 
     def _flush(self) -> None:
         path = self.directory / f"{self.prefix}-{len(self._written) + 1:05d}.partial"
-        save_file(self._pending, os.fspath(path), metadata=self.metadata)
+        write_safetensors(path, self._pending, self.metadata)
         self._written.append(path)
         self._pending, self._pending_size = {}, 0
 

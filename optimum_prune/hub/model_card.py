@@ -106,7 +106,7 @@ def build_model_card(
     perplexity: dict[str, Any] | None = None,
 ) -> ModelCard:
     """The card of a model pruned with ``config`` (``report`` is what the run achieved)."""
-    from .. import __version__
+    from ..version import __version__
 
     perplexity = check_perplexity(perplexity)
     name = repo_id.split("/")[-1]

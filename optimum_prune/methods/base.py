@@ -1,20 +1,19 @@
-"""The interface every pruning method implements; a new method is one new file in this folder."""
+"""The interface every pruning method implements; a new method is one new file in this folder and one row of
+the table in ``methods/__init__.py``."""
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, ClassVar
+from typing import ClassVar
 
 import torch
 from torch import nn
 
-from ..engine.structure import TargetLayer
-from .masking import NMPattern
-from .statistics import LayerStatistic
-
-if TYPE_CHECKING:
-    from ..config import PruningConfig
+from ..core.layers import TargetLayer
+from ..core.masks import NMPattern
+from ..core.statistics import LayerStatistic
+from ..method_settings import MethodSettings
 
 
 @dataclass
@@ -32,15 +31,34 @@ class BlockContext:
 class PruningMethod(ABC):
     """Chooses and applies the masks of one decoder block from its calibration statistics.
 
-    Subclasses set `name`, return the statistic they need from `make_statistic` (``None`` for none) and
-    implement `prune_matrix`. Methods that prune several layers jointly override `prune_block`.
+    Subclasses set `name` and `settings_class`, return the statistic they need from `make_statistic` (``None``
+    for none) and implement `prune_matrix`. Methods that prune several layers jointly override `prune_block`.
+    The cost methods tell the estimate what a layer of ``rows x cols`` weights costs; methods place no data on
+    devices themselves (the engine does).
     """
 
     name: ClassVar[str]
+    settings_class: ClassVar[type[MethodSettings]] = MethodSettings
     needs_statistics: ClassVar[bool] = True
 
-    def __init__(self, config: PruningConfig) -> None:
-        self.config = config
+    def __init__(self, settings: MethodSettings | None = None) -> None:
+        self.settings = settings if settings is not None else self.settings_class()
+
+    def statistic_bytes(self, rows: int, cols: int) -> int:
+        """Bytes of one layer's calibration statistic."""
+        return 0
+
+    def working_bytes(self, rows: int, cols: int) -> int:
+        """Bytes the pruning of one layer holds besides its weight and statistic."""
+        return rows * cols * 17
+
+    def pruning_flops(self, rows: int, cols: int, tokens: int) -> float:
+        """Floating-point operations of accumulating one layer's statistic and pruning it."""
+        return 20.0 * rows * cols
+
+    def block_costs(self, layers: list[list[TargetLayer]], tokens: int) -> tuple[int, float]:
+        """Extra host bytes (at the busiest block) and FLOPs (over every block) of pruning layers jointly."""
+        return 0, 0.0
 
     def make_statistic(self, layer: TargetLayer, device: torch.device) -> LayerStatistic | None:
         """A fresh statistic to accumulate from `layer`'s calibration inputs, or ``None``."""

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 
+from ..core.masks import NMPattern, lowest_mask, nm_mask, prune_count
+from ..core.statistics import LayerStatistic
 from .base import PruningMethod
-from .masking import NMPattern, lowest_mask, nm_mask, prune_count
-from .statistics import LayerStatistic
 
 
 class MagnitudePruning(PruningMethod):

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import torch
 
-from ..engine.structure import TargetLayer
+from ..core.layers import TargetLayer
+from ..core.masks import NMPattern, lowest_mask, nm_mask, prune_count
+from ..core.statistics import Hessian
+from ..method_settings import SparseGPTSettings
 from .base import PruningMethod
-from .masking import NMPattern, lowest_mask, nm_mask, prune_count
-from .statistics import Hessian
 
 PANEL = 32  # columns per lazily batched panel inside a block
 
@@ -66,6 +67,16 @@ def sparsegpt_prune(
 
 class SparseGPTPruning(PruningMethod):
     name = "sparsegpt"
+    settings_class = SparseGPTSettings
+
+    def statistic_bytes(self, rows: int, cols: int) -> int:
+        return cols * cols * 4
+
+    def working_bytes(self, rows: int, cols: int) -> int:
+        return rows * cols * 9 + 2 * cols * cols * 4  # the Hessian is inverted in place, with two more
+
+    def pruning_flops(self, rows: int, cols: int, tokens: int) -> float:
+        return 2.0 * cols * cols * tokens + 2 * rows * cols * cols + 3 * cols**3
 
     def make_statistic(self, layer: TargetLayer, device: torch.device) -> Hessian:
         return Hessian(layer.in_features, device)
@@ -73,6 +84,5 @@ class SparseGPTPruning(PruningMethod):
     def prune_matrix(
         self, weight: torch.Tensor, statistic: Hessian, sparsity: float, pattern: NMPattern | None
     ) -> torch.Tensor:
-        return sparsegpt_prune(
-            weight, statistic.inverse_cholesky(self.config.dampening), sparsity, pattern, self.config.block_size
-        )
+        inverse = statistic.inverse_cholesky(self.settings.dampening)
+        return sparsegpt_prune(weight, inverse, sparsity, pattern, self.settings.block_size)

@@ -32,11 +32,19 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..engine.structure import TargetLayer
-from .base import BlockContext, PruningMethod
-from .masking import NMPattern
-from .sparsegpt import sparsegpt_prune
-from .statistics import Hessian, LayerStatistic, add_upper_gram, gram_panel, inverse_hessian_cholesky, mirror_upper
+from ..core.layers import TargetLayer
+from ..core.masks import NMPattern
+from ..core.statistics import (
+    Hessian,
+    LayerStatistic,
+    add_upper_gram,
+    gram_panel,
+    inverse_hessian_cholesky,
+    mirror_upper,
+)
+from ..method_settings import SparseLLMSettings
+from .base import BlockContext
+from .sparsegpt import SparseGPTPruning, sparsegpt_prune
 
 logger = logging.getLogger(__name__)
 
@@ -381,13 +389,32 @@ def sparsellm_prune(
     return result
 
 
-class SparseLLMPruning(PruningMethod):
+class SparseLLMPruning(SparseGPTPruning):
     name = "sparsellm"
+    settings_class = SparseLLMSettings
 
-    def __init__(self, config) -> None:
-        super().__init__(config)
+    def __init__(self, settings: SparseLLMSettings | None = None) -> None:
+        super().__init__(settings)
         self._warned = False
         self.errors: dict[int, list[float]] = {}
+
+    def block_costs(self, layers: list[list[TargetLayer]], tokens: int) -> tuple[int, float]:
+        """Host bytes of the largest block's recorded chain inputs, auxiliary variables and Gram matrices, and the
+        FLOPs of every block's iterations after the first (Gram matrices, refits, the auxiliary updates and one
+        more SparseGPT pass over the chain per iteration)."""
+        peak, flops = 0, 0.0
+        for block in layers:
+            chain = [layer for layer in block if records_inputs(layer)]
+            if not chain:
+                continue
+            width, inner = min(layer.in_features for layer in chain), max(layer.in_features for layer in chain)
+            per_token = 2 * width + (3 if len(chain) > 2 else 2) * inner
+            peak = max(peak, 4 * (tokens * per_token + 4 * inner * inner))
+            pruning = sum(2 * rows * cols * cols + 3 * cols**3 for rows, cols in (layer.shape for layer in chain))
+            flops += (self.settings.iterations - 1) * (
+                4 * tokens * inner * inner + 14 * tokens * width * inner + pruning
+            )
+        return peak, flops
 
     def make_statistic(self, layer: TargetLayer, device: torch.device) -> LayerStatistic:
         return RecordedInputs() if records_inputs(layer) else Hessian(layer.in_features, device)
@@ -395,11 +422,10 @@ class SparseLLMPruning(PruningMethod):
     def prune_matrix(
         self, weight: torch.Tensor, statistic: LayerStatistic, sparsity: float, pattern: NMPattern | None
     ) -> torch.Tensor:
-        if isinstance(statistic, RecordedInputs):
-            inverse = inverse_hessian_cholesky(statistic.gram(weight.device), self.config.dampening, in_place=True)
-        else:
-            inverse = statistic.inverse_cholesky(self.config.dampening)
-        return sparsegpt_prune(weight, inverse, sparsity, pattern, self.config.block_size)
+        if not isinstance(statistic, RecordedInputs):
+            return super().prune_matrix(weight, statistic, sparsity, pattern)
+        inverse = inverse_hessian_cholesky(statistic.gram(weight.device), self.settings.dampening, in_place=True)
+        return sparsegpt_prune(weight, inverse, sparsity, pattern, self.settings.block_size)
 
     def prune_block(self, context: BlockContext) -> dict[str, torch.Tensor]:
         chain = find_chain(context)
@@ -409,19 +435,19 @@ class SparseLLMPruning(PruningMethod):
         masks = super().prune_block(dataclasses.replace(context, layers=others))
         if chain is None:
             return masks
-        config = self.config
+        settings = self.settings
         result = sparsellm_prune(
             chain,
             context.statistics[chain.up.name].chunks,
             context.statistics[chain.output.name].chunks,
             context.sparsity,
             context.pattern,
-            iterations=config.sparsellm_iterations,
-            alpha=config.sparsellm_alpha,
-            beta=config.sparsellm_beta,
-            gamma=config.sparsellm_gamma,
-            dampening=config.dampening,
-            block_size=config.block_size,
+            iterations=settings.iterations,
+            alpha=settings.alpha,
+            beta=settings.beta,
+            gamma=settings.gamma,
+            dampening=settings.dampening,
+            block_size=settings.block_size,
             device=chain.up.module.weight.device,
         )
         self.errors[context.index] = result.errors

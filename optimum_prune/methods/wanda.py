@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import torch
 
-from ..engine.structure import TargetLayer
+from ..core.layers import TargetLayer
+from ..core.masks import NMPattern, nm_mask, row_lowest_mask
+from ..core.statistics import InputNorms
 from .base import PruningMethod
-from .masking import NMPattern, nm_mask, row_lowest_mask
-from .statistics import InputNorms
 
 
 class WandaPruning(PruningMethod):
     name = "wanda"
+
+    def statistic_bytes(self, rows: int, cols: int) -> int:
+        return cols * 4
 
     def make_statistic(self, layer: TargetLayer, device: torch.device) -> InputNorms:
         return InputNorms(layer.in_features, device)

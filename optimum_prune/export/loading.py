@@ -10,9 +10,9 @@ from typing import Any
 from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig, PreTrainedModel
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
-from .export.compressed import INDEX_NAME, is_compressed, load_compressed_state_dict, read_compressed_masks
-from .export.masks import MASKS_NAME, Masks, read_masks
-from .export.metadata import read_metadata
+from .compressed import INDEX_NAME, is_compressed, load_compressed_state_dict, read_compressed_masks
+from .masks import MASKS_NAME, Masks, read_masks
+from .metadata import read_metadata
 
 logger = logging.getLogger(__name__)
 
@@ -79,21 +79,3 @@ def load_masks(path: str | os.PathLike) -> Masks:
         "Pruner.save_pretrained(..., save_masks=True) or format='compressed' to keep them; zeros in dense "
         "weights do not tell pruned weights from kept ones that happen to be zero."
     )
-
-
-def dequantized_gguf_model(model: PreTrainedModel) -> PreTrainedModel:
-    """A plain copy of a model loaded with ``gguf_file=``.
-
-    transformers dequantizes GGUF weights on load but still marks the model as quantized (its modules may be
-    GGUF wrappers, and ``save_pretrained`` refuses it); the copy is built from the same config without
-    ``quantization_config`` and holds the dequantized weights in ordinary ``nn.Linear`` layers.
-    """
-    config = model.config
-    if getattr(config, "quantization_config", None) is None:
-        return model
-    state_dict = model.state_dict()
-    del config.quantization_config
-    plain = AutoModelForCausalLM.from_config(config, dtype=next(iter(state_dict.values())).dtype)
-    plain.load_state_dict(state_dict)
-    plain.generation_config = model.generation_config
-    return plain.eval()

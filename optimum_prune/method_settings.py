@@ -1,0 +1,84 @@
+"""The settings of each method, importable without torch: the CLI builds a flag for every field of every
+settings class at start-up (``optimum-cli`` builds its parsers then), so nothing heavy may load here. A method
+with settings declares its class here and names it in its ``settings_class``."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .core.masks import NMPattern
+
+
+@dataclass
+class MethodSettings:
+    """A method's own settings. Subclasses add fields with a ``metadata={"help": ...}`` (the CLI offers a flag for
+    each, ``--block-size`` for ``block_size``) and cross-check them against the pattern in `check`. Numbers are
+    checked here: integers positive, floats finite and not negative."""
+
+    def __post_init__(self) -> None:
+        for item in dataclasses.fields(self):
+            value = getattr(self, item.name)
+            if item.type in (int, "int") and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"{item.name} must be a positive integer, got {value!r}.")
+            if item.type in (float, "float"):
+                if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                    raise ValueError(f"{item.name} must be a finite number, got {value!r}.")
+                if value < 0:
+                    raise ValueError(f"{item.name} must be >= 0, got {value!r}.")
+
+    def check(self, pattern: NMPattern | None) -> None:
+        """Refuse settings that cannot serve ``pattern``."""
+
+    @classmethod
+    def from_dict(cls, method: str, values: dict[str, Any]) -> MethodSettings:
+        known = [field.name for field in dataclasses.fields(cls)]
+        unknown = sorted(set(values) - set(known))
+        if unknown:
+            raise ValueError(
+                f"Method {method!r} has no setting {', '.join(unknown)}; its settings: {', '.join(known) or 'none'}."
+            )
+        return cls(**values)
+
+
+@dataclass
+class SparseGPTSettings(MethodSettings):
+    block_size: int = field(default=128, metadata={"help": "lazy-update block size, in columns"})
+    dampening: float = field(default=0.01, metadata={"help": "added to the Hessian diagonal, times its mean"})
+
+    def check(self, pattern: NMPattern | None) -> None:
+        if pattern is not None and self.block_size % pattern.m:
+            raise ValueError(
+                f"block_size={self.block_size} must be a multiple of M={pattern.m} for {pattern}: its N:M groups "
+                "must not straddle two lazy-update blocks."
+            )
+
+
+@dataclass
+class SparseLLMSettings(SparseGPTSettings):
+    iterations: int = field(default=10, metadata={"help": "alternating optimisation rounds per block"})
+    alpha: float = field(default=5.0, metadata={"help": "weight of the pre-activation penalty"})
+    beta: float = field(default=5.0, metadata={"help": "weight of the output penalty"})
+    gamma: float = field(default=5.0, metadata={"help": "weight of the post-activation penalty"})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for name in ("alpha", "beta", "gamma"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be positive (SparseLLM's penalty weight), got {getattr(self, name)!r}.")
+
+
+def all_settings_fields() -> dict[str, tuple[dataclasses.Field, list[str]]]:
+    """Every settings field of every method, by name, with the settings classes that have it (a shared name
+    such as ``dampening`` means the same thing in each): what the CLI turns into flags."""
+    fields: dict[str, tuple[dataclasses.Field, list[str]]] = {}
+    pending = [MethodSettings]
+    while pending:
+        cls = pending.pop(0)
+        pending.extend(cls.__subclasses__())
+        for item in dataclasses.fields(cls):
+            fields.setdefault(item.name, (item, []))[1].append(cls.__name__.removesuffix("Settings"))
+    return fields
