@@ -1,16 +1,29 @@
-"""What a model argument names, a local folder or a Hub id, checked before any weight is read."""
+"""What a model argument names, a local folder or a Hub id: checked before any weight is read, then loaded
+(with its tokenizer) for pruning."""
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PretrainedConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 from .core.safetensors import read_header
+from .engine.offload import DiskOffload, load_empty_model
+
+logger = logging.getLogger(__name__)
 
 PICKLED_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 
@@ -124,3 +137,88 @@ def dequantized_gguf_model(model: PreTrainedModel) -> PreTrainedModel:
     plain.load_state_dict(state_dict)
     plain.generation_config = model.generation_config
     return plain.eval()
+
+
+def load_source(
+    source: str,
+    *,
+    tokenizer: PreTrainedTokenizerBase | str | None = None,
+    dtype: str | torch.dtype = "auto",
+    offload: str | None = None,
+    trust_remote_code: bool = False,
+    allow_unsafe_weights: bool = False,
+    revision: str | None = None,
+    token: str | bool | None = None,
+    **model_kwargs: Any,
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase | None, DiskOffload | None]:
+    """The checked model of a folder or Hub id and its tokenizer; with ``offload="disk"`` the model is on the
+    meta device and the returned `DiskOffload` fills it block by block."""
+    hub = {"revision": revision, "token": token, "trust_remote_code": trust_remote_code}
+    gguf_file = model_kwargs.get("gguf_file")
+    load_model_config(source, **hub, gguf_file=gguf_file)
+    if os.path.isdir(source) and gguf_file is None:
+        check_local_weights(source, allow_unsafe_weights)
+    tokenizer_kwargs = dict(hub)
+    if gguf_file is not None and tokenizer is None:
+        tokenizer_kwargs["gguf_file"] = gguf_file
+    tokenizer = load_tokenizer(source if tokenizer is None else tokenizer, **tokenizer_kwargs)
+    if offload != "disk":
+        return _load_model(source, dtype, allow_unsafe_weights, hub, model_kwargs), tokenizer, None
+    if model_kwargs:
+        raise ValueError(f"offload='disk' reads safetensors checkpoints only; drop {', '.join(model_kwargs)}.")
+    model, disk = load_empty_model(local_snapshot(source, revision, token), dtype, trust_remote_code)
+    return model, tokenizer, disk
+
+
+def _load_model(
+    source: str, dtype: str | torch.dtype, allow_unsafe_weights: bool, hub: dict[str, Any], model_kwargs: dict[str, Any]
+) -> PreTrainedModel:
+    """The model of a checked source, in eval mode (GGUF weights dequantized into a plain model)."""
+    load_kwargs = dict(hub)
+    if not allow_unsafe_weights and "gguf_file" not in model_kwargs:
+        load_kwargs["use_safetensors"] = True
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **load_kwargs, **model_kwargs)
+    except OSError as error:
+        pickled_only = "safetensors" in str(error).replace(source, "").lower() and not os.path.isdir(source)
+        hint = (
+            " It may ship only pickled weights: pass allow_unsafe_weights=True (--allow-unsafe-weights) if you trust it."
+            if pickled_only
+            else ""
+        )
+        raise OSError(f"Could not load a causal LM from {source!r}: {error}{hint}") from error
+    if "gguf_file" in model_kwargs:
+        model = dequantized_gguf_model(model)
+    return model.eval()
+
+
+def local_snapshot(source: str, revision: str | None, token: str | bool | None) -> str:
+    """``source`` if it is a folder, else the local snapshot of that Hub repository's configs and safetensors."""
+    if os.path.isdir(source):
+        return source
+    from huggingface_hub import snapshot_download
+
+    try:
+        return snapshot_download(
+            source, revision=revision, token=token, allow_patterns=["*.json", "*.safetensors", "tokenizer*"]
+        )
+    except Exception as error:
+        raise OSError(
+            f"offload='disk' needs the checkpoint on disk, but {source!r} is not a folder and could not be "
+            f"downloaded ({type(error).__name__}). Download it first (hf download {source})."
+        ) from error
+
+
+def load_tokenizer(tokenizer: PreTrainedTokenizerBase | str | None, **kwargs: Any) -> PreTrainedTokenizerBase | None:
+    """A tokenizer object as it is, else the one at a path or Hub id; ``None`` (with a warning) when none loads."""
+    if tokenizer is None or isinstance(tokenizer, PreTrainedTokenizerBase):
+        return tokenizer
+    try:
+        return AutoTokenizer.from_pretrained(tokenizer, **kwargs)
+    except (OSError, ValueError) as error:
+        logger.warning(
+            "No tokenizer in %s: calibration on text and evaluation need one; pass tokenizer= (--tokenizer).",
+            tokenizer,
+        )
+        logger.info("The tokenizer could not be loaded: %s", error)
+        return None

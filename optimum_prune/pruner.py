@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import shutil
@@ -12,24 +13,23 @@ from typing import Any
 import torch
 from huggingface_hub import CommitInfo, ModelCard
 from torch import nn
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from .calibration import calibration_ids, load_texts
+from .calibration import calibration_tokens
 from .config import PruningConfig
-from .core.memory import map_large_allocations
 from .engine.activations import DISK
 from .engine.blockwise import BlockwiseEngine
-from .engine.checkpoint import RunCheckpoint, tensor_digest, work_folder
 from .engine.estimate import RunEstimate, estimate, estimate_run
-from .engine.offload import OFFLOAD_MODES, DiskOffload, load_empty_model
+from .engine.offload import OFFLOAD_MODES, DiskOffload
 from .engine.resources import MaxMemory, check_free_space, check_max_memory
 from .engine.streaming import write_streamed_weights
+from .engine.work_folder import WorkFolder, tensor_digest, work_folder_path
 from .export import METADATA_KEY, atomic_directory, build_metadata
 from .export.compressed import check_format, save_compressed
-from .export.files import check_writable
+from .export.files import check_writable, write_model_files
 from .export.masks import Masks, write_masks
 from .methods import get_method
-from .model_source import check_causal_lm_module, check_local_weights, dequantized_gguf_model, load_model_config
+from .model_source import check_causal_lm_module, load_source, load_tokenizer
 from .report import PruningReport
 
 logger = logging.getLogger(__name__)
@@ -132,7 +132,6 @@ class Pruner:
         ``offload_activations=True`` keeps the calibration activations between blocks in memory-mapped files (in
         the work folder, else ``offload_folder``, else the system's temporary folder) instead of host RAM.
         """
-        map_large_allocations()
         resources = {
             "offload": offload,
             "offload_folder": offload_folder,
@@ -143,27 +142,21 @@ class Pruner:
             if offload == "disk":
                 raise ValueError("offload='disk' reads blocks from a checkpoint: pass its folder, not a loaded model.")
             check_causal_lm_module(model_or_path)
-            return cls(model_or_path, config, _load_tokenizer(tokenizer), device, progress=progress, **resources)
+            return cls(model_or_path, config, load_tokenizer(tokenizer), device, progress=progress, **resources)
         source = os.fspath(model_or_path)
-        hub = {"revision": revision, "token": token, "trust_remote_code": trust_remote_code}
-        gguf_file = model_kwargs.get("gguf_file")
-        load_model_config(source, **hub, gguf_file=gguf_file)
-        if os.path.isdir(source) and gguf_file is None:
-            check_local_weights(source, allow_unsafe_weights)
-        tokenizer_kwargs = dict(hub)
-        if gguf_file is not None and tokenizer is None:
-            tokenizer_kwargs["gguf_file"] = gguf_file
-        tokenizer = _load_tokenizer(source if tokenizer is None else tokenizer, **tokenizer_kwargs)
-        if offload == "disk":
-            if model_kwargs:
-                raise ValueError(f"offload='disk' reads safetensors checkpoints only; drop {', '.join(model_kwargs)}.")
-            model, disk = load_empty_model(_local_folder(source, revision, token), dtype, trust_remote_code)
-            return cls(
-                model, config, tokenizer, device, progress=progress, source=source, disk=disk,
-                **{**resources, "offload": None},
-            )  # fmt: skip
-        model = _load_model(source, dtype, allow_unsafe_weights, hub, model_kwargs)
-        return cls(model, config, tokenizer, device, progress=progress, source=source, **resources)
+        model, tokenizer, disk = load_source(
+            source,
+            tokenizer=tokenizer,
+            dtype=dtype,
+            offload=offload,
+            trust_remote_code=trust_remote_code,
+            allow_unsafe_weights=allow_unsafe_weights,
+            revision=revision,
+            token=token,
+            **model_kwargs,
+        )
+        resources["offload"] = None if disk is not None else offload
+        return cls(model, config, tokenizer, device, progress=progress, source=source, disk=disk, **resources)
 
     @classmethod
     def estimate(
@@ -179,7 +172,6 @@ class Pruner:
     ) -> RunEstimate:
         """Dry run: estimated peak device and host memory, disk use and time of pruning a local model folder,
         from its config.json and safetensors headers (no weight is loaded)."""
-        map_large_allocations()
         return estimate(
             model_or_path,
             config,
@@ -191,21 +183,15 @@ class Pruner:
         )
 
     def calibration_ids(self, dataset: Any, text_column: str = "text", split: str = "train") -> torch.Tensor:
-        """The ``(num_samples, seq_len)`` calibration tokens drawn from ``dataset`` with this config."""
-        if isinstance(dataset, torch.Tensor):
-            if dataset.dim() != 2 or dataset.dtype not in (torch.int32, torch.int64):
-                raise ValueError("Token ids must be an integer tensor of shape (num_samples, seq_len).")
-            self.config.num_samples, self.config.seq_len = dataset.shape
-            self.config.dataset = self.config.dataset or "token ids"
-            return dataset.long()
-        if self.tokenizer is None:
-            raise ValueError(
-                "Calibration text needs a tokenizer: pass tokenizer= to Pruner.from_pretrained (--tokenizer)."
-            )
-        texts, name = load_texts(dataset, text_column=text_column, split=split)
-        self.config.dataset = name
+        """The ``(num_samples, seq_len)`` calibration tokens drawn from ``dataset`` with this config (a tensor of
+        token ids is checked and returned as it is)."""
+        return self._calibration(dataset, text_column, split)[0]
+
+    def _calibration(self, dataset: Any, text_column: str, split: str) -> tuple[torch.Tensor, str]:
         config = self.config
-        return calibration_ids(texts, self.tokenizer, config.num_samples, config.seq_len, config.seed)
+        return calibration_tokens(
+            dataset, self.tokenizer, config.num_samples, config.seq_len, config.seed, text_column, split
+        )
 
     def prune(
         self,
@@ -242,7 +228,9 @@ class Pruner:
                     f"Method {self.config.method!r} needs calibration data: pass a dataset, e.g. "
                     "pruner.prune('path/to/c4_sample.jsonl') or a list of strings."
                 )
-            input_ids = self.calibration_ids(dataset, text_column, split)
+            input_ids, name = self._calibration(dataset, text_column, split)
+            samples, seq_len = input_ids.shape  # the recipe records what was run: a tensor sets its own shape
+            self.config = dataclasses.replace(self.config, num_samples=samples, seq_len=seq_len, dataset=name)
         planned = estimate_run(
             self.model,
             self.config,
@@ -250,14 +238,14 @@ class Pruner:
             offload=self.offload,
             activations_device=self.activations_device,
             write_output=output_dir is not None,
-            flops_per_second=1.0,  # only memory and disk are checked here: skip the throughput measurement
+            measure_time=False,  # only memory and disk are checked here
         )
         check_max_memory(self.max_memory, planned, self.device, self.offload)
-        checkpoint = None
+        work = None
         if output_dir is not None:
-            folder = work_folder(output_dir, self.offload_folder)
+            folder = work_folder_path(output_dir, self.offload_folder)
             check_free_space(planned, folder, output_dir, linked=self.disk is not None)
-            checkpoint = RunCheckpoint(folder, self._fingerprint(input_ids), resume)
+            work = WorkFolder(folder, self._fingerprint(input_ids), resume)
         try:
             engine = BlockwiseEngine(
                 self.model,
@@ -267,22 +255,22 @@ class Pruner:
                 activations_device=self.activations_device,
                 progress=self.progress,
                 disk=self.disk,
-                checkpoint=checkpoint,
-                activations_folder=checkpoint.folder if checkpoint is not None else self.offload_folder,
+                work_folder=work,
+                activations_folder=work.folder if work is not None else self.offload_folder,
             )
             self.report = engine.run(input_ids)
         except BaseException:
-            if checkpoint is not None and not checkpoint.has_finished_block:
-                checkpoint.remove()  # nothing to resume: leave nothing that would block the corrected command
+            if work is not None and not work.has_finished_block:
+                work.remove()  # nothing to resume: leave nothing that would block the corrected command
             raise
         self.masks = engine.masks
         setattr(self.model.config, METADATA_KEY, build_metadata(self.config, self.report))
-        if checkpoint is not None:
+        if work is not None:
             if self.disk is None:
                 self.save_pretrained(output_dir, overwrite=overwrite)
             else:
-                self._write_streamed(output_dir, overwrite, checkpoint, engine)
-            checkpoint.remove()
+                self._write_streamed(output_dir, overwrite, work, engine)
+            work.remove()
         return self.report
 
     def _inputs(self) -> tuple[str, ...]:
@@ -302,19 +290,14 @@ class Pruner:
         }
 
     def _write_streamed(
-        self, output_dir: str | os.PathLike, overwrite: bool, checkpoint: RunCheckpoint, engine: BlockwiseEngine
+        self, output_dir: str | os.PathLike, overwrite: bool, work: WorkFolder, engine: BlockwiseEngine
     ) -> None:
         """Assemble the output folder of a disk-offloaded run from its streamed blocks."""
         with atomic_directory(output_dir, overwrite) as staging:
             write_streamed_weights(
-                staging, self.model, self.disk.checkpoint, checkpoint, engine.blocks_name, len(engine.blocks)
+                staging, self.model, self.disk.checkpoint, work, engine.blocks_name, len(engine.blocks)
             )
-            self.model.config.save_pretrained(staging)
-            if getattr(self.model, "generation_config", None) is not None and self.model.can_generate():
-                self.model.generation_config.save_pretrained(staging)
-            if self.tokenizer is not None:
-                self.tokenizer.save_pretrained(staging)
-            self.config.save_pretrained(staging)
+            write_model_files(staging, self.model, self.tokenizer, self.config)
         self.output_dir = os.fspath(output_dir)
 
     def save_pretrained(
@@ -422,56 +405,3 @@ class Pruner:
             self.save_pretrained(folder, format=format)
             card.save(folder / "README.md")
             return push_folder(folder, repo_id, token=token, private=private, commit_message=message)
-
-
-def _load_model(
-    source: str, dtype: str | torch.dtype, allow_unsafe_weights: bool, hub: dict[str, Any], model_kwargs: dict[str, Any]
-) -> PreTrainedModel:
-    """The model of a checked source, in eval mode (GGUF weights dequantized into a plain model)."""
-    load_kwargs = dict(hub)
-    if not allow_unsafe_weights and "gguf_file" not in model_kwargs:
-        load_kwargs["use_safetensors"] = True
-    try:
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **load_kwargs, **model_kwargs)
-    except OSError as error:
-        pickled_only = "safetensors" in str(error).replace(source, "").lower() and not os.path.isdir(source)
-        hint = (
-            " It may ship only pickled weights: pass allow_unsafe_weights=True (--allow-unsafe-weights) if you trust it."
-            if pickled_only
-            else ""
-        )
-        raise OSError(f"Could not load a causal LM from {source!r}: {error}{hint}") from error
-    if "gguf_file" in model_kwargs:
-        model = dequantized_gguf_model(model)
-    return model.eval()
-
-
-def _local_folder(source: str, revision: str | None, token: str | bool | None) -> str:
-    """``source`` if it is a folder, else the local snapshot of that Hub repository's configs and safetensors."""
-    if os.path.isdir(source):
-        return source
-    from huggingface_hub import snapshot_download
-
-    try:
-        return snapshot_download(
-            source, revision=revision, token=token, allow_patterns=["*.json", "*.safetensors", "tokenizer*"]
-        )
-    except Exception as error:
-        raise OSError(
-            f"offload='disk' needs the checkpoint on disk, but {source!r} is not a folder and could not be "
-            f"downloaded ({type(error).__name__}). Download it first (hf download {source})."
-        ) from error
-
-
-def _load_tokenizer(tokenizer: PreTrainedTokenizerBase | str | None, **kwargs: Any) -> PreTrainedTokenizerBase | None:
-    if tokenizer is None or isinstance(tokenizer, PreTrainedTokenizerBase):
-        return tokenizer
-    try:
-        return AutoTokenizer.from_pretrained(tokenizer, **kwargs)
-    except (OSError, ValueError) as error:
-        logger.warning(
-            "No tokenizer in %s: calibration on text and evaluation need one; pass tokenizer= (--tokenizer).",
-            tokenizer,
-        )
-        logger.info("The tokenizer could not be loaded: %s", error)
-        return None

@@ -14,7 +14,8 @@ from optimum_prune.core.layers import find_decoder_blocks, find_target_layers
 from optimum_prune.core.masks import unpack_mask
 from optimum_prune.core.statistics import Hessian
 from optimum_prune.engine.activations import ActivationStore
-from optimum_prune.engine.blockwise import _StatisticsCollector, capture_block_inputs
+from optimum_prune.engine.blockwise import _StatisticsCollector
+from optimum_prune.engine.capture import capture_block_inputs
 from optimum_prune.export import METADATA_KEY
 
 # Each method once, unstructured and both N:M patterns covered (SparseGPT unstructured: bf16 and targets tests).

@@ -128,10 +128,12 @@ def test_pruner_calibration_from_text_and_token_ids(tokenizer):
     config = PruningConfig(method="wanda", num_samples=5, seq_len=16)
     pruner = Pruner.from_pretrained(tiny_model("llama"), config, tokenizer=tokenizer, device="cpu", progress=False)
     ids = pruner.calibration_ids(C4_SAMPLE)
-    assert ids.shape == (5, 16) and pruner.config.dataset == "c4_validation_2k.jsonl"
+    assert ids.shape == (5, 16) and pruner.config.dataset is None  # asking changes nothing
     given = torch.randint(0, 512, (3, 24), dtype=torch.int32)
     assert torch.equal(pruner.calibration_ids(given), given.long())
-    assert (pruner.config.num_samples, pruner.config.seq_len) == (3, 24)
+    assert (pruner.config.num_samples, pruner.config.seq_len) == (5, 16)
+    pruner.prune(given)  # the recipe records what was run
+    assert (pruner.config.num_samples, pruner.config.seq_len, pruner.config.dataset) == (3, 24, "token ids")
     with pytest.raises(ValueError, match=r"integer tensor of shape \(num_samples, seq_len\)"):
         pruner.calibration_ids(torch.rand(3, 24))
     with pytest.raises(ValueError, match=r"integer tensor of shape \(num_samples, seq_len\)"):

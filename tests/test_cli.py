@@ -200,11 +200,11 @@ def test_export_onnx_beside_the_model(tmp_path, capsys) -> None:
 
 
 def test_offload_disk_and_resume(tmp_path, monkeypatch, capsys) -> None:
-    from optimum_prune.engine.checkpoint import RunCheckpoint
+    from optimum_prune.engine.work_folder import WorkFolder
 
     model_dir, output = tmp_path / "tiny", tmp_path / "out"
     tiny_model("llama").save_pretrained(model_dir)
-    save_block, saved = RunCheckpoint.save_block, []
+    save_block, saved = WorkFolder.save_block, []
 
     def interrupt_after_block_0(self, index, *args, **kwargs):
         save_block(self, index, *args, **kwargs)
@@ -212,7 +212,7 @@ def test_offload_disk_and_resume(tmp_path, monkeypatch, capsys) -> None:
         if index == 0 and len(saved) == 1:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(RunCheckpoint, "save_block", interrupt_after_block_0)
+    monkeypatch.setattr(WorkFolder, "save_block", interrupt_after_block_0)
     flags = ["--model", str(model_dir), "--method", "magnitude", "--offload", "disk", "--output", str(output)]
     assert run_main(*flags) == 130
     assert "interrupted" in capsys.readouterr().err and not output.exists()

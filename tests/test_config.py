@@ -15,8 +15,8 @@ def test_defaults_follow_the_papers():
     assert config.method == "sparsegpt"
     assert config.sparsity == 0.5
     assert config.pattern == "unstructured"
-    assert config.block_size == 128  # SparseGPT's lazy-update block
-    assert config.dampening == 0.01  # 1% of the mean Hessian diagonal
+    assert config.settings.block_size == 128  # SparseGPT's lazy-update block
+    assert config.settings.dampening == 0.01  # 1% of the mean Hessian diagonal
     assert config.allocation == "uniform"
     assert (config.owl_m, config.owl_lambda) == (5.0, 0.08)  # OWL's M and lambda for LLaMA
     assert (config.num_samples, config.seq_len) == (128, 2048)  # 128 C4 sequences of 2048 tokens

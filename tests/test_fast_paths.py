@@ -12,7 +12,8 @@ from optimum_prune.core.layers import find_decoder_blocks, find_target_layers
 from optimum_prune.core.masks import NMPattern, lowest_mask, prune_count, row_lowest_mask, split_count
 from optimum_prune.core.statistics import Hessian, inverse_hessian_cholesky
 from optimum_prune.engine.activations import ActivationStore
-from optimum_prune.engine.blockwise import _StatisticsCollector, capture_block_inputs
+from optimum_prune.engine.blockwise import _StatisticsCollector
+from optimum_prune.engine.capture import capture_block_inputs
 from optimum_prune.methods.sparsegpt import sparsegpt_prune
 from optimum_prune.methods.sparsellm import _NUMERIC_STEPS, _descend
 

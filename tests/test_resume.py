@@ -14,7 +14,7 @@ from conftest import ARCHITECTURES, REPO, random_ids
 from transformers import AutoModelForCausalLM
 
 from optimum_prune import Pruner, PruningConfig
-from optimum_prune.engine import checkpoint as checkpoint_module
+from optimum_prune.engine import work_folder as work_folder_module
 
 # The child prunes a 4-block model and dies (os._exit, no cleanup) right after block KILL_AFTER is saved.
 CHILD = textwrap.dedent(
@@ -22,17 +22,17 @@ CHILD = textwrap.dedent(
     import os, sys
     import torch
     from optimum_prune import Pruner, PruningConfig
-    from optimum_prune.engine.checkpoint import RunCheckpoint
+    from optimum_prune.engine.work_folder import WorkFolder
 
     source, output, offload, kill_after = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
-    save_block = RunCheckpoint.save_block
+    save_block = WorkFolder.save_block
 
     def save_then_die(self, index, *args, **kwargs):
         save_block(self, index, *args, **kwargs)
         if index == kill_after:
             os._exit(17)
 
-    RunCheckpoint.save_block = save_then_die
+    WorkFolder.save_block = save_then_die
     config = PruningConfig(method="sparsegpt", sparsity=0.5, num_samples=8, seq_len=32, batch_size=4)
     ids = torch.load(os.path.join(source, "ids.pt"))
     pruner = Pruner.from_pretrained(source, config, device="cpu", offload=offload, progress=False)
@@ -87,15 +87,15 @@ def test_killed_run_resumes_to_the_same_output(source, uninterrupted, tmp_path, 
 
     resumed_blocks = []
     pruner = Pruner.from_pretrained(source, _config(), device="cpu", offload=offload, progress=False)
-    original = checkpoint_module.RunCheckpoint.save_block
+    original = work_folder_module.WorkFolder.save_block
     try:
-        checkpoint_module.RunCheckpoint.save_block = lambda self, index, *a, **k: (
+        work_folder_module.WorkFolder.save_block = lambda self, index, *a, **k: (
             resumed_blocks.append(index),
             original(self, index, *a, **k),
         )
         report = pruner.prune(torch.load(source / "ids.pt"), output_dir=output, resume=True)
     finally:
-        checkpoint_module.RunCheckpoint.save_block = original
+        work_folder_module.WorkFolder.save_block = original
 
     assert resumed_blocks == [2, 3]
     assert [layer.block for layer in report.layers] == sorted(layer.block for layer in report.layers)
@@ -158,8 +158,8 @@ def test_a_work_folder_without_a_finished_block_blocks_nothing(source, tmp_path)
     the corrected command runs, with or without resume, and the failing one leaves no folder behind."""
     ids = torch.load(source / "ids.pt")
     work = tmp_path / "model.partial"
-    failing = Pruner.from_pretrained(source, _config(), device="cpu", progress=False)
-    failing.config.pattern = "2:3"  # no layer width is a multiple of 3: refused before the first block
+    config = PruningConfig(method="wanda", pattern="2:3", num_samples=8, seq_len=32, batch_size=4)
+    failing = Pruner.from_pretrained(source, config, device="cpu", progress=False)  # no width is a multiple of 3
     with pytest.raises(ValueError, match="multiple of 3"):
         failing.prune(ids, output_dir=tmp_path / "model")
     assert not work.exists()

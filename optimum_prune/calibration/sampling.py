@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from transformers import PreTrainedTokenizerBase
+
+from .sources import load_texts
 
 
 def bos_token_id(tokenizer: PreTrainedTokenizerBase) -> int | None:
@@ -68,3 +71,24 @@ def calibration_ids(
     if bos is None:
         return windows
     return torch.cat([torch.full((num_samples, 1), bos, dtype=torch.long), windows], dim=1)
+
+
+def calibration_tokens(
+    dataset: Any,
+    tokenizer: PreTrainedTokenizerBase | None,
+    num_samples: int,
+    seq_len: int,
+    seed: int = 0,
+    text_column: str = "text",
+    split: str = "train",
+) -> tuple[torch.Tensor, str]:
+    """Calibration token ids and the name of their source, from any calibration data (`load_texts`), or a
+    ``(num_samples, seq_len)`` integer tensor of token ids taken as it is."""
+    if isinstance(dataset, torch.Tensor):
+        if dataset.dim() != 2 or dataset.dtype not in (torch.int32, torch.int64):
+            raise ValueError("Token ids must be an integer tensor of shape (num_samples, seq_len).")
+        return dataset.long(), "token ids"
+    if tokenizer is None:
+        raise ValueError("Calibration text needs a tokenizer: pass tokenizer= to Pruner.from_pretrained (--tokenizer).")
+    texts, name = load_texts(dataset, text_column=text_column, split=split)
+    return calibration_ids(texts, tokenizer, num_samples, seq_len, seed), name

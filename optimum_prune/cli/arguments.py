@@ -42,7 +42,10 @@ def flag(field: str) -> str:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Add every ``prune`` flag to ``parser``. Config flags default to ``None`` ("not given")."""
+    """Add every ``prune`` flag to ``parser``. Config flags default to ``None`` ("not given").
+
+    One flat list, group after group, on purpose: it reads like ``--help`` and docs/cli.md.
+    """
     parser.description = DESCRIPTION
     parser.add_argument("--model", required=True, help="Hub id or local folder of the causal LM to prune.")
 

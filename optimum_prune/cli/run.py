@@ -144,9 +144,9 @@ def _resume_hint(args: argparse.Namespace) -> str:
     """After Ctrl-C: how to continue a run whose finished blocks were kept."""
     if not streams_output(args):
         return ""
-    from ..engine.checkpoint import work_folder
+    from ..engine.work_folder import work_folder_path
 
-    folder = work_folder(args.output, args.offload_folder)
+    folder = work_folder_path(args.output, args.offload_folder)
     if not folder.is_dir():
         return ""
     return f"; finished blocks are kept in {folder}: run the same command with --resume to continue"
@@ -184,14 +184,14 @@ def _check_outputs(args: argparse.Namespace, parser: argparse.ArgumentParser) ->
             "and --save-masks."
         )
     if args.output:
-        from ..engine.checkpoint import STATE, work_folder
+        from ..engine.work_folder import STATE, work_folder_path
         from ..export.files import check_writable
 
         try:
             check_writable(args.output, args.overwrite, inputs=(args.model,))
         except (OSError, ValueError) as error:
             parser.error(f"argument --output: {error}")
-        folder = work_folder(args.output, args.offload_folder)
+        folder = work_folder_path(args.output, args.offload_folder)
         if streams_output(args) and not args.resume and (folder / STATE).is_file():
             parser.error(
                 f"argument --output: {folder} holds an unfinished run for this output: add --resume to continue "

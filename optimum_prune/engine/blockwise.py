@@ -4,7 +4,7 @@ For each block: move it to the device, gather the statistics its method needs fr
 layers over every calibration batch, prune, run the pruned block to make the next block's inputs (errors
 propagate as in the SparseGPT and Wanda references), and move it back. Everything else stays where it is.
 With a `DiskOffload` the model lives on the meta device and each block is read from the checkpoint just
-before it is processed and emptied right after; with a `RunCheckpoint` every finished block is saved so
+before it is processed and emptied right after; with a `WorkFolder` every finished block is saved so
 that an interrupted run resumes from the first unfinished one.
 """
 
@@ -15,7 +15,6 @@ import time
 import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
-from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -30,75 +29,9 @@ from ..core.statistics import InputNorms, LayerStatistic
 from ..methods import BlockContext, PruningMethod
 from ..report import LayerReport, PruningReport
 from .activations import ActivationStore
-from .checkpoint import ResumeState, RunCheckpoint
+from .capture import CalibrationBatch, capture_block_inputs, outside_blocks_loaded
 from .offload import DiskOffload
-
-
-class _InputsCaptured(Exception):
-    """Raised by the hook on the first block once its inputs are recorded."""
-
-
-@dataclass
-class CalibrationBatch:
-    """One batch of hidden states entering a block, with the other arguments the block is called with."""
-
-    hidden: torch.Tensor
-    args: tuple
-    kwargs: dict
-
-    def run(self, block: nn.Module, device: torch.device) -> torch.Tensor:
-        output = block(self.hidden.to(device), *self.args, **self.kwargs)
-        return output[0] if isinstance(output, tuple) else output
-
-
-def _move_outside_blocks(model: nn.Module, blocks: nn.ModuleList, device: torch.device) -> None:
-    """Move every parameter and buffer that is not inside the decoder blocks (embeddings, rotary tables)."""
-    inside = set(blocks.modules())
-    for module in model.modules():
-        if module in inside:
-            continue
-        for parameter in module._parameters.values():
-            if parameter is not None and not parameter.is_meta:
-                parameter.data = parameter.data.to(device)
-        for name, buffer in module._buffers.items():
-            if buffer is not None and not buffer.is_meta:
-                module._buffers[name] = buffer.to(device)
-
-
-def capture_block_inputs(
-    model: nn.Module,
-    blocks: nn.ModuleList,
-    input_ids: torch.Tensor,
-    batch_size: int,
-    device: torch.device,
-    store: ActivationStore,
-) -> list[CalibrationBatch]:
-    """Run the model up to its first block for every batch of ``input_ids`` and record what the block gets.
-
-    The other arguments (masks, positions, rotary embeddings) only depend on the batch shape, since
-    calibration sequences have equal length and no padding, so they are recorded once per shape.
-    """
-    batches: list[CalibrationBatch] = []
-    extras: dict[torch.Size, tuple[tuple, dict]] = {}
-
-    def record(module: nn.Module, args: tuple, kwargs: dict) -> None:
-        kwargs = dict(kwargs)
-        hidden = args[0] if args else kwargs.pop("hidden_states")
-        if hidden.shape not in extras:
-            extras[hidden.shape] = (args[1:], kwargs)
-        batches.append(CalibrationBatch(store.keep(hidden), *extras[hidden.shape]))
-        raise _InputsCaptured
-
-    _move_outside_blocks(model, blocks, device)
-    handle = blocks[0].register_forward_pre_hook(record, with_kwargs=True)
-    try:
-        for batch in input_ids.split(batch_size):
-            with suppress(_InputsCaptured):
-                model(input_ids=batch.to(device), use_cache=False)
-    finally:
-        handle.remove()
-        _move_outside_blocks(model, blocks, torch.device("cpu"))
-    return batches
+from .work_folder import Progress, WorkFolder
 
 
 class _StopForward(Exception):
@@ -171,26 +104,6 @@ def _on_device(block: nn.Module, device: torch.device) -> Iterator[nn.Module]:
         block.to(home)
 
 
-@contextmanager
-def _outside_blocks_loaded(model: nn.Module, blocks: nn.ModuleList, disk: DiskOffload | None) -> Iterator[None]:
-    """Read the weights outside the blocks that may run before the first block (all but the output
-    embedding) from disk, and empty them again afterwards; a no-op for in-memory models."""
-    if disk is None:
-        yield
-        return
-    inside = set(blocks.modules())
-    output = model.get_output_embeddings()
-    skip = set() if output is None else set(output.modules())
-    modules = [(name, m) for name, m in model.named_modules() if m not in inside and m not in skip]
-    try:
-        for name, module in modules:
-            disk.load(module, name, recurse=False)
-        yield
-    finally:
-        for _, module in modules:
-            disk.release(module, recurse=False)
-
-
 class BlockwiseEngine:
     """Prunes a model block by block with a `PruningMethod`.
 
@@ -203,7 +116,7 @@ class BlockwiseEngine:
             ``"disk"``: memory-mapped files in ``activations_folder`` (default: the system's temporary folder).
         progress: show a tqdm bar per block.
         disk: read each block from the checkpoint when it is processed (the model is on the meta device).
-        checkpoint: save every finished block there and resume from it.
+        work_folder: save every finished block there and resume from it.
     """
 
     def __init__(
@@ -215,7 +128,7 @@ class BlockwiseEngine:
         activations_device: str | torch.device | None = None,
         progress: bool = True,
         disk: DiskOffload | None = None,
-        checkpoint: RunCheckpoint | None = None,
+        work_folder: WorkFolder | None = None,
         activations_folder: str | os.PathLike | None = None,
     ) -> None:
         self.model = model
@@ -225,7 +138,7 @@ class BlockwiseEngine:
         self.activations = ActivationStore(activations_device or self.device, activations_folder)
         self.progress = progress
         self.disk = disk
-        self.checkpoint = checkpoint
+        self.work = work_folder
         self.blocks_name, self.blocks = find_decoder_blocks(model)
         self.layers = find_target_layers(model, config.targets, config.ignore)
         self.masks: dict[str, torch.Tensor] = {}
@@ -267,13 +180,13 @@ class BlockwiseEngine:
         if self.config.needs_calibration:
             if input_ids is None:
                 raise ValueError(f"Method {self.config.method!r} needs calibration data: pass a dataset to prune().")
-            with _outside_blocks_loaded(self.model, self.blocks, self.disk):
+            with outside_blocks_loaded(self.model, self.blocks, self.disk):
                 batches = capture_block_inputs(
                     self.model, self.blocks, input_ids, self.config.batch_size, self.device, self.activations
                 )
-        state = self.checkpoint.load() if self.checkpoint is not None else None
+        state = self.work.load() if self.work is not None else None
         if state is None:
-            state = ResumeState(0, self._block_sparsities(batches), [], [], 0.0)
+            state = Progress(0, self._block_sparsities(batches), [], [], 0.0)
         else:
             batches = self._resume(state, batches)
         sparsities = state.sparsities
@@ -300,7 +213,7 @@ class BlockwiseEngine:
         )
 
     def _prune_block(
-        self, index: int, sparsity: float, batches: list[CalibrationBatch] | None, state: ResumeState
+        self, index: int, sparsity: float, batches: list[CalibrationBatch] | None, state: Progress
     ) -> list[CalibrationBatch] | None:
         """Prune block ``index``, record it in ``state`` (and the work folder); return the next block's inputs.
         Its statistics and masks are freed on return, before the next block is read."""
@@ -326,21 +239,21 @@ class BlockwiseEngine:
                 self.masks.update(packed)
             state.block_seconds.append(time.perf_counter() - block_start)
             state.next_block = index + 1
-            if self.checkpoint is not None:
+            if self.work is not None:
                 state.elapsed_seconds = state.elapsed_seconds + state.block_seconds[-1]
                 hidden = [batch.hidden for batch in batches] if batches and index + 1 < len(self.blocks) else None
-                self.checkpoint.save_block(index, block, f"{self.blocks_name}.{index}", packed, hidden, state)
+                self.work.save_block(index, block, f"{self.blocks_name}.{index}", packed, hidden, state)
         return batches
 
-    def _resume(self, state: ResumeState, batches: list[CalibrationBatch] | None) -> list[CalibrationBatch] | None:
+    def _resume(self, state: Progress, batches: list[CalibrationBatch] | None) -> list[CalibrationBatch] | None:
         """Restore an interrupted run: masks, the pruned blocks of an in-memory model, the next block's inputs."""
         if self.disk is None:
-            self.masks.update(self.checkpoint.load_masks(state.next_block))
+            self.masks.update(self.work.load_masks(state.next_block))
             for index in range(state.next_block):
-                self.checkpoint.restore_block(self.blocks[index], index, f"{self.blocks_name}.{index}")
+                self.work.restore_block(self.blocks[index], index, f"{self.blocks_name}.{index}")
         if batches is None or state.next_block >= len(self.blocks) or not self.method.needs_statistics:
             return batches
-        hidden = self.checkpoint.load_activations()
+        hidden = self.work.load_activations()
         return [
             CalibrationBatch(self.activations.keep(h), batch.args, batch.kwargs)
             for h, batch in zip(hidden, batches, strict=True)

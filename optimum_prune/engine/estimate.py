@@ -8,6 +8,7 @@ matmul throughput measured on the device in a fraction of a second, plus disk tr
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -80,8 +81,15 @@ def estimate_run(
     write_output: bool = True,
     flops_per_second: float | None = None,
     baseline_bytes: int | None = None,
+    measure_time: bool = True,
 ) -> RunEstimate:
-    """Estimate a run on ``model`` (real or on the meta device: only shapes and dtypes are read)."""
+    """Estimate a run on ``model`` (real or on the meta device: only shapes and dtypes are read). The time
+    divides the run's FLOPs by ``flops_per_second`` (default: measured on the device); without
+    ``measure_time`` it is left out (NaN) and nothing is measured.
+
+    Longer than most functions on purpose: the memory, disk and time terms are one formula sheet, read and
+    checked together against `benchmarks/memory.py`.
+    """
     if offload not in OFFLOAD_MODES:
         raise ValueError(f"Unknown offload {offload!r}: choose one of {', '.join(OFFLOAD_MODES)}.")
     device = torch.device(device)
@@ -143,10 +151,11 @@ def estimate_run(
         linear = sum(layer.shape[0] * layer.shape[1] for layer in block_layers)
         flops += passes * (2 * linear * tokens + 4 * tokens * config.seq_len * hidden)
         flops += sum(method.pruning_flops(*layer.shape, tokens) for layer in block_layers)
-    throughput = flops_per_second or matmul_flops_per_second(device)
     traffic = (weights if offload == "disk" else 0) + disk
     traffic += activations * len(blocks) * (int(write_output) + 2 * int(on_disk))
-    seconds = flops / throughput + traffic / DISK_BYTES_PER_S
+    seconds = math.nan
+    if measure_time:
+        seconds = flops / (flops_per_second or matmul_flops_per_second(device)) + traffic / DISK_BYTES_PER_S
     return RunEstimate(
         parameters=sum(p.numel() for p in parameters),
         weights_bytes=weights,

@@ -15,7 +15,7 @@ from pathlib import Path
 from torch import nn
 
 from ..core.safetensors import INDEX_FILE, SafetensorsCheckpoint, read_header, write_safetensors
-from .checkpoint import RunCheckpoint
+from .work_folder import WorkFolder
 
 
 def _link_or_copy(source: Path, target: Path) -> None:
@@ -29,7 +29,7 @@ def write_streamed_weights(
     staging: Path,
     model: nn.Module,
     source: SafetensorsCheckpoint,
-    work: RunCheckpoint,
+    work: WorkFolder,
     blocks_name: str,
     num_blocks: int,
 ) -> None:

@@ -27,8 +27,8 @@ import torch
 from torch import nn
 
 from ..core.masks import NMPattern, pack_mask, unpack_mask
-from ..core.safetensors import DTYPES, dtype_name, open_safetensors
-from .files import atomic_directory, read_json
+from ..core.safetensors import DTYPES, INDEX_FILE, SINGLE_FILE, dtype_name, open_safetensors
+from .files import atomic_directory, read_json, write_model_files
 from .masks import MASKS_NAME, Masks, read_masks
 from .metadata import read_metadata
 from .shards import ShardWriter, checksum
@@ -37,8 +37,6 @@ FORMAT_NAME = "optimum-prune-sparse"
 FORMAT_VERSION = 1
 INDEX_NAME = "model.sparse.safetensors.index.json"
 SHARD_PREFIX = "model.sparse"
-DENSE_NAME = "model.safetensors"
-DENSE_INDEX_NAME = "model.safetensors.index.json"
 # The names `Pruner.save_pretrained(format=...)` accepts.
 SAVE_FORMATS = ("dense", "compressed")
 
@@ -380,19 +378,19 @@ def save_compressed(
     if unknown:
         raise KeyError(f"The masks name weights the model does not have: {unknown[:5]}.")
     names = write_compressed(state.items(), directory, masks, pattern=pattern, max_shard_size=max_shard_size)
-    _save_configs(model, Path(directory))
+    write_model_files(directory, model)
     return names
 
 
 def _dense_tensors(folder: Path) -> Iterator[tuple[str, torch.Tensor]]:
     """The tensors of a transformers safetensors folder (one file or shards), one at a time."""
-    index = folder / DENSE_INDEX_NAME
+    index = folder / INDEX_FILE
     if index.is_file():
         files = list(dict.fromkeys(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
-    elif (folder / DENSE_NAME).is_file():
-        files = [DENSE_NAME]
+    elif (folder / SINGLE_FILE).is_file():
+        files = [SINGLE_FILE]
     else:
-        raise FileNotFoundError(f"{folder} has no {DENSE_NAME} or {DENSE_INDEX_NAME}: it is not a dense model folder.")
+        raise FileNotFoundError(f"{folder} has no {SINGLE_FILE} or {INDEX_FILE}: it is not a dense model folder.")
     for file in files:
         with open_safetensors(folder / file) as handle:
             for name in handle.keys():  # noqa: SIM118 (a safetensors handle is not a dict)
@@ -421,9 +419,9 @@ def compress(
     masks = read_masks(source / MASKS_NAME)
     metadata = read_metadata(source)
     pattern = NMPattern.parse(metadata["pattern"]) if metadata else None
-    skip = {DENSE_NAME, DENSE_INDEX_NAME}
-    if (source / DENSE_INDEX_NAME).is_file():
-        skip |= set(json.loads((source / DENSE_INDEX_NAME).read_text(encoding="utf-8"))["weight_map"].values())
+    skip = {SINGLE_FILE, INDEX_FILE}
+    if (source / INDEX_FILE).is_file():
+        skip |= set(json.loads((source / INDEX_FILE).read_text(encoding="utf-8"))["weight_map"].values())
     with atomic_directory(save_directory, overwrite) as staging:
         write_compressed(_dense_tensors(source), staging, masks, pattern=pattern, max_shard_size=max_shard_size)
         _copy_other_files(source, staging, skip)
@@ -438,19 +436,6 @@ def _copy_other_files(source: Path, target: Path, skip: set[str]) -> None:
             shutil.copytree(item, target / item.name)
         else:
             shutil.copy2(item, target / item.name)
-
-
-def _save_configs(model: nn.Module, directory: Path) -> None:
-    """``config.json`` (with the dtype and architecture, as ``save_pretrained`` records them) and the
-    generation config."""
-    config = model.config
-    if hasattr(model, "dtype"):
-        config.dtype = str(model.dtype).split(".")[1]
-    config.architectures = [type(model).__name__]
-    config.save_pretrained(directory)
-    generation_config = getattr(model, "generation_config", None)
-    if generation_config is not None and getattr(model, "can_generate", lambda: False)():
-        generation_config.save_pretrained(directory)
 
 
 def decompress(
@@ -477,6 +462,6 @@ def decompress(
                 "metadata": {"total_size": writer.total_size},
                 "weight_map": {name: names[shard] for name, shard in placed.items()},
             }
-            (staging / DENSE_INDEX_NAME).write_text(json.dumps(dense_index, indent=2) + "\n", encoding="utf-8")
+            (staging / INDEX_FILE).write_text(json.dumps(dense_index, indent=2) + "\n", encoding="utf-8")
         _copy_other_files(source, staging, ours)
     return os.fspath(save_directory)

@@ -9,7 +9,13 @@ import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from torch import nn
+    from transformers import PreTrainedTokenizerBase
+
+    from ..config import PruningConfig
 
 
 def _umask() -> int:
@@ -77,3 +83,25 @@ def read_json(path: Path) -> Any:
         return json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
         raise ValueError(f"{path} is not valid JSON ({error}): the file is corrupted.") from error
+
+
+def write_model_files(
+    folder: str | os.PathLike,
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase | None = None,
+    recipe: PruningConfig | None = None,
+) -> None:
+    """Everything of a saved model but its weights: ``config.json`` (with the dtype and architecture, as
+    ``save_pretrained`` records them), the generation config, the tokenizer and ``pruning_config.json``."""
+    config = model.config
+    if hasattr(model, "dtype"):
+        config.dtype = str(model.dtype).split(".")[1]
+    config.architectures = [type(model).__name__]
+    config.save_pretrained(folder)
+    generation_config = getattr(model, "generation_config", None)
+    if generation_config is not None and getattr(model, "can_generate", lambda: False)():
+        generation_config.save_pretrained(folder)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder)
+    if recipe is not None:
+        recipe.save_pretrained(folder)

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 from transformers import AutoTokenizer, DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
-from .files import atomic_directory, check_writable
+from .files import atomic_directory, check_writable, write_model_files
 from .metadata import METADATA_KEY, read_metadata
 
 logger = logging.getLogger(__name__)
@@ -248,9 +248,5 @@ def export_onnx(
             external_data = size >= EXTERNAL_DATA_THRESHOLD
         with atomic_directory(output_dir, overwrite) as staging:
             ir.save(onnx_model, staging / ONNX_FILE, external_data=EXTERNAL_DATA_FILE if external_data else None)
-            model.config.save_pretrained(staging)
-            if getattr(model, "generation_config", None) is not None:
-                model.generation_config.save_pretrained(staging)
-            if tokenizer is not None:
-                tokenizer.save_pretrained(staging)
+            write_model_files(staging, model, tokenizer)
     return Path(output_dir)

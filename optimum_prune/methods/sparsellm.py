@@ -257,6 +257,91 @@ def _relative_error(
     return error / max(energy, 1e-30)
 
 
+@dataclass
+class _Auxiliaries:
+    """SparseLLM's auxiliary variables per chunk of fitted tokens, on the CPU: pre-activations ``z``, gate
+    pre-activations ``s`` (gated MLPs) and post-activations ``p``."""
+
+    pre: list[torch.Tensor]
+    gates: list[torch.Tensor]
+    post: list[torch.Tensor]
+
+
+def _refit(
+    layers: tuple[_Linear | None, _Linear, _Linear],
+    inputs: list[torch.Tensor],
+    targets: list[torch.Tensor],
+    auxiliaries: _Auxiliaries,
+    gram_x: torch.Tensor,
+    dampening: float,
+) -> torch.Tensor:
+    """Refit every weight of the chain to the auxiliary variables by least squares; return the Gram matrix of
+    ``p``, the last layer's inputs."""
+    gate, up, output = layers
+    device = up.weight.device
+    up_rhs = torch.zeros_like(up.weight)
+    gate_rhs = torch.zeros_like(up.weight)
+    output_rhs = torch.zeros_like(output.weight)
+    for index, x_cpu in enumerate(inputs):
+        x, p = x_cpu.to(device), auxiliaries.post[index].to(device)
+        up_rhs.addmm_((auxiliaries.pre[index].to(device) - up.bias).T, x)
+        if gate is not None:
+            gate_rhs.addmm_((auxiliaries.gates[index].to(device) - gate.bias).T, x)
+        output_rhs.addmm_((targets[index].to(device) - output.bias).T, p)
+    up.weight = _solve(up_rhs, gram_x, dampening)
+    if gate is not None:
+        gate.weight = _solve(gate_rhs, gram_x, dampening)
+    gram_p = _gram(auxiliaries.post, device)
+    output.weight = _solve(output_rhs, gram_p, dampening)
+    return gram_p
+
+
+def _update_auxiliaries(
+    chain: FeedForwardChain,
+    layers: tuple[_Linear | None, _Linear, _Linear],
+    inputs: list[torch.Tensor],
+    targets: list[torch.Tensor],
+    auxiliaries: _Auxiliaries,
+    alpha: float,
+    beta: float,
+    gamma: float,
+    update: bool,
+) -> float:
+    """The chain's squared output error over the fitted chunks with the current weights; with ``update``, also
+    the closed-form ``p`` and the new ``z`` (and ``s``) of every chunk, one chunk on the device at a time."""
+    gate, up, output = layers
+    device = up.weight.device
+    relu = gate is None and _is_relu(chain.activation)
+    if update:
+        system = beta * output.weight.T @ output.weight
+        system.diagonal().add_(gamma)
+        solve_p = torch.cholesky_inverse(torch.linalg.cholesky(system))
+    error = 0.0
+    for index, x_cpu in enumerate(inputs):
+        x, y = x_cpu.to(device), targets[index].to(device)
+        up_out = up(x)
+        gate_out = gate(x) if gate is not None else None
+        error += float((output(chain.hidden(up_out, gate_out)) - y).pow(2).sum())
+        if not update:
+            continue
+        # p: closed form of beta ||Y - W2 p||^2 + gamma ||p - act(z)||^2 with the current z (and s).
+        z = auxiliaries.pre[index].to(device)
+        s = auxiliaries.gates[index].to(device) if gate is not None else None
+        p = (beta * (y - output.bias) @ output.weight + gamma * chain.hidden(z, s)) @ solve_p
+        # z (and s): alpha ||z - W1 X||^2 + gamma ||p - act(z)||^2 with the new p.
+        if gate is not None:
+            a = chain.activation(s)
+            z = (alpha * up_out + gamma * a * p) / (alpha + gamma * a.pow(2))
+            s = _descend(s, gate_out, p, z, chain.activation, alpha, gamma)
+            auxiliaries.gates[index] = s.cpu()
+        elif relu:
+            z = _relu_preactivation(p, up_out, alpha, gamma)
+        else:
+            z = _descend(z, up_out, p, None, chain.activation, alpha, gamma)
+        auxiliaries.pre[index], auxiliaries.post[index] = z.cpu(), p.cpu()
+    return error
+
+
 def sparsellm_prune(
     chain: FeedForwardChain,
     inputs: list[torch.Tensor],
@@ -284,6 +369,9 @@ def sparsellm_prune(
     written back, so that refits which only fit the calibration tokens better (few tokens for a wide layer)
     are not kept; when that is iteration 0, SparseGPT is rerun on every token. With fewer chunks the iterate
     with the lowest error on the fitted tokens is kept.
+
+    The outer loop stays whole (about 90 lines) so that its order of updates reads against the paper's
+    algorithm and the reference implementation; the refit and the auxiliary updates are helpers.
     """
     device = torch.device(device)
     held = list(range(len(inputs) - 1, -1, -HELD_OUT_EVERY)) if len(inputs) >= HELD_OUT_EVERY else []
@@ -291,7 +379,6 @@ def sparsellm_prune(
     up, output = _Linear.of(chain.up, device), _Linear.of(chain.output, device)
     gate = _Linear.of(chain.gate, device) if chain.gate is not None else None
     first = [layer for layer in (gate, up) if layer is not None]
-    relu = gate is None and _is_relu(chain.activation)
     held_inputs = [inputs[index] for index in held]
     held_hidden = [hidden[index] for index in held]
     held_targets = [output(p.to(device)).cpu() for p in held_hidden]
@@ -316,21 +403,9 @@ def sparsellm_prune(
     result = SparseLLMResult(masks={})
     best: list[tuple[_Linear, torch.Tensor, torch.Tensor]] = []
     for step in range(iterations):
-        if step > 0:  # refit every weight to the auxiliary variables by least squares
-            up_rhs = torch.zeros_like(up.weight)
-            gate_rhs = torch.zeros_like(up.weight)
-            output_rhs = torch.zeros_like(output.weight)
-            for index, x_cpu in enumerate(inputs):
-                x, p = x_cpu.to(device), post[index].to(device)
-                up_rhs.addmm_((pre[index].to(device) - up.bias).T, x)
-                if gate is not None:
-                    gate_rhs.addmm_((gates[index].to(device) - gate.bias).T, x)
-                output_rhs.addmm_((targets[index].to(device) - output.bias).T, p)
-            up.weight = _solve(up_rhs, gram_x, dampening)
-            if gate is not None:
-                gate.weight = _solve(gate_rhs, gram_x, dampening)
-            gram_p = _gram(post, device)
-            output.weight = _solve(output_rhs, gram_p, dampening)
+        auxiliaries = _Auxiliaries(pre, gates, post)
+        if step > 0:
+            gram_p = _refit((gate, up, output), inputs, targets, auxiliaries, gram_x, dampening)
         else:
             gram_p = _gram(post, device)
             if held:
@@ -340,34 +415,9 @@ def sparsellm_prune(
         output.mask = sparsegpt_prune(
             output.weight, inverse_hessian_cholesky(gram_p, dampening, in_place=True), sparsity, pattern, block_size
         )
-        last = step == iterations - 1
-        if not last:
-            system = beta * output.weight.T @ output.weight
-            system.diagonal().add_(gamma)
-            solve_p = torch.cholesky_inverse(torch.linalg.cholesky(system))
-        error = 0.0
-        for index, x_cpu in enumerate(inputs):
-            x, y = x_cpu.to(device), targets[index].to(device)
-            up_out = up(x)
-            gate_out = gate(x) if gate is not None else None
-            error += float((output(chain.hidden(up_out, gate_out)) - y).pow(2).sum())
-            if last:
-                continue
-            # p: closed form of beta ||Y - W2 p||^2 + gamma ||p - act(z)||^2 with the current z (and s).
-            z = pre[index].to(device)
-            s = gates[index].to(device) if gate is not None else None
-            p = (beta * (y - output.bias) @ output.weight + gamma * chain.hidden(z, s)) @ solve_p
-            # z (and s): alpha ||z - W1 X||^2 + gamma ||p - act(z)||^2 with the new p.
-            if gate is not None:
-                a = chain.activation(s)
-                z = (alpha * up_out + gamma * a * p) / (alpha + gamma * a.pow(2))
-                s = _descend(s, gate_out, p, z, chain.activation, alpha, gamma)
-                gates[index] = s.cpu()
-            elif relu:
-                z = _relu_preactivation(p, up_out, alpha, gamma)
-            else:
-                z = _descend(z, up_out, p, None, chain.activation, alpha, gamma)
-            pre[index], post[index] = z.cpu(), p.cpu()
+        error = _update_auxiliaries(
+            chain, (gate, up, output), inputs, targets, auxiliaries, alpha, beta, gamma, step < iterations - 1
+        )
         result.errors.append(error / max(target_energy, 1e-30))
         if held:
             result.held_out_errors.append(_relative_error(chain, (up, gate, output), held_inputs, held_targets, device))

@@ -29,7 +29,7 @@ STATE = "state.json"
 ACTIVATIONS = "activations.safetensors"
 
 
-def work_folder(output_dir: str | os.PathLike, offload_folder: str | os.PathLike | None = None) -> Path:
+def work_folder_path(output_dir: str | os.PathLike, offload_folder: str | os.PathLike | None = None) -> Path:
     """Where the run writing ``output_dir`` keeps its state until it completes: ``<output_dir>.partial``,
     inside ``offload_folder`` when one is given."""
     output = Path(output_dir).absolute()
@@ -55,7 +55,7 @@ def _save(tensors: dict[str, torch.Tensor], path: Path) -> None:
 
 
 @dataclass
-class ResumeState:
+class Progress:
     """The progress of an interrupted run."""
 
     next_block: int
@@ -65,7 +65,7 @@ class ResumeState:
     elapsed_seconds: float
 
 
-class RunCheckpoint:
+class WorkFolder:
     """Saves each finished block to the work folder and reads the state back on resume.
 
     Args:
@@ -105,16 +105,14 @@ class RunCheckpoint:
     def block_file(self, index: int) -> Path:
         return self.folder / f"block-{index:05d}.safetensors"
 
-    def load(self) -> ResumeState | None:
+    def load(self) -> Progress | None:
         """The saved progress, or ``None`` when no block has finished yet."""
         path = self.folder / STATE
         if not path.is_file():
             return None
         data = json.loads(path.read_text(encoding="utf-8"))
         layers = [LayerReport(**{**layer, "shape": tuple(layer["shape"])}) for layer in data["layers"]]
-        return ResumeState(
-            data["next_block"], data["sparsities"], layers, data["block_seconds"], data["elapsed_seconds"]
-        )
+        return Progress(data["next_block"], data["sparsities"], layers, data["block_seconds"], data["elapsed_seconds"])
 
     def load_masks(self, num_blocks: int) -> dict[str, torch.Tensor]:
         masks: dict[str, torch.Tensor] = {}
@@ -138,7 +136,7 @@ class RunCheckpoint:
         prefix: str,
         masks: dict[str, torch.Tensor],
         next_hidden: list[torch.Tensor] | None,
-        state: ResumeState,
+        state: Progress,
     ) -> None:
         """Record that block ``index`` is finished: its weights, masks, the next block's inputs, then the state."""
         _save({f"{prefix}.{name}": tensor for name, tensor in block.state_dict().items()}, self.block_file(index))

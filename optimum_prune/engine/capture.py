@@ -1,0 +1,101 @@
+"""Capture what the first decoder block receives for every calibration batch: the hidden states (kept where
+the `ActivationStore` says) and the other arguments the model passes it."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .activations import ActivationStore
+from .offload import DiskOffload
+
+
+class _InputsCaptured(Exception):
+    """Raised by the hook on the first block once its inputs are recorded."""
+
+
+@dataclass
+class CalibrationBatch:
+    """One batch of hidden states entering a block, with the other arguments the block is called with."""
+
+    hidden: torch.Tensor
+    args: tuple
+    kwargs: dict
+
+    def run(self, block: nn.Module, device: torch.device) -> torch.Tensor:
+        output = block(self.hidden.to(device), *self.args, **self.kwargs)
+        return output[0] if isinstance(output, tuple) else output
+
+
+def _move_outside_blocks(model: nn.Module, blocks: nn.ModuleList, device: torch.device) -> None:
+    """Move every parameter and buffer that is not inside the decoder blocks (embeddings, rotary tables)."""
+    inside = set(blocks.modules())
+    for module in model.modules():
+        if module in inside:
+            continue
+        for parameter in module._parameters.values():
+            if parameter is not None and not parameter.is_meta:
+                parameter.data = parameter.data.to(device)
+        for name, buffer in module._buffers.items():
+            if buffer is not None and not buffer.is_meta:
+                module._buffers[name] = buffer.to(device)
+
+
+def capture_block_inputs(
+    model: nn.Module,
+    blocks: nn.ModuleList,
+    input_ids: torch.Tensor,
+    batch_size: int,
+    device: torch.device,
+    store: ActivationStore,
+) -> list[CalibrationBatch]:
+    """Run the model up to its first block for every batch of ``input_ids`` and record what the block gets.
+
+    The other arguments (masks, positions, rotary embeddings) only depend on the batch shape, since
+    calibration sequences have equal length and no padding, so they are recorded once per shape.
+    """
+    batches: list[CalibrationBatch] = []
+    extras: dict[torch.Size, tuple[tuple, dict]] = {}
+
+    def record(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        kwargs = dict(kwargs)
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        if hidden.shape not in extras:
+            extras[hidden.shape] = (args[1:], kwargs)
+        batches.append(CalibrationBatch(store.keep(hidden), *extras[hidden.shape]))
+        raise _InputsCaptured
+
+    _move_outside_blocks(model, blocks, device)
+    handle = blocks[0].register_forward_pre_hook(record, with_kwargs=True)
+    try:
+        for batch in input_ids.split(batch_size):
+            with suppress(_InputsCaptured):
+                model(input_ids=batch.to(device), use_cache=False)
+    finally:
+        handle.remove()
+        _move_outside_blocks(model, blocks, torch.device("cpu"))
+    return batches
+
+
+@contextmanager
+def outside_blocks_loaded(model: nn.Module, blocks: nn.ModuleList, disk: DiskOffload | None) -> Iterator[None]:
+    """Read the weights outside the blocks that may run before the first block (all but the output
+    embedding) from disk, and empty them again afterwards; a no-op for in-memory models."""
+    if disk is None:
+        yield
+        return
+    inside = set(blocks.modules())
+    output = model.get_output_embeddings()
+    skip = set() if output is None else set(output.modules())
+    modules = [(name, m) for name, m in model.named_modules() if m not in inside and m not in skip]
+    try:
+        for name, module in modules:
+            disk.load(module, name, recurse=False)
+        yield
+    finally:
+        for _, module in modules:
+            disk.release(module, recurse=False)
