@@ -11,6 +11,7 @@ from typing import Any
 
 from .core.masks import NMPattern
 from .methods import MethodSettings, method_class
+from .structured.spec import Structure
 
 CONFIG_NAME = "pruning_config.json"
 ALLOCATIONS = ("uniform", "owl")
@@ -49,6 +50,10 @@ class PruningConfig:
         seed: seed of the calibration sampling.
         dataset: name of the calibration data, recorded in the metadata (set by `Pruner.prune`).
         batch_size: calibration sequences per forward pass.
+        structure: structured pruning, ``{"mlp": 0.25, "attention": 0.33, "layers": 0.1}`` (fractions removed;
+            also ``align`` and ``compensate``, see `optimum_prune.structured.spec.Structure`): the model gets
+            smaller, and ``method`` chooses what to remove. With a structure, ``sparsity`` defaults to 0 (an
+            unstructured sparsity or pattern given beside it prunes the smaller model afterwards).
         settings: the method's own settings, a dict or its settings object (``{"dampening": 0.02}`` for
             SparseGPT: ``block_size``, ``dampening``; SparseLLM adds ``iterations``, ``alpha``, ``beta``,
             ``gamma``). Default: the method's defaults.
@@ -67,6 +72,7 @@ class PruningConfig:
     seed: int = 0
     dataset: str | None = None
     batch_size: int = 8
+    structure: Structure | dict[str, Any] | None = None
     settings: MethodSettings | dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
@@ -88,8 +94,10 @@ class PruningConfig:
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
                 raise ValueError(f"{name} must be a finite number, got {value!r}.")
         nm = self.nm_pattern  # validates the pattern string
+        if self.structure is not None:
+            self.structure = Structure.from_value(self.structure)
         if self.sparsity is None:
-            self.sparsity = 0.5 if nm is None else nm.sparsity
+            self.sparsity = nm.sparsity if nm is not None else 0.0 if self.structure is not None else 0.5
         if isinstance(self.sparsity, bool) or not isinstance(self.sparsity, (int, float)):
             raise TypeError(f"sparsity must be a number in [0, 1), got {self.sparsity!r}.")
         self.sparsity = float(self.sparsity)
@@ -136,7 +144,9 @@ class PruningConfig:
     @property
     def needs_calibration(self) -> bool:
         """Whether the run needs calibration data (all but uniform magnitude pruning do)."""
-        return method_class(self.method).needs_statistics or self.allocation != "uniform"
+        if method_class(self.method).needs_statistics or self.allocation != "uniform":
+            return True
+        return self.structure is not None and (self.structure.compensate or self.structure.layers > 0)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -17,12 +17,14 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from .calibration import calibration_tokens
 from .config import PruningConfig
+from .core.layers import find_target_layers
 from .engine.activations import DISK
 from .engine.blockwise import BlockwiseEngine
 from .engine.estimate import RunEstimate, estimate, estimate_run
 from .engine.offload import OFFLOAD_MODES, DiskOffload
 from .engine.resources import MaxMemory, check_free_space, check_max_memory
 from .engine.streaming import write_streamed_weights
+from .engine.structured import StructuredEngine
 from .engine.work_folder import WorkFolder, tensor_digest, work_folder_path
 from .export import METADATA_KEY, atomic_directory, build_metadata
 from .export.compressed import check_format, save_compressed
@@ -31,6 +33,7 @@ from .export.masks import Masks, write_masks
 from .methods import get_method
 from .model_source import check_causal_lm_module, load_source, load_tokenizer
 from .report import PruningReport
+from .structured.plan import StructurePlan, plan_structure
 
 logger = logging.getLogger(__name__)
 
@@ -221,6 +224,7 @@ class Pruner:
             raise ValueError("resume=True continues a run that writes to an output_dir: pass output_dir= too.")
         if output_dir is not None:
             check_writable(output_dir, overwrite, inputs=self._inputs())
+        plan = self._plan_structure()
         input_ids = None
         if self.config.needs_calibration:
             if dataset is None:
@@ -231,6 +235,14 @@ class Pruner:
             input_ids, name = self._calibration(dataset, text_column, split)
             samples, seq_len = input_ids.shape  # the recipe records what was run: a tensor sets its own shape
             self.config = dataclasses.replace(self.config, num_samples=samples, seq_len=seq_len, dataset=name)
+        if plan is not None:
+            structured = self._prune_structure(plan, input_ids)
+            if not self.config.sparsity:  # nothing unstructured to add: the smaller model is the result
+                self.report = structured
+                setattr(self.model.config, METADATA_KEY, build_metadata(self.config, self.report))
+                if output_dir is not None:
+                    self.save_pretrained(output_dir, overwrite=overwrite)
+                return self.report
         planned = estimate_run(
             self.model,
             self.config,
@@ -264,6 +276,8 @@ class Pruner:
                 work.remove()  # nothing to resume: leave nothing that would block the corrected command
             raise
         self.masks = engine.masks
+        if plan is not None:
+            self.report.structure = structured.structure
         setattr(self.model.config, METADATA_KEY, build_metadata(self.config, self.report))
         if work is not None:
             if self.disk is None:
@@ -272,6 +286,26 @@ class Pruner:
                 self._write_streamed(output_dir, overwrite, work, engine)
             work.remove()
         return self.report
+
+    def _plan_structure(self) -> StructurePlan | None:
+        """The checked plan of a structured run (``None`` without ``structure``): refused before any work when
+        the result could not be loaded by the model's own config class."""
+        if self.config.structure is None:
+            return None
+        if self.disk is not None:
+            raise ValueError(
+                "Structured pruning changes the shapes of the blocks, which offload='disk' streams from the "
+                "checkpoint as they are: use offload='cpu' for a structure."
+            )
+        layers = find_target_layers(self.model, self.config.targets, self.config.ignore)
+        return plan_structure(self.model, self.config.structure, layers)
+
+    def _prune_structure(self, plan: StructurePlan, input_ids: torch.Tensor) -> PruningReport:
+        method = get_method(self.config.method, self.config.settings)
+        engine = StructuredEngine(
+            self.model, self.config, method, plan, self.device, self.activations_device, self.progress
+        )
+        return engine.run(input_ids)
 
     def _inputs(self) -> tuple[str, ...]:
         """The local folders this run reads, which no output may replace."""

@@ -30,6 +30,7 @@ class PruningReport:
     block_seconds: list[float] = field(default_factory=list)
     total_seconds: float = 0.0
     peak_memory_bytes: int = 0
+    structure: dict[str, Any] | None = None  # structured pruning: original -> kept sizes, parameters, blocks
 
     @property
     def global_sparsity(self) -> float:
@@ -60,6 +61,8 @@ class PruningReport:
             lines.append(
                 f"{layer.name:<{width}}  {shape:>12}  {layer.target_sparsity:>7.3f}  {layer.sparsity:>8.4f}  {seconds:>8.2f}"
             )
+        if self.structure is not None:
+            lines.append(_structure_line(self.structure))
         lines.append(
             f"{self.method} {self.pattern} ({self.allocation}): global sparsity {self.global_sparsity:.4f} over "
             f"{len(self.layers)} layers, {self.total_seconds:.1f} s, peak memory {self.peak_memory_bytes / 2**30:.2f} GiB"
@@ -68,3 +71,21 @@ class PruningReport:
 
     def __str__(self) -> str:
         return self.table()
+
+
+def _structure_line(structure: dict[str, Any]) -> str:
+    """``structured: mlp 1536 -> 1152 channels, attention 3 -> 2 KV groups, 30 -> 27 blocks; 134.5M -> 110.2M
+    parameters``."""
+    parts = []
+    units = {"mlp": "channels", "attention": "KV groups"}
+    for kind, unit in units.items():
+        if kind in structure:
+            parts.append(f"{kind} {structure[kind]['original']} -> {structure[kind]['kept']} {unit}")
+    if "layers" in structure:
+        original = structure["layers"]["original"]
+        parts.append(f"{original} -> {original - len(structure['layers']['removed'])} blocks")
+    parameters = structure["parameters"]
+    return (
+        f"structured: {', '.join(parts)}; {parameters['original'] / 1e6:.2f}M -> {parameters['kept'] / 1e6:.2f}M "
+        "parameters"
+    )

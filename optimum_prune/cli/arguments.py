@@ -22,6 +22,7 @@ CONFIG_FIELDS = (
     "pattern",
     "sparsity",
     "allocation",
+    "structure",
     "owl_m",
     "owl_lambda",
     "targets",
@@ -57,6 +58,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     pruning.add_argument("--allocation", help="'uniform' or 'owl' (outlier-weighted layerwise sparsity).")
     pruning.add_argument("--owl-m", type=float, help="OWL outlier threshold (multiple of the block mean).")
     pruning.add_argument("--owl-lambda", type=float, help="OWL spread of block sparsities around --sparsity.")
+    pruning.add_argument(
+        "--structure",
+        nargs="+",
+        metavar="KIND=FRACTION",
+        help="structured pruning, e.g. mlp=0.25 attention=0.33 layers=0.1 (fractions removed in every block; also "
+        "align=N, compensate=false): a smaller dense model; --method chooses what to remove.",
+    )
     pruning.add_argument("--targets", nargs="+", metavar="GLOB", help="module names to prune (fnmatch globs).")
     pruning.add_argument("--ignore", nargs="+", metavar="GLOB", help="module names never to prune.")
 

@@ -71,6 +71,8 @@ def check(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Plan:
 
     if args.offload is not None and args.offload not in OFFLOAD_MODES:
         parser.error(f"argument --offload: unknown mode {args.offload!r}: choose one of {', '.join(OFFLOAD_MODES)}.")
+    if args.resume and config.structure is not None:
+        parser.error("argument --resume: a structured run is not resumable (it writes --output at its end).")
     if args.private and not args.push_to_hub:
         parser.error("argument --private: it makes the --push-to-hub repository private; add --push-to-hub REPO.")
     _check_device(args.device, parser)
@@ -92,9 +94,10 @@ def check(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Plan:
     if args.dry_run:
         return plan
     if config.needs_calibration and not args.dataset:
+        structure = " and a structure" if config.structure is not None else ""
         parser.error(
-            f"argument --dataset: method {config.method!r} with {config.allocation} allocation needs calibration "
-            "text: pass --dataset path/to/c4_sample.jsonl (or a Hub dataset name)."
+            f"argument --dataset: method {config.method!r} with {config.allocation} allocation{structure} needs "
+            "calibration text: pass --dataset path/to/c4_sample.jsonl (or a Hub dataset name)."
         )
     if args.dataset:
         _read_texts(parser, "--dataset", args.dataset, args.text_column, args.dataset_split)
@@ -240,6 +243,13 @@ def build_config(args: argparse.Namespace, parser: argparse.ArgumentParser) -> t
         except (OSError, ValueError, TypeError) as error:
             parser.error(f"argument --config: {path}: {error}")
     given = [(field, getattr(args, field), None) for field in CONFIG_FIELDS]
+    if args.structure:
+        from ..structured.spec import parse_structure
+
+        try:
+            given[CONFIG_FIELDS.index("structure")] = ("structure", parse_structure(args.structure), None)
+        except ValueError as error:
+            parser.error(f"argument --structure: {error}")
     given += [(name, getattr(args, name), "settings") for name in all_settings_fields()]
     for field, value, nested in given:
         if value is None:

@@ -43,6 +43,26 @@ class TargetLayer:
         weight = self.module.weight
         weight.data.copy_(matrix.T if self.transposed else matrix)
 
+    def replace(self, matrix: torch.Tensor, bias: torch.Tensor | None = None) -> None:
+        """Give the layer a new ``(out, in)`` weight of any shape (and bias), in the weight's dtype and place:
+        structured pruning makes layers smaller."""
+        weight = self.module.weight
+        data = (matrix.T if self.transposed else matrix).to(weight.dtype).contiguous()
+        self.module.weight = nn.Parameter(data.to(weight.device), requires_grad=weight.requires_grad)
+        if bias is not None:
+            old = self.module.bias
+            self.module.bias = nn.Parameter(bias.to(old.dtype).to(old.device), requires_grad=old.requires_grad)
+        out_features, in_features = matrix.shape
+        if self.transposed:  # transformers' Conv1D(nf, nx): nf outputs
+            self.module.nf = out_features
+        else:
+            self.module.in_features, self.module.out_features = in_features, out_features
+
+    def keep_rows(self, rows: torch.Tensor) -> None:
+        """Keep only the output features ``rows`` (of the weight and the bias)."""
+        bias = getattr(self.module, "bias", None)
+        self.replace(self.matrix()[rows], bias.detach()[rows].clone() if bias is not None else None)
+
 
 def find_decoder_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
     """Return the name and the list of decoder blocks: the largest list of identical modules."""

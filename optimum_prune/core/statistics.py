@@ -117,3 +117,29 @@ def inverse_hessian_cholesky(hessian: torch.Tensor, dampening: float, *, in_plac
             return inverse
         torch.mm(factor, factor.T, out=work)  # back to the dampened Hessian, to dampen it more
     raise RuntimeError("The calibration Hessian is not positive definite even with 10^5 x dampening.")
+
+
+class InputGram(LayerStatistic):
+    """Sums of ``x xᵀ`` and ``x`` over the calibration tokens (float32), and their count."""
+
+    def __init__(self, in_features: int, device: torch.device) -> None:
+        self.gram = torch.zeros(in_features, in_features, device=device)
+        self.sum = torch.zeros(in_features, device=device)
+        self.tokens = 0
+
+    def update(self, inputs: torch.Tensor) -> None:
+        x = inputs.reshape(-1, inputs.shape[-1]).float()
+        self.gram.addmm_(x.T, x)
+        self.sum += x.sum(0)
+        self.tokens += x.shape[0]
+
+    def augmented(self, with_bias: bool) -> torch.Tensor:
+        """The Gram matrix, with a last row and column for a constant input of 1 when ``with_bias``."""
+        if not with_bias:
+            return self.gram.clone()
+        size = self.gram.shape[0]
+        matrix = torch.empty(size + 1, size + 1, device=self.gram.device)
+        matrix[:size, :size] = self.gram
+        matrix[:size, size] = matrix[size, :size] = self.sum
+        matrix[size, size] = self.tokens
+        return matrix

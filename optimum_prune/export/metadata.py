@@ -39,6 +39,7 @@ def build_metadata(config: PruningConfig, report: PruningReport) -> dict[str, An
         }
         if config.needs_calibration
         else None,
+        "structure": report.structure,
         "config": config.to_dict(),
     }
 

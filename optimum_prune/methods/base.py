@@ -12,7 +12,7 @@ from torch import nn
 
 from ..core.layers import TargetLayer
 from ..core.masks import NMPattern
-from ..core.statistics import LayerStatistic
+from ..core.statistics import InputGram, LayerStatistic
 from ..method_settings import MethodSettings
 
 
@@ -55,6 +55,14 @@ class PruningMethod(ABC):
     def pruning_flops(self, rows: int, cols: int, tokens: int) -> float:
         """Floating-point operations of accumulating one layer's statistic and pruning it."""
         return 20.0 * rows * cols
+
+    def unit_scores(
+        self, consumer: torch.Tensor, producers: list[tuple[torch.Tensor, int]], columns: int, gram: InputGram
+    ) -> torch.Tensor | None:
+        """Structured pruning: one score per unit of a channel group (higher = keep), from the consumer's
+        ``(out, in)`` weight (``columns`` per unit), the producers' weights (with their rows per unit) and the
+        consumer's input Gram matrix; ``None`` removes units by Optimal Brain Surgeon instead."""
+        raise ValueError(f"Method {self.name!r} has no structured form: use magnitude, wanda or sparsegpt.")
 
     def block_costs(self, layers: list[list[TargetLayer]], tokens: int) -> tuple[int, float]:
         """Extra host bytes (at the busiest block) and FLOPs (over every block) of pruning layers jointly."""

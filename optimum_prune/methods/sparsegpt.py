@@ -11,7 +11,7 @@ import torch
 
 from ..core.layers import TargetLayer
 from ..core.masks import NMPattern, lowest_mask, nm_mask, prune_count
-from ..core.statistics import Hessian
+from ..core.statistics import Hessian, InputGram
 from ..method_settings import SparseGPTSettings
 from .base import PruningMethod
 
@@ -80,6 +80,11 @@ class SparseGPTPruning(PruningMethod):
 
     def make_statistic(self, layer: TargetLayer, device: torch.device) -> Hessian:
         return Hessian(layer.in_features, device)
+
+    def unit_scores(
+        self, consumer: torch.Tensor, producers: list[tuple[torch.Tensor, int]], columns: int, gram: InputGram
+    ) -> None:
+        return None  # second order: units are removed by Optimal Brain Surgeon on the consumer's Hessian
 
     def prune_matrix(
         self, weight: torch.Tensor, statistic: Hessian, sparsity: float, pattern: NMPattern | None

@@ -6,7 +6,7 @@ import torch
 
 from ..core.layers import TargetLayer
 from ..core.masks import NMPattern, nm_mask, row_lowest_mask
-from ..core.statistics import InputNorms
+from ..core.statistics import InputGram, InputNorms
 from .base import PruningMethod
 
 
@@ -18,6 +18,13 @@ class WandaPruning(PruningMethod):
 
     def make_statistic(self, layer: TargetLayer, device: torch.device) -> InputNorms:
         return InputNorms(layer.in_features, device)
+
+    def unit_scores(
+        self, consumer: torch.Tensor, producers: list[tuple[torch.Tensor, int]], columns: int, gram: InputGram
+    ) -> torch.Tensor:
+        """Wanda-sp: ``sum |W_ij| * ||X_j||`` over each unit's consumer columns."""
+        norms = gram.gram.diagonal().clamp_min(0).sqrt()
+        return (consumer.abs() * norms).sum(0).view(-1, columns).sum(1)
 
     def prune_matrix(
         self, weight: torch.Tensor, statistic: InputNorms, sparsity: float, pattern: NMPattern | None

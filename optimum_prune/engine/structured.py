@@ -1,0 +1,136 @@
+"""The block loop for structured pruning: the same capture, placement and statistics as `BlockwiseEngine`, but
+blocks lose whole blocks, KV groups and MLP channels, so the model gets smaller as it goes.
+
+First, with ``layers``, a dense pass measures each block's Block Influence (``1 - cos(h_in, h_out)`` averaged
+over the calibration tokens, ShortGPT) and the blocks that change their input least are removed. Then, block
+by block: the attention's output projection sees the calibration inputs (its Gram matrix), KV groups are
+removed; then the MLP's consumer sees the inputs of the block with its smaller attention, channels are
+removed; the pruned block makes the next block's inputs. The new sizes go into the model's config at the end.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..config import PruningConfig
+from ..core.layers import find_target_layers
+from ..core.memory import map_large_allocations, peak_memory
+from ..core.statistics import InputGram
+from ..methods import PruningMethod
+from ..report import LayerReport, PruningReport
+from ..structured.groups import ATTENTION, MLP
+from ..structured.plan import StructurePlan, block_groups, new_config, text_config
+from ..structured.prune import prune_group
+from .blockwise import BlockwiseEngine
+from .capture import CalibrationBatch, capture_block_inputs
+
+
+class StructuredEngine(BlockwiseEngine):
+    """Prunes a model structurally with a `StructurePlan` (checked beforehand by `plan_structure`)."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        config: PruningConfig,
+        method: PruningMethod,
+        plan: StructurePlan,
+        device: str | torch.device = "cpu",
+        activations_device: str | torch.device | None = None,
+        progress: bool = True,
+    ) -> None:
+        super().__init__(model, config, method, device=device, activations_device=activations_device, progress=progress)
+        self.plan = plan
+
+    @torch.no_grad()
+    def run(self, input_ids: torch.Tensor | None) -> PruningReport:
+        """Prune every block structurally; the report lists every target layer of the smaller model, measured."""
+        start = time.perf_counter()
+        map_large_allocations()
+        parameters = sum(p.numel() for p in self.model.parameters())
+        batches = capture_block_inputs(
+            self.model, self.blocks, input_ids, self.config.batch_size, self.device, self.activations
+        )
+        removed, influence = self._remove_blocks(batches) if self.plan.remove_blocks else ([], [])
+        self.layers = find_target_layers(self.model, self.config.targets, self.config.ignore)
+        groups = block_groups(self.model, self.layers, list(self.plan.keep))
+        seconds = []
+        bar = tqdm(range(len(self.blocks)), desc="Structured pruning", unit="block", disable=not self.progress)
+        for index in bar:
+            block_start = time.perf_counter()
+            with self._block(index) as block:
+                for kind in (ATTENTION, MLP):
+                    if kind in self.plan.keep:
+                        self._prune_kind(block, groups[index][kind], self.plan.keep[kind], batches)
+                if index + 1 < len(self.blocks):
+                    batches = self._propagate(block, batches)
+            seconds.append(time.perf_counter() - block_start)
+        self._update_config(removed)
+        self.layers = find_target_layers(self.model, self.config.targets, self.config.ignore)
+        layers = [
+            LayerReport(layer.name, index, layer.shape, 0.0, (layer.module.weight == 0).float().mean().item())
+            for index, block_layers in enumerate(self.layers)
+            for layer in block_layers
+        ]
+        structure = {
+            **self.plan.describe(),
+            "parameters": {"original": parameters, "kept": sum(p.numel() for p in self.model.parameters())},
+        }
+        if removed:
+            structure["layers"] = {"original": len(self.blocks) + len(removed), "removed": removed}
+            structure["block_influence"] = [round(value, 6) for value in influence]
+        return PruningReport(
+            method=self.config.method,
+            pattern="structured",
+            target_sparsity=0.0,
+            allocation="uniform",
+            layers=layers,
+            block_seconds=seconds,
+            total_seconds=time.perf_counter() - start,
+            peak_memory_bytes=peak_memory(self.device),
+            structure=structure,
+        )
+
+    def _prune_kind(self, block: nn.Module, group, keep: int, batches: list[CalibrationBatch]) -> None:
+        statistics = self._collect(
+            block, [group.consumer], batches, lambda layer, device: InputGram(layer.in_features, device)
+        )
+        dampening = getattr(self.method.settings, "dampening", 0.01)
+        prune_group(
+            group, statistics[group.consumer.name], self.method, keep, self.config.structure.compensate, dampening
+        )
+
+    def _remove_blocks(self, batches: list[CalibrationBatch]) -> tuple[list[int], list[float]]:
+        """Measure every block's Block Influence on the dense model and remove the least influential."""
+        influence = []
+        current = batches
+        bar = tqdm(range(len(self.blocks)), desc="Block influence", unit="block", disable=not self.progress)
+        for index in bar:
+            with self._block(index) as block:
+                outputs = self._propagate(block, current)
+            similarity = [
+                F.cosine_similarity(before.hidden.float(), after.hidden.float(), dim=-1).mean().item()
+                for before, after in zip(current, outputs, strict=True)
+            ]
+            influence.append(1.0 - sum(similarity) / len(similarity))
+            current = outputs
+        removed = sorted(sorted(range(len(self.blocks)), key=influence.__getitem__)[: self.plan.remove_blocks])
+        for index in reversed(removed):
+            del self.blocks[index]
+        for index, block in enumerate(self.blocks):
+            for module in block.modules():
+                if hasattr(module, "layer_idx"):
+                    module.layer_idx = index
+        return removed, influence
+
+    def _update_config(self, removed: list[int]) -> None:
+        """Write the new sizes into the model's config, validated by its own class."""
+        config = text_config(self.model)
+        updated = new_config(config, self.plan.updates, removed)
+        for name, value in updated.to_dict().items():
+            if getattr(config, name, None) != value and name not in ("transformers_version",):
+                setattr(config, name, value)

@@ -1,0 +1,56 @@
+"""Remove units of a channel group in place: the producers lose rows, the consumer loses columns (its kept
+columns and bias compensated), and every layer gets its new, smaller shape."""
+
+from __future__ import annotations
+
+import torch
+
+from ..core.statistics import InputGram
+from ..methods import PruningMethod
+from .groups import ChannelGroup
+from .select import least_squares_refit, obs_remove
+
+
+def _rows(units: list[int], size: int, device: torch.device) -> torch.Tensor:
+    """The row (or column) indices of ``units`` of ``size`` rows each."""
+    index = torch.tensor(units, device=device).unsqueeze(1) * size + torch.arange(size, device=device)
+    return index.reshape(-1)
+
+
+def prune_group(
+    group: ChannelGroup,
+    gram: InputGram,
+    method: PruningMethod,
+    keep: int,
+    compensate: bool,
+    dampening: float,
+) -> list[int]:
+    """Keep ``keep`` units of ``group`` (chosen by ``method``), shrink its layers and return the kept units."""
+    consumer = group.consumer.matrix()
+    device = consumer.device
+    bias = getattr(group.consumer.module, "bias", None)
+    full = consumer if bias is None else torch.cat([consumer, bias.detach().float().unsqueeze(1)], dim=1)
+    hessian = gram.augmented(with_bias=bias is not None)
+    producers = [(layer.matrix(), rows) for layer, rows in group.producers]
+    scores = method.unit_scores(consumer, producers, group.columns, gram)
+    if scores is None:  # OBS compensates as it removes
+        updated, removed = obs_remove(full, hessian, group.columns, group.units, group.units - keep, dampening)
+        kept = [unit for unit in range(group.units) if unit not in set(removed)]
+    else:
+        kept = sorted(scores.argsort(descending=True)[:keep].tolist())
+    columns = _rows(kept, group.columns, device)
+    if bias is not None:
+        columns = torch.cat([columns, torch.tensor([full.shape[1] - 1], device=device)])
+    if not compensate:
+        new = full[:, columns]
+    elif scores is None:
+        new = updated[:, columns]
+    else:
+        new = least_squares_refit(full, hessian, columns, dampening)
+    if bias is None:
+        group.consumer.replace(new)
+    else:
+        group.consumer.replace(new[:, :-1], new[:, -1])
+    for layer, rows in group.producers:
+        layer.keep_rows(_rows(kept, rows, device))
+    return kept

@@ -1,0 +1,64 @@
+"""Which units of a channel group to remove, and the consumer's weights after removal.
+
+The statistic is the Gram matrix of the consumer's calibration inputs (with their sum, for the bias). A
+method scores units itself (`PruningMethod.unit_scores`: weight norms for magnitude, Wanda-sp's
+``sum |W_ij| ||X_j||`` for Wanda); a second-order method (SparseGPT, as ZipLM and SlimGPT do) returns no
+scores and units are removed by Optimal Brain Surgeon on the consumer's Hessian, in rounds, removing the
+units whose removal raises the output error least and updating the kept columns each time.
+
+Compensation refits the kept columns of the consumer by least squares to its outputs over the calibration
+tokens, ``W_K = W H[:, K] H[K, K]^-1`` with SparseGPT's dampening; a bias, when the consumer has one, is
+refitted with them as a column whose input is always 1 (FLAP's bias compensation is its special case). OBS
+compensates as it removes, so its result is that refit.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+ROUNDS = 16  # OBS removes about 1/16 of what it must remove per round, re-scoring in between
+
+
+def _dampened(matrix: torch.Tensor, dampening: float) -> torch.Tensor:
+    matrix = matrix.clone()
+    matrix.diagonal().add_(dampening * matrix.diagonal().mean().clamp_min(1e-8))
+    return matrix
+
+
+def obs_remove(
+    consumer: torch.Tensor, hessian: torch.Tensor, columns: int, units: int, remove: int, dampening: float
+) -> tuple[torch.Tensor, list[int]]:
+    """Remove ``remove`` of the first ``units x columns`` columns of ``consumer`` (``(out, in[+1])``; a last bias
+    column is never removed) by Optimal Brain Surgeon on ``hessian``; return the updated weight and the
+    removed units."""
+    weight = consumer.clone()
+    inverse = torch.cholesky_inverse(torch.linalg.cholesky(_dampened(hessian, dampening)))
+    removed: list[int] = []
+    step = max(1, math.ceil(remove / ROUNDS))
+    blocks = torch.arange(units * columns, device=weight.device).view(units, columns)
+    while len(removed) < remove:
+        alive = [unit for unit in range(units) if unit not in set(removed)]
+        index = blocks[alive]  # (alive, columns)
+        block_inverse = inverse[index.unsqueeze(-1), index.unsqueeze(-2)]  # (alive, columns, columns)
+        unit_weights = weight[:, index]  # (out, alive, columns)
+        solved = torch.linalg.solve(block_inverse, unit_weights.permute(1, 2, 0))  # (alive, columns, out)
+        errors = (unit_weights.permute(1, 2, 0) * solved).sum((1, 2))
+        chosen = [alive[i] for i in errors.argsort()[: min(step, remove - len(removed))].tolist()]
+        cols = blocks[chosen].reshape(-1)
+        pivot = torch.linalg.inv(inverse[cols][:, cols])
+        weight -= weight[:, cols] @ pivot @ inverse[cols]
+        inverse -= inverse[:, cols] @ pivot @ inverse[cols]
+        weight[:, cols] = 0.0
+        removed += chosen
+    return weight, sorted(removed)
+
+
+def least_squares_refit(
+    consumer: torch.Tensor, hessian: torch.Tensor, kept: torch.Tensor, dampening: float
+) -> torch.Tensor:
+    """The consumer's kept columns ``kept`` refitted to its full outputs: ``W H[:, K] (H[K, K] + damp)^-1``."""
+    system = _dampened(hessian[kept][:, kept], dampening)
+    rhs = consumer @ hessian[:, kept]
+    return torch.linalg.solve(system, rhs.T).T

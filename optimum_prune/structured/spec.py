@@ -1,0 +1,73 @@
+"""What structured pruning is asked to remove (standard library only: the CLI and the config read it)."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any
+
+KINDS = ("mlp", "attention", "layers")
+
+
+@dataclass
+class Structure:
+    """Fractions removed in every block: ``mlp`` of the MLP channels (rounded so that the kept width is a
+    multiple of ``align``), ``attention`` of the attention heads (in whole KV groups: a removed group takes
+    its query heads with it), and ``layers`` of the decoder blocks (those with the lowest Block Influence).
+    ``compensate`` refits the kept weights of the consuming layers by least squares (second-order methods do
+    it as they remove)."""
+
+    mlp: float = 0.0
+    attention: float = 0.0
+    layers: float = 0.0
+    align: int = 32
+    compensate: bool = True
+
+    def __post_init__(self) -> None:
+        for kind in KINDS:
+            value = getattr(self, kind)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"structure {kind}={value!r} must be a number in [0, 1).")
+            if not 0.0 <= value < 1.0:
+                raise ValueError(
+                    f"structure {kind}={value} must be in [0, 1): it is the fraction removed (1 would remove all)."
+                )
+            setattr(self, kind, float(value))
+        if not any(getattr(self, kind) for kind in KINDS):
+            raise ValueError(f"structure removes nothing: give a fraction for one of {', '.join(KINDS)}.")
+        if isinstance(self.align, bool) or not isinstance(self.align, int) or self.align < 1:
+            raise ValueError(f"structure align={self.align!r} must be a positive integer (channels).")
+        if not isinstance(self.compensate, bool):
+            raise ValueError(f"structure compensate={self.compensate!r} must be true or false.")
+
+    @classmethod
+    def from_value(cls, value: Structure | dict[str, Any]) -> Structure:
+        if isinstance(value, cls):
+            return value
+        if not isinstance(value, dict):
+            raise TypeError(f"structure must be a dict such as {{'mlp': 0.25}}, got {type(value).__name__}.")
+        known = [field.name for field in dataclasses.fields(cls)]
+        unknown = sorted(set(value) - set(known))
+        if unknown:
+            raise ValueError(f"Unknown structure {', '.join(unknown)}: use {', '.join(known)}.")
+        return cls(**value)
+
+
+def parse_structure(items: list[str]) -> dict[str, Any]:
+    """``["mlp=0.25", "layers=0.1", "compensate=false"]`` (the CLI's ``--structure``) as a dict."""
+    values: dict[str, Any] = {}
+    for item in items:
+        key, separator, text = (part.strip() for part in item.partition("="))
+        if not separator or not key or not text:
+            raise ValueError(f"cannot read {item!r}: use KIND=FRACTION, e.g. mlp=0.25 attention=0.33 layers=0.1.")
+        if key == "compensate":
+            if text.lower() not in ("true", "false"):
+                raise ValueError(f"compensate={text!r} must be true or false.")
+            values[key] = text.lower() == "true"
+            continue
+        try:
+            values[key] = int(text) if key == "align" else float(text)
+        except ValueError:
+            raise ValueError(f"{key}={text!r} is not a number.") from None
+    return values
