@@ -23,7 +23,7 @@ from ..core.memory import map_large_allocations, peak_memory
 from ..core.statistics import InputGram
 from ..methods import PruningMethod
 from ..report import LayerReport, PruningReport
-from ..structured.groups import ATTENTION, MLP
+from ..structured.groups import ATTENTION, MLP, ChannelGroup
 from ..structured.plan import StructurePlan, block_groups, new_config, text_config
 from ..structured.prune import prune_group
 from .blockwise import BlockwiseEngine
@@ -52,9 +52,11 @@ class StructuredEngine(BlockwiseEngine):
         start = time.perf_counter()
         map_large_allocations()
         parameters = sum(p.numel() for p in self.model.parameters())
-        batches = capture_block_inputs(
-            self.model, self.blocks, input_ids, self.config.batch_size, self.device, self.activations
-        )
+        batches = None  # magnitude scores without compensation read no activations
+        if input_ids is not None:
+            batches = capture_block_inputs(
+                self.model, self.blocks, input_ids, self.config.batch_size, self.device, self.activations
+            )
         removed, influence = self._remove_blocks(batches) if self.plan.remove_blocks else ([], [])
         self.layers = find_target_layers(self.model, self.config.targets, self.config.ignore)
         groups = block_groups(self.model, self.layers, list(self.plan.keep))
@@ -66,7 +68,7 @@ class StructuredEngine(BlockwiseEngine):
                 for kind in (ATTENTION, MLP):
                     if kind in self.plan.keep:
                         self._prune_kind(block, groups[index][kind], self.plan.keep[kind], batches)
-                if index + 1 < len(self.blocks):
+                if batches is not None and index + 1 < len(self.blocks):
                     batches = self._propagate(block, batches)
             seconds.append(time.perf_counter() - block_start)
         self._update_config(removed)
@@ -95,14 +97,15 @@ class StructuredEngine(BlockwiseEngine):
             structure=structure,
         )
 
-    def _prune_kind(self, block: nn.Module, group, keep: int, batches: list[CalibrationBatch]) -> None:
+    def _prune_kind(
+        self, block: nn.Module, group: ChannelGroup, keep: int, batches: list[CalibrationBatch] | None
+    ) -> None:
         statistics = self._collect(
             block, [group.consumer], batches, lambda layer, device: InputGram(layer.in_features, device)
         )
         dampening = getattr(self.method.settings, "dampening", 0.01)
-        prune_group(
-            group, statistics[group.consumer.name], self.method, keep, self.config.structure.compensate, dampening
-        )
+        compensate = self.config.structure.compensate
+        prune_group(group, statistics.get(group.consumer.name), self.method, keep, compensate, dampening)
 
     def _remove_blocks(self, batches: list[CalibrationBatch]) -> tuple[list[int], list[float]]:
         """Measure every block's Block Influence on the dense model and remove the least influential."""

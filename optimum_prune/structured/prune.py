@@ -19,18 +19,19 @@ def _rows(units: list[int], size: int, device: torch.device) -> torch.Tensor:
 
 def prune_group(
     group: ChannelGroup,
-    gram: InputGram,
+    gram: InputGram | None,
     method: PruningMethod,
     keep: int,
     compensate: bool,
     dampening: float,
 ) -> list[int]:
-    """Keep ``keep`` units of ``group`` (chosen by ``method``), shrink its layers and return the kept units."""
+    """Keep ``keep`` units of ``group`` (chosen by ``method``), shrink its layers and return the kept units.
+    ``gram`` (the consumer's inputs) may be ``None`` only for scores that read no activations, uncompensated."""
     consumer = group.consumer.matrix()
     device = consumer.device
     bias = getattr(group.consumer.module, "bias", None)
     full = consumer if bias is None else torch.cat([consumer, bias.detach().float().unsqueeze(1)], dim=1)
-    hessian = gram.augmented(with_bias=bias is not None)
+    hessian = gram.augmented(with_bias=bias is not None) if gram is not None else None
     producers = [(layer.matrix(), rows) for layer, rows in group.producers]
     scores = method.unit_scores(consumer, producers, group.columns, gram)
     if scores is None:  # OBS compensates as it removes

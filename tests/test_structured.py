@@ -1,0 +1,180 @@
+"""Structured pruning: smaller dense models that stock transformers classes load, with the same outputs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import ARCHITECTURES, C4_SAMPLE, STORIES_260K, random_ids, tiny_model
+from test_cli import run_main
+from transformers import AutoModelForCausalLM
+
+from optimum_prune import Pruner, PruningConfig
+from optimum_prune.core.layers import find_target_layers
+from optimum_prune.core.statistics import InputGram
+from optimum_prune.export import read_metadata
+from optimum_prune.methods import get_method
+from optimum_prune.structured.groups import MLP, mlp_group
+from optimum_prune.structured.prune import prune_group
+
+SEPARATE_QKV = ("llama", "mistral", "qwen2", "gemma", "phi")  # the others fuse q/k/v or size heads from hidden
+
+
+def _config(structure: dict, method: str = "sparsegpt", **kwargs) -> PruningConfig:
+    return PruningConfig(method=method, structure=structure, num_samples=8, seq_len=32, batch_size=4, **kwargs)
+
+
+def _prune(architecture: str, structure: dict, method: str = "sparsegpt", **kwargs) -> Pruner:
+    pruner = Pruner.from_pretrained(
+        tiny_model(architecture), _config(structure, method, **kwargs), device="cpu", progress=False
+    )
+    pruner.prune(random_ids(8, 32))
+    return pruner
+
+
+def _cases():
+    for architecture in ARCHITECTURES:
+        yield architecture, {"mlp": 0.5}
+        yield architecture, {"layers": 0.5}
+        if architecture in SEPARATE_QKV:
+            yield architecture, {"attention": 0.5, "mlp": 0.25}
+
+
+@pytest.mark.parametrize(("architecture", "structure"), list(_cases()))
+def test_saved_model_loads_with_stock_classes_and_matches(architecture, structure, tmp_path):
+    pruner = _prune(architecture, structure)
+    before = pruner.report.structure["parameters"]
+    assert before["kept"] < before["original"]
+    assert before["kept"] == sum(p.numel() for p in pruner.model.parameters())
+    pruner.save_pretrained(tmp_path / "out")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    assert sum(p.numel() for p in reloaded.parameters()) == before["kept"]
+    ids = random_ids(2, 16, seed=5)
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(ids).logits, pruner.model(ids).logits, rtol=1e-5, atol=1e-5)
+    metadata = read_metadata(tmp_path / "out")
+    assert metadata["structure"]["parameters"] == before
+    assert metadata["config"]["structure"]["mlp"] == structure.get("mlp", 0.0)
+
+
+def test_sizes_and_config_follow_the_plan():
+    pruner = _prune("llama", {"mlp": 0.5, "attention": 0.5, "layers": 0.5})
+    config = pruner.model.config
+    assert (config.intermediate_size, config.num_hidden_layers) == (64, 1)
+    assert (config.num_attention_heads, config.num_key_value_heads, config.head_dim) == (2, 1, 16)
+    structure = pruner.report.structure
+    assert structure["mlp"] == {"original": 128, "kept": 64} and structure["attention"] == {"original": 2, "kept": 1}
+    assert len(structure["layers"]["removed"]) == 1 and len(structure["block_influence"]) == 2
+    block = pruner.model.model.layers[0]
+    assert block.mlp.down_proj.weight.shape == (64, 64) and block.self_attn.q_proj.weight.shape == (32, 64)
+    assert block.self_attn.layer_idx == 0
+
+
+def test_kv_groups_keep_their_query_heads_together():
+    """Without compensation, removing a KV group equals zeroing its query heads' output columns: the query heads
+    left are exactly those that share the kept key/value head."""
+    model = tiny_model("llama")  # 4 query heads in 2 KV groups of 2, head_dim 16
+    reference = tiny_model("llama")
+    config = _config({"attention": 0.5, "compensate": False}, method="magnitude")
+    pruner = Pruner.from_pretrained(model, config, device="cpu", progress=False)
+    pruner.prune(random_ids(8, 32))
+    kept_q = pruner.model.model.layers[0].self_attn.q_proj.weight
+    original_q = reference.model.layers[0].self_attn.q_proj.weight
+    group = next(g for g in range(2) if torch.equal(kept_q, original_q[g * 32 : (g + 1) * 32]))
+    kept_k = pruner.model.model.layers[0].self_attn.k_proj.weight
+    assert torch.equal(kept_k, reference.model.layers[0].self_attn.k_proj.weight[group * 16 : (group + 1) * 16])
+    for layer in reference.model.layers:  # remove the same group by zeroing its output columns
+        attention = layer.self_attn
+        removed = 1 - next(
+            g
+            for g in range(2)
+            if torch.equal(
+                pruner.model.model.layers[layer.self_attn.layer_idx].self_attn.q_proj.weight,
+                attention.q_proj.weight[g * 32 : (g + 1) * 32],
+            )
+        )
+        attention.o_proj.weight.data[:, removed * 32 : (removed + 1) * 32] = 0
+    ids = random_ids(2, 16, seed=5)
+    with torch.no_grad():
+        torch.testing.assert_close(pruner.model(ids).logits, reference(ids).logits, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["magnitude", "wanda", "sparsegpt"])
+def test_compensation_lowers_the_reconstruction_error(method):
+    """On one MLP with correlated inputs, refitting the kept down_proj columns (or OBS) lowers the error of the
+    block's MLP output over the calibration tokens, against plain removal."""
+    torch.manual_seed(0)
+    inputs = torch.randn(512, 16) @ torch.randn(16, 64) + 0.1 * torch.randn(512, 64)
+    errors = {}
+    for compensate in (False, True):
+        model = tiny_model("llama")
+        mlp = model.model.layers[0].mlp
+        with torch.no_grad():
+            dense = mlp(inputs)
+        layers = find_target_layers(model)[0]
+        group = mlp_group(model.model.layers[0], "model.layers.0", layers, 64)
+        gram = InputGram(128, torch.device("cpu"))
+        with torch.no_grad():
+            gram.update(mlp.act_fn(mlp.gate_proj(inputs)) * mlp.up_proj(inputs))
+        prune_group(group, gram, get_method(method), keep=64, compensate=compensate, dampening=0.01)
+        with torch.no_grad():
+            errors[compensate] = ((mlp(inputs) - dense).norm() / dense.norm()).item()
+    assert errors[True] < 0.9 * errors[False], errors
+
+
+def test_structure_then_sparsity_on_the_smaller_model():
+    pruner = _prune("llama", {"mlp": 0.5}, sparsity=0.5)
+    assert pruner.model.config.intermediate_size == 64
+    assert pruner.report.global_sparsity == pytest.approx(0.5, abs=1e-6)
+    assert pruner.report.structure["mlp"]["kept"] == 64
+    down = pruner.model.model.layers[0].mlp.down_proj.weight
+    assert down.shape == (64, 64) and (down == 0).float().mean().item() == pytest.approx(0.5, abs=0.01)
+
+
+@pytest.mark.parametrize(
+    ("architecture", "structure", "message"),
+    [
+        ("llama", {"mlp": 1.0}, r"must be in \[0, 1\)"),
+        ("llama", {"mlp": -0.1}, r"must be in \[0, 1\)"),
+        ("llama", {"heads": 0.5}, "Unknown structure heads"),
+        ("llama", {"attention": 0.1}, "would keep 2 of 2 KV groups"),
+        ("llama", {"layers": 0.2}, "removes 0 of 2 blocks"),
+        ("llama", {"mlp": 0.05}, "keeps all 128 channels"),
+        ("opt", {"attention": 0.5}, "OPTForCausalLM cannot express structure attention=0.5"),
+        ("gpt2", {"attention": 0.5}, "no separate query, key and value projections"),
+    ],
+)
+def test_bad_structures_fail_before_any_work(architecture, structure, message):
+    model = tiny_model(architecture)
+    before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    with pytest.raises(ValueError, match=message):
+        Pruner.from_pretrained(model, _config(structure), device="cpu", progress=False).prune(random_ids(8, 32))
+    assert all(torch.equal(before[name], tensor) for name, tensor in model.state_dict().items())
+
+
+def test_llama_head_counts_that_do_not_divide_the_hidden_size_name_the_nearest_valid_setting(capsys):
+    """stories260K: 8 heads in 4 KV groups over a hidden size of 64; keeping 3 groups (6 heads) is refused by
+    transformers' Llama config, and the error names the nearest setting that loads."""
+    flags = ["--model", str(STORIES_260K), "--method", "wanda", "--dataset", str(C4_SAMPLE), "--seq-len", "32"]
+    assert run_main(*flags, "--num-samples", "4", "--structure", "attention=0.25") == 1
+    assert "Nearest valid setting: attention=0.500 (keeps 2 of 4 KV groups)" in capsys.readouterr().err
+
+
+def test_cli_structure(tmp_path, capsys):
+    flags = ["--model", str(STORIES_260K), "--method", "sparsegpt", "--dataset", str(C4_SAMPLE), "--seq-len", "32"]
+    output = tmp_path / "small"
+    assert run_main(*flags, "--num-samples", "4", "--structure", "mlp=0.25", "layers=0.2", "--output", str(output)) == 0
+    assert "structured: mlp 172 -> 128 channels, 5 -> 4 blocks" in capsys.readouterr().out
+    model = AutoModelForCausalLM.from_pretrained(output)
+    assert (model.config.intermediate_size, model.config.num_hidden_layers) == (128, 4)
+    assert run_main(*flags, "--structure", "mlp=half") == 2
+    assert "argument --structure: mlp='half' is not a number" in capsys.readouterr().err
+    assert run_main(*flags, "--structure", "mlp=0.25", "--offload", "disk", "--output", str(tmp_path / "d")) == 1
+    assert "use offload='cpu' for a structure" in capsys.readouterr().err
+
+
+def test_structure_is_part_of_the_recipe():
+    config = _config({"mlp": 0.25, "align": 16})
+    assert config.sparsity == 0.0 and config.needs_calibration
+    assert PruningConfig.from_dict(config.to_dict()) == config
+    assert _config({"mlp": 0.25, "compensate": False}, method="magnitude").needs_calibration is False
+    assert MLP == "mlp"
