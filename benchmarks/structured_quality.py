@@ -1,0 +1,165 @@
+"""Perplexity after structured pruning: MLP channels, KV groups and blocks, at matched parameter budgets, with
+the two simplest baselines computed on the same calibration tokens (Wanda-sp and weight magnitude without
+compensation; Block Influence is the block criterion itself).
+
+Each row prunes a fresh copy of the model and evaluates it; results accumulate in
+``benchmarks/results/structured-<model>.json`` (rows already there are skipped unless ``--force``) and the
+``structured-quality`` section of docs/benchmarks.md is rewritten from them after every row. Several processes
+may share the work: ``--shard 0/2`` and ``--shard 1/2`` take every other row.
+
+    OMP_NUM_THREADS=1 python benchmarks/structured_quality.py --models smollm2-135m --samples 8 --eval-windows 10
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.markdown import table, write_section  # noqa: E402
+from benchmarks.quality import eval_text, results_lock  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+# (method, compensate, label): ours first, then the baselines.
+METHODS = [
+    ("sparsegpt", True, "OBS + refit (sparsegpt)"),
+    ("wanda", True, "Wanda-sp + refit"),
+    ("wanda", False, "Wanda-sp, no compensation"),
+    ("magnitude", False, "magnitude, no compensation"),
+]
+
+
+def rows(model: str) -> list[tuple[str, dict]]:
+    """The structures of the issue: MLP -25%/-50%, one KV group, blocks -10%/-20% (at least one block), and
+    two budgets (about -15% and -30% of SmolLM2's parameters) reached by each kind."""
+    from benchmarks.models import model_folder
+
+    config = json.loads((model_folder(model) / "config.json").read_text())
+    blocks = config["num_hidden_layers"]
+    heads = config["num_attention_heads"]
+    groups = config.get("num_key_value_heads") or heads
+    # the fewest KV groups whose removal leaves a head count that divides the hidden size (Llama's config rule)
+    removed = next(k for k in range(1, groups) if config["hidden_size"] % ((groups - k) * heads // groups) == 0)
+    attention = {"attention": removed / groups}
+
+    def layers(fraction: float) -> dict:
+        return {"layers": max(round(blocks * fraction), 1) / blocks}
+
+    return [
+        ("MLP -25%", {"mlp": 0.25}),
+        ("MLP -50%", {"mlp": 0.5}),
+        (f"attention -{removed} of {groups} KV groups", attention),
+        (f"blocks -{max(round(blocks * 0.1), 1)} of {blocks}", layers(0.1)),
+        (f"blocks -{max(round(blocks * 0.2), 1)} of {blocks}", layers(0.2)),
+        ("budget -15%: attention + MLP", {**attention, "mlp": 0.15}),
+        ("budget -30%: attention + MLP", {**attention, "mlp": 0.375}),
+        (f"budget -30%: blocks -{max(round(blocks * 0.367), 1)} of {blocks}", layers(0.367)),
+    ]
+
+
+def run_row(model_name: str, structure: dict, method: str, compensate: bool, args: argparse.Namespace) -> dict:
+    from benchmarks.models import calibration_token_ids, load_model
+    from optimum_prune import Pruner, PruningConfig
+    from optimum_prune.evaluation import perplexity
+
+    model, tokenizer = load_model(model_name)
+    text, _ = eval_text(model_name)
+    result: dict = {
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "settings": {"samples": args.samples, "seq_len": args.seq_len, "eval_windows": args.eval_windows},
+    }
+    if structure:
+        config = PruningConfig(
+            method=method,
+            structure={**structure, "compensate": compensate},
+            num_samples=args.samples,
+            seq_len=args.seq_len,
+        )
+        ids = calibration_token_ids(tokenizer, args.samples, args.seq_len, config.seed)
+        pruner = Pruner(model, config, tokenizer, device="cpu", progress=False)
+        start = time.perf_counter()
+        report = pruner.prune(ids)
+        result["prune_seconds"] = time.perf_counter() - start
+        result["structure"] = report.structure
+        result["parameters"] = report.structure["parameters"]["kept"]
+    result["perplexity"] = perplexity(model, tokenizer, text, seq_len=512, max_windows=args.eval_windows, bos=False)
+    return result
+
+
+def results_file(model: str) -> Path:
+    return RESULTS / f"structured-{model}.json"
+
+
+def render(args: argparse.Namespace) -> None:
+    """The section, from every model's results file."""
+    from benchmarks.models import MODELS
+
+    models = [model for model in MODELS if results_file(model).exists()]
+    parts = [
+        "## Structured pruning: perplexity",
+        "",
+        "Commands: `OMP_NUM_THREADS=1 python benchmarks/structured_quality.py --models smollm2-135m --samples 8 "
+        "--seq-len 512 --eval-windows 10` and `... --models stories260k tinystories-656k --samples 64 "
+        "--eval-windows 40`. Calibration: C4 sample, seed 0, no BOS; perplexity: the first windows of 512 tokens "
+        "(WikiText-2 raw test for SmolLM2, TinyStories val for the asset models), no BOS. Each cell: perplexity (parameters kept). Blocks are chosen by Block Influence "
+        "(ShortGPT), so the block rows have one method.",
+    ]
+    for model in models:
+        path = results_file(model)
+        results = json.loads(path.read_text()) if path.exists() else {}
+        dense = results.get("dense")
+        parts += [
+            "",
+            f"### {model}: dense {dense['perplexity']:.2f} ({dense['parameters'] / 1e6:.2f}M)" if dense else "",
+        ]
+        body = []
+        for name, structure in rows(model):
+            cells = []
+            for method, compensate, _ in METHODS if "layers" not in structure else METHODS[:1]:
+                result = results.get(f"{name} | {method} | {compensate}")
+                cells.append(f"{result['perplexity']:.2f} ({result['parameters'] / 1e6:.2f}M)" if result else "not run")
+            body.append([name, *cells, *(["="] * (len(METHODS) - len(cells)))])
+        parts.append(table(["structure", *(label for *_, label in METHODS)], body))
+    write_section("structured-quality", "\n".join(parts))
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", default=["smollm2-135m"])
+    parser.add_argument("--samples", type=int, default=8)
+    parser.add_argument("--seq-len", type=int, default=512)
+    parser.add_argument("--eval-windows", type=int, default=10)
+    parser.add_argument("--shard", default="0/1", help="I/N: run every N-th row starting at I")
+    parser.add_argument("--force", action="store_true")
+    parser.add_argument("--render-only", action="store_true")
+    args = parser.parse_args(argv)
+    first, count = map(int, args.shard.split("/"))
+    RESULTS.mkdir(exist_ok=True)
+    for model in [] if args.render_only else args.models:
+        work = [("dense", {}, "dense", False)]
+        for name, structure in rows(model):
+            for method, compensate, _ in METHODS if "layers" not in structure else METHODS[:1]:
+                work.append((name, structure, method, compensate))
+        for position, (name, structure, method, compensate) in enumerate(work):
+            key = "dense" if not structure else f"{name} | {method} | {compensate}"
+            path = results_file(model)
+            if position % count != first or (
+                key in (json.loads(path.read_text()) if path.exists() else {}) and not args.force
+            ):
+                continue
+            result = run_row(model, structure, method, compensate, args)
+            print(f"{model} {key}: {result['perplexity']:.3f} ({result['parameters']})", flush=True)
+            with results_lock():
+                stored = json.loads(path.read_text()) if path.exists() else {}
+                stored[key] = result
+                path.write_text(json.dumps(stored, indent=1, sort_keys=True))
+            render(args)
+    render(args)
+
+
+if __name__ == "__main__":
+    main()
