@@ -67,6 +67,12 @@ def test_sizes_and_config_follow_the_plan():
     block = pruner.model.model.layers[0]
     assert block.mlp.down_proj.weight.shape == (64, 64) and block.self_attn.q_proj.weight.shape == (32, 64)
     assert block.self_attn.layer_idx == 0
+    card = str(pruner.model_card("me/small"))
+    assert (
+        "structured-pruning" in card
+        and "| decoder blocks | 2 -> 1 |" in card
+        and "| structured mlp | 128 -> 64 |" in card
+    )
 
 
 def test_kv_groups_keep_their_query_heads_together():

@@ -55,8 +55,19 @@ def _eval_results(perplexity: dict[str, Any]) -> list[EvalResult]:
     return results
 
 
-def _recipe(config: PruningConfig) -> list[tuple[str, Any]]:
-    rows: list[tuple[str, Any]] = [
+def _recipe(config: PruningConfig, report: PruningReport) -> list[tuple[str, Any]]:
+    rows: list[tuple[str, Any]] = []
+    if report.structure is not None:
+        structure = report.structure
+        for kind in ("mlp", "attention"):
+            if kind in structure:
+                rows.append((f"structured {kind}", f"{structure[kind]['original']} -> {structure[kind]['kept']}"))
+        if "layers" in structure:
+            original = structure["layers"]["original"]
+            rows.append(("decoder blocks", f"{original} -> {original - len(structure['layers']['removed'])}"))
+        parameters = structure["parameters"]
+        rows.append(("parameters", f"{parameters['original']:,} -> {parameters['kept']:,}"))
+    rows += [
         ("method", config.method),
         ("target sparsity", config.sparsity),
         ("pattern", config.pattern),
@@ -111,6 +122,10 @@ def build_model_card(
     perplexity = check_perplexity(perplexity)
     name = repo_id.split("/")[-1]
     tags = ["pruned", "sparse", config.method, config.pattern, "optimum-prune"]
+    if report.structure is not None:
+        tags = ["pruned", "structured-pruning", config.method, "optimum-prune"] + (
+            ["sparse"] if config.sparsity else []
+        )
     data = ModelCardData(
         base_model=base_model,
         library_name="transformers",
@@ -120,11 +135,20 @@ def build_model_card(
         eval_results=_eval_results(perplexity) if perplexity else None,
     )
     origin = f"[{base_model}](https://huggingface.co/{base_model})" if base_model else "a causal language model"
-    sections = [
-        f"# {name}\n\n{origin} pruned with optimum-prune {__version__}: "
+    summary = (
         f"{config.method}, {config.pattern} pattern, global sparsity {report.global_sparsity:.2%} over "
-        f"{len(report.layers)} linear layers of the decoder blocks.",
-        "## Pruning recipe\n\n" + _markdown_table(["setting", "value"], [list(row) for row in _recipe(config)]),
+        f"{len(report.layers)} linear layers of the decoder blocks."
+    )
+    if report.structure is not None:
+        parameters = report.structure["parameters"]
+        summary = (
+            f"structured pruning scored by {config.method}, a smaller dense model ({parameters['original'] / 1e6:.1f}M "
+            f"-> {parameters['kept'] / 1e6:.1f}M parameters) that loads with stock transformers"
+            + (f", then {report.global_sparsity:.2%} unstructured sparsity." if config.sparsity else ".")
+        )
+    sections = [
+        f"# {name}\n\n{origin} pruned with optimum-prune {__version__}: {summary}",
+        "## Pruning recipe\n\n" + _markdown_table(["setting", "value"], [list(row) for row in _recipe(config, report)]),
     ]
     if perplexity:
         rows = [["pruned", f"{perplexity['after']:.3f}"]]
