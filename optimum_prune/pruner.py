@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from huggingface_hub import CommitInfo, ModelCard
 from torch import nn
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
 from .calibration import calibration_tokens
 from .config import PruningConfig
@@ -32,6 +32,7 @@ from .export.files import check_writable, write_model_files
 from .export.masks import Masks, write_masks
 from .methods import get_method
 from .model_source import check_causal_lm_module, load_source, load_tokenizer
+from .recovery import RecoveryConfig, RecoveryReport, recover
 from .report import PruningReport
 from .structured.plan import StructurePlan, plan_structure
 
@@ -100,6 +101,8 @@ class Pruner:
         self.report: PruningReport | None = None
         self.masks: dict[str, torch.Tensor] = {}  # packed, by layer name; left empty by offload='disk' runs
         self.output_dir: str | None = None
+        self.recovery: RecoveryReport | None = None
+        self._calibration_source: Any = None  # what prune() calibrated on: recovery's default data
 
     @classmethod
     def from_pretrained(
@@ -233,6 +236,7 @@ class Pruner:
                     "pruner.prune('path/to/c4_sample.jsonl') or a list of strings."
                 )
             input_ids, name = self._calibration(dataset, text_column, split)
+            self._calibration_source = None if isinstance(dataset, torch.Tensor) else (dataset, text_column, split)
             samples, seq_len = input_ids.shape  # the recipe records what was run: a tensor sets its own shape
             self.config = dataclasses.replace(self.config, num_samples=samples, seq_len=seq_len, dataset=name)
         if plan is not None:
@@ -387,6 +391,75 @@ class Pruner:
         with atomic_directory(save_directory, overwrite) as staging:
             shutil.copytree(self.output_dir, staging, dirs_exist_ok=True)
         return os.fspath(save_directory)
+
+    def recover(
+        self,
+        dataset: Any = None,
+        *,
+        max_steps: int,
+        learning_rate: float | None = None,
+        batch_size: int = 4,
+        seq_len: int | None = None,
+        lora: bool = False,
+        distill: bool = True,
+        teacher: nn.Module | None = None,
+        work_dir: str | os.PathLike | None = None,
+        text_column: str = "text",
+        split: str = "train",
+        resume: bool = False,
+    ) -> RecoveryReport:
+        """Train the pruned model for ``max_steps`` steps so that it recovers quality, keeping every pruned weight
+        exactly zero (see `optimum_prune.recovery`). ``dataset`` defaults to the calibration data; the loss is
+        distillation from the dense model (``teacher``, default: loaded again from the source) unless
+        ``distill=False``; ``lora=True`` trains LoRA adapters merged through the masks. The pruned model is saved
+        to ``work_dir/pruned`` before training starts, and Trainer checkpoints go to ``work_dir`` (``resume=True``
+        continues from the last one)."""
+        if self.report is None:
+            raise RuntimeError("Nothing to recover: call prune() first.")
+        if self.disk is not None:
+            raise ValueError(
+                f"offload='disk' left the pruned model only in {self.output_dir}: load it there (it fits in memory "
+                "to be trained) and use optimum_prune.recovery with its masks."
+            )
+        masks = Masks.from_pruner(self.model, self.masks) if self.masks else {}
+        if not masks and self.report.structure is None:
+            raise ValueError("This model has no pruning masks to keep: prune it first (nothing was pruned).")
+        if dataset is None and self._calibration_source is None:
+            raise ValueError("Recovery needs training text: pass a dataset (the calibration tokens were a tensor).")
+        source, column, source_split = (
+            (dataset, text_column, split) if dataset is not None else self._calibration_source
+        )
+        config = RecoveryConfig(max_steps, learning_rate, batch_size, seq_len or self.config.seq_len, distill, lora)
+        if distill and teacher is None:
+            teacher = self._dense_teacher()
+        work = Path(work_dir) if work_dir is not None else Path(tempfile.mkdtemp(prefix="optimum-prune-recover-"))
+        if not (resume and (work / "pruned").is_dir()):
+            self.save_pretrained(work / "pruned", overwrite=True)  # the pruned model is never lost
+        layers = [
+            layer.name
+            for block in find_target_layers(self.model, self.config.targets, self.config.ignore)
+            for layer in block
+        ]
+        self.model, self.recovery = recover(
+            self.model, self.tokenizer, masks, source, config, work, teacher=teacher, teacher_name=self.source,
+            target_layers=layers, text_column=column, split=source_split, resume=resume, progress=self.progress,
+        )  # fmt: skip
+        setattr(self.model.config, METADATA_KEY, build_metadata(self.config, self.report, self.recovery))
+        return self.recovery
+
+    def _dense_teacher(self) -> nn.Module:
+        """The dense model, loaded again from the source, beside the student (same device and dtype)."""
+        if self.source is None or not (os.path.isdir(self.source) or "/" in self.source):
+            raise ValueError("Distillation needs the dense model: pass teacher= (a loaded model), or distill=False.")
+        parameter = next(self.model.parameters())
+        try:
+            teacher = AutoModelForCausalLM.from_pretrained(self.source, dtype=parameter.dtype, use_safetensors=True)
+            return teacher.to(parameter.device).eval()
+        except torch.OutOfMemoryError as error:
+            raise RuntimeError(
+                "The dense teacher does not fit beside the student: train with distill=False (--recover-loss lm), "
+                "or with lora=True on a smaller batch."
+            ) from error
 
     def model_card(
         self,

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from transformers import PretrainedConfig
 
 from ..config import PruningConfig
 from ..report import PruningReport
+
+if TYPE_CHECKING:
+    from ..recovery import RecoveryReport
 from .files import read_json
 
 METADATA_KEY = "optimum_prune"
@@ -17,8 +20,11 @@ METADATA_SCHEMA = 1
 REQUIRED_KEYS = ("version", "method", "pattern", "target_sparsity", "global_sparsity", "layers")
 
 
-def build_metadata(config: PruningConfig, report: PruningReport) -> dict[str, Any]:
-    """The metadata of a pruned model: recipe, calibration, achieved sparsity of every layer."""
+def build_metadata(
+    config: PruningConfig, report: PruningReport, recovery: RecoveryReport | None = None
+) -> dict[str, Any]:
+    """The metadata of a pruned model: recipe, calibration, achieved sparsity of every layer, structure and
+    recovery training when there were any."""
     from ..version import __version__
 
     return {
@@ -40,6 +46,7 @@ def build_metadata(config: PruningConfig, report: PruningReport) -> dict[str, An
         if config.needs_calibration
         else None,
         "structure": report.structure,
+        "recovery": {key: value for key, value in recovery.to_dict().items() if key != "losses"} if recovery else None,
         "config": config.to_dict(),
     }
 

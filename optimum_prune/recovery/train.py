@@ -1,0 +1,249 @@
+"""Recovery after pruning: fine-tune (fully or with LoRA) with transformers' Trainer, distilling from the dense
+model by default, while `SparsityCallback` keeps every pruned weight exactly zero.
+
+LoRA adapters are merged through the masks, ``W + (B A) * keep``, so the merged model keeps its sparsity exactly
+(a plain merge would make every weight dense again); structured outputs have no masks and are fine-tuned as the
+smaller dense models they are.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+import warnings
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import PreTrainedTokenizerBase, Trainer, TrainingArguments
+
+from ..calibration import calibration_ids, load_texts
+from .callback import SparsityCallback, check_masks_hold
+
+logger = logging.getLogger(__name__)
+
+KL_CHUNK_TOKENS = 1024  # the KL divergence is computed this many positions at a time: bounded extra memory
+
+
+@dataclass
+class RecoveryConfig:
+    """How to train after pruning.
+
+    Args:
+        max_steps: optimizer steps.
+        learning_rate: peak learning rate (default 2e-5 for full fine-tuning, 2e-4 with LoRA), constant after a
+            10% warm-up.
+        batch_size: sequences per step.
+        seq_len: tokens per sequence.
+        distill: KL divergence to the dense teacher's next-token distribution (the default); ``False``: the
+            plain language-model loss.
+        lora: train LoRA adapters on the pruned layers instead of every weight, merged through the masks.
+        lora_rank: the adapters' rank.
+        seed: seed of the training windows and of the Trainer.
+    """
+
+    max_steps: int
+    learning_rate: float | None = None
+    batch_size: int = 4
+    seq_len: int = 512
+    distill: bool = True
+    lora: bool = False
+    lora_rank: int = 16
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("max_steps", "batch_size", "seq_len", "lora_rank"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"recovery {name} must be a positive integer, got {value!r}.")
+        if self.learning_rate is None:
+            self.learning_rate = 2e-4 if self.lora else 2e-5
+        if (
+            not (isinstance(self.learning_rate, (int, float)) and math.isfinite(self.learning_rate))
+            or self.learning_rate <= 0
+        ):
+            raise ValueError(f"recovery learning_rate must be a positive number, got {self.learning_rate!r}.")
+
+
+@dataclass
+class RecoveryReport:
+    """What recovery did: tokens seen, the loss, the time; recorded in the metadata and the model card."""
+
+    steps: int
+    tokens: int
+    loss: str
+    teacher: str | None
+    lora: bool
+    dataset: str
+    first_loss: float | None
+    final_loss: float | None
+    seconds: float
+    losses: list[tuple[int, float]] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class _Windows(torch.utils.data.Dataset):
+    def __init__(self, ids: torch.Tensor) -> None:
+        self.ids = ids
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        return {"input_ids": self.ids[index], "labels": self.ids[index]}
+
+
+def distillation_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """Mean over positions of ``KL(teacher || student)`` of next-token distributions, a chunk of positions at
+    a time so that only one chunk's log-probabilities are held at once."""
+    student = student.reshape(-1, student.shape[-1])
+    teacher = teacher.reshape(-1, teacher.shape[-1])
+    total = student.new_zeros(())
+    for start in range(0, student.shape[0], KL_CHUNK_TOKENS):
+        s = F.log_softmax(student[start : start + KL_CHUNK_TOKENS].float(), dim=-1)
+        t = F.log_softmax(teacher[start : start + KL_CHUNK_TOKENS].float(), dim=-1)
+        total = total + F.kl_div(s, t, log_target=True, reduction="sum")
+    return total / student.shape[0]
+
+
+class _RecoveryTrainer(Trainer):
+    """A Trainer whose loss is distillation from ``teacher`` (or the model's own language-model loss)."""
+
+    def __init__(self, *args: Any, teacher: nn.Module | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.teacher = teacher
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if self.teacher is None:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        outputs = model(input_ids=inputs["input_ids"], use_cache=False)
+        with torch.no_grad():
+            target = self.teacher(input_ids=inputs["input_ids"].to(self.teacher.device), use_cache=False).logits
+        loss = distillation_loss(outputs.logits, target.to(outputs.logits.device))
+        return (loss, outputs) if return_outputs else loss
+
+
+def training_windows(
+    dataset: Any, tokenizer: PreTrainedTokenizerBase, config: RecoveryConfig, text_column: str, split: str
+) -> tuple[torch.Tensor, str]:
+    """``max_steps x batch_size`` windows of ``seq_len`` tokens, all distinct: a dataset too small is refused."""
+    texts, name = load_texts(dataset, text_column=text_column, split=split)
+    needed = config.max_steps * config.batch_size
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        try:
+            ids = calibration_ids(texts, tokenizer, needed, config.seq_len, config.seed)
+        except (UserWarning, ValueError) as problem:
+            raise ValueError(
+                f"The recovery data {name!r} is too small for {config.max_steps} steps of {config.batch_size} x "
+                f"{config.seq_len} tokens ({problem}): lower the steps, the batch size or seq_len, or give more text."
+            ) from None
+    return ids, name
+
+
+def _lora_targets(model: nn.Module, masks: Mapping[str, torch.Tensor], layers: list[str]) -> list[str]:
+    names = {name.removesuffix(".weight") for name in masks} or set(layers)
+    modules = dict(model.named_modules())
+    missing = [name for name in names if not isinstance(modules.get(name), nn.Linear)]
+    if missing:
+        raise ValueError(f"LoRA needs nn.Linear target layers; {missing[0]} is not one (GPT-2's Conv1D, say).")
+    return sorted(names)
+
+
+def _merge_lora(model: nn.Module, masks: Mapping[str, torch.Tensor]) -> nn.Module:
+    """Merge every LoRA adapter into its base weight through the layer's keep-mask; return the plain model."""
+    from peft.tuners.lora import LoraLayer
+
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            if not isinstance(module, LoraLayer):
+                continue
+            key = name.split("base_model.model.", 1)[-1] + ".weight"
+            delta = module.get_delta_weight("default")
+            if key in masks:
+                delta = delta * (~masks[key]).to(delta.device, delta.dtype)
+            module.base_layer.weight += delta.to(module.base_layer.weight.dtype)
+    return model.unload()
+
+
+def recover(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    masks: Mapping[str, torch.Tensor],
+    dataset: Any,
+    config: RecoveryConfig,
+    work_dir: str | Path,
+    *,
+    teacher: nn.Module | None = None,
+    teacher_name: str | None = None,
+    target_layers: list[str] | None = None,
+    text_column: str = "text",
+    split: str = "train",
+    resume: bool = False,
+    progress: bool = True,
+) -> tuple[nn.Module, RecoveryReport]:
+    """Train ``model`` after pruning and return it (a new object with LoRA) and the report. Checkpoints go to
+    ``work_dir`` (``resume=True`` continues from the last one); every pruned weight is checked to be zero."""
+    ids, name = training_windows(dataset, tokenizer, config, text_column, split)
+    if config.distill and teacher is None:
+        raise ValueError("Distillation needs the dense teacher model: pass teacher=, or distill=False.")
+    student = model
+    if config.lora:
+        from peft import LoraConfig, get_peft_model
+
+        targets = _lora_targets(model, masks, target_layers or [])
+        lora = LoraConfig(r=config.lora_rank, lora_alpha=2 * config.lora_rank, target_modules=targets, lora_dropout=0.0)
+        student = get_peft_model(model, lora)
+    device = next(model.parameters()).device
+    args = TrainingArguments(
+        output_dir=str(work_dir),
+        max_steps=config.max_steps,
+        per_device_train_batch_size=config.batch_size,
+        learning_rate=config.learning_rate,
+        lr_scheduler_type="constant_with_warmup",
+        warmup_steps=max(1, config.max_steps // 10),
+        logging_steps=max(1, config.max_steps // 20),
+        save_steps=max(1, config.max_steps // 4),
+        save_total_limit=1,
+        report_to=[],
+        seed=config.seed,
+        use_cpu=device.type == "cpu",
+        disable_tqdm=not progress,
+        remove_unused_columns=False,
+        dataloader_num_workers=0,
+    )
+    trainer = _RecoveryTrainer(
+        model=student,
+        args=args,
+        train_dataset=_Windows(ids),
+        callbacks=[SparsityCallback(masks)] if masks and not config.lora else [],
+        teacher=teacher if config.distill else None,
+    )
+    checkpoints = sorted(Path(work_dir).glob("checkpoint-*")) if resume else []
+    start = time.perf_counter()
+    trainer.train(resume_from_checkpoint=str(checkpoints[-1]) if checkpoints else None)
+    seconds = time.perf_counter() - start
+    trained = _merge_lora(student, masks) if config.lora else student
+    trained.eval()
+    check_masks_hold(trained, masks)
+    losses = [(entry["step"], entry["loss"]) for entry in trainer.state.log_history if "loss" in entry]
+    report = RecoveryReport(
+        steps=trainer.state.global_step,
+        tokens=trainer.state.global_step * config.batch_size * config.seq_len,
+        loss="distillation (KL to the dense model)" if config.distill else "language modelling",
+        teacher=teacher_name if config.distill else None,
+        lora=config.lora,
+        dataset=name,
+        first_loss=losses[0][1] if losses else None,
+        final_loss=losses[-1][1] if losses else None,
+        seconds=seconds,
+        losses=losses,
+    )
+    return trained, report

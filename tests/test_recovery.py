@@ -1,0 +1,188 @@
+"""Recovery after pruning: training keeps every pruned weight exactly zero, also through LoRA, and helps."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import C4_SAMPLE, STORIES_260K, TINYSTORIES_VAL, random_ids, tiny_model
+from transformers import Trainer, TrainerCallback, TrainingArguments
+
+from optimum_prune import Pruner, PruningConfig, perplexity
+from optimum_prune.core.masks import NMPattern
+from optimum_prune.export.masks import Masks
+from optimum_prune.recovery import RecoveryConfig, SparsityCallback, check_masks_hold
+from optimum_prune.recovery.train import distillation_loss
+
+TEXT = TINYSTORIES_VAL.read_text(encoding="utf-8")[:200_000]
+
+
+def _pruned(pattern: str = "unstructured", architecture: str = "llama") -> Pruner:
+    config = PruningConfig(method="magnitude", pattern=pattern, sparsity=None if pattern != "unstructured" else 0.5)
+    pruner = Pruner.from_pretrained(tiny_model(architecture), config, device="cpu", progress=False)
+    pruner.prune()
+    return pruner
+
+
+class _Windows(torch.utils.data.Dataset):
+    def __init__(self, count: int) -> None:
+        self.ids = random_ids(count, 32, seed=7)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, index: int) -> dict:
+        return {"input_ids": self.ids[index], "labels": self.ids[index]}
+
+
+@pytest.mark.parametrize("pattern", ["unstructured", "2:4"])
+def test_callback_keeps_masks_exact_through_adamw_weight_decay_and_clipping(pattern, tmp_path):
+    pruner = _pruned(pattern)
+    masks = Masks.from_pruner(pruner.model, pruner.masks)
+    args = TrainingArguments(
+        output_dir=str(tmp_path), max_steps=30, per_device_train_batch_size=4, learning_rate=1e-2,
+        weight_decay=0.1, max_grad_norm=0.5, report_to=[], use_cpu=True, disable_tqdm=True, save_strategy="no",
+        logging_strategy="no",
+    )  # fmt: skip
+    trainer = Trainer(model=pruner.model, args=args, train_dataset=_Windows(120), callbacks=[SparsityCallback(masks)])
+    before = {name: p.detach().clone() for name, p in pruner.model.named_parameters()}
+    trainer.train()
+    parameters = dict(pruner.model.named_parameters())
+    for name, mask in masks.items():
+        assert (parameters[name][mask] == 0).all(), name
+        assert not torch.equal(parameters[name][~mask], before[name][~mask])  # the kept weights trained
+        state = trainer.optimizer.state[parameters[name]]  # the optimizer never holds a pruned weight's update
+        assert (state["exp_avg"][mask] == 0).all() and (state["exp_avg_sq"][mask] == 0).all()
+    if pattern == "2:4":
+        weight = parameters["model.layers.0.mlp.down_proj.weight"]
+        assert ((weight.view(-1, 4) != 0).sum(1) <= 2).all() and NMPattern.parse("2:4").m == 4
+    check_masks_hold(pruner.model, masks)
+
+
+def test_check_masks_hold_refuses_a_resurrected_weight():
+    pruner = _pruned()
+    masks = Masks.from_pruner(pruner.model, pruner.masks)
+    name = next(iter(masks))
+    with torch.no_grad():
+        dict(pruner.model.named_parameters())[name][masks[name]] = 1.0
+    with pytest.raises(RuntimeError, match="no longer zero after training"):
+        check_masks_hold(pruner.model, masks)
+
+
+def test_distillation_loss_is_the_kl_divergence():
+    student, teacher = torch.randn(2, 5, 11), torch.randn(2, 5, 11)
+    expected = torch.nn.functional.kl_div(
+        student.log_softmax(-1).view(-1, 11),
+        teacher.log_softmax(-1).view(-1, 11),
+        log_target=True,
+        reduction="batchmean",
+    )
+    torch.testing.assert_close(distillation_loss(student, teacher), expected)
+    assert distillation_loss(teacher, teacher).abs() < 1e-6
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_recover_lowers_perplexity_and_keeps_sparsity(lora, tmp_path):
+    """stories260K at 50% magnitude sparsity: 30 steps of distillation from the dense model (full or LoRA with the
+    masked merge) lower the perplexity a lot, and the weights stay exactly 50% sparse."""
+    pruner = Pruner.from_pretrained(
+        STORIES_260K, PruningConfig(method="magnitude", sparsity=0.5), device="cpu", progress=False
+    )
+    pruner.prune()
+    zeros = sum(int((p == 0).sum()) for p in pruner.model.parameters())
+    before = perplexity(pruner.model, pruner.tokenizer, TEXT, 256, 8)
+    report = pruner.recover(
+        TINYSTORIES_VAL, max_steps=30, batch_size=4, seq_len=256, lora=lora, learning_rate=3e-3 if lora else 1e-3,
+        work_dir=tmp_path / "work",
+    )  # fmt: skip
+    after = perplexity(pruner.model, pruner.tokenizer, TEXT, 256, 8)
+    assert after < 0.6 * before, (before, after)
+    assert sum(int((p == 0).sum()) for p in pruner.model.parameters()) == zeros
+    assert report.steps == 30 and report.tokens == 30 * 4 * 256 and report.final_loss < report.first_loss
+    assert (tmp_path / "work" / "pruned" / "model.safetensors").is_file()  # saved before training
+    pruner.save_pretrained(tmp_path / "out")
+    from optimum_prune.export import read_metadata
+
+    recovery = read_metadata(tmp_path / "out")["recovery"]
+    assert recovery["lora"] is lora and recovery["teacher"] == str(STORIES_260K) and recovery["steps"] == 30
+
+
+def test_a_plain_lora_merge_would_make_the_weights_dense(tmp_path):
+    """The reason for the masked merge: the same adapters merged without the masks fill the pruned entries."""
+    from peft import LoraConfig, get_peft_model
+
+    pruner = _pruned()
+    masks = Masks.from_pruner(pruner.model, pruner.masks)
+    peft_model = get_peft_model(pruner.model, LoraConfig(r=4, target_modules=["down_proj"], init_lora_weights=False))
+    merged = peft_model.merge_and_unload()
+    weight = dict(merged.named_parameters())["model.layers.0.mlp.down_proj.weight"]
+    assert (weight[masks["model.layers.0.mlp.down_proj.weight"]] != 0).any()
+
+
+def test_resume_after_a_kill_gives_the_same_weights(tmp_path):
+    class Kill(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 5:
+                raise KeyboardInterrupt
+
+    def run(work, callbacks=(), resume=False) -> dict:
+        pruner = _pruned()
+        pruner._calibration_source = (TINYSTORIES_VAL, "text", "train")
+        pruner.tokenizer = __import__("transformers").AutoTokenizer.from_pretrained(STORIES_260K)
+        import optimum_prune.recovery.train as train
+
+        original = train._RecoveryTrainer.__init__
+
+        def with_callbacks(self, *args, **kwargs):
+            kwargs["callbacks"] = [*kwargs.get("callbacks", []), *callbacks]
+            original(self, *args, **kwargs)
+
+        train._RecoveryTrainer.__init__ = with_callbacks
+        try:
+            pruner.recover(max_steps=8, batch_size=2, seq_len=32, distill=False, work_dir=work, resume=resume)
+        finally:
+            train._RecoveryTrainer.__init__ = original
+        return {name: p.detach().clone() for name, p in pruner.model.named_parameters()}
+
+    expected = run(tmp_path / "straight")
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "killed", callbacks=[Kill()])
+    assert (tmp_path / "killed" / "checkpoint-4").is_dir()
+    resumed = run(tmp_path / "killed", resume=True)
+    for name, value in expected.items():
+        torch.testing.assert_close(resumed[name], value, rtol=0, atol=0)
+
+
+def test_structured_outputs_are_fine_tuned_without_masks(tmp_path):
+    config = PruningConfig(method="wanda", structure={"mlp": 0.5}, num_samples=4, seq_len=32, batch_size=4)
+    pruner = Pruner.from_pretrained(STORIES_260K, config, device="cpu", progress=False)
+    pruner.prune(C4_SAMPLE)
+    before = perplexity(pruner.model, pruner.tokenizer, TEXT, 256, 4)
+    pruner.recover(TINYSTORIES_VAL, max_steps=10, batch_size=4, seq_len=128, learning_rate=1e-3, work_dir=tmp_path)
+    assert pruner.model.config.intermediate_size == 96
+    assert perplexity(pruner.model, pruner.tokenizer, TEXT, 256, 4) < before
+
+
+def test_bad_recovery_input_is_refused(tmp_path):
+    pruner = Pruner.from_pretrained(STORIES_260K, PruningConfig(method="magnitude"), device="cpu", progress=False)
+    with pytest.raises(RuntimeError, match="call prune"):
+        pruner.recover(TINYSTORIES_VAL, max_steps=2)
+    pruner.prune()
+    with pytest.raises(ValueError, match="too small for 1000 steps"):
+        pruner.recover(["Once upon a time there was a cat."], max_steps=1000, seq_len=64, work_dir=tmp_path)
+    with pytest.raises(ValueError, match="positive integer"):
+        RecoveryConfig(max_steps=0)
+    gpt2 = _pruned(architecture="gpt2")
+    gpt2.tokenizer = pruner.tokenizer
+    with pytest.raises(ValueError, match="LoRA needs nn.Linear target layers"):
+        gpt2.recover(TINYSTORIES_VAL, max_steps=2, seq_len=32, lora=True, distill=False, work_dir=tmp_path / "g")
+    in_memory = _pruned()
+    in_memory.tokenizer = pruner.tokenizer
+    with pytest.raises(ValueError, match="Distillation needs the dense model: pass teacher="):
+        in_memory.recover(TINYSTORIES_VAL, max_steps=2, seq_len=32, work_dir=tmp_path / "m")
+    nothing = Pruner.from_pretrained(
+        tiny_model("llama"), PruningConfig(method="magnitude", sparsity=0.0), progress=False
+    )
+    nothing.prune()
+    nothing.masks = {}
+    with pytest.raises(ValueError, match="no pruning masks"):
+        nothing.recover(TINYSTORIES_VAL, max_steps=2)
