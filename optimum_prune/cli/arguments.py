@@ -127,6 +127,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     evaluation.add_argument("--eval-seq-len", type=int, help="tokens per window (default: --seq-len).")
     evaluation.add_argument("--eval-windows", type=int, help="evaluate only the first N windows (default: all).")
 
+    recovery = parser.add_argument_group("recovery training after pruning (pruned weights stay exactly zero)")
+    recovery.add_argument("--recover-steps", type=int, metavar="N", help="train N steps after pruning (default: none).")
+    recovery.add_argument("--recover-dataset", metavar="SRC", help="training text (default: --dataset).")
+    recovery.add_argument("--recover-lr", type=float, help="peak learning rate (default 2e-5, 2e-4 with LoRA).")
+    recovery.add_argument("--recover-batch-size", type=int, default=4, help="sequences per step (default 4).")
+    recovery.add_argument("--recover-seq-len", type=int, help="tokens per sequence (default: --seq-len).")
+    recovery.add_argument("--recover-lora", action="store_true", help="train LoRA adapters, merged through the masks.")
+    recovery.add_argument(
+        "--recover-loss",
+        choices=["distill", "lm"],
+        default="distill",
+        help="distill: KL to the dense model (default); lm: the plain language-model loss.",
+    )
+
     output = parser.add_argument_group("output")
     output.add_argument("--output", metavar="DIR", help="folder for the pruned model (loads with transformers).")
     output.add_argument("--overwrite", action="store_true", help="replace a non-empty --output folder.")

@@ -73,6 +73,17 @@ def check(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Plan:
         parser.error(f"argument --offload: unknown mode {args.offload!r}: choose one of {', '.join(OFFLOAD_MODES)}.")
     if args.resume and config.structure is not None:
         parser.error("argument --resume: a structured run is not resumable (it writes --output at its end).")
+    recovery_flags = [name for name in ("recover_dataset", "recover_lr", "recover_seq_len") if getattr(args, name)]
+    if args.recover_lora or args.recover_loss != "distill":
+        recovery_flags.append("recover_lora" if args.recover_lora else "recover_loss")
+    if recovery_flags and not args.recover_steps:
+        parser.error(f"argument {flag(recovery_flags[0])}: it sets up recovery training; add --recover-steps N.")
+    for name in ("recover_steps", "recover_batch_size", "recover_seq_len"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            parser.error(f"argument {flag(name)}: must be a positive integer, got {value}.")
+    if args.recover_steps and args.offload == "disk":
+        parser.error("argument --recover-steps: training needs the model in memory; use --offload cpu.")
     if args.private and not args.push_to_hub:
         parser.error("argument --private: it makes the --push-to-hub repository private; add --push-to-hub REPO.")
     _check_device(args.device, parser)
@@ -101,6 +112,10 @@ def check(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Plan:
         )
     if args.dataset:
         _read_texts(parser, "--dataset", args.dataset, args.text_column, args.dataset_split)
+    if args.recover_steps and not (args.recover_dataset or args.dataset):
+        parser.error("argument --recover-steps: recovery needs training text: add --recover-dataset (or --dataset).")
+    if args.recover_dataset:
+        _read_texts(parser, "--recover-dataset", args.recover_dataset, args.text_column, args.dataset_split)
     if args.eval:
         plan.eval_texts, plan.eval_name = _read_texts(
             parser, "--eval", args.eval, args.eval_text_column, args.eval_split
@@ -156,8 +171,9 @@ def _resume_hint(args: argparse.Namespace) -> str:
 
 
 def streams_output(args: argparse.Namespace) -> bool:
-    """Whether `Pruner.prune` writes --output itself, block by block and resumably (dense safetensors only)."""
-    return bool(args.output) and "compressed" not in args.export and not args.save_masks
+    """Whether `Pruner.prune` writes --output itself, block by block and resumably (dense safetensors, and no
+    recovery training changing the model afterwards)."""
+    return bool(args.output) and "compressed" not in args.export and not args.save_masks and not args.recover_steps
 
 
 def _check_outputs(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
@@ -183,8 +199,8 @@ def _check_outputs(args: argparse.Namespace, parser: argparse.ArgumentParser) ->
                 )
     if args.resume and not streams_output(args):
         parser.error(
-            "argument --resume: resuming writes dense safetensors block by block; drop --export compressed "
-            "and --save-masks."
+            "argument --resume: resuming writes dense safetensors block by block; drop --export compressed, "
+            "--save-masks and --recover-steps (a run with recovery training starts over)."
         )
     if args.output:
         from ..engine.work_folder import STATE, work_folder_path
@@ -337,12 +353,31 @@ def execute(args: argparse.Namespace, plan: Plan) -> None:
         resume=args.resume,
     )
     after = evaluate() if plan.eval_texts is not None else None
-
     print(report.table())
     if before is not None:
         print(
             f"perplexity on {plan.eval_name} ({before.describe()}): dense {before.value:.3f} -> pruned {after.value:.3f}"
         )
+    if args.recover_steps:
+        recovery = pruner.recover(
+            args.recover_dataset or args.dataset,
+            max_steps=args.recover_steps,
+            learning_rate=args.recover_lr,
+            batch_size=args.recover_batch_size,
+            seq_len=args.recover_seq_len,
+            lora=args.recover_lora,
+            distill=args.recover_loss == "distill",
+            work_dir=f"{args.output}.recover" if args.output else None,
+            text_column=args.text_column,
+            split=args.dataset_split,
+        )
+        print(
+            f"recovery: {recovery.steps} steps, {recovery.tokens:,} tokens of {recovery.dataset}, {recovery.loss} "
+            f"{recovery.first_loss:.4f} -> {recovery.final_loss:.4f}, {recovery.seconds:.1f} s; pruned weights still zero"
+        )
+        if before is not None:
+            after = evaluate()
+            print(f"perplexity on {plan.eval_name} after recovery: {after.value:.3f}")
     save_format = "compressed" if "compressed" in args.export else "dense"
     if args.output and not stream:
         pruner.save_pretrained(args.output, overwrite=args.overwrite, format=save_format, save_masks=args.save_masks)

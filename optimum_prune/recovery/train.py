@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+import shutil
 import time
 import warnings
 from collections.abc import Mapping
@@ -190,13 +191,19 @@ def recover(
     progress: bool = True,
 ) -> tuple[nn.Module, RecoveryReport]:
     """Train ``model`` after pruning and return it (a new object with LoRA) and the report. Checkpoints go to
-    ``work_dir`` (``resume=True`` continues from the last one); every pruned weight is checked to be zero."""
+    ``work_dir`` (``resume=True`` continues from the last one) and are removed once training has finished; every
+    pruned weight is checked to be zero."""
     ids, name = training_windows(dataset, tokenizer, config, text_column, split)
     if config.distill and teacher is None:
         raise ValueError("Distillation needs the dense teacher model: pass teacher=, or distill=False.")
     student = model
     if config.lora:
-        from peft import LoraConfig, get_peft_model
+        try:
+            from peft import LoraConfig, get_peft_model
+        except ImportError:
+            raise ImportError(
+                'LoRA recovery needs PEFT: pip install "optimum-prune[recovery]" (or pip install peft).'
+            ) from None
 
         targets = _lora_targets(model, masks, target_layers or [])
         lora = LoraConfig(r=config.lora_rank, lora_alpha=2 * config.lora_rank, target_modules=targets, lora_dropout=0.0)
@@ -230,6 +237,8 @@ def recover(
     start = time.perf_counter()
     trainer.train(resume_from_checkpoint=str(checkpoints[-1]) if checkpoints else None)
     seconds = time.perf_counter() - start
+    for checkpoint in Path(work_dir).glob("checkpoint-*"):  # only an interrupted run needs them
+        shutil.rmtree(checkpoint, ignore_errors=True)
     trained = _merge_lora(student, masks) if config.lora else student
     trained.eval()
     check_masks_hold(trained, masks)
