@@ -186,3 +186,35 @@ def test_bad_recovery_input_is_refused(tmp_path):
     nothing.masks = {}
     with pytest.raises(ValueError, match="no pruning masks"):
         nothing.recover(TINYSTORIES_VAL, max_steps=2)
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--recover-lr", "1e-3"], "argument --recover-lr: it sets up recovery training; add --recover-steps N."),
+        (["--recover-steps", "0"], "argument --recover-steps: must be a positive integer"),
+        (["--recover-steps", "5", "--offload", "disk"], "argument --recover-steps: training needs the model in memory"),
+        (["--recover-steps", "5"], "argument --recover-steps: recovery needs training text"),
+    ],
+)
+def test_cli_recovery_flags_are_checked_before_loading(flags, message, capsys):
+    from test_cli import run_main
+
+    assert run_main("--model", str(STORIES_260K), "--method", "magnitude", *flags) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_cli_recovers_after_pruning(tmp_path, capsys):
+    from test_cli import run_main
+
+    flags = ["--model", str(STORIES_260K), "--method", "magnitude", "--output", str(tmp_path / "out")]
+    assert (
+        run_main(*flags, "--recover-steps", "4", "--recover-dataset", str(TINYSTORIES_VAL), "--recover-seq-len", "64")
+        == 0
+    )
+    assert "recovery: 4 steps, 1,024 tokens of tinystories_val.txt" in capsys.readouterr().out
+    assert (tmp_path / "out.recover" / "pruned" / "model.safetensors").is_file()
+    assert not list((tmp_path / "out.recover").glob("checkpoint-*"))
+    from optimum_prune.export import read_metadata
+
+    assert read_metadata(tmp_path / "out")["recovery"]["steps"] == 4
