@@ -7,7 +7,7 @@ scores and units are removed by Optimal Brain Surgeon on the consumer's Hessian,
 units whose removal raises the output error least and updating the kept columns each time.
 
 Compensation refits the kept columns of the consumer by least squares to its outputs over the calibration
-tokens, ``W_K = W H[:, K] H[K, K]^-1`` with SparseGPT's dampening; a bias, when the consumer has one, is
+tokens, ``W_K = W H[:, K] H[K, K]^-1``, dampened towards the old weights; a bias, when the consumer has one, is
 refitted with them as a column whose input is always 1 (FLAP's bias compensation is its special case). OBS
 compensates as it removes, so its result is that refit.
 """
@@ -22,8 +22,12 @@ ROUNDS = 16  # OBS removes about 1/16 of what it must remove per round, re-scori
 
 
 def _dampened(matrix: torch.Tensor, dampening: float) -> torch.Tensor:
+    """``H + dampening * diag(H)``: each input dampened by its own energy. A dampening by the mean diagonal, as
+    SparseGPT's, is dominated by a few massive activations in models that have them (SmolLM2), and then
+    drowns every ordinary input: OBS would score units by weight magnitude alone."""
     matrix = matrix.clone()
-    matrix.diagonal().add_(dampening * matrix.diagonal().mean().clamp_min(1e-8))
+    diagonal = matrix.diagonal()
+    diagonal.add_(dampening * diagonal + 1e-8 * diagonal.mean().clamp_min(1e-8))
     return matrix
 
 
@@ -58,7 +62,10 @@ def obs_remove(
 def least_squares_refit(
     consumer: torch.Tensor, hessian: torch.Tensor, kept: torch.Tensor, dampening: float
 ) -> torch.Tensor:
-    """The consumer's kept columns ``kept`` refitted to its full outputs: ``W H[:, K] (H[K, K] + damp)^-1``."""
-    system = _dampened(hessian[kept][:, kept], dampening)
-    rhs = consumer @ hessian[:, kept]
-    return torch.linalg.solve(system, rhs.T).T
+    """The consumer's kept columns ``K`` refitted to its full outputs, pulled towards their old values:
+    ``argmin ||W X - W' X_K||^2 + ||(W' - W_K) D^1/2||^2 = (W H[:, K] + W_K D) (H[K, K] + D)^-1`` with
+    ``D = dampening * diag(H[K, K])`` (each input dampened by its own energy, as `obs_remove` does)."""
+    gram = hessian[kept][:, kept]
+    damped = _dampened(gram, dampening)
+    rhs = consumer @ hessian[:, kept] + consumer[:, kept] * (damped.diagonal() - gram.diagonal())
+    return torch.linalg.solve(damped, rhs.T).T
