@@ -7,6 +7,7 @@ import logging
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +34,7 @@ from .export.masks import Masks, write_masks
 from .methods import get_method
 from .model_source import check_causal_lm_module, load_source, load_tokenizer
 from .recovery import RecoveryConfig, RecoveryReport, recover
-from .report import PruningReport
+from .report import LayerReport, PruningReport
 from .structured.plan import StructurePlan, plan_structure
 
 logger = logging.getLogger(__name__)
@@ -446,6 +447,71 @@ class Pruner:
         )  # fmt: skip
         setattr(self.model.config, METADATA_KEY, build_metadata(self.config, self.report, self.recovery))
         return self.recovery
+
+    def prune_while_training(
+        self,
+        dataset: Any,
+        *,
+        max_steps: int,
+        interval: int | None = None,
+        learning_rate: float | None = None,
+        batch_size: int = 4,
+        seq_len: int | None = None,
+        distill: bool = True,
+        teacher: nn.Module | None = None,
+        work_dir: str | os.PathLike | None = None,
+        text_column: str = "text",
+        split: str = "train",
+    ) -> PruningReport:
+        """Prune gradually while training, instead of `prune` + `recover`: the sparsity of every target layer
+        rises to ``config.sparsity`` along a cubic schedule over the first 75% of ``max_steps`` (masks re-chosen
+        every ``interval`` steps from running ``|w * grad|`` saliency, default a tenth of those steps), then
+        training goes on with the masks fixed. Unstructured, uniform sparsity only."""
+        from .core.masks import pack_mask
+        from .recovery.gradual import GradualPruningCallback
+
+        if self.report is not None:
+            raise RuntimeError("This model is already pruned; create a new Pruner to prune again.")
+        config = self.config
+        if config.nm_pattern is not None or config.allocation != "uniform" or config.structure is not None:
+            raise ValueError(
+                "Gradual pruning prunes to an unstructured, uniform sparsity: drop pattern, OWL and structure."
+            )
+        if self.disk is not None:
+            raise ValueError("Training needs the model in memory: use offload='cpu'.")
+        layers = find_target_layers(self.model, config.targets, config.ignore)
+        weights = {f"{layer.name}.weight": layer.module.weight for block in layers for layer in block}
+        end = max(1, round(0.75 * max_steps))
+        schedule = GradualPruningCallback(weights, config.sparsity, end, interval or max(1, end // 10))
+        recovery = RecoveryConfig(max_steps, learning_rate, batch_size, seq_len or config.seq_len, distill)
+        teacher = self._dense_teacher() if distill and teacher is None else teacher
+        work = Path(work_dir) if work_dir is not None else Path(tempfile.mkdtemp(prefix="optimum-prune-gradual-"))
+        start = time.perf_counter()
+        self.model, self.recovery = recover(
+            self.model, self.tokenizer, {}, dataset, recovery, work, teacher=teacher, teacher_name=self.source,
+            text_column=text_column, split=split, progress=self.progress, callback=schedule,
+        )  # fmt: skip
+        self.masks = {name.removesuffix(".weight"): pack_mask(mask) for name, mask in schedule.masks.items()}
+        self.report = PruningReport(
+            method="gradual |w * grad|",
+            pattern=config.pattern,
+            target_sparsity=config.sparsity,
+            allocation="uniform",
+            layers=[
+                LayerReport(
+                    layer.name,
+                    index,
+                    layer.shape,
+                    config.sparsity,
+                    schedule.masks[f"{layer.name}.weight"].float().mean().item(),
+                )
+                for index, block in enumerate(layers)
+                for layer in block
+            ],
+            total_seconds=time.perf_counter() - start,
+        )
+        setattr(self.model.config, METADATA_KEY, build_metadata(self.config, self.report, self.recovery))
+        return self.report
 
     def _dense_teacher(self) -> nn.Module:
         """The dense model, loaded again from the source, beside the student (same device and dtype)."""

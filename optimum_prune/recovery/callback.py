@@ -61,8 +61,8 @@ class SparsityCallback(TrainerCallback):
             self._keep[name] = keep
             with torch.no_grad():
                 parameter.mul_(keep)
-            if parameter.requires_grad:
-                self._handles.append(parameter.register_hook(lambda grad, keep=keep: grad * keep))
+            if parameter.requires_grad:  # the hook reads the current mask: masks may grow (gradual pruning)
+                self._handles.append(parameter.register_hook(lambda grad, name=name: grad * self._keep[name]))
 
     def on_optimizer_step(self, args, state, control, **kwargs) -> None:
         self.enforce()

@@ -189,10 +189,12 @@ def recover(
     split: str = "train",
     resume: bool = False,
     progress: bool = True,
+    callback: SparsityCallback | None = None,
 ) -> tuple[nn.Module, RecoveryReport]:
     """Train ``model`` after pruning and return it (a new object with LoRA) and the report. Checkpoints go to
     ``work_dir`` (``resume=True`` continues from the last one) and are removed once training has finished; every
-    pruned weight is checked to be zero."""
+    pruned weight is checked to be zero. ``callback`` replaces the `SparsityCallback` of ``masks`` (gradual
+    pruning passes its `GradualPruningCallback`, whose masks grow during training)."""
     ids, name = training_windows(dataset, tokenizer, config, text_column, split)
     if config.distill and teacher is None:
         raise ValueError("Distillation needs the dense teacher model: pass teacher=, or distill=False.")
@@ -230,7 +232,7 @@ def recover(
         model=student,
         args=args,
         train_dataset=_Windows(ids),
-        callbacks=[SparsityCallback(masks)] if masks and not config.lora else [],
+        callbacks=[callback or SparsityCallback(masks)] if (masks or callback) and not config.lora else [],
         teacher=teacher if config.distill else None,
     )
     checkpoints = sorted(Path(work_dir).glob("checkpoint-*")) if resume else []
@@ -241,7 +243,7 @@ def recover(
         shutil.rmtree(checkpoint, ignore_errors=True)
     trained = _merge_lora(student, masks) if config.lora else student
     trained.eval()
-    check_masks_hold(trained, masks)
+    check_masks_hold(trained, callback.masks if callback is not None else masks)
     losses = [(entry["step"], entry["loss"]) for entry in trainer.state.log_history if "loss" in entry]
     report = RecoveryReport(
         steps=trainer.state.global_step,
