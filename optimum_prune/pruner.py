@@ -8,13 +8,14 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from huggingface_hub import CommitInfo, ModelCard
 from torch import nn
-from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase, TrainerCallback
 
 from .calibration import calibration_tokens
 from .config import PruningConfig
@@ -408,13 +409,14 @@ class Pruner:
         text_column: str = "text",
         split: str = "train",
         resume: bool = False,
+        callbacks: Sequence[TrainerCallback] = (),
     ) -> RecoveryReport:
         """Train the pruned model for ``max_steps`` steps so that it recovers quality, keeping every pruned weight
         exactly zero (see `optimum_prune.recovery`). ``dataset`` defaults to the calibration data; the loss is
         distillation from the dense model (``teacher``, default: loaded again from the source) unless
         ``distill=False``; ``lora=True`` trains LoRA adapters merged through the masks. The pruned model is saved
         to ``work_dir/pruned`` before training starts, and Trainer checkpoints go to ``work_dir`` (``resume=True``
-        continues from the last one)."""
+        continues from the last one); ``callbacks`` are added to the Trainer's."""
         if self.report is None:
             raise RuntimeError("Nothing to recover: call prune() first.")
         if self.disk is not None:
@@ -444,6 +446,7 @@ class Pruner:
         self.model, self.recovery = recover(
             self.model, self.tokenizer, masks, source, config, work, teacher=teacher, teacher_name=self.source,
             target_layers=layers, text_column=column, split=source_split, resume=resume, progress=self.progress,
+            callbacks=callbacks,
         )  # fmt: skip
         setattr(self.model.config, METADATA_KEY, build_metadata(self.config, self.report, self.recovery))
         return self.recovery

@@ -218,3 +218,50 @@ def test_cli_recovers_after_pruning(tmp_path, capsys):
     from optimum_prune.export import read_metadata
 
     assert read_metadata(tmp_path / "out")["recovery"]["steps"] == 4
+
+
+def test_cubic_schedule():
+    from optimum_prune.recovery.gradual import cubic_sparsity
+
+    assert cubic_sparsity(0, 10, 0.5) == 0.0 and cubic_sparsity(10, 10, 0.5) == cubic_sparsity(20, 10, 0.5) == 0.5
+    assert cubic_sparsity(5, 10, 0.5) == pytest.approx(0.5 * (1 - 0.5**3))
+
+
+def test_pruning_while_training_reaches_the_target_with_growing_masks(tmp_path):
+    """Gradual pruning: masks only grow, every target layer ends exactly at the target sparsity, the zeros hold
+    through the steps after the schedule, and the metadata records it."""
+    import optimum_prune.recovery.gradual as gradual
+
+    seen = []
+    original = gradual.GradualPruningCallback.on_step_end
+
+    def record(self, args, state, control, **kwargs):
+        original(self, args, state, control, **kwargs)
+        seen.append({name: mask.clone() for name, mask in self.masks.items()})
+
+    gradual.GradualPruningCallback.on_step_end = record
+    try:
+        pruner = Pruner.from_pretrained(
+            STORIES_260K, PruningConfig(method="wanda", sparsity=0.6), device="cpu", progress=False
+        )
+        report = pruner.prune_while_training(
+            TINYSTORIES_VAL, max_steps=12, interval=3, batch_size=2, seq_len=64, learning_rate=1e-3, work_dir=tmp_path
+        )
+    finally:
+        gradual.GradualPruningCallback.on_step_end = original
+    sparsities = [sum(int(m.sum()) for m in step.values()) for step in seen]
+    assert sparsities == sorted(sparsities) and sparsities[0] < sparsities[-1]
+    assert all(
+        (later | earlier).equal(later) for earlier, later in zip(seen[0].values(), seen[-1].values(), strict=True)
+    )
+    assert all(layer.sparsity == pytest.approx(0.6, abs=1e-3) for layer in report.layers)
+    masks = Masks.from_pruner(pruner.model, pruner.masks)
+    check_masks_hold(pruner.model, masks)
+    pruner.save_pretrained(tmp_path / "out")
+    from optimum_prune.export import read_metadata
+
+    assert read_metadata(tmp_path / "out")["recovery"]["steps"] == 12
+    with pytest.raises(ValueError, match="unstructured, uniform sparsity"):
+        Pruner.from_pretrained(
+            STORIES_260K, PruningConfig(method="wanda", pattern="2:4"), progress=False
+        ).prune_while_training(TINYSTORIES_VAL, max_steps=2)

@@ -135,6 +135,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     recovery.add_argument("--recover-seq-len", type=int, help="tokens per sequence (default: --seq-len).")
     recovery.add_argument("--recover-lora", action="store_true", help="train LoRA adapters, merged through the masks.")
     recovery.add_argument(
+        "--recover-schedule",
+        choices=["one-shot", "gradual"],
+        default="one-shot",
+        help="one-shot: prune, then train (default); gradual: prune while training, sparsity rising on a cubic "
+        "schedule over the first 75%% of --recover-steps (unstructured, uniform).",
+    )
+    recovery.add_argument(
         "--recover-loss",
         choices=["distill", "lm"],
         default="distill",

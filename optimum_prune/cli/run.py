@@ -74,8 +74,14 @@ def check(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Plan:
     if args.resume and config.structure is not None:
         parser.error("argument --resume: a structured run is not resumable (it writes --output at its end).")
     recovery_flags = [name for name in ("recover_dataset", "recover_lr", "recover_seq_len") if getattr(args, name)]
-    if args.recover_lora or args.recover_loss != "distill":
-        recovery_flags.append("recover_lora" if args.recover_lora else "recover_loss")
+    if args.recover_lora or args.recover_loss != "distill" or args.recover_schedule != "one-shot":
+        recovery_flags.append(
+            "recover_lora"
+            if args.recover_lora
+            else "recover_loss"
+            if args.recover_loss != "distill"
+            else "recover_schedule"
+        )
     if recovery_flags and not args.recover_steps:
         parser.error(f"argument {flag(recovery_flags[0])}: it sets up recovery training; add --recover-steps N.")
     for name in ("recover_steps", "recover_batch_size", "recover_seq_len"):
@@ -344,21 +350,37 @@ def execute(args: argparse.Namespace, plan: Plan) -> None:
 
     before = evaluate() if plan.eval_texts is not None else None
     stream = streams_output(args)
-    report = pruner.prune(
-        args.dataset,
-        text_column=args.text_column,
-        split=args.dataset_split,
-        output_dir=args.output if stream else None,
-        overwrite=args.overwrite,
-        resume=args.resume,
-    )
+    if args.recover_schedule == "gradual":
+        report = pruner.prune_while_training(
+            args.recover_dataset or args.dataset,
+            max_steps=args.recover_steps,
+            learning_rate=args.recover_lr,
+            batch_size=args.recover_batch_size,
+            seq_len=args.recover_seq_len,
+            distill=args.recover_loss == "distill",
+            work_dir=f"{args.output}.recover" if args.output else None,
+            text_column=args.text_column,
+            split=args.dataset_split,
+        )
+    else:
+        report = pruner.prune(
+            args.dataset,
+            text_column=args.text_column,
+            split=args.dataset_split,
+            output_dir=args.output if stream else None,
+            overwrite=args.overwrite,
+            resume=args.resume,
+        )
     after = evaluate() if plan.eval_texts is not None else None
     print(report.table())
     if before is not None:
         print(
             f"perplexity on {plan.eval_name} ({before.describe()}): dense {before.value:.3f} -> pruned {after.value:.3f}"
         )
-    if args.recover_steps:
+    if args.recover_steps and args.recover_schedule == "gradual":
+        recovery = pruner.recovery
+        print(f"pruned while training: {recovery.steps} steps, {recovery.tokens:,} tokens of {recovery.dataset}")
+    elif args.recover_steps:
         recovery = pruner.recover(
             args.recover_dataset or args.dataset,
             max_steps=args.recover_steps,

@@ -13,7 +13,7 @@ import math
 import shutil
 import time
 import warnings
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,7 +21,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import PreTrainedTokenizerBase, Trainer, TrainingArguments
+from transformers import PreTrainedTokenizerBase, Trainer, TrainerCallback, TrainingArguments
 
 from ..calibration import calibration_ids, load_texts
 from .callback import SparsityCallback, check_masks_hold
@@ -190,11 +190,13 @@ def recover(
     resume: bool = False,
     progress: bool = True,
     callback: SparsityCallback | None = None,
+    callbacks: Sequence[TrainerCallback] = (),
 ) -> tuple[nn.Module, RecoveryReport]:
     """Train ``model`` after pruning and return it (a new object with LoRA) and the report. Checkpoints go to
     ``work_dir`` (``resume=True`` continues from the last one) and are removed once training has finished; every
     pruned weight is checked to be zero. ``callback`` replaces the `SparsityCallback` of ``masks`` (gradual
-    pruning passes its `GradualPruningCallback`, whose masks grow during training)."""
+    pruning passes its `GradualPruningCallback`, whose masks grow during training); ``callbacks`` are added to
+    the Trainer's (evaluation at some steps, say)."""
     ids, name = training_windows(dataset, tokenizer, config, text_column, split)
     if config.distill and teacher is None:
         raise ValueError("Distillation needs the dense teacher model: pass teacher=, or distill=False.")
@@ -232,7 +234,10 @@ def recover(
         model=student,
         args=args,
         train_dataset=_Windows(ids),
-        callbacks=[callback or SparsityCallback(masks)] if (masks or callback) and not config.lora else [],
+        callbacks=[
+            *([callback or SparsityCallback(masks)] if (masks or callback) and not config.lora else []),
+            *callbacks,
+        ],
         teacher=teacher if config.distill else None,
     )
     checkpoints = sorted(Path(work_dir).glob("checkpoint-*")) if resume else []

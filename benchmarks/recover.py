@@ -1,0 +1,243 @@
+"""Recovery after pruning: eval perplexity against training tokens, one-shot + recovery against gradual pruning,
+and the training throughput with `SparsityCallback` against a plain Trainer.
+
+For each pruned model (Wanda 50%, SparseGPT 2:4, structured MLP -25% by SparseGPT) and each way of training
+(distillation or plain language-model loss, full or LoRA), one run of ``--steps`` steps is evaluated at a few
+points along the way; gradual pruning to Wanda's 50% runs at each of those budgets. Training text and evaluation
+text never overlap: for the asset models, TinyStories val is split (evaluation: its first characters; training:
+the rest); for SmolLM2, C4 trains and WikiText-2 evaluates. Results go to ``benchmarks/results/recover-<model>.json``,
+the ``recovery`` section of docs/benchmarks.md and a plot, ``docs/recovery-<model>.png``.
+
+    OMP_NUM_THREADS=1 python benchmarks/recover.py --models stories260k --steps 100
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.markdown import table, write_section  # noqa: E402
+from benchmarks.models import C4_SAMPLE, TINYSTORIES_VAL, WIKITEXT_TEST  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+DOCS = Path(__file__).resolve().parents[1] / "docs"
+EVAL_CHARACTERS = 120_000  # the head of TinyStories val is evaluation text, the rest training text
+PRUNED = {
+    "wanda 50%": {"method": "wanda", "sparsity": 0.5},
+    "sparsegpt 2:4": {"method": "sparsegpt", "pattern": "2:4"},
+    "structured MLP -25% (sparsegpt)": {"method": "sparsegpt", "structure": {"mlp": 0.25}},
+}
+TRAINING = {"distill, full": (True, False), "lm, full": (False, False), "distill, LoRA": (True, True)}
+
+
+def data(model: str, folder: Path) -> tuple[str | Path, str | list[str], str]:
+    """Training data, evaluation text and its name, without overlap."""
+    if model == "smollm2-135m":
+        rows = [json.loads(line)["text"] for line in WIKITEXT_TEST.open(encoding="utf-8")]
+        return C4_SAMPLE, rows, "WikiText-2 raw test"
+    text = TINYSTORIES_VAL.read_text(encoding="utf-8")
+    train = folder / "tinystories_train_part.txt"
+    train.write_text(text[EVAL_CHARACTERS:], encoding="utf-8")
+    return train, text[:EVAL_CHARACTERS], "TinyStories val (head)"
+
+
+def evaluate(model, tokenizer, text, windows: int) -> float:
+    from optimum_prune.evaluation import perplexity
+
+    return perplexity(model, tokenizer, text, seq_len=256, max_windows=windows)
+
+
+def run(model_name: str, args: argparse.Namespace) -> dict:
+    import torch
+    from transformers import TrainerCallback
+
+    from benchmarks.models import calibration_token_ids, load_model, model_folder
+    from optimum_prune import Pruner, PruningConfig
+
+    torch.manual_seed(0)
+    results: dict = {"settings": vars(args) | {"models": None}}
+    checkpoints = sorted({max(1, args.steps // 4), max(1, args.steps // 2), args.steps})
+    with tempfile.TemporaryDirectory() as tmp:
+        train, text, eval_name = data(model_name, Path(tmp))
+        results["eval"] = eval_name
+        model, tokenizer = load_model(model_name)
+        results["dense"] = evaluate(model, tokenizer, text, args.eval_windows)
+        tokens_per_step = args.batch_size * args.seq_len
+
+        class Evaluate(TrainerCallback):
+            def __init__(self, curve: list) -> None:
+                self.curve = curve
+
+            def on_step_end(self, args_, state, control, model=None, **kwargs):
+                if state.global_step in checkpoints[:-1] and not hasattr(model, "peft_config"):
+                    self.curve.append(
+                        (state.global_step * tokens_per_step, evaluate(model, tokenizer, text, args.eval_windows))
+                    )
+
+        for pruned_name, recipe in PRUNED.items():
+            for training_name, (distill, lora) in TRAINING.items():
+                model, tokenizer = load_model(model_name)
+                config = PruningConfig(**recipe, num_samples=args.samples, seq_len=args.seq_len)
+                pruner = Pruner(
+                    model, config, tokenizer, device="cpu", progress=False, source=str(model_folder(model_name))
+                )
+                pruner.prune(calibration_token_ids(tokenizer, args.samples, args.seq_len, 0))
+                curve = [(0, evaluate(pruner.model, tokenizer, text, args.eval_windows))]
+                start = time.perf_counter()
+                report = pruner.recover(
+                    train, max_steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, lora=lora,
+                    distill=distill, learning_rate=args.lr * (3 if lora else 1), work_dir=Path(tmp) / "work",
+                    callbacks=[Evaluate(curve)],
+                )  # fmt: skip
+                curve.append((report.tokens, evaluate(pruner.model, tokenizer, text, args.eval_windows)))
+                zeros = sum(int((p == 0).sum()) for p in pruner.model.parameters() if p.dim() == 2)
+                key = f"{pruned_name} | {training_name}"
+                results[key] = {"curve": curve, "seconds": time.perf_counter() - start, "zeros": zeros}
+                print(key, curve, flush=True)
+        results["gradual"] = []
+        for steps in checkpoints:
+            model, tokenizer = load_model(model_name)
+            pruner = Pruner(
+                model, PruningConfig(method="wanda", sparsity=0.5, seq_len=args.seq_len), tokenizer, device="cpu",
+                progress=False, source=str(model_folder(model_name)),
+            )  # fmt: skip
+            pruner.prune_while_training(
+                train, max_steps=steps, batch_size=args.batch_size, seq_len=args.seq_len, learning_rate=args.lr,
+                work_dir=Path(tmp) / f"gradual-{steps}",
+            )  # fmt: skip
+            results["gradual"].append(
+                (steps * tokens_per_step, evaluate(pruner.model, tokenizer, text, args.eval_windows))
+            )
+            print("gradual", results["gradual"][-1], flush=True)
+        results["throughput"] = throughput(model_name, train, args)
+    return results
+
+
+def throughput(model_name: str, train: Path, args: argparse.Namespace) -> dict:
+    """Tokens per second of the same training steps with and without `SparsityCallback` (plain LM loss)."""
+    from transformers import Trainer, TrainingArguments
+
+    from benchmarks.models import load_model
+    from optimum_prune import Pruner, PruningConfig
+    from optimum_prune.export.masks import Masks
+    from optimum_prune.recovery import RecoveryConfig, SparsityCallback
+    from optimum_prune.recovery.train import _Windows, training_windows
+
+    speeds = {}
+    for name in ("plain Trainer", "with SparsityCallback", "plain Trainer again"):
+        model, tokenizer = load_model(model_name)
+        pruner = Pruner(model, PruningConfig(method="magnitude", sparsity=0.5), tokenizer, device="cpu", progress=False)
+        pruner.prune()
+        config = RecoveryConfig(max_steps=args.throughput_steps, batch_size=args.batch_size, seq_len=args.seq_len)
+        ids, _ = training_windows(train, tokenizer, config, "text", "train")
+        with tempfile.TemporaryDirectory() as tmp:
+            training = TrainingArguments(
+                output_dir=tmp, max_steps=config.max_steps, per_device_train_batch_size=config.batch_size,
+                report_to=[], use_cpu=True, disable_tqdm=True, save_strategy="no", logging_strategy="no",
+            )  # fmt: skip
+            callbacks = [SparsityCallback(Masks.from_pruner(pruner.model, pruner.masks))] if "with" in name else []
+            trainer = Trainer(model=pruner.model, args=training, train_dataset=_Windows(ids), callbacks=callbacks)
+            start = time.perf_counter()
+            trainer.train()
+            speeds[name] = config.max_steps * config.batch_size * config.seq_len / (time.perf_counter() - start)
+    return speeds
+
+
+def plot(model: str, results: dict) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(8, 5))
+    for key, value in results.items():
+        if isinstance(value, dict) and "curve" in value:
+            tokens, ppl = zip(*value["curve"], strict=True)
+            axis.plot(tokens, ppl, marker="o", label=key)
+    if results.get("gradual"):
+        tokens, ppl = zip(*results["gradual"], strict=True)
+        axis.plot(
+            tokens, ppl, marker="s", linestyle="--", color="black", label="gradual wanda 50% (one run per budget)"
+        )
+    axis.axhline(results["dense"], color="grey", linestyle=":", label="dense")
+    axis.set(
+        xlabel="training tokens", ylabel=f"perplexity, {results['eval']}", yscale="log", title=f"Recovery: {model}"
+    )
+    axis.legend(fontsize=7)
+    path = DOCS / f"recovery-{model}.png"
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    return path
+
+
+def render(model: str, results: dict, args: argparse.Namespace) -> None:
+    rows = []
+    for key, value in results.items():
+        if isinstance(value, dict) and "curve" in value:
+            (_, pruned), (tokens, last) = value["curve"][0], value["curve"][-1]
+            closed = (pruned - last) / (pruned - results["dense"]) if pruned > results["dense"] else float("nan")
+            rows.append(
+                [
+                    key,
+                    f"{pruned:.2f}",
+                    f"{last:.2f}",
+                    f"{tokens:,}",
+                    f"{closed:.0%}",
+                    f"{value['seconds']:.0f}",
+                    f"{value['zeros']:,}",
+                ]
+            )
+    for tokens, ppl in results.get("gradual", []):
+        rows.append(["gradual wanda 50%, distill, full", "-", f"{ppl:.2f}", f"{tokens:,}", "-", "-", "-"])
+    speeds = results["throughput"]
+    overhead = 1 - speeds["with SparsityCallback"] / max(speeds["plain Trainer"], speeds["plain Trainer again"])
+    markdown = "\n".join(
+        [
+            "## Recovery after pruning",
+            "",
+            f"Command: `OMP_NUM_THREADS=1 python benchmarks/recover.py --models {model} --steps {args.steps} "
+            f"--samples {args.samples}` (batch {args.batch_size} x {args.seq_len} tokens per step, learning rate "
+            f"{args.lr:g}, 3x that with LoRA). Perplexity on {results['eval']}, {args.eval_windows} windows of 256 "
+            f'tokens; dense {results["dense"]:.2f}. "gap closed" is (pruned - recovered) / (pruned - dense); '
+            '"zeros" counts the exact zeros of every matrix after training (the pruned weights stay zero: the runs '
+            "check it before writing).",
+            "",
+            table(["model, training", "pruned", "recovered", "tokens", "gap closed", "train s", "zeros"], rows),
+            "",
+            f"![perplexity against training tokens](recovery-{model}.png)",
+            "",
+            f"Training throughput, {args.throughput_steps} steps, plain language-model loss: plain Trainer "
+            f"{speeds['plain Trainer']:.0f} and {speeds['plain Trainer again']:.0f} tokens/s, with `SparsityCallback` "
+            f"{speeds['with SparsityCallback']:.0f} tokens/s (overhead {overhead:.1%} against the faster plain run).",
+        ]
+    )
+    write_section("recovery", markdown)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", default=["stories260k"])
+    parser.add_argument("--steps", type=int, default=100)
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--samples", type=int, default=32, help="calibration sequences of --seq-len tokens")
+    parser.add_argument("--eval-windows", type=int, default=40)
+    parser.add_argument("--throughput-steps", type=int, default=30)
+    args = parser.parse_args(argv)
+    RESULTS.mkdir(exist_ok=True)
+    for model in args.models:
+        results = run(model, args)
+        (RESULTS / f"recover-{model}.json").write_text(json.dumps(results, indent=1))
+        plot(model, results)
+        render(model, results, args)
+
+
+if __name__ == "__main__":
+    main()
