@@ -249,6 +249,19 @@ class Pruner:
                 if output_dir is not None:
                     self.save_pretrained(output_dir, overwrite=overwrite)
                 return self.report
+        structure = structured.structure if plan is not None else None
+        return self._prune_blockwise(input_ids, output_dir, overwrite, resume, structure)
+
+    def _prune_blockwise(
+        self,
+        input_ids: torch.Tensor | None,
+        output_dir: str | os.PathLike | None,
+        overwrite: bool,
+        resume: bool,
+        structure: dict[str, Any] | None,
+    ) -> PruningReport:
+        """The unstructured (or N:M) pass, after a structured one when ``structure`` (its summary) is given:
+        checks against the estimate, the work folder, the engine, the output."""
         planned = estimate_run(
             self.model,
             self.config,
@@ -282,8 +295,7 @@ class Pruner:
                 work.remove()  # nothing to resume: leave nothing that would block the corrected command
             raise
         self.masks = engine.masks
-        if plan is not None:
-            self.report.structure = structured.structure
+        self.report.structure = structure
         setattr(self.model.config, METADATA_KEY, build_metadata(self.config, self.report))
         if work is not None:
             if self.disk is None:

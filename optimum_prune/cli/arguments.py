@@ -127,26 +127,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     evaluation.add_argument("--eval-seq-len", type=int, help="tokens per window (default: --seq-len).")
     evaluation.add_argument("--eval-windows", type=int, help="evaluate only the first N windows (default: all).")
 
-    recovery = parser.add_argument_group("recovery training after pruning (pruned weights stay exactly zero)")
-    recovery.add_argument("--recover-steps", type=int, metavar="N", help="train N steps after pruning (default: none).")
-    recovery.add_argument("--recover-dataset", metavar="SRC", help="training text (default: --dataset).")
-    recovery.add_argument("--recover-lr", type=float, help="peak learning rate (default 2e-5, 2e-4 with LoRA).")
-    recovery.add_argument("--recover-batch-size", type=int, default=4, help="sequences per step (default 4).")
-    recovery.add_argument("--recover-seq-len", type=int, help="tokens per sequence (default: --seq-len).")
-    recovery.add_argument("--recover-lora", action="store_true", help="train LoRA adapters, merged through the masks.")
-    recovery.add_argument(
-        "--recover-schedule",
-        choices=["one-shot", "gradual"],
-        default="one-shot",
-        help="one-shot: prune, then train (default); gradual: prune while training, sparsity rising on a cubic "
-        "schedule over the first 75%% of --recover-steps (unstructured, uniform).",
-    )
-    recovery.add_argument(
-        "--recover-loss",
-        choices=["distill", "lm"],
-        default="distill",
-        help="distill: KL to the dense model (default); lm: the plain language-model loss.",
-    )
+    _add_recovery_arguments(parser)
 
     output = parser.add_argument_group("output")
     output.add_argument("--output", metavar="DIR", help="folder for the pruned model (loads with transformers).")
@@ -168,3 +149,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     output.add_argument("--private", action="store_true", help="create the --push-to-hub repository as private.")
     output.add_argument("--verbose", action="store_true", help="info logs, and a traceback on failure.")
     return parser
+
+
+def _add_recovery_arguments(parser: argparse.ArgumentParser) -> None:
+    """The --recover-* flags (`optimum_prune.recovery`)."""
+    recovery = parser.add_argument_group("recovery training after pruning (pruned weights stay exactly zero)")
+    recovery.add_argument("--recover-steps", type=int, metavar="N", help="train N steps after pruning (default: none).")
+    recovery.add_argument("--recover-dataset", metavar="SRC", help="training text (default: --dataset).")
+    recovery.add_argument("--recover-lr", type=float, help="peak learning rate (default 2e-5, 2e-4 with LoRA).")
+    recovery.add_argument("--recover-batch-size", type=int, default=4, help="sequences per step (default 4).")
+    recovery.add_argument("--recover-seq-len", type=int, help="tokens per sequence (default: --seq-len).")
+    recovery.add_argument("--recover-lora", action="store_true", help="train LoRA adapters, merged through the masks.")
+    recovery.add_argument(
+        "--recover-schedule",
+        choices=["one-shot", "gradual"],
+        default="one-shot",
+        help="one-shot: prune, then train (default); gradual: prune while training, sparsity rising on a cubic "
+        "schedule over the first 75%% of --recover-steps (unstructured, uniform).",
+    )
+    recovery.add_argument(
+        "--recover-loss",
+        choices=["distill", "lm"],
+        default="distill",
+        help="distill: KL to the dense model (default); lm: the plain language-model loss.",
+    )

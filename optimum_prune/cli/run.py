@@ -23,6 +23,8 @@ if TYPE_CHECKING:
     from transformers import PretrainedConfig
 
     from ..config import PruningConfig
+    from ..pruner import Pruner
+    from ..report import PruningReport
 
 logger = logging.getLogger("optimum_prune.cli")
 
@@ -309,11 +311,10 @@ def cap_seq_len(plan: Plan, context: int | None) -> None:
 
 
 def execute(args: argparse.Namespace, plan: Plan) -> None:
-    """Load (or only estimate), evaluate, prune, evaluate again, print the summary, save, export and push."""
+    """Load (or only estimate), evaluate, prune, evaluate again, recover, print the summary, save, export, push."""
     import torch
 
     from ..evaluation import evaluate_perplexity
-    from ..pruner import Pruner
 
     config = plan.config
     dtype = args.dtype if args.dtype == "auto" else getattr(torch, args.dtype)
@@ -325,9 +326,36 @@ def execute(args: argparse.Namespace, plan: Plan) -> None:
         print(
             "note: neither --output nor --push-to-hub was given: the pruned model will not be saved.", file=sys.stderr
         )
+    pruner = load(args, plan, dtype)
+    eval_seq_len = args.eval_seq_len or config.seq_len
+
+    def evaluate():
+        return evaluate_perplexity(pruner.model, pruner.tokenizer, plan.eval_texts, eval_seq_len, args.eval_windows)
+
+    before = evaluate() if plan.eval_texts is not None else None
+    report = prune(args, pruner)
+    after = evaluate() if plan.eval_texts is not None else None
+    print(report.table())
+    if before is not None:
+        print(
+            f"perplexity on {plan.eval_name} ({before.describe()}): dense {before.value:.3f} -> pruned {after.value:.3f}"
+        )
+    if args.recover_steps and args.recover_schedule == "one-shot":
+        recover(args, pruner)
+        if before is not None:
+            after = evaluate()
+            print(f"perplexity on {plan.eval_name} after recovery: {after.value:.3f}")
+    scores = None if before is None else {"dataset": plan.eval_name, "before": before.value, "after": after.value}
+    write(args, pruner, scores)
+
+
+def load(args: argparse.Namespace, plan: Plan, dtype: Any) -> Pruner:
+    """The `Pruner` of --model, with a tokenizer when calibration or --eval needs one."""
+    from ..pruner import Pruner
+
     pruner = Pruner.from_pretrained(
         args.model,
-        config,
+        plan.config,
         tokenizer=args.tokenizer,
         device=args.device,
         dtype=dtype,
@@ -338,70 +366,58 @@ def execute(args: argparse.Namespace, plan: Plan) -> None:
         max_memory=plan.max_memory,
         offload_activations=args.offload_activations,
     )
-    if pruner.tokenizer is None and (config.needs_calibration or plan.eval_texts is not None):
+    if pruner.tokenizer is None and (plan.config.needs_calibration or plan.eval_texts is not None):
         raise RuntimeError(
             f"No tokenizer could be loaded from {args.tokenizer or args.model}; calibration and --eval need one: "
             "pass --tokenizer PATH (a folder or Hub id holding one)."
         )
-    eval_seq_len = args.eval_seq_len or config.seq_len
+    return pruner
 
-    def evaluate():
-        return evaluate_perplexity(pruner.model, pruner.tokenizer, plan.eval_texts, eval_seq_len, args.eval_windows)
 
-    before = evaluate() if plan.eval_texts is not None else None
-    stream = streams_output(args)
+def _training(args: argparse.Namespace) -> dict[str, Any]:
+    """The keyword arguments of recovery training from the --recover-* flags."""
+    return {
+        "max_steps": args.recover_steps,
+        "learning_rate": args.recover_lr,
+        "batch_size": args.recover_batch_size,
+        "seq_len": args.recover_seq_len,
+        "distill": args.recover_loss == "distill",
+        "work_dir": f"{args.output}.recover" if args.output else None,
+        "text_column": args.text_column,
+        "split": args.dataset_split,
+    }
+
+
+def prune(args: argparse.Namespace, pruner: Pruner) -> PruningReport:
+    """Prune one-shot (written block by block when `streams_output`), or gradually while training."""
     if args.recover_schedule == "gradual":
-        report = pruner.prune_while_training(
-            args.recover_dataset or args.dataset,
-            max_steps=args.recover_steps,
-            learning_rate=args.recover_lr,
-            batch_size=args.recover_batch_size,
-            seq_len=args.recover_seq_len,
-            distill=args.recover_loss == "distill",
-            work_dir=f"{args.output}.recover" if args.output else None,
-            text_column=args.text_column,
-            split=args.dataset_split,
-        )
-    else:
-        report = pruner.prune(
-            args.dataset,
-            text_column=args.text_column,
-            split=args.dataset_split,
-            output_dir=args.output if stream else None,
-            overwrite=args.overwrite,
-            resume=args.resume,
-        )
-    after = evaluate() if plan.eval_texts is not None else None
-    print(report.table())
-    if before is not None:
-        print(
-            f"perplexity on {plan.eval_name} ({before.describe()}): dense {before.value:.3f} -> pruned {after.value:.3f}"
-        )
-    if args.recover_steps and args.recover_schedule == "gradual":
+        report = pruner.prune_while_training(args.recover_dataset or args.dataset, **_training(args))
         recovery = pruner.recovery
         print(f"pruned while training: {recovery.steps} steps, {recovery.tokens:,} tokens of {recovery.dataset}")
-    elif args.recover_steps:
-        recovery = pruner.recover(
-            args.recover_dataset or args.dataset,
-            max_steps=args.recover_steps,
-            learning_rate=args.recover_lr,
-            batch_size=args.recover_batch_size,
-            seq_len=args.recover_seq_len,
-            lora=args.recover_lora,
-            distill=args.recover_loss == "distill",
-            work_dir=f"{args.output}.recover" if args.output else None,
-            text_column=args.text_column,
-            split=args.dataset_split,
-        )
-        print(
-            f"recovery: {recovery.steps} steps, {recovery.tokens:,} tokens of {recovery.dataset}, {recovery.loss} "
-            f"{recovery.first_loss:.4f} -> {recovery.final_loss:.4f}, {recovery.seconds:.1f} s; pruned weights still zero"
-        )
-        if before is not None:
-            after = evaluate()
-            print(f"perplexity on {plan.eval_name} after recovery: {after.value:.3f}")
+        return report
+    return pruner.prune(
+        args.dataset,
+        text_column=args.text_column,
+        split=args.dataset_split,
+        output_dir=args.output if streams_output(args) else None,
+        overwrite=args.overwrite,
+        resume=args.resume,
+    )
+
+
+def recover(args: argparse.Namespace, pruner: Pruner) -> None:
+    """Train after pruning, keeping the masks, and print what the training did."""
+    recovery = pruner.recover(args.recover_dataset or args.dataset, lora=args.recover_lora, **_training(args))
+    print(
+        f"recovery: {recovery.steps} steps, {recovery.tokens:,} tokens of {recovery.dataset}, {recovery.loss} "
+        f"{recovery.first_loss:.4f} -> {recovery.final_loss:.4f}, {recovery.seconds:.1f} s; pruned weights still zero"
+    )
+
+
+def write(args: argparse.Namespace, pruner: Pruner, scores: dict[str, Any] | None) -> None:
+    """Save --output (unless pruning streamed it), export ONNX, push to the Hub."""
     save_format = "compressed" if "compressed" in args.export else "dense"
-    if args.output and not stream:
+    if args.output and not streams_output(args):
         pruner.save_pretrained(args.output, overwrite=args.overwrite, format=save_format, save_masks=args.save_masks)
     if args.output:
         print(f"saved ({save_format}) to {args.output}")
@@ -414,7 +430,6 @@ def execute(args: argparse.Namespace, plan: Plan) -> None:
         export_onnx(source, onnx_dir, tokenizer=pruner.tokenizer)
         print(f"ONNX model written to {onnx_dir}")
     if args.push_to_hub:
-        scores = None if before is None else {"dataset": plan.eval_name, "before": before.value, "after": after.value}
         commit = pruner.push_to_hub(args.push_to_hub, private=args.private, format=save_format, perplexity=scores)
         print(f"pushed to {commit.commit_url}")
 

@@ -174,6 +174,27 @@ def _merge_lora(model: nn.Module, masks: Mapping[str, torch.Tensor]) -> nn.Modul
     return model.unload()
 
 
+def _training_arguments(config: RecoveryConfig, work_dir: str | Path, progress: bool, device: torch.device):
+    """The Trainer's arguments: constant learning rate after a 10% warm-up, four checkpoints, no reporting."""
+    return TrainingArguments(
+        output_dir=str(work_dir),
+        max_steps=config.max_steps,
+        per_device_train_batch_size=config.batch_size,
+        learning_rate=config.learning_rate,
+        lr_scheduler_type="constant_with_warmup",
+        warmup_steps=max(1, config.max_steps // 10),
+        logging_steps=max(1, config.max_steps // 20),
+        save_steps=max(1, config.max_steps // 4),
+        save_total_limit=1,
+        report_to=[],
+        seed=config.seed,
+        use_cpu=device.type == "cpu",
+        disable_tqdm=not progress,
+        remove_unused_columns=False,
+        dataloader_num_workers=0,
+    )
+
+
 def recover(
     model: nn.Module,
     tokenizer: PreTrainedTokenizerBase,
@@ -212,24 +233,7 @@ def recover(
         targets = _lora_targets(model, masks, target_layers or [])
         lora = LoraConfig(r=config.lora_rank, lora_alpha=2 * config.lora_rank, target_modules=targets, lora_dropout=0.0)
         student = get_peft_model(model, lora)
-    device = next(model.parameters()).device
-    args = TrainingArguments(
-        output_dir=str(work_dir),
-        max_steps=config.max_steps,
-        per_device_train_batch_size=config.batch_size,
-        learning_rate=config.learning_rate,
-        lr_scheduler_type="constant_with_warmup",
-        warmup_steps=max(1, config.max_steps // 10),
-        logging_steps=max(1, config.max_steps // 20),
-        save_steps=max(1, config.max_steps // 4),
-        save_total_limit=1,
-        report_to=[],
-        seed=config.seed,
-        use_cpu=device.type == "cpu",
-        disable_tqdm=not progress,
-        remove_unused_columns=False,
-        dataloader_num_workers=0,
-    )
+    args = _training_arguments(config, work_dir, progress, next(model.parameters()).device)
     trainer = _RecoveryTrainer(
         model=student,
         args=args,
