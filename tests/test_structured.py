@@ -184,3 +184,22 @@ def test_structure_is_part_of_the_recipe():
     assert PruningConfig.from_dict(config.to_dict()) == config
     assert _config({"mlp": 0.25, "compensate": False}, method="magnitude").needs_calibration is False
     assert MLP == "mlp"
+
+
+def test_compensation_that_does_not_generalise_is_not_kept():
+    """16 fitted tokens for 128 channels: a least-squares refit reproduces those tokens and nothing else, so the
+    held-out sequences (every 2nd here) keep the plain kept columns; with plenty of tokens the refit is kept."""
+    results = {}
+    for sequences, tokens in ((4, 8), (64, 64)):
+        model = tiny_model("llama")
+        mlp = model.model.layers[0].mlp
+        original = mlp.down_proj.weight.detach().clone()
+        group = mlp_group(model.model.layers[0], "model.layers.0", find_target_layers(model)[0], 64)
+        gram = InputGram(128, torch.device("cpu"), held_out_every=2)
+        torch.manual_seed(1)
+        with torch.no_grad():
+            inputs = torch.randn(sequences, tokens, 64)
+            gram.update(mlp.act_fn(mlp.gate_proj(inputs)) * mlp.up_proj(inputs))
+        kept = prune_group(group, gram, get_method("wanda"), keep=64, compensate=True, dampening=0.01)
+        results[sequences] = torch.equal(mlp.down_proj.weight, original[:, kept])
+    assert results == {4: True, 64: False}

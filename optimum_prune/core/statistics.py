@@ -120,18 +120,35 @@ def inverse_hessian_cholesky(hessian: torch.Tensor, dampening: float, *, in_plac
 
 
 class InputGram(LayerStatistic):
-    """Sums of ``x xᵀ`` and ``x`` over the calibration tokens (float32), and their count."""
+    """Sums of ``x xᵀ`` and ``x`` over the calibration tokens (float32), and their count. With
+    ``held_out_every=k``, every k-th calibration sequence goes to `held` instead, a second `InputGram` that
+    judges a fit on tokens it was not fitted to."""
 
-    def __init__(self, in_features: int, device: torch.device) -> None:
+    def __init__(self, in_features: int, device: torch.device, held_out_every: int = 0) -> None:
         self.gram = torch.zeros(in_features, in_features, device=device)
         self.sum = torch.zeros(in_features, device=device)
         self.tokens = 0
+        self.held = InputGram(in_features, device) if held_out_every else None
+        self._every = held_out_every
+        self._sequences = 0
 
     def update(self, inputs: torch.Tensor) -> None:
+        if self.held is not None and inputs.dim() == 3:
+            index = torch.arange(self._sequences, self._sequences + inputs.shape[0], device=inputs.device)
+            self._sequences += inputs.shape[0]
+            held = index % self._every == self._every - 1
+            if held.any():
+                self.held.update(inputs[held])
+            inputs = inputs[~held]
         x = inputs.reshape(-1, inputs.shape[-1]).float()
         self.gram.addmm_(x.T, x)
         self.sum += x.sum(0)
         self.tokens += x.shape[0]
+
+    def error(self, difference: torch.Tensor) -> float:
+        """``sum ||difference x||^2`` over the tokens, for a weight difference ``(out, in[+1 for a bias])``."""
+        gram = self.augmented(with_bias=difference.shape[1] > self.gram.shape[0])
+        return float(((difference @ gram) * difference).sum())
 
     def augmented(self, with_bias: bool) -> torch.Tensor:
         """The Gram matrix, with a last row and column for a constant input of 1 when ``with_bias``."""

@@ -29,6 +29,8 @@ from ..structured.prune import prune_group
 from .blockwise import BlockwiseEngine
 from .capture import CalibrationBatch, capture_block_inputs
 
+HELD_OUT_EVERY = 8  # every 8th calibration sequence judges whether compensation generalises
+
 
 class StructuredEngine(BlockwiseEngine):
     """Prunes a model structurally with a `StructurePlan` (checked beforehand by `plan_structure`)."""
@@ -101,7 +103,7 @@ class StructuredEngine(BlockwiseEngine):
         self, block: nn.Module, group: ChannelGroup, keep: int, batches: list[CalibrationBatch] | None
     ) -> None:
         statistics = self._collect(
-            block, [group.consumer], batches, lambda layer, device: InputGram(layer.in_features, device)
+            block, [group.consumer], batches, lambda layer, device: InputGram(layer.in_features, device, HELD_OUT_EVERY)
         )
         dampening = getattr(self.method.settings, "dampening", 0.01)
         compensate = self.config.structure.compensate

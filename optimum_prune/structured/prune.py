@@ -3,6 +3,8 @@ columns and bias compensated), and every layer gets its new, smaller shape."""
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from ..core.statistics import InputGram
@@ -10,11 +12,33 @@ from ..methods import PruningMethod
 from .groups import ChannelGroup
 from .select import least_squares_refit, obs_remove
 
+logger = logging.getLogger(__name__)
+
 
 def _rows(units: list[int], size: int, device: torch.device) -> torch.Tensor:
     """The row (or column) indices of ``units`` of ``size`` rows each."""
     index = torch.tensor(units, device=device).unsqueeze(1) * size + torch.arange(size, device=device)
     return index.reshape(-1)
+
+
+def _better_on_held_out(
+    full: torch.Tensor, columns: torch.Tensor, fitted: torch.Tensor, plain: torch.Tensor, gram: InputGram
+) -> torch.Tensor:
+    """The compensated weights, unless on the held-out calibration sequences they reproduce the consumer's
+    outputs worse than the plain kept columns do: a refit of many columns on few tokens can fit those tokens
+    and nothing else (as SparseLLM's refits can)."""
+    if gram.held is None or not gram.held.tokens:
+        return fitted
+
+    def error(weight: torch.Tensor) -> float:
+        padded = torch.zeros_like(full)
+        padded[:, columns] = weight
+        return gram.held.error(full - padded)
+
+    if error(fitted) <= error(plain):
+        return fitted
+    logger.info("Compensation of %d columns fits the held-out calibration tokens worse: kept unchanged.", len(columns))
+    return plain
 
 
 def prune_group(
@@ -42,12 +66,10 @@ def prune_group(
     columns = _rows(kept, group.columns, device)
     if bias is not None:
         columns = torch.cat([columns, torch.tensor([full.shape[1] - 1], device=device)])
-    if not compensate:
-        new = full[:, columns]
-    elif scores is None:
-        new = updated[:, columns]
-    else:
-        new = least_squares_refit(full, hessian, columns, dampening)
+    new = full[:, columns]
+    if compensate:
+        fitted = updated[:, columns] if scores is None else least_squares_refit(full, hessian, columns, dampening)
+        new = _better_on_held_out(full, columns, fitted, new, gram)
     if bias is None:
         group.consumer.replace(new)
     else:
