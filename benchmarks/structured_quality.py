@@ -49,7 +49,7 @@ def rows(model: str) -> list[tuple[str, dict]]:
     def layers(fraction: float) -> dict:
         return {"layers": max(round(blocks * fraction), 1) / blocks}
 
-    return [
+    rows = [
         ("MLP -25%", {"mlp": 0.25}),
         ("MLP -50%", {"mlp": 0.5}),
         (f"attention -{removed} of {groups} KV groups", attention),
@@ -59,6 +59,7 @@ def rows(model: str) -> list[tuple[str, dict]]:
         ("budget -30%: attention + MLP", {**attention, "mlp": 0.375}),
         (f"budget -30%: blocks -{max(round(blocks * 0.367), 1)} of {blocks}", layers(0.367)),
     ]
+    return list(dict(rows).items())  # a small model may give two fractions the same number of blocks
 
 
 def run_row(model_name: str, structure: dict, method: str, compensate: bool, args: argparse.Namespace) -> dict:
