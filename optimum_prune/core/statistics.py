@@ -145,6 +145,16 @@ class InputGram(LayerStatistic):
         self.sum += x.sum(0)
         self.tokens += x.shape[0]
 
+    def merged(self) -> InputGram:
+        """The statistic of every token, held out or not."""
+        if self.held is None:
+            return self
+        total = InputGram(self.gram.shape[0], self.gram.device)
+        total.gram = self.gram + self.held.gram
+        total.sum = self.sum + self.held.sum
+        total.tokens = self.tokens + self.held.tokens
+        return total
+
     def error(self, difference: torch.Tensor) -> float:
         """``sum ||difference x||^2`` over the tokens, for a weight difference ``(out, in[+1 for a bias])``."""
         gram = self.augmented(with_bias=difference.shape[1] > self.gram.shape[0])

@@ -21,24 +21,26 @@ def _rows(units: list[int], size: int, device: torch.device) -> torch.Tensor:
     return index.reshape(-1)
 
 
-def _better_on_held_out(
-    full: torch.Tensor, columns: torch.Tensor, fitted: torch.Tensor, plain: torch.Tensor, gram: InputGram
-) -> torch.Tensor:
-    """The compensated weights, unless on the held-out calibration sequences they reproduce the consumer's
-    outputs worse than the plain kept columns do: a refit of many columns on few tokens can fit those tokens
-    and nothing else (as SparseLLM's refits can)."""
-    if gram.held is None or not gram.held.tokens:
-        return fitted
+def _compensate(full: torch.Tensor, columns: torch.Tensor, gram: InputGram, dampening: float) -> torch.Tensor:
+    """The kept columns ``columns`` refitted by least squares on every calibration token, unless a refit on the
+    fitted tokens alone reproduces the held-out sequences worse than the plain kept columns do (a refit of many
+    columns on few tokens can fit those tokens and nothing else, as SparseLLM's refits can)."""
+    with_bias = full.shape[1] > gram.gram.shape[0]
+    plain = full[:, columns]
+    if gram.held is not None and gram.held.tokens:
 
-    def error(weight: torch.Tensor) -> float:
-        padded = torch.zeros_like(full)
-        padded[:, columns] = weight
-        return gram.held.error(full - padded)
+        def held_out_error(weight: torch.Tensor) -> float:
+            padded = torch.zeros_like(full)
+            padded[:, columns] = weight
+            return gram.held.error(full - padded)
 
-    if error(fitted) <= error(plain):
-        return fitted
-    logger.info("Compensation of %d columns fits the held-out calibration tokens worse: kept unchanged.", len(columns))
-    return plain
+        candidate = least_squares_refit(full, gram.augmented(with_bias), columns, dampening)
+        if held_out_error(candidate) > held_out_error(plain):
+            logger.info(
+                "A refit of %d columns does worse on held-out calibration tokens: kept unchanged.", len(columns)
+            )
+            return plain
+    return least_squares_refit(full, gram.merged().augmented(with_bias), columns, dampening)
 
 
 def prune_group(
@@ -55,21 +57,19 @@ def prune_group(
     device = consumer.device
     bias = getattr(group.consumer.module, "bias", None)
     full = consumer if bias is None else torch.cat([consumer, bias.detach().float().unsqueeze(1)], dim=1)
-    hessian = gram.augmented(with_bias=bias is not None) if gram is not None else None
+    total = gram.merged() if gram is not None else None
     producers = [(layer.matrix(), rows) for layer, rows in group.producers]
-    scores = method.unit_scores(consumer, producers, group.columns, gram)
-    if scores is None:  # OBS compensates as it removes
-        updated, removed = obs_remove(full, hessian, group.columns, group.units, group.units - keep, dampening)
+    scores = method.unit_scores(consumer, producers, group.columns, total)
+    if scores is None:  # second order: OBS chooses the units
+        hessian = total.augmented(with_bias=bias is not None)
+        _, removed = obs_remove(full, hessian, group.columns, group.units, group.units - keep, dampening)
         kept = [unit for unit in range(group.units) if unit not in set(removed)]
     else:
         kept = sorted(scores.argsort(descending=True)[:keep].tolist())
     columns = _rows(kept, group.columns, device)
     if bias is not None:
         columns = torch.cat([columns, torch.tensor([full.shape[1] - 1], device=device)])
-    new = full[:, columns]
-    if compensate:
-        fitted = updated[:, columns] if scores is None else least_squares_refit(full, hessian, columns, dampening)
-        new = _better_on_held_out(full, columns, fitted, new, gram)
+    new = _compensate(full, columns, gram, dampening) if compensate else full[:, columns]
     if bias is None:
         group.consumer.replace(new)
     else:

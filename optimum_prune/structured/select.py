@@ -8,8 +8,9 @@ units whose removal raises the output error least and updating the kept columns 
 
 Compensation refits the kept columns of the consumer by least squares to its outputs over the calibration
 tokens, ``W_K = W H[:, K] H[K, K]^-1``, dampened towards the old weights; a bias, when the consumer has one, is
-refitted with them as a column whose input is always 1 (FLAP's bias compensation is its special case). OBS
-compensates as it removes, so its result is that refit.
+refitted with them as a column whose input is always 1 (FLAP's bias compensation is its special case). After
+OBS has chosen the units, the kept columns get that refit too (the result of OBS's own sequence of updates, on
+every token). `optimum_prune.structured.prune` keeps a refit only where it generalises to held-out sequences.
 """
 
 from __future__ import annotations
