@@ -184,7 +184,7 @@ def render(model: str, results: dict, args: argparse.Namespace) -> None:
             closed = (pruned - last) / (pruned - results["dense"]) if pruned > results["dense"] else float("nan")
             rows.append(
                 [
-                    key,
+                    key.replace(" | ", ", "),
                     f"{pruned:.2f}",
                     f"{last:.2f}",
                     f"{tokens:,}",
@@ -230,11 +230,21 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--samples", type=int, default=32, help="calibration sequences of --seq-len tokens")
     parser.add_argument("--eval-windows", type=int, default=40)
     parser.add_argument("--throughput-steps", type=int, default=30)
+    parser.add_argument("--throughput-only", action="store_true", help="measure the callback's overhead again")
+    parser.add_argument("--render-only", action="store_true")
     args = parser.parse_args(argv)
     RESULTS.mkdir(exist_ok=True)
     for model in args.models:
-        results = run(model, args)
-        (RESULTS / f"recover-{model}.json").write_text(json.dumps(results, indent=1))
+        path = RESULTS / f"recover-{model}.json"
+        if args.render_only or args.throughput_only:
+            results = json.loads(path.read_text())
+            if args.throughput_only:
+                with tempfile.TemporaryDirectory() as tmp:
+                    train, _, _ = data(model, Path(tmp))
+                    results["throughput"] = throughput(model, train, args)
+        else:
+            results = run(model, args)
+        path.write_text(json.dumps(results, indent=1))
         plot(model, results)
         render(model, results, args)
 
