@@ -206,7 +206,8 @@ def render(model: str, results: dict, args: argparse.Namespace) -> None:
             f"{args.lr:g}, 3x that with LoRA). Perplexity on {results['eval']}, {args.eval_windows} windows of 256 "
             f'tokens; dense {results["dense"]:.2f}. "gap closed" is (pruned - recovered) / (pruned - dense); '
             '"zeros" counts the exact zeros of every matrix after training (the pruned weights stay zero: the runs '
-            "check it before writing).",
+            "check it before writing). LoRA runs are evaluated only at the end, after the masked merge (the unmerged "
+            "adapters are dense), so their curves are straight lines.",
             "",
             table(["model, training", "pruned", "recovered", "tokens", "gap closed", "train s", "zeros"], rows),
             "",
