@@ -31,6 +31,7 @@ class PruningReport:
     total_seconds: float = 0.0
     peak_memory_bytes: int = 0
     structure: dict[str, Any] | None = None  # structured pruning: original -> kept sizes, parameters, blocks
+    left_dense_parameters: int = 0  # matrices inside the blocks that no target layer holds (3-D experts, routers)
 
     @property
     def global_sparsity(self) -> float:
@@ -67,6 +68,8 @@ class PruningReport:
             f"{self.method} {self.pattern} ({self.allocation}): global sparsity {self.global_sparsity:.4f} over "
             f"{len(self.layers)} layers, {self.total_seconds:.1f} s, peak memory {self.peak_memory_bytes / 2**30:.2f} GiB"
         )
+        if self.left_dense_parameters:
+            lines.append(f"left dense inside the blocks (not target layers): {self.left_dense_parameters:,} parameters")
         return "\n".join(lines)
 
     def __str__(self) -> str:

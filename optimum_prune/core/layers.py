@@ -118,3 +118,16 @@ def find_target_layers(
             f"Layer names look like {blocks_name}.0.<module>; patterns are fnmatch globs."
         )
     return grouped
+
+
+def untargeted_matrices(model: nn.Module, layers: list[list[TargetLayer]]) -> dict[str, int]:
+    """Matrices (and larger tensors) inside the decoder blocks that no target layer holds, by name, with their
+    sizes: fused 3-D mixture-of-experts weights, routers, ignored layers. Pruning leaves them dense."""
+    blocks_name, blocks = find_decoder_blocks(model)
+    targeted = {id(layer.module.weight) for block in layers for layer in block}
+    return {
+        f"{blocks_name}.{index}.{name}": parameter.numel()
+        for index, block in enumerate(blocks)
+        for name, parameter in block.named_parameters()
+        if parameter.dim() >= 2 and id(parameter) not in targeted
+    }

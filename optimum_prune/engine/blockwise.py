@@ -10,6 +10,7 @@ that an interrupted run resumes from the first unfinished one.
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 import weakref
@@ -22,7 +23,7 @@ from tqdm.auto import tqdm
 
 from ..allocation import outlier_ratio, owl_sparsities
 from ..config import PruningConfig
-from ..core.layers import TargetLayer, find_decoder_blocks, find_target_layers
+from ..core.layers import TargetLayer, find_decoder_blocks, find_target_layers, untargeted_matrices
 from ..core.masks import pack_mask
 from ..core.memory import map_large_allocations, peak_memory
 from ..core.statistics import InputNorms, LayerStatistic
@@ -32,6 +33,8 @@ from .activations import ActivationStore
 from .capture import CalibrationBatch, capture_block_inputs, outside_blocks_loaded
 from .offload import DiskOffload
 from .work_folder import Progress, WorkFolder
+
+logger = logging.getLogger(__name__)
 
 
 class _StopForward(Exception):
@@ -142,7 +145,25 @@ class BlockwiseEngine:
         self.blocks_name, self.blocks = find_decoder_blocks(model)
         self.layers = find_target_layers(model, config.targets, config.ignore)
         self.masks: dict[str, torch.Tensor] = {}
+        self.left_dense = untargeted_matrices(model, self.layers)
         self._check_pattern()
+        self._warn_left_dense()
+
+    def _warn_left_dense(self) -> None:
+        """Say, before any work, which large weights inside the blocks this run will not prune."""
+        total = sum(self.left_dense.values())
+        in_blocks = sum(p.numel() for p in self.blocks.parameters())
+        if total < 0.01 * in_blocks:
+            return
+        names = sorted({name.split(".", 2)[-1].split(".", 1)[-1] for name in self.left_dense})
+        logger.warning(
+            "%s parameters inside the decoder blocks (%.0f%% of them) are not pruned: %s. optimum-prune prunes "
+            "linear layers (nn.Linear, Conv1D); fused 3-D expert weights, routers and ignored layers stay dense, "
+            "and the global sparsity counts the target layers only.",
+            f"{total:,}",
+            100 * total / in_blocks,
+            ", ".join(names[:6]) + (" ..." if len(names) > 6 else ""),
+        )
 
     def _check_pattern(self) -> None:
         pattern = self.config.nm_pattern
@@ -210,6 +231,7 @@ class BlockwiseEngine:
             block_seconds=state.block_seconds,
             total_seconds=time.perf_counter() - start,
             peak_memory_bytes=peak_memory(self.device),
+            left_dense_parameters=sum(self.left_dense.values()),
         )
 
     def _prune_block(

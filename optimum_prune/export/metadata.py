@@ -46,6 +46,7 @@ def build_metadata(
         if config.needs_calibration
         else None,
         "structure": report.structure,
+        "left_dense_parameters": report.left_dense_parameters,
         "recovery": {key: value for key, value in recovery.to_dict().items() if key != "losses"} if recovery else None,
         "config": config.to_dict(),
     }
