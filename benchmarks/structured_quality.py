@@ -95,6 +95,21 @@ def results_file(model: str) -> Path:
     return RESULTS / f"structured-{model}.json"
 
 
+def reading(model: str, results: dict) -> str:
+    """The best compensated result of each width row against Wanda-sp without compensation, from the numbers."""
+    lines = []
+    for name, structure in rows(model):
+        if "layers" in structure:
+            continue
+        ours = [results.get(f"{name} | {method} | True") for method, compensate, _ in METHODS if compensate]
+        baseline = results.get(f"{name} | wanda | False")
+        ours = [result["perplexity"] for result in ours if result]
+        if ours and baseline:
+            ratio = min(ours) / baseline["perplexity"]
+            lines.append(f"{name}: {min(ours):.2f} against {baseline['perplexity']:.2f} ({ratio - 1:+.0%})")
+    return "Best compensated result against Wanda-sp without compensation: " + "; ".join(lines) + "."
+
+
 def render(args: argparse.Namespace) -> None:
     """The section, from every model's results file."""
     from benchmarks.models import MODELS
@@ -124,7 +139,7 @@ def render(args: argparse.Namespace) -> None:
                 result = results.get(f"{name} | {method} | {compensate}")
                 cells.append(f"{result['perplexity']:.2f} ({result['parameters'] / 1e6:.2f}M)" if result else "not run")
             body.append([name, *cells, *(["="] * (len(METHODS) - len(cells)))])
-        parts.append(table(["structure", *(label for *_, label in METHODS)], body))
+        parts += ["", table(["structure", *(label for *_, label in METHODS)], body), "", reading(model, results)]
     write_section("structured-quality", "\n".join(parts))
 
 
