@@ -49,14 +49,14 @@ class SparsityCallback(TrainerCallback):
         self.masks = masks
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._keep: dict[str, torch.Tensor] = {}
-        self._model: nn.Module | None = None
+        self._parameters: dict[str, nn.Parameter] = {}
 
     def on_train_begin(self, args, state, control, model: nn.Module | None = None, **kwargs) -> None:
         if model is None:
             raise ValueError("SparsityCallback needs the model: use it with a transformers Trainer.")
-        self._model = model
         self._remove_hooks()
-        for name, parameter in _parameters(model, self.masks).items():
+        self._parameters = _parameters(model, self.masks)
+        for name, parameter in self._parameters.items():
             keep = (~self.masks[name]).to(device=parameter.device, dtype=parameter.dtype)
             self._keep[name] = keep
             with torch.no_grad():
@@ -73,10 +73,9 @@ class SparsityCallback(TrainerCallback):
 
     def enforce(self) -> None:
         """Set every pruned weight back to zero (a no-op when the hooks did their job)."""
-        if self._model is not None:
-            with torch.no_grad():
-                for name, parameter in _parameters(self._model, self.masks).items():
-                    parameter.mul_(self._keep[name])
+        with torch.no_grad():
+            for name, parameter in self._parameters.items():
+                parameter.mul_(self._keep[name])
 
     def _remove_hooks(self) -> None:
         for handle in self._handles:
