@@ -556,8 +556,15 @@ class Pruner:
         if self.report is None:
             raise RuntimeError("No model card before pruning: call prune() first.")
         base_model = base_model or hub_base_model(self.source)
+        recovery = self.recovery.to_dict() if self.recovery is not None else None
         return build_model_card(
-            self.config, self.report, repo_id, base_model=base_model, format=format, perplexity=perplexity
+            self.config,
+            self.report,
+            repo_id,
+            base_model=base_model,
+            format=format,
+            perplexity=perplexity,
+            recovery=recovery,
         )
 
     def push_to_hub(

@@ -104,6 +104,8 @@ def test_recover_lowers_perplexity_and_keeps_sparsity(lora, tmp_path):
 
     recovery = read_metadata(tmp_path / "out")["recovery"]
     assert recovery["lora"] is lora and recovery["teacher"] == str(STORIES_260K) and recovery["steps"] == 30
+    card = str(pruner.model_card("me/recovered"))
+    assert "## Recovery training" in card and "| training tokens | 30,720 of tinystories_val.txt |" in card
 
 
 def test_a_plain_lora_merge_would_make_the_weights_dense(tmp_path):

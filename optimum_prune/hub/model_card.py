@@ -115,8 +115,10 @@ def build_model_card(
     base_model: str | None = None,
     format: str = "dense",
     perplexity: dict[str, Any] | None = None,
+    recovery: dict[str, Any] | None = None,
 ) -> ModelCard:
-    """The card of a model pruned with ``config`` (``report`` is what the run achieved)."""
+    """The card of a model pruned with ``config`` (``report`` is what the run achieved; ``recovery``, the
+    `RecoveryReport.to_dict` of training after pruning)."""
     from ..version import __version__
 
     perplexity = check_perplexity(perplexity)
@@ -150,6 +152,18 @@ def build_model_card(
         f"# {name}\n\n{origin} pruned with optimum-prune {__version__}: {summary}",
         "## Pruning recipe\n\n" + _markdown_table(["setting", "value"], [list(row) for row in _recipe(config, report)]),
     ]
+    if recovery is not None:
+        rows = [
+            ["steps", recovery["steps"]],
+            ["training tokens", f"{recovery['tokens']:,} of {recovery['dataset']}"],
+            ["loss", recovery["loss"] + (f" (teacher: {recovery['teacher']})" if recovery["teacher"] else "")],
+            ["trained", "LoRA adapters, merged through the masks" if recovery["lora"] else "every weight"],
+            ["first -> last loss", f"{recovery['first_loss']:.4f} -> {recovery['final_loss']:.4f}"],
+        ]
+        sections.append(
+            "## Recovery training\n\nAfter pruning, the model was trained with every pruned weight held at "
+            "exactly zero (checked before saving):\n\n" + _markdown_table(["setting", "value"], rows)
+        )
     if perplexity:
         rows = [["pruned", f"{perplexity['after']:.3f}"]]
         if "before" in perplexity:
