@@ -444,7 +444,7 @@ class Pruner:
         source, column, source_split = (
             (dataset, text_column, split) if dataset is not None else self._calibration_source
         )
-        config = RecoveryConfig(max_steps, learning_rate, batch_size, seq_len or self.config.seq_len, distill, lora)
+        config = RecoveryConfig(max_steps, learning_rate, batch_size, self._training_seq_len(seq_len), distill, lora)
         if distill and teacher is None:
             teacher = self._dense_teacher()
         work = Path(work_dir) if work_dir is not None else Path(tempfile.mkdtemp(prefix="optimum-prune-recover-"))
@@ -498,7 +498,7 @@ class Pruner:
         weights = {f"{layer.name}.weight": layer.module.weight for block in layers for layer in block}
         end = max(1, round(0.75 * max_steps))
         schedule = GradualPruningCallback(weights, config.sparsity, end, interval or max(1, end // 10))
-        recovery = RecoveryConfig(max_steps, learning_rate, batch_size, seq_len or config.seq_len, distill)
+        recovery = RecoveryConfig(max_steps, learning_rate, batch_size, self._training_seq_len(seq_len), distill)
         teacher = self._dense_teacher() if distill and teacher is None else teacher
         work = Path(work_dir) if work_dir is not None else Path(tempfile.mkdtemp(prefix="optimum-prune-gradual-"))
         start = time.perf_counter()
@@ -527,6 +527,13 @@ class Pruner:
         )
         setattr(self.model.config, METADATA_KEY, build_metadata(self.config, self.report, self.recovery))
         return self.report
+
+    def _training_seq_len(self, seq_len: int | None) -> int:
+        """``seq_len``, checked against the model's context; default: the calibration length, capped at it."""
+        context = getattr(self.model.config, "max_position_embeddings", None) or self.config.seq_len
+        if seq_len is not None and seq_len > context:
+            raise ValueError(f"Training seq_len={seq_len} is longer than the model's context of {context} tokens.")
+        return seq_len or min(self.config.seq_len, context)
 
     def _dense_teacher(self) -> nn.Module:
         """The dense model, loaded again from the source, beside the student (same device and dtype)."""

@@ -173,6 +173,8 @@ def test_bad_recovery_input_is_refused(tmp_path):
         pruner.recover(["Once upon a time there was a cat."], max_steps=1000, seq_len=64, work_dir=tmp_path)
     with pytest.raises(ValueError, match="positive integer"):
         RecoveryConfig(max_steps=0)
+    with pytest.raises(ValueError, match="longer than the model's context of 512 tokens"):
+        pruner.recover(TINYSTORIES_VAL, max_steps=2, seq_len=4096, work_dir=tmp_path)
     gpt2 = _pruned(architecture="gpt2")
     gpt2.tokenizer = pruner.tokenizer
     with pytest.raises(ValueError, match="LoRA needs nn.Linear target layers"):
