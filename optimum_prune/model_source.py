@@ -222,3 +222,16 @@ def load_tokenizer(tokenizer: PreTrainedTokenizerBase | str | None, **kwargs: An
         )
         logger.info("The tokenizer could not be loaded: %s", error)
         return None
+
+
+def load_teacher(source: str, like: torch.Tensor) -> PreTrainedModel:
+    """The dense model of ``source`` (safetensors only) in the dtype and on the device of ``like``: the teacher
+    of distillation, placed beside its student."""
+    try:
+        teacher = AutoModelForCausalLM.from_pretrained(source, dtype=like.dtype, use_safetensors=True)
+        return teacher.to(like.device).eval()
+    except torch.OutOfMemoryError as error:
+        raise RuntimeError(
+            "The dense teacher does not fit beside the student: train with distill=False (--recover-loss lm), "
+            "or with lora=True on a smaller batch."
+        ) from error

@@ -7,7 +7,6 @@ import logging
 import os
 import shutil
 import tempfile
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -15,7 +14,7 @@ from typing import Any
 import torch
 from huggingface_hub import CommitInfo, ModelCard
 from torch import nn
-from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase, TrainerCallback
+from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainerCallback
 
 from .calibration import calibration_tokens
 from .config import PruningConfig
@@ -33,9 +32,9 @@ from .export.compressed import check_format, save_compressed
 from .export.files import check_writable, write_model_files
 from .export.masks import Masks, write_masks
 from .methods import get_method
-from .model_source import check_causal_lm_module, load_source, load_tokenizer
+from .model_source import check_causal_lm_module, load_source, load_teacher, load_tokenizer
 from .recovery import RecoveryConfig, RecoveryReport, recover
-from .report import LayerReport, PruningReport
+from .report import PruningReport
 from .structured.plan import StructurePlan, plan_structure
 
 logger = logging.getLogger(__name__)
@@ -483,48 +482,22 @@ class Pruner:
         every ``interval`` steps from running ``|w * grad|`` saliency, default a tenth of those steps), then
         training goes on with the masks fixed. Unstructured, uniform sparsity only."""
         from .core.masks import pack_mask
-        from .recovery.gradual import GradualPruningCallback
+        from .recovery.gradual import prune_gradually
 
         if self.report is not None:
             raise RuntimeError("This model is already pruned; create a new Pruner to prune again.")
-        config = self.config
-        if config.nm_pattern is not None or config.allocation != "uniform" or config.structure is not None:
-            raise ValueError(
-                "Gradual pruning prunes to an unstructured, uniform sparsity: drop pattern, OWL and structure."
-            )
         if self.disk is not None:
             raise ValueError("Training needs the model in memory: use offload='cpu'.")
+        config = self.config
         layers = find_target_layers(self.model, config.targets, config.ignore)
-        weights = {f"{layer.name}.weight": layer.module.weight for block in layers for layer in block}
-        end = max(1, round(0.75 * max_steps))
-        schedule = GradualPruningCallback(weights, config.sparsity, end, interval or max(1, end // 10))
         recovery = RecoveryConfig(max_steps, learning_rate, batch_size, self._training_seq_len(seq_len), distill)
         teacher = self._dense_teacher() if distill and teacher is None else teacher
         work = Path(work_dir) if work_dir is not None else Path(tempfile.mkdtemp(prefix="optimum-prune-gradual-"))
-        start = time.perf_counter()
-        self.model, self.recovery = recover(
-            self.model, self.tokenizer, {}, dataset, recovery, work, teacher=teacher, teacher_name=self.source,
-            text_column=text_column, split=split, progress=self.progress, callback=schedule,
+        self.model, masks, self.report, self.recovery = prune_gradually(
+            self.model, self.tokenizer, config, layers, dataset, recovery, work, interval=interval, teacher=teacher,
+            teacher_name=self.source, text_column=text_column, split=split, progress=self.progress,
         )  # fmt: skip
-        self.masks = {name.removesuffix(".weight"): pack_mask(mask) for name, mask in schedule.masks.items()}
-        self.report = PruningReport(
-            method="gradual |w * grad|",
-            pattern=config.pattern,
-            target_sparsity=config.sparsity,
-            allocation="uniform",
-            layers=[
-                LayerReport(
-                    layer.name,
-                    index,
-                    layer.shape,
-                    config.sparsity,
-                    schedule.masks[f"{layer.name}.weight"].float().mean().item(),
-                )
-                for index, block in enumerate(layers)
-                for layer in block
-            ],
-            total_seconds=time.perf_counter() - start,
-        )
+        self.masks = {name.removesuffix(".weight"): pack_mask(mask) for name, mask in masks.items()}
         setattr(self.model.config, METADATA_KEY, build_metadata(self.config, self.report, self.recovery))
         return self.report
 
@@ -539,15 +512,7 @@ class Pruner:
         """The dense model, loaded again from the source, beside the student (same device and dtype)."""
         if self.source is None or not (os.path.isdir(self.source) or "/" in self.source):
             raise ValueError("Distillation needs the dense model: pass teacher= (a loaded model), or distill=False.")
-        parameter = next(self.model.parameters())
-        try:
-            teacher = AutoModelForCausalLM.from_pretrained(self.source, dtype=parameter.dtype, use_safetensors=True)
-            return teacher.to(parameter.device).eval()
-        except torch.OutOfMemoryError as error:
-            raise RuntimeError(
-                "The dense teacher does not fit beside the student: train with distill=False (--recover-loss lm), "
-                "or with lora=True on a smaller batch."
-            ) from error
+        return load_teacher(self.source, next(self.model.parameters()))
 
     def model_card(
         self,

@@ -10,13 +10,23 @@ held at zero exactly as `SparsityCallback` holds them.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
+from transformers import PreTrainedTokenizerBase
 
+from ..core.layers import TargetLayer
 from ..core.masks import lowest_mask, prune_count
+from ..report import LayerReport, PruningReport
 from .callback import SparsityCallback
+from .train import RecoveryConfig, RecoveryReport, recover
+
+if TYPE_CHECKING:
+    from ..config import PruningConfig
 
 
 def cubic_sparsity(step: int, end: int, final: float) -> float:
@@ -63,3 +73,49 @@ class GradualPruningCallback(SparsityCallback):
         scores = saliency if self._samples else weight.detach().abs().float()
         count = prune_count(weight.numel(), target)
         return lowest_mask(scores.masked_fill(mask, float("-inf")), count) if count else mask
+
+
+def prune_gradually(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    config: PruningConfig,
+    layers: list[list[TargetLayer]],
+    dataset: Any,
+    recovery: RecoveryConfig,
+    work_dir: str | Path,
+    *,
+    interval: int | None = None,
+    **training: Any,
+) -> tuple[nn.Module, dict[str, torch.Tensor], PruningReport, RecoveryReport]:
+    """Train ``model`` while its target ``layers`` are pruned to ``config.sparsity`` along the cubic schedule over
+    the first 75% of the steps (masks re-chosen every ``interval`` steps, default a tenth of those), the rest
+    with the masks fixed; return the model, the masks by weight name, the report (measured) and the training
+    report. ``training`` goes to `recover` (teacher, text column...)."""
+    if config.nm_pattern is not None or config.allocation != "uniform" or config.structure is not None:
+        raise ValueError(
+            "Gradual pruning prunes to an unstructured, uniform sparsity: drop pattern, OWL and structure."
+        )
+    weights = {f"{layer.name}.weight": layer.module.weight for block in layers for layer in block}
+    end = max(1, round(0.75 * recovery.max_steps))
+    schedule = GradualPruningCallback(weights, config.sparsity, end, interval or max(1, end // 10))
+    start = time.perf_counter()
+    model, trained = recover(model, tokenizer, {}, dataset, recovery, work_dir, callback=schedule, **training)
+    report = PruningReport(
+        method="gradual |w * grad|",
+        pattern=config.pattern,
+        target_sparsity=config.sparsity,
+        allocation="uniform",
+        layers=[
+            LayerReport(
+                layer.name,
+                index,
+                layer.shape,
+                config.sparsity,
+                schedule.masks[f"{layer.name}.weight"].float().mean().item(),
+            )
+            for index, block in enumerate(layers)
+            for layer in block
+        ],
+        total_seconds=time.perf_counter() - start,
+    )
+    return model, schedule.masks, report, trained
