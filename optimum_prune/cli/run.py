@@ -75,27 +75,23 @@ def check(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Plan:
         parser.error(f"argument --offload: unknown mode {args.offload!r}: choose one of {', '.join(OFFLOAD_MODES)}.")
     if args.resume and config.structure is not None:
         parser.error("argument --resume: a structured run is not resumable (it writes --output at its end).")
-    recovery_flags = [name for name in ("recover_dataset", "recover_lr", "recover_seq_len") if getattr(args, name)]
-    if args.recover_lora or args.recover_loss != "distill" or args.recover_schedule != "one-shot":
-        recovery_flags.append(
-            "recover_lora"
-            if args.recover_lora
-            else "recover_loss"
-            if args.recover_loss != "distill"
-            else "recover_schedule"
-        )
-    if recovery_flags and not args.recover_steps:
-        parser.error(f"argument {flag(recovery_flags[0])}: it sets up recovery training; add --recover-steps N.")
-    for name in ("recover_steps", "recover_batch_size", "recover_seq_len"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            parser.error(f"argument {flag(name)}: must be a positive integer, got {value}.")
+    recovery_flags = {
+        "recover_dataset": args.recover_dataset is not None,
+        "recover_lr": args.recover_lr is not None,
+        "recover_seq_len": args.recover_seq_len is not None,
+        "recover_lora": args.recover_lora,
+        "recover_loss": args.recover_loss != "distill",
+        "recover_schedule": args.recover_schedule != "one-shot",
+    }
+    given = [name for name, set_ in recovery_flags.items() if set_]
+    if given and not args.recover_steps:
+        parser.error(f"argument {flag(given[0])}: it sets up recovery training; add --recover-steps N.")
     if args.recover_steps and args.offload == "disk":
         parser.error("argument --recover-steps: training needs the model in memory; use --offload cpu.")
     if args.private and not args.push_to_hub:
         parser.error("argument --private: it makes the --push-to-hub repository private; add --push-to-hub REPO.")
     _check_device(args.device, parser)
-    for name in ("eval_seq_len", "eval_windows"):
+    for name in ("eval_seq_len", "eval_windows", "recover_steps", "recover_batch_size", "recover_seq_len"):
         value = getattr(args, name)
         if value is not None and value < 1:
             parser.error(f"argument {flag(name)}: must be a positive integer, got {value}.")

@@ -17,12 +17,11 @@ from transformers import TrainerCallback
 
 
 def _parameters(model: nn.Module, masks: Mapping[str, torch.Tensor]) -> dict[str, nn.Parameter]:
-    """The masked parameters of ``model`` by mask name; PEFT wrappers prefix names, so a suffix match counts."""
+    """The masked parameters of ``model`` by mask name; a wrapper's prefix (``module.``) is allowed."""
     named = dict(model.named_parameters(remove_duplicate=False))
     found = {}
     for name, mask in masks.items():
-        lora_base = name.removesuffix(".weight") + ".base_layer.weight"
-        candidates = [key for key in named if key == name or key.endswith(("." + name, "." + lora_base))]
+        candidates = [key for key in named if key == name or key.endswith("." + name)]
         if not candidates:
             raise KeyError(f"The model has no parameter {name} named by the masks: they belong to another model.")
         parameter = named[candidates[0]]
