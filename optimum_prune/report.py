@@ -57,10 +57,11 @@ class PruningReport:
         width = max([len("layer"), *(len(layer.name) for layer in self.layers)])
         lines = [f"{'layer':<{width}}  {'shape':>12}  {'target':>7}  {'achieved':>8}  {'block s':>8}"]
         for layer in self.layers:
-            seconds = self.block_seconds[layer.block] if layer.block < len(self.block_seconds) else float("nan")
+            timed = layer.block < len(self.block_seconds)  # gradual pruning has no per-block time
+            seconds = f"{self.block_seconds[layer.block]:.2f}" if timed else "-"
             shape = f"{layer.shape[0]}x{layer.shape[1]}"
             lines.append(
-                f"{layer.name:<{width}}  {shape:>12}  {layer.target_sparsity:>7.3f}  {layer.sparsity:>8.4f}  {seconds:>8.2f}"
+                f"{layer.name:<{width}}  {shape:>12}  {layer.target_sparsity:>7.3f}  {layer.sparsity:>8.4f}  {seconds:>8}"
             )
         if self.structure is not None:
             lines.append(_structure_line(self.structure))

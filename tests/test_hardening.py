@@ -228,6 +228,7 @@ def test_tokenizer_flag_for_a_model_folder_without_one(saved_llama, tmp_path, ca
         (["--dampening", "0.1"], "argument --dampening: Method 'magnitude' has no setting dampening"),
         (["--allocation", "owl", "--owl-m", "inf"], "argument --owl-m: owl_m must be a finite number, got inf"),
         (["--private"], "argument --private: it makes the --push-to-hub repository private"),
+        (["--tokenizer", "/no/such/folder"], "argument --tokenizer: no tokenizer folder at /no/such/folder"),
         (["--eval-seq-len", "2048"], "argument --eval-seq-len: 2048 tokens is longer than the model's context of 512"),
     ],
 )

@@ -199,6 +199,10 @@ def test_bad_recovery_input_is_refused(tmp_path):
         (["--recover-steps", "0"], "argument --recover-steps: must be a positive integer"),
         (["--recover-steps", "5", "--offload", "disk"], "argument --recover-steps: training needs the model in memory"),
         (["--recover-steps", "5"], "argument --recover-steps: recovery needs training text"),
+        (
+            ["--recover-steps", "5", "--recover-lora", "--recover-schedule", "gradual"],
+            "argument --recover-lora: gradual",
+        ),
     ],
 )
 def test_cli_recovery_flags_are_checked_before_loading(flags, message, capsys):

@@ -86,6 +86,8 @@ def check(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Plan:
     given = [name for name, set_ in recovery_flags.items() if set_]
     if given and not args.recover_steps:
         parser.error(f"argument {flag(given[0])}: it sets up recovery training; add --recover-steps N.")
+    if args.recover_lora and args.recover_schedule == "gradual":
+        parser.error("argument --recover-lora: gradual pruning trains every weight; drop it or use one-shot.")
     if args.recover_steps and args.offload == "disk":
         parser.error("argument --recover-steps: training needs the model in memory; use --offload cpu.")
     if args.private and not args.push_to_hub:
@@ -141,8 +143,10 @@ def _read_texts(
 
 def _check_model(args: argparse.Namespace, parser: argparse.ArgumentParser) -> PretrainedConfig:
     """--model's config (a causal LM) and, for a local folder, whole weight files: checked before loading."""
-    from ..model_source import check_local_weights, load_model_config
+    from ..model_source import check_local_weights, load_model_config, looks_like_path
 
+    if args.tokenizer and looks_like_path(args.tokenizer) and not os.path.isdir(args.tokenizer):
+        parser.error(f"argument --tokenizer: no tokenizer folder at {args.tokenizer}.")
     try:
         model_config = load_model_config(args.model, trust_remote_code=args.trust_remote_code)
         if os.path.isdir(args.model):

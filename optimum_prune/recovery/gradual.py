@@ -21,6 +21,7 @@ from transformers import PreTrainedTokenizerBase
 
 from ..core.layers import TargetLayer
 from ..core.masks import lowest_mask, prune_count
+from ..core.memory import peak_memory
 from ..report import LayerReport, PruningReport
 from .callback import SparsityCallback
 from .train import RecoveryConfig, RecoveryReport, recover
@@ -117,5 +118,6 @@ def prune_gradually(
             for layer in block
         ],
         total_seconds=time.perf_counter() - start,
+        peak_memory_bytes=peak_memory(next(model.parameters()).device),
     )
     return model, schedule.masks, report, trained

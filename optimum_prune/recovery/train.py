@@ -232,7 +232,9 @@ def recover(
 
         targets = _lora_targets(model, masks, target_layers or [])
         lora = LoraConfig(r=config.lora_rank, lora_alpha=2 * config.lora_rank, target_modules=targets, lora_dropout=0.0)
-        student = get_peft_model(model, lora)
+        with warnings.catch_warnings():  # PEFT calls a transformers API that transformers deprecates
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+            student = get_peft_model(model, lora)
     args = _training_arguments(config, work_dir, progress, next(model.parameters()).device)
     trainer = _RecoveryTrainer(
         model=student,
