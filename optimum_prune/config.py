@@ -9,6 +9,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+from .core.experts import EXPERT_CALIBRATIONS
 from .core.masks import NMPattern
 from .methods import MethodSettings, method_class
 from .structured.spec import Structure
@@ -57,6 +58,11 @@ class PruningConfig:
         settings: the method's own settings, a dict or its settings object (``{"dampening": 0.02}`` for
             SparseGPT: ``block_size``, ``dampening``; SparseLLM adds ``iterations``, ``alpha``, ``beta``,
             ``gamma``). Default: the method's defaults.
+        expert_calibration: how the experts of a mixture of experts are calibrated: ``"routed"`` (the tokens
+            the router sends each expert), ``"all"`` (every token through every expert) or ``"weighted"`` (the
+            routed tokens scaled by their gate weight, as MoE-Pruner); see `optimum_prune.core.experts`.
+        min_expert_tokens: with ``"routed"``/``"weighted"``, an expert routed fewer calibration tokens than this
+            is calibrated on every token (0: never).
     """
 
     method: str = "sparsegpt"
@@ -74,6 +80,8 @@ class PruningConfig:
     batch_size: int = 8
     structure: Structure | dict[str, Any] | None = None
     settings: MethodSettings | dict[str, Any] | None = None
+    expert_calibration: str = "routed"
+    min_expert_tokens: int = 64
 
     def __post_init__(self) -> None:
         self.method = str(self.method).lower()
@@ -129,6 +137,16 @@ class PruningConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+        if self.expert_calibration not in EXPERT_CALIBRATIONS:
+            raise ValueError(
+                f"Unknown expert_calibration {self.expert_calibration!r}: choose one of {', '.join(EXPERT_CALIBRATIONS)}."
+            )
+        if (
+            isinstance(self.min_expert_tokens, bool)
+            or not isinstance(self.min_expert_tokens, int)
+            or self.min_expert_tokens < 0
+        ):
+            raise ValueError(f"min_expert_tokens must be an integer >= 0, got {self.min_expert_tokens!r}.")
         self.settings.check(nm)
         if isinstance(self.targets, str) or isinstance(self.ignore, str):
             raise TypeError("targets and ignore are lists of glob patterns, e.g. ['*.mlp.*'].")

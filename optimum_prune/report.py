@@ -14,6 +14,7 @@ class LayerReport:
     shape: tuple[int, int]
     target_sparsity: float
     sparsity: float
+    expert: int | None = None  # one expert's slice of a fused mixture-of-experts parameter
 
     @property
     def numel(self) -> int:
@@ -31,7 +32,8 @@ class PruningReport:
     total_seconds: float = 0.0
     peak_memory_bytes: int = 0
     structure: dict[str, Any] | None = None  # structured pruning: original -> kept sizes, parameters, blocks
-    left_dense_parameters: int = 0  # matrices inside the blocks that no target layer holds (3-D experts, routers)
+    left_dense_parameters: int = 0  # matrices inside the blocks that no target layer holds (routers, ignored)
+    expert_tokens: dict[str, list[int]] = field(default_factory=dict)  # experts module -> tokens routed to each
 
     @property
     def global_sparsity(self) -> float:
@@ -47,22 +49,37 @@ class PruningReport:
             targets.setdefault(layer.block, layer.target_sparsity)
         return [targets[block] for block in sorted(targets)]
 
+    def rows(self) -> list[tuple[str, int, str, float, float]]:
+        """``(name, block, shape, target, achieved)`` per layer; the experts of one fused parameter share a row,
+        ``name[N experts]``, with their mean sparsity (they are equal in size)."""
+        groups: dict[str, list[LayerReport]] = {}
+        for layer in self.layers:
+            key = layer.name if layer.expert is None else layer.name.rpartition(".")[0]
+            groups.setdefault(key, []).append(layer)
+        rows = []
+        for name, group in groups.items():
+            first = group[0]
+            shape = f"{first.shape[0]}x{first.shape[1]}"
+            if first.expert is not None:
+                name, shape = f"{name}[{len(group)} experts]", f"{len(group)}x{shape}"
+            achieved = sum(layer.sparsity for layer in group) / len(group)
+            rows.append((name, first.block, shape, first.target_sparsity, achieved))
+        return rows
+
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
         data["global_sparsity"] = self.global_sparsity
         return data
 
     def table(self) -> str:
-        """The per-layer table followed by a summary line."""
-        width = max([len("layer"), *(len(layer.name) for layer in self.layers)])
+        """The per-layer table (the experts of a fused parameter on one line) followed by a summary line."""
+        rows = self.rows()
+        width = max([len("layer"), *(len(row[0]) for row in rows)])
         lines = [f"{'layer':<{width}}  {'shape':>12}  {'target':>7}  {'achieved':>8}  {'block s':>8}"]
-        for layer in self.layers:
-            timed = layer.block < len(self.block_seconds)  # gradual pruning has no per-block time
-            seconds = f"{self.block_seconds[layer.block]:.2f}" if timed else "-"
-            shape = f"{layer.shape[0]}x{layer.shape[1]}"
-            lines.append(
-                f"{layer.name:<{width}}  {shape:>12}  {layer.target_sparsity:>7.3f}  {layer.sparsity:>8.4f}  {seconds:>8}"
-            )
+        for name, block, shape, target, achieved in rows:
+            timed = block < len(self.block_seconds)  # gradual pruning has no per-block time
+            seconds = f"{self.block_seconds[block]:.2f}" if timed else "-"
+            lines.append(f"{name:<{width}}  {shape:>12}  {target:>7.3f}  {achieved:>8.4f}  {seconds:>8}")
         if self.structure is not None:
             lines.append(_structure_line(self.structure))
         lines.append(
@@ -71,6 +88,12 @@ class PruningReport:
         )
         if self.left_dense_parameters:
             lines.append(f"left dense inside the blocks (not target layers): {self.left_dense_parameters:,} parameters")
+        if self.expert_tokens:
+            counts = sorted(count for tokens in self.expert_tokens.values() for count in tokens)
+            lines.append(
+                f"calibration tokens per expert: min {counts[0]}, median {counts[len(counts) // 2]}, max {counts[-1]} "
+                f"over {len(counts)} experts ({sum(c == 0 for c in counts)} received none)"
+            )
         return "\n".join(lines)
 
     def __str__(self) -> str:

@@ -46,11 +46,50 @@ ARCHITECTURES = {
     ),
 }
 
+_MOE = {**_COMMON, "num_key_value_heads": 2, "num_experts_per_tok": 2}
+
+# Mixtures of experts (transformers 5 fused 3-D experts), 4 experts each, every expert 32 channels wide.
+MOE_ARCHITECTURES = {
+    "qwen3_moe": lambda: transformers.Qwen3MoeConfig(
+        **_MOE, intermediate_size=128, moe_intermediate_size=32, num_experts=4, head_dim=16
+    ),
+    "qwen2_moe": lambda: transformers.Qwen2MoeConfig(
+        **_MOE, intermediate_size=128, moe_intermediate_size=32, shared_expert_intermediate_size=64, num_experts=4
+    ),
+    "mixtral": lambda: transformers.MixtralConfig(**_MOE, intermediate_size=32, num_local_experts=4),
+    "deepseek_v3": lambda: transformers.DeepseekV3Config(
+        **_MOE,
+        intermediate_size=128,
+        moe_intermediate_size=32,
+        n_routed_experts=4,
+        n_group=1,
+        topk_group=1,
+        first_k_dense_replace=1,
+        kv_lora_rank=16,
+        q_lora_rank=32,
+        qk_rope_head_dim=8,
+        qk_nope_head_dim=8,
+        v_head_dim=16,
+    ),  # fmt: skip
+    "gpt_oss": lambda: transformers.GptOssConfig(
+        **_MOE,
+        intermediate_size=32,
+        num_local_experts=4,
+        head_dim=16,
+        layer_types=["sliding_attention", "full_attention"],
+    ),  # fmt: skip
+    "olmoe": lambda: transformers.OlmoeConfig(
+        **_MOE, intermediate_size=32, num_experts=4, pad_token_id=0, eos_token_id=1
+    ),
+    "granitemoe": lambda: transformers.GraniteMoeConfig(**_MOE, intermediate_size=32, num_local_experts=4),
+}
+
 
 def tiny_model(architecture: str, seed: int = 0) -> transformers.PreTrainedModel:
-    """A random-init causal LM of ``architecture`` with a 512-token vocabulary, in eval mode."""
+    """A random-init causal LM of ``architecture`` (dense or mixture of experts) with a 512-token vocabulary,
+    in eval mode."""
     torch.manual_seed(seed)
-    config = ARCHITECTURES[architecture]()
+    config = {**ARCHITECTURES, **MOE_ARCHITECTURES}[architecture]()
     return transformers.AutoModelForCausalLM.from_config(config).eval()
 
 

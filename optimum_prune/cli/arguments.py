@@ -27,6 +27,8 @@ CONFIG_FIELDS = (
     "owl_lambda",
     "targets",
     "ignore",
+    "expert_calibration",
+    "min_expert_tokens",
     "num_samples",
     "seq_len",
     "seed",
@@ -67,6 +69,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     )
     pruning.add_argument("--targets", nargs="+", metavar="GLOB", help="module names to prune (fnmatch globs).")
     pruning.add_argument("--ignore", nargs="+", metavar="GLOB", help="module names never to prune.")
+    pruning.add_argument(
+        "--expert-calibration",
+        help="mixtures of experts: 'routed' (each expert's routed tokens, default), 'all' (every token through every "
+        "expert) or 'weighted' (routed tokens scaled by their gate weight).",
+    )
+    pruning.add_argument(
+        "--min-expert-tokens",
+        type=int,
+        help="an expert routed fewer calibration tokens is calibrated on every token (default 64; 0: never).",
+    )
 
     settings = parser.add_argument_group("method settings (defaults: the method's own)")
     for name, (item, owners) in all_settings_fields().items():

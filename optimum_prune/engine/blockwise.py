@@ -23,7 +23,15 @@ from tqdm.auto import tqdm
 
 from ..allocation import outlier_ratio, owl_sparsities
 from ..config import PruningConfig
-from ..core.layers import TargetLayer, find_decoder_blocks, find_target_layers, untargeted_matrices
+from ..core.experts import RoutingRecord
+from ..core.layers import (
+    TargetLayer,
+    expert_parameters,
+    find_decoder_blocks,
+    find_target_layers,
+    group_experts,
+    untargeted_matrices,
+)
 from ..core.masks import pack_mask
 from ..core.memory import map_large_allocations, peak_memory
 from ..core.statistics import InputNorms, LayerStatistic
@@ -42,24 +50,35 @@ class _StopForward(Exception):
 
 
 class _StatisticsCollector:
-    """Forward pre-hooks that feed each target layer's inputs to its statistic.
+    """Forward pre-hooks that feed each target layer's inputs to its statistic, and each experts module's calls
+    to its `RoutingRecord`.
 
     Layers that receive the very same input tensor object (q/k/v, gate/up) share one statistic, computed
     once. Identity is checked through weak references: a data pointer alone can be reused by a later
     activation of the same shape once the first is freed (GPT-2's ``ln_2`` output lands where ``ln_1``'s was).
-    When the first batch calls every target layer exactly once (a dense block), later batches stop at the
+    When the first batch calls every hooked module exactly once (a dense block), later batches stop at the
     last of them, before it computes: its output and everything after it in the block are never used.
     """
 
-    def __init__(self, layers: list[TargetLayer], make: Callable[[TargetLayer], LayerStatistic | None]):
+    def __init__(
+        self,
+        layers: list[TargetLayer],
+        make: Callable[[TargetLayer], LayerStatistic | None],
+        routing: dict[str, RoutingRecord] | None = None,
+    ):
+        routing = routing or {}
         self.statistics: dict[str, LayerStatistic] = {}
         self._owners: set[str] = set()
         self._make = make
-        self._names = [layer.name for layer in layers]
+        self._names = [layer.name for layer in layers] + list(routing)
         self._seen: list[tuple[weakref.ref, type, str]] = []
         self._calls: list[str] = []
         self._last: str | None = None
         self._handles = [layer.module.register_forward_pre_hook(self._hook(layer)) for layer in layers]
+        self._handles += [
+            record.module.register_forward_pre_hook(self._routing_hook(name, record), with_kwargs=True)
+            for name, record in routing.items()
+        ]
 
     def run(self, batch: CalibrationBatch, block: nn.Module, device: torch.device) -> None:
         """Run ``batch`` through ``block`` as far as the statistics need."""
@@ -69,13 +88,25 @@ class _StatisticsCollector:
         if self._last is None and sorted(self._calls) == sorted(self._names):
             self._last = self._calls[-1]
 
+    def _called(self, name: str) -> None:
+        self._calls.append(name)
+        if name == self._last:
+            raise _StopForward
+
+    def _routing_hook(self, name: str, record: RoutingRecord):
+        def observe(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            record.observe(args, kwargs)
+            self._called(name)
+
+        return observe
+
     def _hook(self, layer: TargetLayer):
         def observe(module: nn.Module, args: tuple) -> None:
-            self._calls.append(layer.name)
             inputs = args[0]
             if layer.name not in self.statistics:
                 statistic = self._make(layer)
                 if statistic is None:
+                    self._called(layer.name)
                     return
                 kind = type(statistic)
                 owner = next((name for ref, k, name in self._seen if ref() is inputs and k is kind), None)
@@ -87,14 +118,17 @@ class _StatisticsCollector:
                 self.statistics[layer.name] = statistic
             if layer.name in self._owners:
                 self.statistics[layer.name].update(inputs)
-            if layer.name == self._last:
-                raise _StopForward
+            self._called(layer.name)
 
         return observe
 
     def remove(self) -> None:
         for handle in self._handles:
             handle.remove()
+
+
+def _input_norms(layer: TargetLayer, device: torch.device) -> InputNorms:
+    return InputNorms(layer.in_features, device)
 
 
 @contextmanager
@@ -158,8 +192,8 @@ class BlockwiseEngine:
         names = sorted({name.split(".", 2)[-1].split(".", 1)[-1] for name in self.left_dense})
         logger.warning(
             "%s parameters inside the decoder blocks (%.0f%% of them) are not pruned: %s. optimum-prune prunes "
-            "linear layers (nn.Linear, Conv1D); fused 3-D expert weights, routers and ignored layers stay dense, "
-            "and the global sparsity counts the target layers only.",
+            "linear layers (nn.Linear, Conv1D) and fused experts; routers, other parameters and ignored layers "
+            "stay dense, and the global sparsity counts the target layers only.",
             f"{total:,}",
             100 * total / in_blocks,
             ", ".join(names[:6]) + (" ..." if len(names) > 6 else ""),
@@ -232,6 +266,7 @@ class BlockwiseEngine:
             total_seconds=time.perf_counter() - start,
             peak_memory_bytes=peak_memory(self.device),
             left_dense_parameters=sum(self.left_dense.values()),
+            expert_tokens=state.expert_tokens,
         )
 
     def _prune_block(
@@ -241,22 +276,26 @@ class BlockwiseEngine:
         Its statistics and masks are freed on return, before the next block is read."""
         block_start = time.perf_counter()
         with self._block(index) as block:
-            statistics = (
-                self._collect(block, self.layers[index], batches, self.method.make_statistic)
+            layers = self.layers[index]
+            linear = [layer for layer in layers if layer.expert is None]
+            statistics, routing = (
+                self._collect(block, layers, batches, self.method.make_statistic)
                 if self.method.needs_statistics
-                else {}
+                else ({}, {})
             )
-            context = BlockContext(index, block, self.layers[index], statistics, sparsity, self.config.nm_pattern)
-            masks = self.method.prune_block(context)
-            del context, statistics
+            pattern = self.config.nm_pattern
+            masks = self.method.prune_block(BlockContext(index, block, linear, statistics, sparsity, pattern))
+            del statistics
+            for experts, expert_statistics in self._expert_statistics(layers, routing, self.method.make_statistic):
+                context = BlockContext(index, block, experts, expert_statistics, sparsity, pattern)
+                masks.update(self.method.prune_block(context))
+                del context, expert_statistics  # one expert's statistics at a time
+            for name, record in routing.items():
+                state.expert_tokens[name] = record.tokens_per_expert()
+            del routing
             if self.method.needs_statistics and index + 1 < len(self.blocks):
                 batches = self._propagate(block, batches)
-            packed = {}
-            for layer in self.layers[index]:
-                mask = masks.pop(layer.name)
-                packed[layer.name] = pack_mask(mask)
-                achieved = mask.sum().item() / mask.numel()
-                state.layers.append(LayerReport(layer.name, index, layer.shape, sparsity, achieved))
+            packed = self._record_masks(index, sparsity, masks, state)
             if self.disk is None:  # a disk-offloaded run keeps them in its work folder only
                 self.masks.update(packed)
             state.block_seconds.append(time.perf_counter() - block_start)
@@ -266,6 +305,18 @@ class BlockwiseEngine:
                 hidden = [batch.hidden for batch in batches] if batches and index + 1 < len(self.blocks) else None
                 self.work.save_block(index, block, f"{self.blocks_name}.{index}", packed, hidden, state)
         return batches
+
+    def _record_masks(
+        self, index: int, sparsity: float, masks: dict[str, torch.Tensor], state: Progress
+    ) -> dict[str, torch.Tensor]:
+        """Report block ``index``'s layers in ``state``; return their masks packed, by layer name."""
+        packed = {}
+        for layer in self.layers[index]:
+            mask = masks.pop(layer.name)
+            packed[layer.name] = pack_mask(mask)
+            achieved = mask.sum().item() / mask.numel()
+            state.layers.append(LayerReport(layer.name, index, layer.shape, sparsity, achieved, layer.expert))
+        return packed
 
     def _resume(self, state: Progress, batches: list[CalibrationBatch] | None) -> list[CalibrationBatch] | None:
         """Restore an interrupted run: masks, the pruned blocks of an in-memory model, the next block's inputs."""
@@ -287,18 +338,56 @@ class BlockwiseEngine:
         layers: list[TargetLayer],
         batches: list[CalibrationBatch] | None,
         make: Callable[[TargetLayer, torch.device], LayerStatistic | None],
-    ) -> dict[str, LayerStatistic]:
-        """Run the calibration batches through ``block`` and return each layer's statistic."""
+    ) -> tuple[dict[str, LayerStatistic], dict[str, RoutingRecord]]:
+        """Run the calibration batches through ``block``: each linear layer's statistic, and what the router
+        of each experts module decided (see `_expert_statistics`)."""
         if batches is None or not layers:
-            return {}
-        collector = _StatisticsCollector(layers, lambda layer: make(layer, self.device))
+            return {}, {}
+        linear = [layer for layer in layers if layer.expert is None]
+        routing = {
+            name: RoutingRecord(experts[0].module, self.activations.keep) for name, experts in self._experts(layers)
+        }
+        collector = _StatisticsCollector(linear, lambda layer: make(layer, self.device), routing)
         try:
             for batch in batches:
                 collector.run(batch, block, self.device)
                 self.activations.evict(batch.hidden)
         finally:
             collector.remove()
-        return collector.statistics
+        return collector.statistics, routing
+
+    @staticmethod
+    def _experts(layers: list[TargetLayer]) -> list[tuple[str, list[TargetLayer]]]:
+        """The experts modules among ``layers``, by name, with their target layers."""
+        modules: dict[str, list[TargetLayer]] = {}
+        for (name, _), experts in group_experts(layers).items():
+            modules.setdefault(name, []).extend(experts)
+        return list(modules.items())
+
+    def _expert_statistics(
+        self,
+        layers: list[TargetLayer],
+        routing: dict[str, RoutingRecord],
+        make: Callable[[TargetLayer, torch.device], LayerStatistic | None],
+    ) -> Iterator[tuple[list[TargetLayer], dict[str, LayerStatistic]]]:
+        """Each expert's target layers with their statistics, one expert at a time, from the routing records
+        (no statistics without records); an expert routed fewer than ``min_expert_tokens`` is calibrated on
+        every token."""
+        for (name, expert), experts in group_experts(layers).items():
+            record = routing.get(name)
+            if record is None:
+                yield experts, {}
+                continue
+            _, down = expert_parameters(record.module)
+            statistics = {layer.name: make(layer, self.device) for layer in experts}
+            routed = record.tokens_per_expert()[expert]
+            every_token = routed < max(self.config.min_expert_tokens, 1)
+            for hidden, inner in record.expert_inputs(expert, self.config.expert_calibration, every_token):
+                for layer in experts:
+                    inputs = inner if layer.parameter == down else hidden
+                    if statistics[layer.name] is not None and inputs.shape[0]:
+                        statistics[layer.name].update(inputs)
+            yield experts, {key: value for key, value in statistics.items() if value is not None}
 
     def _propagate(self, block: nn.Module, batches: list[CalibrationBatch]) -> list[CalibrationBatch]:
         """The next block's inputs: every batch run through ``block``."""
@@ -319,11 +408,11 @@ class BlockwiseEngine:
         for index in bar:
             with self._block(index) as block:
                 layers = self.layers[index]
-                statistics = self._collect(
-                    block, layers, batches, lambda layer, device: InputNorms(layer.in_features, device)
-                )
+                statistics, routing = self._collect(block, layers, batches, _input_norms)
+                for _, expert_statistics in self._expert_statistics(layers, routing, _input_norms):
+                    statistics.update(expert_statistics)
                 ratios.append(outlier_ratio(layers, statistics, self.config.owl_m) if layers else 0.0)
                 if index + 1 < len(self.blocks):
                     batches = self._propagate(block, batches)
-        parameters = [sum(layer.module.weight.numel() for layer in layers) for layers in self.layers]
+        parameters = [sum(layer.shape[0] * layer.shape[1] for layer in layers) for layers in self.layers]
         return owl_sparsities(ratios, parameters, self.config.sparsity, self.config.owl_lambda)

@@ -18,10 +18,10 @@ import torch
 from torch import nn
 
 from ..config import PruningConfig
-from ..core.layers import find_decoder_blocks, find_target_layers
+from ..core.layers import TargetLayer, find_decoder_blocks, find_target_layers, group_experts
 from ..core.memory import current_rss, format_bytes
 from ..core.safetensors import SafetensorsCheckpoint
-from ..methods import get_method
+from ..methods import PruningMethod, get_method
 from .activations import DISK
 from .offload import OFFLOAD_MODES, resolve_dtype
 
@@ -69,6 +69,13 @@ def matmul_flops_per_second(device: torch.device, size: int = 512, repeats: int 
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return 2 * size**3 * repeats / max(time.perf_counter() - start, 1e-9)
+
+
+def _statistics_bytes(method: PruningMethod, layers: list[TargetLayer]) -> int:
+    """The statistics held at once while pruning a block: every linear layer's, and one expert's."""
+    linear = sum(method.statistic_bytes(*layer.shape) for layer in layers if layer.expert is None)
+    experts = group_experts(layers).values()
+    return linear + max((sum(method.statistic_bytes(*layer.shape) for layer in group) for group in experts), default=0)
 
 
 def estimate_run(
@@ -120,22 +127,21 @@ def estimate_run(
     forward = batch_tokens * (6 * hidden + 3 * widest) * 4 + 2 * batch_tokens * config.seq_len * heads * 4
 
     method = get_method(config.method, config.settings)
-    statistics = (
-        max(sum(method.statistic_bytes(*layer.shape) for layer in block) for block in layers if block)
-        if calibrated
-        else 0
-    )
+    statistics = max((_statistics_bytes(method, block) for block in layers if block), default=0) if calibrated else 0
+    routing = activations if any(layer.expert is not None for block in layers for layer in block) else 0
     work = max(method.working_bytes(*layer.shape) for block in layers for layer in block)
     masks = 0 if offload == "disk" else sum(layer.shape[0] * layer.shape[1] for block in layers for layer in block) // 8
     baseline = current_rss() if baseline_bytes is None else baseline_bytes
     chain_bytes, chain_flops = method.block_costs(layers, tokens)
 
-    on_device_activations = 2 * activations if storage.type == device.type and not on_disk else 0
+    on_device_activations = 2 * activations + routing if storage.type == device.type and not on_disk else 0
     block_phase = block_bytes + statistics + work + forward + on_device_activations
     capture_phase = capture_outside + forward + on_device_activations // 2
     device_peak = max(block_phase, capture_phase)
     resident = weights if offload == "cpu" else block_bytes  # weights held in host memory at the busiest moment
-    host_activations = 0 if on_disk or (storage.type == device.type and device.type != "cpu") else 2 * activations
+    host_activations = (
+        0 if on_disk or (storage.type == device.type and device.type != "cpu") else 2 * activations + routing
+    )
     if device.type == "cpu":
         # in RAM: all weights (cpu), or the block being processed plus its copy while read from disk (disk)
         others = weights - block_bytes if offload == "cpu" else block_bytes
@@ -147,8 +153,12 @@ def estimate_run(
     disk = ((weights + activations) if write_output else 0) + (2 * activations if on_disk else 0)
     passes = (2 if calibrated else 0) * (2 if config.allocation == "owl" else 1)
     flops = chain_flops
-    for block_layers in layers:
-        linear = sum(layer.shape[0] * layer.shape[1] for layer in block_layers)
+    routed = getattr(model.config.get_text_config(), "num_experts_per_tok", 1)
+    for block_layers in layers:  # an expert sees its share of the tokens
+        linear = sum(
+            layer.shape[0] * layer.shape[1] * (1 if layer.expert is None else routed / layer.weight.shape[0])
+            for layer in block_layers
+        )
         flops += passes * (2 * linear * tokens + 4 * tokens * config.seq_len * hidden)
         flops += sum(method.pruning_flops(*layer.shape, tokens) for layer in block_layers)
     traffic = (weights if offload == "disk" else 0) + disk

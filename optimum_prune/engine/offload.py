@@ -4,12 +4,14 @@ emptied again."""
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Iterable
 
 import torch
 from torch import nn
 
+from ..core.layers import is_fused_experts
 from ..core.memory import trim_heap
 from ..core.safetensors import FLOAT_DTYPES, SafetensorsCheckpoint
 
@@ -36,10 +38,17 @@ def _assign(owner: nn.Module, attribute: str, tensor: torch.Tensor) -> None:
 
 
 class DiskOffload:
-    """Materialises modules of a meta-device model from a `SafetensorsCheckpoint`, and empties them again."""
+    """Materialises modules of a meta-device model from a `SafetensorsCheckpoint`, and empties them again.
 
-    def __init__(self, checkpoint: SafetensorsCheckpoint) -> None:
+    Tensors that the checkpoint stores under other names or in another layout, as transformers' weight
+    conversion saves them (fused mixture-of-experts parameters as one tensor per expert in every Qwen-MoE,
+    Mixtral or DeepSeek checkpoint, Mixtral's ``block_sparse_moe`` names), are assembled from it
+    (`_saved_layout`).
+    """
+
+    def __init__(self, checkpoint: SafetensorsCheckpoint, model: nn.Module | None = None) -> None:
         self.checkpoint = checkpoint
+        self.model = model
 
     def load(self, module: nn.Module, prefix: str, recurse: bool = True) -> None:
         """Fill every meta tensor of ``module`` (named ``prefix.*`` in the checkpoint) from disk, on CPU, in the
@@ -56,6 +65,12 @@ class DiskOffload:
                     f"{tuple(tensor.shape)}: config.json does not match the weights."
                 )
             _assign(owner, attribute, value)
+        for name, owner, attribute, tensor in _named_slots(module, prefix, recurse):
+            if tensor.is_meta and self.model is not None:
+                experts = is_fused_experts(owner) and tensor.dim() == 3
+                assembled = self._assemble(name, tensor, experts)
+                if assembled is not None:
+                    _assign(owner, attribute, assembled)
         empty = [name for name, _, _, tensor in _named_slots(module, prefix, recurse) if tensor.is_meta]
         if empty:
             raise ValueError(
@@ -63,6 +78,30 @@ class DiskOffload:
                 "offload='disk' reads tensors by the model's own names; re-save the checkpoint with "
                 "save_pretrained(), or use offload='cpu'."
             )
+
+    def _assemble(self, name: str, tensor: torch.Tensor, experts: bool) -> torch.Tensor | None:
+        """Tensor ``name`` read from the checkpoint in transformers' saved layout (``None``: the checkpoint does
+        not hold it); ``experts``: a fused experts parameter, assembled expert by expert."""
+        rows = tensor.shape[0] if experts else 1
+        layout = _saved_layout(self.model, name, tensor.shape, experts)
+        keys = [
+            _expert_key(key, row) if repeated else key
+            for key, _, repeated in layout
+            for row in (range(rows) if repeated else [0])
+        ]
+        if not layout or not all(key in self.checkpoint.tensors for key in keys):
+            return None
+        stored = self.checkpoint.read(keys)
+        values = iter(stored[key] for key in keys)
+        assembled = torch.empty(tensor.shape, dtype=tensor.dtype).view(rows, -1)
+        for _, index, repeated in layout:
+            positions = index.flatten()
+            if repeated:
+                for row in range(rows):
+                    assembled[row, positions] = next(values).flatten().to(tensor.dtype)
+            else:
+                assembled[:, positions] = next(values).reshape(rows, -1).to(tensor.dtype)
+        return assembled.view(tensor.shape)
 
     @staticmethod
     def release(module: nn.Module, recurse: bool = True) -> None:
@@ -73,6 +112,32 @@ class DiskOffload:
                     torch.empty_like(tensor, device="meta"), requires_grad=False
                 )
         trim_heap()
+
+
+def _saved_layout(
+    model: nn.Module, name: str, shape: torch.Size, experts: bool
+) -> list[tuple[str, torch.Tensor, bool]]:
+    """Where transformers' ``save_pretrained`` stores tensor ``name`` of ``shape``: ``(checkpoint key, index,
+    repeated)`` for each tensor it writes, found by reverting transformers' own weight conversion on a probe of
+    positions, so every layout it knows (renamed, split, transposed) is read back. ``index`` holds, for each
+    value of that tensor, its flat position in ``name`` (in one expert's slice for ``experts``); ``repeated``
+    keys name expert 0 (Qwen-MoE's ``experts.0.gate_proj.weight``) and repeat for every expert, the others keep
+    one row per expert (Granite-MoE's ``input_linear.weight``)."""
+    from transformers.core_model_loading import revert_weight_conversion
+
+    probe_shape = (1, *shape[1:]) if experts else tuple(shape)
+    probe = torch.arange(math.prod(probe_shape)).view(probe_shape)
+    return [
+        (key, index, experts and (index.dim() < len(shape) or index.shape[0] != 1))
+        for key, index in revert_weight_conversion(model, {name: probe}).items()
+        if key != name or experts
+    ]
+
+
+def _expert_key(key: str, expert: int) -> str:
+    """The checkpoint key of ``expert`` from the key of expert 0 (its last ``.0.`` component)."""
+    head, _, tail = key.rpartition(".0.")
+    return f"{head}.{expert}.{tail}"
 
 
 def module_prefix(model: nn.Module, module: nn.Module) -> str:
@@ -112,4 +177,4 @@ def load_empty_model(
     with init_empty_weights():
         model = AutoModelForCausalLM.from_config(config, dtype=resolved, trust_remote_code=trust_remote_code)
     model.config.name_or_path = os.fspath(folder)
-    return model.eval(), DiskOffload(checkpoint)
+    return model.eval(), DiskOffload(checkpoint, model)

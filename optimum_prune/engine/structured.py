@@ -76,7 +76,7 @@ class StructuredEngine(BlockwiseEngine):
         self._update_config(removed)
         self.layers = find_target_layers(self.model, self.config.targets, self.config.ignore)
         layers = [
-            LayerReport(layer.name, index, layer.shape, 0.0, (layer.module.weight == 0).float().mean().item())
+            LayerReport(layer.name, index, layer.shape, 0.0, (layer.matrix() == 0).float().mean().item())
             for index, block_layers in enumerate(self.layers)
             for layer in block_layers
         ]
@@ -102,7 +102,7 @@ class StructuredEngine(BlockwiseEngine):
     def _prune_kind(
         self, block: nn.Module, group: ChannelGroup, keep: int, batches: list[CalibrationBatch] | None
     ) -> None:
-        statistics = self._collect(
+        statistics, _ = self._collect(
             block, [group.consumer], batches, lambda layer, device: InputGram(layer.in_features, device, HELD_OUT_EVERY)
         )
         dampening = getattr(self.method.settings, "dampening", 0.01)

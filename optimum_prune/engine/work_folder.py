@@ -13,7 +13,7 @@ import hashlib
 import json
 import os
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +63,7 @@ class Progress:
     layers: list[LayerReport]
     block_seconds: list[float]
     elapsed_seconds: float
+    expert_tokens: dict[str, list[int]] = field(default_factory=dict)
 
 
 class WorkFolder:
@@ -112,7 +113,14 @@ class WorkFolder:
             return None
         data = json.loads(path.read_text(encoding="utf-8"))
         layers = [LayerReport(**{**layer, "shape": tuple(layer["shape"])}) for layer in data["layers"]]
-        return Progress(data["next_block"], data["sparsities"], layers, data["block_seconds"], data["elapsed_seconds"])
+        return Progress(
+            data["next_block"],
+            data["sparsities"],
+            layers,
+            data["block_seconds"],
+            data["elapsed_seconds"],
+            data.get("expert_tokens", {}),
+        )
 
     def load_masks(self, num_blocks: int) -> dict[str, torch.Tensor]:
         masks: dict[str, torch.Tensor] = {}

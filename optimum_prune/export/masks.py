@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from ..core.layers import TargetLayer
+from ..core.layers import target_layer
 from ..core.masks import pack_mask, unpack_mask
 from ..core.safetensors import open_safetensors
 
@@ -54,15 +54,28 @@ class Masks(Mapping[str, torch.Tensor]):
 
     @classmethod
     def from_pruner(cls, model: nn.Module, layer_masks: Mapping[str, torch.Tensor]) -> Masks:
-        """Convert the engine's masks (module name -> packed ``(out, in)`` bits, as in ``Pruner.masks``) into
-        parameter masks in each weight's layout (GPT-2's ``Conv1D`` stores ``(in, out)``)."""
+        """Convert the engine's masks (layer name -> packed ``(out, in)`` bits, as in ``Pruner.masks``) into
+        parameter masks in each weight's layout (GPT-2's ``Conv1D`` stores ``(in, out)``); the masks of a fused
+        mixture-of-experts parameter's experts are stacked into one."""
         packed, shapes = {}, {}
+        experts: dict[str, dict[int, torch.Tensor]] = {}
         for name, bits in layer_masks.items():
-            layer = TargetLayer(name, model.get_submodule(name), -1)
+            layer = target_layer(model, name)
+            if layer.expert is not None:
+                experts.setdefault(layer.parameter_name, {})[layer.expert] = layer.to_layout(
+                    unpack_mask(bits, layer.shape)
+                )
+                continue
             if layer.transposed:
                 bits = pack_mask(unpack_mask(bits, layer.shape).T)
-            packed[f"{name}.weight"] = bits
-            shapes[f"{name}.weight"] = tuple(layer.module.weight.shape)
+            packed[layer.parameter_name] = bits
+            shapes[layer.parameter_name] = tuple(layer.weight.shape)
+        for name, masks in experts.items():
+            shape = tuple(model.get_parameter(name).shape)
+            if sorted(masks) != list(range(shape[0])):
+                raise ValueError(f"{name} holds {shape[0]} experts but masks were kept for {len(masks)} of them.")
+            packed[name] = pack_mask(torch.stack([masks[expert] for expert in range(shape[0])]))
+            shapes[name] = shape
         return cls(packed, shapes)
 
     def packed(self, name: str) -> torch.Tensor:

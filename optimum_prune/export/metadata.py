@@ -36,7 +36,7 @@ def build_metadata(
         "target_sparsity": config.sparsity,
         "global_sparsity": round(report.global_sparsity, 6),
         "block_sparsity": [round(s, 6) for s in report.block_sparsities],
-        "layers": {layer.name: round(layer.sparsity, 6) for layer in report.layers},
+        "layers": _layer_sparsities(report),
         "calibration": {
             "dataset": config.dataset,
             "num_samples": config.num_samples,
@@ -47,9 +47,21 @@ def build_metadata(
         else None,
         "structure": report.structure,
         "left_dense_parameters": report.left_dense_parameters,
+        "expert_tokens": report.expert_tokens or None,
         "recovery": {key: value for key, value in recovery.to_dict().items() if key != "losses"} if recovery else None,
         "config": config.to_dict(),
     }
+
+
+def _layer_sparsities(report: PruningReport) -> dict[str, float | list[float]]:
+    """Achieved sparsity by layer name; a fused experts parameter gets one list, a value per expert."""
+    sparsities: dict[str, float | list[float]] = {}
+    for layer in report.layers:
+        if layer.expert is None:
+            sparsities[layer.name] = round(layer.sparsity, 6)
+        else:
+            sparsities.setdefault(layer.name.rpartition(".")[0], []).append(round(layer.sparsity, 6))
+    return sparsities
 
 
 def read_metadata(source: PretrainedConfig | dict[str, Any] | str | os.PathLike) -> dict[str, Any] | None:

@@ -175,13 +175,7 @@ def build_model_card(
         )
     sections.append("## How to load\n\n" + _load_snippet(repo_id, format))
     layer_rows = [
-        [
-            f"`{layer.name}`",
-            f"{layer.shape[0]}x{layer.shape[1]}",
-            f"{layer.target_sparsity:.3f}",
-            f"{layer.sparsity:.4f}",
-        ]
-        for layer in report.layers
+        [f"`{name}`", shape, f"{target:.3f}", f"{achieved:.4f}"] for name, _, shape, target, achieved in report.rows()
     ]
     sections.append(
         "## Per-layer sparsity\n\n<details>\n<summary>Target and achieved sparsity of every pruned layer</summary>\n\n"

@@ -445,7 +445,7 @@ class SparseLLMPruning(SparseGPTPruning):
 
     def __init__(self, settings: SparseLLMSettings | None = None) -> None:
         super().__init__(settings)
-        self._warned = False
+        self._warned: set[bool] = set()
         self.errors: dict[int, list[float]] = {}
 
     def block_costs(self, layers: list[list[TargetLayer]], tokens: int) -> tuple[int, float]:
@@ -511,10 +511,11 @@ class SparseLLMPruning(SparseGPTPruning):
         return {**masks, **result.masks}
 
     def _warn(self, context: BlockContext) -> None:
-        if not self._warned:
+        experts = any(layer.expert is not None for layer in context.layers)
+        if experts not in self._warned:  # once for blocks, once for experts
             logger.warning(
                 "SparseLLM found no feed-forward chain (fc1 -> act -> fc2 or gate/up -> act * up -> down) among "
-                "the target layers of block %d; its layers are pruned with SparseGPT (reported once).",
-                context.index,
+                "the target layers of %s; they are pruned with SparseGPT (reported once).",
+                "the fused experts (their gate and up share one matrix)" if experts else f"block {context.index}",
             )
-            self._warned = True
+            self._warned.add(experts)

@@ -96,6 +96,11 @@ def prune_gradually(
         raise ValueError(
             "Gradual pruning prunes to an unstructured, uniform sparsity: drop pattern, OWL and structure."
         )
+    if any(layer.expert is not None for block in layers for layer in block):
+        raise ValueError(
+            "Gradual pruning chooses one mask per weight tensor, and fused mixture-of-experts parameters hold many "
+            "experts: prune one-shot and then recover, or leave the experts out with ignore=['*.experts.*']."
+        )
     weights = {f"{layer.name}.weight": layer.module.weight for block in layers for layer in block}
     end = max(1, round(0.75 * recovery.max_steps))
     schedule = GradualPruningCallback(weights, config.sparsity, end, interval or max(1, end // 10))

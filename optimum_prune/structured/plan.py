@@ -44,15 +44,19 @@ def block_groups(model: nn.Module, layers: list[list[TargetLayer]], kinds: list[
     heads = config.num_attention_heads
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
     found = []
-    for index, (block, block_layers) in enumerate(zip(blocks, layers, strict=True)):
+    for index, (block, all_layers) in enumerate(zip(blocks, layers, strict=True)):
         groups: dict[str, ChannelGroup] = {}
         block_prefix = f"{prefix}.{index}"
+        block_layers = [layer for layer in all_layers if layer.expert is None]
         if MLP in kinds:
             group = mlp_group(block, block_prefix, block_layers, hidden)
             if group is None:
+                experts = (
+                    " (the channels of fused experts are not pruned structurally)" if all_layers != block_layers else ""
+                )
                 raise ValueError(
                     f"No MLP channels found in {block_prefix} (its target layers: "
-                    f"{', '.join(layer.name for layer in block_layers)}): structure mlp= cannot apply here."
+                    f"{', '.join(layer.name for layer in block_layers)}): structure mlp= cannot apply here{experts}."
                 )
             groups[MLP] = group
         if ATTENTION in kinds:
