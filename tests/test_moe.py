@@ -267,3 +267,35 @@ def test_training_keeps_expert_zeros_and_gradual_pruning_refuses_experts(tmp_pat
     gradual = Pruner.from_pretrained(tiny_model("qwen3_moe"), PruningConfig(method="magnitude"), progress=False)
     with pytest.raises(ValueError, match="fused mixture-of-experts"):
         gradual.prune_while_training(["some text"] * 8, max_steps=2, distill=False, work_dir=tmp_path / "gradual")
+
+
+@pytest.mark.parametrize("architecture", ["gpt_oss", pytest.param("qwen3_moe", marks=pytest.mark.slow)])
+def test_onnx_export_keeps_the_zeros_of_3d_experts(architecture, tmp_path):
+    """The experts export through transformers' batched_mm implementation (the default grouped kernels do not
+    convert): the graph computes the model's logits and stores every expert parameter with its zeros."""
+    import numpy as np
+    import onnx
+    import onnxruntime
+    from onnx import numpy_helper
+
+    from optimum_prune.export.onnx import export_onnx
+
+    model = tiny_model(architecture)
+    prune(model, "wanda", pattern="2:4")
+    implementation = model.config._experts_implementation
+    folder = export_onnx(model, tmp_path / "onnx", with_past=False)
+    assert model.config._experts_implementation == implementation
+    stored = [numpy_helper.to_array(init) for init in onnx.load(folder / "model.onnx").graph.initializer]
+    for name, parameter in model.named_parameters():
+        if ".experts." in name and parameter.dim() == 3:
+            assert any(np.array_equal(array, parameter.detach().numpy()) for array in stored), name
+    ids = random_ids(2, 16, seed=5)
+    session = onnxruntime.InferenceSession(folder / "model.onnx")
+    feeds = {
+        "input_ids": ids.numpy(),
+        "attention_mask": np.ones((2, 16), np.int64),
+        "position_ids": np.tile(np.arange(16), (2, 1)),
+    }
+    logits = session.run(None, feeds)[0]
+    with torch.no_grad():
+        np.testing.assert_allclose(logits, model(ids).logits.numpy(), atol=2e-5)

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 from transformers import AutoTokenizer, DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
+from ..core.layers import is_fused_experts
 from .files import atomic_directory, check_writable, write_model_files
 from .metadata import METADATA_KEY, read_metadata
 
@@ -78,6 +79,22 @@ def _in_float32(model: nn.Module) -> Iterator[None]:
         yield
     finally:
         model.to(dtype)
+
+
+@contextmanager
+def _exportable_experts(model: PreTrainedModel) -> Iterator[None]:
+    """Run fused mixture-of-experts modules through transformers' ``batched_mm`` implementation while exporting:
+    the default grouped kernels do not convert to ONNX and the eager loop depends on the routing (``nonzero``),
+    while ``batched_mm`` gathers each token's expert weights, a fixed graph."""
+    previous = getattr(model.config, "_experts_implementation", None)
+    if previous in (None, "batched_mm") or not any(is_fused_experts(module) for module in model.modules()):
+        yield
+        return
+    model.set_experts_implementation("batched_mm")
+    try:
+        yield
+    finally:
+        model.set_experts_implementation(previous)
 
 
 @contextmanager
@@ -215,7 +232,7 @@ def export_onnx(
     check_exportable(model)
     if isinstance(tokenizer, str | os.PathLike):
         tokenizer = AutoTokenizer.from_pretrained(tokenizer)
-    with _in_float32(model):
+    with _in_float32(model), _exportable_experts(model):
         args, input_names, output_names, dynamic_shapes = _example(model, with_past)
         wrapper = _Decoder(model, with_past).eval()
         with torch.no_grad(), warnings.catch_warnings(), _quiet_exporter():
