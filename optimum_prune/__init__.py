@@ -16,6 +16,8 @@ _EXPORTS = {
     "PruningConfig": ".config",
     "PruningReport": ".report",
     "perplexity": ".evaluation",
+    "evaluate": ".evaluation.harness",
+    "ZeroShotTasks": ".evaluation.harness",
     "load_pruned": ".export.loading",
     "load_masks": ".export.loading",
     "apply_masks": ".export.masks",
@@ -27,6 +29,7 @@ _EXPORTS = {
 if TYPE_CHECKING:
     from .config import PruningConfig
     from .evaluation import perplexity
+    from .evaluation.harness import ZeroShotTasks, evaluate
     from .export.compressed import compress, decompress
     from .export.loading import load_masks, load_pruned
     from .export.masks import apply_masks
@@ -51,10 +54,12 @@ __all__ = [
     "Pruner",
     "PruningConfig",
     "PruningReport",
+    "ZeroShotTasks",
     "__version__",
     "apply_masks",
     "compress",
     "decompress",
+    "evaluate",
     "export_onnx",
     "load_masks",
     "load_pruned",

@@ -27,10 +27,12 @@ from .engine.resources import MaxMemory, check_free_space, check_max_memory
 from .engine.streaming import write_streamed_weights
 from .engine.structured import StructuredEngine
 from .engine.work_folder import WorkFolder, tensor_digest, work_folder_path
+from .evaluation.harness import TaskScore, ZeroShotTasks
 from .export import METADATA_KEY, atomic_directory, build_metadata
 from .export.compressed import check_format, save_compressed
 from .export.files import check_writable, write_model_files
 from .export.masks import Masks, write_masks
+from .export.plots import PLOT_NAME, write_sparsity_plot
 from .methods import get_method
 from .model_source import check_causal_lm_module, load_source, load_teacher, load_tokenizer
 from .recovery import RecoveryConfig, RecoveryReport, recover
@@ -244,7 +246,7 @@ class Pruner:
             structured = self._prune_structure(plan, input_ids)
             if not self.config.sparsity:  # nothing unstructured to add: the smaller model is the result
                 self.report = structured
-                setattr(self.model.config, METADATA_KEY, build_metadata(self.config, self.report))
+                self._record_metadata()
                 if output_dir is not None:
                     self.save_pretrained(output_dir, overwrite=overwrite)
                 return self.report
@@ -295,7 +297,7 @@ class Pruner:
             raise
         self.masks = engine.masks
         self.report.structure = structure
-        setattr(self.model.config, METADATA_KEY, build_metadata(self.config, self.report))
+        self._record_metadata()
         if work is not None:
             if self.disk is None:
                 self.save_pretrained(output_dir, overwrite=overwrite)
@@ -388,6 +390,7 @@ class Pruner:
             if self.tokenizer is not None:
                 self.tokenizer.save_pretrained(staging)
             self.config.save_pretrained(staging)
+            write_sparsity_plot(self.report, staging / PLOT_NAME)
         return os.fspath(save_directory)
 
     def _copy_streamed(self, save_directory: str | os.PathLike, overwrite: bool, format: str, save_masks: bool) -> str:
@@ -459,7 +462,7 @@ class Pruner:
             target_layers=layers, text_column=column, split=source_split, resume=resume, progress=self.progress,
             callbacks=callbacks,
         )  # fmt: skip
-        setattr(self.model.config, METADATA_KEY, build_metadata(self.config, self.report, self.recovery))
+        self._record_metadata()
         return self.recovery
 
     def prune_while_training(
@@ -498,7 +501,7 @@ class Pruner:
             teacher_name=self.source, text_column=text_column, split=split, progress=self.progress,
         )  # fmt: skip
         self.masks = {name.removesuffix(".weight"): pack_mask(mask) for name, mask in masks.items()}
-        setattr(self.model.config, METADATA_KEY, build_metadata(self.config, self.report, self.recovery))
+        self._record_metadata()
         return self.report
 
     def _training_seq_len(self, seq_len: int | None) -> int:
@@ -514,6 +517,25 @@ class Pruner:
             raise ValueError("Distillation needs the dense model: pass teacher= (a loaded model), or distill=False.")
         return load_teacher(self.source, next(self.model.parameters()))
 
+    def _record_metadata(self) -> None:
+        """Write what the run did (report, recovery, zero-shot scores) into ``config.json``'s metadata."""
+        setattr(self.model.config, METADATA_KEY, build_metadata(self.config, self.report, self.recovery))
+
+    def evaluate_tasks(
+        self, tasks: ZeroShotTasks, dense: list[TaskScore] | None = None, batch_size: int = 8
+    ) -> list[dict[str, Any]]:
+        """Run lm-evaluation-harness ``tasks`` on the pruned model and keep the scores, beside ``dense`` (the same
+        tasks on the model before pruning: ``tasks.evaluate(pruner.model, pruner.tokenizer)`` before `prune`),
+        in the report, the metadata and the model card; returns the rows (`evaluation.harness.compare`)."""
+        from .evaluation.harness import compare
+
+        if self.report is None:
+            raise RuntimeError("Evaluate the pruned model after prune(); evaluate the dense one with tasks.evaluate().")
+        rows = compare(dense or [], tasks.evaluate(self.model, self.tokenizer, batch_size))
+        self.report.zero_shot = {"harness": tasks.version, "limit": tasks.limit, "rows": rows}
+        self._record_metadata()
+        return rows
+
     def model_card(
         self,
         repo_id: str,
@@ -521,6 +543,7 @@ class Pruner:
         format: str = "dense",
         perplexity: dict[str, Any] | None = None,
         base_model: str | None = None,
+        plot: str | None = None,
     ) -> ModelCard:
         """The Hub model card of the pruned model (see `optimum_prune.hub.build_model_card`)."""
         from .hub.model_card import build_model_card, hub_base_model
@@ -537,6 +560,7 @@ class Pruner:
             format=format,
             perplexity=perplexity,
             recovery=recovery,
+            plot=plot,
         )
 
     def push_to_hub(
@@ -562,7 +586,6 @@ class Pruner:
         check_format(format)
         check_perplexity(perplexity)
         token = check_can_push(token)
-        card = self.model_card(repo_id, format=format, perplexity=perplexity, base_model=base_model)
         message = commit_message or (
             f"Upload {self.config.method} {self.config.pattern} pruned model "
             f"({self.report.global_sparsity:.1%} sparse) with optimum-prune"
@@ -570,5 +593,7 @@ class Pruner:
         with tempfile.TemporaryDirectory(prefix="optimum-prune-push-") as tmp:
             folder = Path(tmp) / "model"
             self.save_pretrained(folder, format=format)
+            plot = PLOT_NAME if (folder / PLOT_NAME).is_file() else None
+            card = self.model_card(repo_id, format=format, perplexity=perplexity, base_model=base_model, plot=plot)
             card.save(folder / "README.md")
             return push_folder(folder, repo_id, token=token, private=private, commit_message=message)

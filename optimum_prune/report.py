@@ -34,6 +34,7 @@ class PruningReport:
     structure: dict[str, Any] | None = None  # structured pruning: original -> kept sizes, parameters, blocks
     left_dense_parameters: int = 0  # matrices inside the blocks that no target layer holds (routers, ignored)
     expert_tokens: dict[str, list[int]] = field(default_factory=dict)  # experts module -> tokens routed to each
+    zero_shot: dict[str, Any] | None = None  # lm-eval tasks, dense beside pruned (evaluation.harness.compare)
 
     @property
     def global_sparsity(self) -> float:
@@ -88,6 +89,10 @@ class PruningReport:
         )
         if self.left_dense_parameters:
             lines.append(f"left dense inside the blocks (not target layers): {self.left_dense_parameters:,} parameters")
+        if self.zero_shot:
+            from .evaluation.harness import comparison_table
+
+            lines.append(comparison_table(self.zero_shot["rows"]))
         if self.expert_tokens:
             counts = sorted(count for tokens in self.expert_tokens.values() for count in tokens)
             lines.append(

@@ -138,6 +138,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     evaluation.add_argument("--eval-text-column", default="text", help="text field of --eval rows (default text).")
     evaluation.add_argument("--eval-seq-len", type=int, help="tokens per window (default: --seq-len).")
     evaluation.add_argument("--eval-windows", type=int, help="evaluate only the first N windows (default: all).")
+    evaluation.add_argument(
+        "--eval-tasks",
+        metavar="TASK[,TASK...]",
+        help="zero-shot tasks of lm-evaluation-harness (its names: hellaswag,arc_easy,...; offline: hellaswag_local "
+        'with --eval-task-data), on the dense and the pruned model; needs pip install "optimum-prune[eval]".',
+    )
+    evaluation.add_argument("--eval-limit", type=int, help="evaluate at most N items per task (default: all).")
+    evaluation.add_argument("--eval-batch-size", type=int, default=8, help="batch size of the tasks (default 8).")
+    evaluation.add_argument(
+        "--eval-task-data",
+        nargs="+",
+        metavar="TASK=FILE",
+        help="the data file of a shipped local task, e.g. hellaswag_local=hellaswag_val.jsonl.",
+    )
+    evaluation.add_argument(
+        "--eval-include", nargs="+", metavar="DIR", help="folders of your own lm-eval YAML tasks (local data_files)."
+    )
 
     _add_recovery_arguments(parser)
 

@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from transformers import PretrainedConfig
 
     from ..config import PruningConfig
+    from ..evaluation.harness import ZeroShotTasks
     from ..pruner import Pruner
     from ..report import PruningReport
 
@@ -39,6 +40,7 @@ class Plan:
     eval_texts: list[str] | None = None
     eval_name: str | None = None
     max_memory: dict[int | str, str] | None = None
+    tasks: ZeroShotTasks | None = None
 
 
 def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
@@ -93,7 +95,8 @@ def check(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Plan:
     if args.private and not args.push_to_hub:
         parser.error("argument --private: it makes the --push-to-hub repository private; add --push-to-hub REPO.")
     _check_device(args.device, parser)
-    for name in ("eval_seq_len", "eval_windows", "recover_steps", "recover_batch_size", "recover_seq_len"):
+    names = ("eval_seq_len", "eval_windows", "eval_limit", "eval_batch_size", "recover_steps", "recover_batch_size")
+    for name in (*names, "recover_seq_len"):
         value = getattr(args, name)
         if value is not None and value < 1:
             parser.error(f"argument {flag(name)}: must be a positive integer, got {value}.")
@@ -126,7 +129,37 @@ def check(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Plan:
         plan.eval_texts, plan.eval_name = _read_texts(
             parser, "--eval", args.eval, args.eval_text_column, args.eval_split
         )
+    plan.tasks = _check_tasks(args, parser)
     return plan
+
+
+def _check_tasks(args: argparse.Namespace, parser: argparse.ArgumentParser) -> ZeroShotTasks | None:
+    """The --eval-tasks, resolved and with their data loaded (``None`` without the flag)."""
+    given = [name for name in ("eval_limit", "eval_task_data", "eval_include") if getattr(args, name) is not None]
+    if not args.eval_tasks:
+        if given:
+            parser.error(f"argument {flag(given[0])}: it sets up zero-shot tasks; add --eval-tasks TASK[,TASK...].")
+        return None
+    if args.offload == "disk":
+        parser.error("argument --eval-tasks: the tasks run on the model in memory; use --offload cpu.")
+    try:
+        data = dict(_key_value(item) for item in args.eval_task_data or [])
+    except ValueError as error:
+        parser.error(f"argument --eval-task-data: {error}")
+    from ..evaluation.harness import ZeroShotTasks
+
+    names = [name.strip() for name in args.eval_tasks.split(",") if name.strip()]
+    try:
+        return ZeroShotTasks(names, task_data=data, include=args.eval_include, limit=args.eval_limit)
+    except (ImportError, ValueError, FileNotFoundError) as error:
+        parser.error(f"argument --eval-tasks: {error}")
+
+
+def _key_value(item: str) -> tuple[str, str]:
+    key, separator, value = item.partition("=")
+    if not separator or not key or not value:
+        raise ValueError(f"cannot read {item!r}: use TASK=FILE, e.g. hellaswag_local=hellaswag_val.jsonl.")
+    return key, value
 
 
 def _read_texts(
@@ -333,8 +366,11 @@ def execute(args: argparse.Namespace, plan: Plan) -> None:
         return evaluate_perplexity(pruner.model, pruner.tokenizer, plan.eval_texts, eval_seq_len, args.eval_windows)
 
     before = evaluate() if plan.eval_texts is not None else None
+    dense_tasks = plan.tasks.evaluate(pruner.model, pruner.tokenizer, args.eval_batch_size) if plan.tasks else None
     report = prune(args, pruner)
     after = evaluate() if plan.eval_texts is not None else None
+    if plan.tasks is not None:
+        pruner.evaluate_tasks(plan.tasks, dense_tasks, args.eval_batch_size)
     print(report.table())
     if before is not None:
         print(

@@ -48,6 +48,7 @@ def build_metadata(
         "structure": report.structure,
         "left_dense_parameters": report.left_dense_parameters,
         "expert_tokens": report.expert_tokens or None,
+        "zero_shot": report.zero_shot,
         "recovery": {key: value for key, value in recovery.to_dict().items() if key != "losses"} if recovery else None,
         "config": config.to_dict(),
     }

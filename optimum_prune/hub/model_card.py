@@ -8,6 +8,7 @@ from typing import Any
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from ..config import PruningConfig
+from ..evaluation.harness import format_score
 from ..report import PruningReport
 
 _PERPLEXITY_KEYS = {"dataset", "before", "after", "dataset_name", "split", "seq_len"}
@@ -52,6 +53,27 @@ def _eval_results(perplexity: dict[str, Any]) -> list[EvalResult]:
         results.append(
             EvalResult(**common, metric_name="Perplexity (dense base model)", metric_value=float(perplexity["before"]))
         )
+    return results
+
+
+def _zero_shot_results(zero_shot: dict[str, Any]) -> list[EvalResult]:
+    """One model-index entry per task, metric and model (pruned, and the dense base model beside it)."""
+    results = []
+    for row in zero_shot["rows"]:
+        common = {
+            "task_type": "text-generation",
+            "task_name": "Text Generation",
+            "dataset_type": row["task"],
+            "dataset_name": row["task"],
+            "metric_type": row["metric"],
+            "source_name": f"lm-evaluation-harness {zero_shot['harness']}",
+            "source_url": "https://github.com/EleutherAI/lm-evaluation-harness",
+        }
+        results.append(EvalResult(**common, metric_name=f"{row['metric']} (pruned)", metric_value=row["pruned_value"]))
+        if "dense_value" in row:
+            results.append(
+                EvalResult(**common, metric_name=f"{row['metric']} (dense base model)", metric_value=row["dense_value"])
+            )
     return results
 
 
@@ -116,9 +138,11 @@ def build_model_card(
     format: str = "dense",
     perplexity: dict[str, Any] | None = None,
     recovery: dict[str, Any] | None = None,
+    plot: str | None = None,
 ) -> ModelCard:
-    """The card of a model pruned with ``config`` (``report`` is what the run achieved; ``recovery``, the
-    `RecoveryReport.to_dict` of training after pruning)."""
+    """The card of a model pruned with ``config`` (``report`` is what the run achieved, zero-shot scores
+    included; ``recovery``, the `RecoveryReport.to_dict` of training after pruning; ``plot``, the file name of
+    the sparsity picture beside the card)."""
     from ..version import __version__
 
     perplexity = check_perplexity(perplexity)
@@ -134,7 +158,9 @@ def build_model_card(
         pipeline_tag="text-generation",
         tags=list(dict.fromkeys(tags)),
         model_name=name,
-        eval_results=_eval_results(perplexity) if perplexity else None,
+        eval_results=(_eval_results(perplexity) if perplexity else [])
+        + (_zero_shot_results(report.zero_shot) if report.zero_shot else [])
+        or None,
     )
     origin = f"[{base_model}](https://huggingface.co/{base_model})" if base_model else "a causal language model"
     summary = (
@@ -173,6 +199,18 @@ def build_model_card(
             f"## Evaluation\n\nPerplexity on {perplexity['dataset']}{extra}:\n\n"
             + _markdown_table(["model", "perplexity"], rows)
         )
+    if report.zero_shot:
+        rows = [
+            [row["task"], row["metric"], format_score(row.get("dense_value"), row.get("dense_stderr")),
+             format_score(row["pruned_value"], row["pruned_stderr"]), row["samples"]]
+            for row in report.zero_shot["rows"]
+        ]  # fmt: skip
+        sections.append(
+            f"## Zero-shot tasks\n\nlm-evaluation-harness {report.zero_shot['harness']}, 0-shot, mean ± standard "
+            "error:\n\n" + _markdown_table(["task", "metric", "dense base model", "pruned", "items"], rows)
+        )
+    if plot:
+        sections.append(f"## Sparsity per block\n\n![Achieved sparsity per block and layer kind]({plot})")
     sections.append("## How to load\n\n" + _load_snippet(repo_id, format))
     layer_rows = [
         [f"`{name}`", shape, f"{target:.3f}", f"{achieved:.4f}"] for name, _, shape, target, achieved in report.rows()
