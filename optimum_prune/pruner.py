@@ -21,6 +21,7 @@ from .config import PruningConfig
 from .core.layers import find_target_layers
 from .engine.activations import DISK
 from .engine.blockwise import BlockwiseEngine
+from .engine.distributed import Ranks
 from .engine.estimate import RunEstimate, estimate, estimate_run
 from .engine.offload import OFFLOAD_MODES, DiskOffload
 from .engine.resources import MaxMemory, check_free_space, check_max_memory
@@ -273,11 +274,13 @@ class Pruner:
             measure_time=False,  # only memory and disk are checked here
         )
         check_max_memory(self.max_memory, planned, self.device, self.offload)
+        ranks = Ranks.current()
+        ranks.check_same("the run (arguments, model, calibration data)", self._fingerprint(input_ids))
         work = None
         if output_dir is not None:
             folder = work_folder_path(output_dir, self.offload_folder)
             check_free_space(planned, folder, output_dir, linked=self.disk is not None)
-            work = WorkFolder(folder, self._fingerprint(input_ids), resume)
+            work = WorkFolder(folder, self._fingerprint(input_ids), resume, ranks)
         try:
             engine = BlockwiseEngine(
                 self.model,
@@ -301,9 +304,11 @@ class Pruner:
         if work is not None:
             if self.disk is None:
                 self.save_pretrained(output_dir, overwrite=overwrite)
-            else:
+            elif ranks.main:
                 self._write_streamed(output_dir, overwrite, work, engine)
-            work.remove()
+            ranks.barrier()
+            if ranks.main:
+                work.remove()
         return self.report
 
     def _plan_structure(self) -> StructurePlan | None:
@@ -311,6 +316,8 @@ class Pruner:
         the result could not be loaded by the model's own config class."""
         if self.config.structure is None:
             return None
+        if Ranks.current().distributed:
+            raise ValueError("Structured pruning runs in one process: start it without torchrun.")
         if self.disk is not None:
             raise ValueError(
                 "Structured pruning changes the shapes of the blocks, which offload='disk' streams from the "
@@ -374,6 +381,8 @@ class Pruner:
         if self.report is None:
             raise RuntimeError("Nothing to save yet: call prune() first.")
         check_format(format)
+        if not Ranks.current().main:  # in a distributed run, rank 0 writes
+            return os.fspath(save_directory)
         if self.disk is not None:
             return self._copy_streamed(save_directory, overwrite, format, save_masks)
         check_writable(save_directory, overwrite, inputs=self._inputs())
@@ -433,6 +442,8 @@ class Pruner:
         continues from the last one); ``callbacks`` are added to the Trainer's."""
         if self.report is None:
             raise RuntimeError("Nothing to recover: call prune() first.")
+        if Ranks.current().distributed:
+            raise ValueError("Recovery training runs in one process: recover the saved model without torchrun.")
         if self.disk is not None:
             raise ValueError(
                 f"offload='disk' left the pruned model only in {self.output_dir}: load it there (it fits in memory "
@@ -573,7 +584,7 @@ class Pruner:
         format: str = "dense",
         perplexity: dict[str, Any] | None = None,
         base_model: str | None = None,
-    ) -> CommitInfo:
+    ) -> CommitInfo | None:
         """Create ``repo_id`` if needed and upload the model, tokenizer, ``pruning_config.json`` and a model card
         (README.md) in one commit. ``perplexity={"dataset": ..., "before": x, "after": y}`` goes into the card's
         model-index. Without ``token``, the saved one is used; with none at all, nothing is uploaded.
@@ -585,6 +596,8 @@ class Pruner:
             raise RuntimeError("Nothing to push yet: call prune() first.")
         check_format(format)
         check_perplexity(perplexity)
+        if not Ranks.current().main:  # in a distributed run, rank 0 uploads
+            return None
         token = check_can_push(token)
         message = commit_message or (
             f"Upload {self.config.method} {self.config.pattern} pruned model "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 
 import torch
 
@@ -13,6 +14,17 @@ class LayerStatistic(ABC):
     @abstractmethod
     def update(self, inputs: torch.Tensor) -> None:
         """Add a batch of inputs of shape ``(..., in_features)``."""
+
+    def sum_over_ranks(self, all_reduce: Callable[[torch.Tensor], None]) -> None:
+        """Turn this statistic into that of every rank's tokens (a distributed run); ``all_reduce`` sums a tensor
+        over the ranks, in place. Sums are reduced as sums, so the result does not depend on the split."""
+        raise NotImplementedError(f"{type(self).__name__} cannot be summed over the ranks of a distributed run.")
+
+
+def _sum_tokens(tokens: int, all_reduce: Callable[[torch.Tensor], None], device: torch.device) -> int:
+    total = torch.tensor([float(tokens)], dtype=torch.float64, device=device)
+    all_reduce(total)
+    return int(total.item())
 
 
 class InputNorms(LayerStatistic):
@@ -26,6 +38,10 @@ class InputNorms(LayerStatistic):
         x = inputs.reshape(-1, inputs.shape[-1]).float()
         self.squared_norms += x.pow(2).sum(dim=0)
         self.tokens += x.shape[0]
+
+    def sum_over_ranks(self, all_reduce: Callable[[torch.Tensor], None]) -> None:
+        all_reduce(self.squared_norms)
+        self.tokens = _sum_tokens(self.tokens, all_reduce, self.squared_norms.device)
 
 
 class Hessian(LayerStatistic):
@@ -50,6 +66,16 @@ class Hessian(LayerStatistic):
         x = inputs.reshape(-1, inputs.shape[-1]).float()
         total = self.tokens + x.shape[0]
         add_upper_gram(self._matrix, x, self._panel, beta=self.tokens / total, alpha=2.0 / total)
+        self.tokens = total
+
+    def sum_over_ranks(self, all_reduce: Callable[[torch.Tensor], None]) -> None:
+        """The mean over every rank's tokens: each rank's mean weighted by its tokens, summed, divided."""
+        if self._symmetric or self._matrix is None:
+            raise RuntimeError("Sum the Hessian over the ranks before reading it.")
+        total = _sum_tokens(self.tokens, all_reduce, self._matrix.device)
+        self._matrix.mul_(self.tokens)
+        all_reduce(self._matrix)
+        self._matrix.div_(max(total, 1))
         self.tokens = total
 
     @property

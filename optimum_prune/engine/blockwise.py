@@ -10,6 +10,7 @@ that an interrupted run resumes from the first unfinished one.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import time
@@ -39,6 +40,7 @@ from ..methods import BlockContext, PruningMethod
 from ..report import LayerReport, PruningReport
 from .activations import ActivationStore
 from .capture import CalibrationBatch, capture_block_inputs, outside_blocks_loaded
+from .distributed import Ranks
 from .offload import DiskOffload
 from .work_folder import Progress, WorkFolder
 
@@ -180,7 +182,9 @@ class BlockwiseEngine:
         self.layers = find_target_layers(model, config.targets, config.ignore)
         self.masks: dict[str, torch.Tensor] = {}
         self.left_dense = untargeted_matrices(model, self.layers)
+        self.ranks = Ranks.current()
         self._check_pattern()
+        self._check_distributed()
         self._warn_left_dense()
 
     def _warn_left_dense(self) -> None:
@@ -198,6 +202,18 @@ class BlockwiseEngine:
             100 * total / in_blocks,
             ", ".join(names[:6]) + (" ..." if len(names) > 6 else ""),
         )
+
+    def _check_distributed(self) -> None:
+        """In a distributed run, every statistic must be summable over the ranks (said before any work)."""
+        if not self.ranks.distributed or not self.method.needs_statistics:
+            return
+        layer = next(layer for block in self.layers for layer in block)
+        statistic = self.method.make_statistic(layer, torch.device("cpu"))
+        if statistic is not None and type(statistic).sum_over_ranks is LayerStatistic.sum_over_ranks:
+            raise ValueError(
+                f"Method {self.config.method!r} keeps statistics ({type(statistic).__name__}) that cannot be summed "
+                "over the ranks of a distributed run: run it in one process."
+            )
 
     def _check_pattern(self) -> None:
         pattern = self.config.nm_pattern
@@ -237,7 +253,12 @@ class BlockwiseEngine:
                 raise ValueError(f"Method {self.config.method!r} needs calibration data: pass a dataset to prune().")
             with outside_blocks_loaded(self.model, self.blocks, self.disk):
                 batches = capture_block_inputs(
-                    self.model, self.blocks, input_ids, self.config.batch_size, self.device, self.activations
+                    self.model,
+                    self.blocks,
+                    self.ranks.shard(input_ids),
+                    self.config.batch_size,
+                    self.device,
+                    self.activations,
                 )
         state = self.work.load() if self.work is not None else None
         if state is None:
@@ -284,14 +305,13 @@ class BlockwiseEngine:
                 else ({}, {})
             )
             pattern = self.config.nm_pattern
-            masks = self.method.prune_block(BlockContext(index, block, linear, statistics, sparsity, pattern))
+            masks = self._prune(BlockContext(index, block, linear, statistics, sparsity, pattern))
             del statistics
             for experts, expert_statistics in self._expert_statistics(layers, routing, self.method.make_statistic):
-                context = BlockContext(index, block, experts, expert_statistics, sparsity, pattern)
-                masks.update(self.method.prune_block(context))
-                del context, expert_statistics  # one expert's statistics at a time
+                masks.update(self._prune(BlockContext(index, block, experts, expert_statistics, sparsity, pattern)))
+                del expert_statistics  # one expert's statistics at a time
             for name, record in routing.items():
-                state.expert_tokens[name] = record.tokens_per_expert()
+                state.expert_tokens[name] = self._routed_tokens(record)
             del routing
             if self.method.needs_statistics and index + 1 < len(self.blocks):
                 batches = self._propagate(block, batches)
@@ -305,6 +325,37 @@ class BlockwiseEngine:
                 hidden = [batch.hidden for batch in batches] if batches and index + 1 < len(self.blocks) else None
                 self.work.save_block(index, block, f"{self.blocks_name}.{index}", packed, hidden, state)
         return batches
+
+    def _prune(self, context: BlockContext) -> dict[str, torch.Tensor]:
+        """The method's masks of the context's layers. In a distributed run each rank prunes the layers it owns
+        (shared out by cost) and broadcasts their pruned weights and masks to the others."""
+        if not self.ranks.distributed or not context.layers:
+            return self.method.prune_block(context)
+        tokens = self.config.num_samples * self.config.seq_len
+        owners = self.ranks.owners([self.method.pruning_flops(*layer.shape, tokens) for layer in context.layers])
+        mine = [layer for layer, owner in zip(context.layers, owners, strict=True) if owner == self.ranks.rank]
+        masks = self.method.prune_block(dataclasses.replace(context, layers=mine)) if mine else {}
+        for layer, owner in zip(context.layers, owners, strict=True):
+            ours = owner == self.ranks.rank
+            device = layer.weight.device
+            weight = layer.matrix() if ours else torch.empty(layer.shape, device=device)
+            mask = (
+                masks[layer.name].to(device, torch.uint8)
+                if ours
+                else torch.empty(layer.shape, dtype=torch.uint8, device=device)
+            )
+            self.ranks.broadcast(weight, owner)
+            self.ranks.broadcast(mask, owner)
+            if not ours:
+                layer.write(weight)
+                masks[layer.name] = mask.bool()
+        return masks
+
+    def _routed_tokens(self, record: RoutingRecord) -> list[int]:
+        """How many calibration tokens the router sent to each expert, over every rank."""
+        counts = torch.tensor(record.tokens_per_expert(), dtype=torch.float64, device=self.device)
+        self.ranks.all_reduce(counts)
+        return [int(count) for count in counts.tolist()]
 
     def _record_masks(
         self, index: int, sparsity: float, masks: dict[str, torch.Tensor], state: Progress
@@ -354,7 +405,14 @@ class BlockwiseEngine:
                 self.activations.evict(batch.hidden)
         finally:
             collector.remove()
+        self._sum_over_ranks(collector.statistics)
         return collector.statistics, routing
+
+    def _sum_over_ranks(self, statistics: dict[str, LayerStatistic]) -> None:
+        """Make each statistic (a shared one once) that of every rank's tokens; a no-op in one process."""
+        if self.ranks.distributed:
+            for statistic in {id(s): s for s in statistics.values()}.values():
+                statistic.sum_over_ranks(self.ranks.all_reduce)
 
     @staticmethod
     def _experts(layers: list[TargetLayer]) -> list[tuple[str, list[TargetLayer]]]:
@@ -373,6 +431,7 @@ class BlockwiseEngine:
         """Each expert's target layers with their statistics, one expert at a time, from the routing records
         (no statistics without records); an expert routed fewer than ``min_expert_tokens`` is calibrated on
         every token."""
+        routed = {name: self._routed_tokens(record) for name, record in routing.items()}
         for (name, expert), experts in group_experts(layers).items():
             record = routing.get(name)
             if record is None:
@@ -380,14 +439,15 @@ class BlockwiseEngine:
                 continue
             _, down = expert_parameters(record.module)
             statistics = {layer.name: make(layer, self.device) for layer in experts}
-            routed = record.tokens_per_expert()[expert]
-            every_token = routed < max(self.config.min_expert_tokens, 1)
+            every_token = routed[name][expert] < max(self.config.min_expert_tokens, 1)
             for hidden, inner in record.expert_inputs(expert, self.config.expert_calibration, every_token):
                 for layer in experts:
                     inputs = inner if layer.parameter == down else hidden
                     if statistics[layer.name] is not None and inputs.shape[0]:
                         statistics[layer.name].update(inputs)
-            yield experts, {key: value for key, value in statistics.items() if value is not None}
+            statistics = {key: value for key, value in statistics.items() if value is not None}
+            self._sum_over_ranks(statistics)
+            yield experts, statistics
 
     def _propagate(self, block: nn.Module, batches: list[CalibrationBatch]) -> list[CalibrationBatch]:
         """The next block's inputs: every batch run through ``block``."""

@@ -3,7 +3,8 @@
 Layout of ``<output>.partial/``: ``fingerprint.json`` (what the run computes, compared on resume),
 ``block-NNNNN.safetensors`` (a finished block's pruned weights, under their full names),
 ``masks-NNNNN.safetensors`` (its packed masks), ``activations.safetensors`` (the hidden states entering
-the next block) and ``state.json``, written last, which marks the block as finished.
+the next block; one file per rank in a distributed run) and ``state.json``, written last, which marks the block
+as finished.
 """
 
 from __future__ import annotations
@@ -23,10 +24,11 @@ from torch import nn
 
 from ..core.safetensors import write_safetensors
 from ..report import LayerReport
+from .distributed import Ranks
 
 FINGERPRINT = "fingerprint.json"
 STATE = "state.json"
-ACTIVATIONS = "activations.safetensors"
+ACTIVATIONS = "activations.safetensors"  # activations-RRRRR-of-WWWWW.safetensors per rank in a distributed run
 
 
 def work_folder_path(output_dir: str | os.PathLike, offload_folder: str | os.PathLike | None = None) -> Path:
@@ -77,8 +79,15 @@ class WorkFolder:
             that finished blocks are never thrown away silently.
     """
 
-    def __init__(self, folder: str | os.PathLike, fingerprint: dict[str, Any], resume: bool) -> None:
+    def __init__(
+        self, folder: str | os.PathLike, fingerprint: dict[str, Any], resume: bool, ranks: Ranks | None = None
+    ) -> None:
         self.folder = Path(folder)
+        self.ranks = ranks or Ranks()
+        world = self.ranks.world
+        self.activations_file = (
+            ACTIVATIONS if world == 1 else f"activations-{self.ranks.rank:05d}-of-{world:05d}.safetensors"
+        )
         fingerprint = json.loads(json.dumps(fingerprint, sort_keys=True))
         path = self.folder / FINGERPRINT
         if self.has_finished_block:
@@ -129,7 +138,8 @@ class WorkFolder:
         return masks
 
     def load_activations(self) -> list[torch.Tensor]:
-        tensors = load_file(self.folder / ACTIVATIONS)
+        """This rank's hidden states entering the next block."""
+        tensors = load_file(self.folder / self.activations_file)
         return [tensors[f"batch.{index}"] for index in range(len(tensors))]
 
     def restore_block(self, block: nn.Module, index: int, prefix: str) -> None:
@@ -146,13 +156,18 @@ class WorkFolder:
         next_hidden: list[torch.Tensor] | None,
         state: Progress,
     ) -> None:
-        """Record that block ``index`` is finished: its weights, masks, the next block's inputs, then the state."""
-        _save({f"{prefix}.{name}": tensor for name, tensor in block.state_dict().items()}, self.block_file(index))
-        _save(masks, self.folder / f"masks-{index:05d}.safetensors")
+        """Record that block ``index`` is finished: its weights, masks, the next block's inputs, then the state.
+        In a distributed run rank 0 writes the block and its masks, every rank its own inputs, and the state is
+        written once every rank has."""
+        if self.ranks.main:
+            _save({f"{prefix}.{name}": tensor for name, tensor in block.state_dict().items()}, self.block_file(index))
+            _save(masks, self.folder / f"masks-{index:05d}.safetensors")
         if next_hidden is not None:
-            _save({f"batch.{i}": hidden for i, hidden in enumerate(next_hidden)}, self.folder / ACTIVATIONS)
-        data = dataclasses.asdict(state)
-        _write_json(self.folder / STATE, data)
+            _save({f"batch.{i}": hidden for i, hidden in enumerate(next_hidden)}, self.folder / self.activations_file)
+        self.ranks.barrier()
+        if self.ranks.main:
+            _write_json(self.folder / STATE, dataclasses.asdict(state))
+        self.ranks.barrier()
 
     def remove(self) -> None:
         shutil.rmtree(self.folder, ignore_errors=True)

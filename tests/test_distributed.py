@@ -1,0 +1,104 @@
+"""Distributed pruning on torch.distributed: 2 gloo processes on CPU, spawned by the test, give the masks of one
+process exactly and its weights within float32 summation-order rounding (SparseGPT's updated weights differ by
+about 1e-6 relative: the statistics are float32 sums in another order). Statistics are summed as sums; layers are
+pruned by their owner rank and broadcast."""
+
+from __future__ import annotations
+
+import os
+import socket
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from conftest import random_ids, tiny_model
+
+from optimum_prune import Pruner, PruningConfig
+from optimum_prune.engine.distributed import Ranks
+
+RUNS = {  # name -> architecture, PruningConfig arguments
+    "magnitude": ("llama", {"method": "magnitude", "sparsity": 0.5}),
+    "wanda": ("llama", {"method": "wanda", "sparsity": 0.5}),
+    "sparsegpt": ("llama", {"method": "sparsegpt", "sparsity": 0.5}),
+    "sparsegpt-2:4": ("llama", {"method": "sparsegpt", "pattern": "2:4"}),
+    "wanda-owl": ("llama", {"method": "wanda", "sparsity": 0.5, "allocation": "owl", "owl_lambda": 0.1}),
+    "sparsegpt-moe": ("qwen3_moe", {"method": "sparsegpt", "sparsity": 0.5}),
+}
+SAMPLES = 7  # odd: the ranks get 4 and 3 samples
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def prune(name: str) -> Pruner:
+    architecture, arguments = RUNS[name]
+    config = PruningConfig(num_samples=SAMPLES, seq_len=32, batch_size=2, **arguments)
+    pruner = Pruner.from_pretrained(tiny_model(architecture), config, progress=False)
+    pruner.prune(random_ids(SAMPLES, 32))
+    return pruner
+
+
+def _rank(rank: int, world: int, port: int, names: list[str], folder: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=120))
+    torch.set_num_threads(1)
+    from optimum_prune.engine import blockwise
+
+    capture = blockwise.capture_block_inputs
+    seen: list[int] = []  # the calibration samples this rank runs through the model
+
+    def capture_shard(model, blocks, input_ids, *args):
+        seen.append(input_ids.shape[0])
+        return capture(model, blocks, input_ids, *args)
+
+    blockwise.capture_block_inputs = capture_shard
+    try:
+        for name in names:
+            pruner = prune(name)
+            state = {n: p.detach().clone() for n, p in pruner.model.named_parameters()}
+            result = {
+                "masks": pruner.masks,
+                "state": state,
+                "report": pruner.report.to_dict(),
+                "samples": seen.pop() if seen else None,
+            }
+            torch.save({**result, "ranks": Ranks.current()}, Path(folder) / f"{name}-{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("ranks")
+    mp.start_processes(_rank, args=(2, _free_port(), list(RUNS), str(folder)), nprocs=2, start_method="spawn")
+    return folder
+
+
+@pytest.mark.parametrize("name", list(RUNS))
+def test_two_ranks_prune_as_one_process(two_ranks, name):
+    single = prune(name)
+    for rank in (0, 1):
+        result = torch.load(two_ranks / f"{name}-{rank}.pt", weights_only=False)
+        calibrated = single.config.needs_calibration  # uniform magnitude pruning reads no samples
+        assert result["ranks"] == Ranks(rank, 2) and result["samples"] == ((4, 3)[rank] if calibrated else None)
+        assert result["masks"].keys() == single.masks.keys()
+        for layer, bits in single.masks.items():
+            assert torch.equal(result["masks"][layer], bits), f"rank {rank}: {layer}"
+        for parameter, value in single.model.named_parameters():
+            torch.testing.assert_close(result["state"][parameter], value, rtol=1e-5, atol=1e-7, msg=parameter)
+        assert result["report"]["global_sparsity"] == single.report.global_sparsity
+        assert result["report"]["expert_tokens"] == single.report.expert_tokens
+
+
+def test_shards_and_owners():
+    ids = torch.arange(7).unsqueeze(1)
+    assert [Ranks(r, 2).shard(ids).flatten().tolist() for r in (0, 1)] == [[0, 1, 2, 3], [4, 5, 6]]
+    with pytest.raises(ValueError, match="3 ranks but only 2 calibration samples"):
+        Ranks(0, 3).shard(ids[:2])
+    assert Ranks(0, 2).owners([1.0, 5.0, 3.0, 3.0]) == [0, 0, 1, 1]
