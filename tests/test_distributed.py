@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from conftest import random_ids, tiny_model
+from transformers import AutoModelForCausalLM
 
 from optimum_prune import Pruner, PruningConfig
 from optimum_prune.engine.distributed import Ranks
@@ -102,3 +103,60 @@ def test_shards_and_owners():
     with pytest.raises(ValueError, match="3 ranks but only 2 calibration samples"):
         Ranks(0, 3).shard(ids[:2])
     assert Ranks(0, 2).owners([1.0, 5.0, 3.0, 3.0]) == [0, 0, 1, 1]
+
+
+def _rank_writing(rank: int, world: int, port: int, output: str, die_after: int | None) -> None:
+    """Prune to ``output`` (work folder, resume); rank 1 dies once ``die_after`` blocks are finished."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=60))
+    torch.set_num_threads(1)
+    from optimum_prune.engine.work_folder import WorkFolder
+
+    save_block = WorkFolder.save_block
+
+    def save_then_die(self, index, *args, **kwargs):
+        save_block(self, index, *args, **kwargs)
+        if rank == 1 and index + 1 == die_after:
+            os._exit(1)  # killed: no clean-up, no message
+
+    WorkFolder.save_block = save_then_die
+    architecture, arguments = RUNS["sparsegpt"]
+    config = PruningConfig(num_samples=SAMPLES, seq_len=32, batch_size=2, **arguments)
+    pruner = Pruner.from_pretrained(tiny_model(architecture), config, progress=False)
+    try:
+        pruner.prune(random_ids(SAMPLES, 32), output_dir=output, resume=die_after is None)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_killed_rank_stops_the_job_and_it_resumes(tmp_path):
+    output = tmp_path / "pruned"
+    with pytest.raises((mp.ProcessExitedException, mp.ProcessRaisedException)):
+        mp.start_processes(_rank_writing, args=(2, _free_port(), str(output), 1), nprocs=2, start_method="spawn")
+    partial = tmp_path / "pruned.partial"
+    assert (partial / "state.json").is_file() and not output.exists()
+    assert {p.name for p in partial.glob("activations-*")} == {
+        "activations-00000-of-00002.safetensors",
+        "activations-00001-of-00002.safetensors",
+    }
+    mp.start_processes(_rank_writing, args=(2, _free_port(), str(output), None), nprocs=2, start_method="spawn")
+    single = prune("sparsegpt")
+    reloaded = AutoModelForCausalLM.from_pretrained(output)
+    for name, value in single.model.named_parameters():
+        torch.testing.assert_close(reloaded.get_parameter(name), value, rtol=1e-4, atol=1e-6, msg=name)
+    assert not partial.exists()
+
+
+def _rank_disagreeing(rank: int, world: int, port: int) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=60))
+    try:
+        config = PruningConfig(method="wanda", sparsity=(0.5, 0.6)[rank], num_samples=4, seq_len=32)
+        Pruner.from_pretrained(tiny_model("llama"), config, progress=False).prune(random_ids(4, 32))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ranks_that_disagree_are_refused_before_work():
+    with pytest.raises(mp.ProcessRaisedException, match=r"The ranks disagree on the run \(arguments, model"):
+        mp.start_processes(_rank_disagreeing, args=(2, _free_port()), nprocs=2, start_method="spawn")

@@ -7,6 +7,8 @@ Exit codes: 0 success, 2 bad arguments (``parser.error`` naming the flag, before
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import logging
 import os
@@ -53,7 +55,14 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     try:
         from tqdm.contrib.logging import logging_redirect_tqdm
 
-        with logging_redirect_tqdm():
+        from ..engine.distributed import init_from_environment
+
+        ranks = init_from_environment(args.device)
+        if ranks.distributed and (args.device or "cpu").startswith("cuda"):
+            args.device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
+        # under torchrun, rank 0 prints the summary; every rank prints its errors
+        output = contextlib.nullcontext() if ranks.main else contextlib.redirect_stdout(io.StringIO())
+        with logging_redirect_tqdm(), output:
             execute(args, plan)
     except KeyboardInterrupt:
         print(f"{parser.prog}: interrupted{_resume_hint(args)}", file=sys.stderr)
@@ -63,6 +72,8 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             traceback.print_exc()
         cause = " ".join(str(error).split()) or "no message"
         hint = "" if args.verbose else " (rerun with --verbose for the traceback)"
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1 and "peer" in cause.lower():
+            hint = f"; another rank stopped (its error is above){_resume_hint(args) or ''}" + hint
         print(f"{parser.prog}: error: {type(error).__name__}: {cause}{hint}", file=sys.stderr)
         return 1
     return 0
@@ -90,6 +101,10 @@ def check(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Plan:
         parser.error(f"argument {flag(given[0])}: it sets up recovery training; add --recover-steps N.")
     if args.recover_lora and args.recover_schedule == "gradual":
         parser.error("argument --recover-lora: gradual pruning trains every weight; drop it or use one-shot.")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        for name, given in (("recover_steps", args.recover_steps), ("structure", config.structure is not None)):
+            if given:
+                parser.error(f"argument {flag(name)}: it runs in one process; start it without torchrun.")
     if args.recover_steps and args.offload == "disk":
         parser.error("argument --recover-steps: training needs the model in memory; use --offload cpu.")
     if args.private and not args.push_to_hub:
@@ -347,6 +362,7 @@ def execute(args: argparse.Namespace, plan: Plan) -> None:
     """Load (or only estimate), evaluate, prune, evaluate again, recover, print the summary, save, export, push."""
     import torch
 
+    from ..engine.distributed import Ranks
     from ..evaluation import evaluate_perplexity
 
     config = plan.config
@@ -365,11 +381,14 @@ def execute(args: argparse.Namespace, plan: Plan) -> None:
     def evaluate():
         return evaluate_perplexity(pruner.model, pruner.tokenizer, plan.eval_texts, eval_seq_len, args.eval_windows)
 
-    before = evaluate() if plan.eval_texts is not None else None
-    dense_tasks = plan.tasks.evaluate(pruner.model, pruner.tokenizer, args.eval_batch_size) if plan.tasks else None
+    main = Ranks.current().main  # under torchrun, rank 0 evaluates while the others wait at the first block
+    before = evaluate() if plan.eval_texts is not None and main else None
+    dense_tasks = (
+        plan.tasks.evaluate(pruner.model, pruner.tokenizer, args.eval_batch_size) if plan.tasks and main else None
+    )
     report = prune(args, pruner)
-    after = evaluate() if plan.eval_texts is not None else None
-    if plan.tasks is not None:
+    after = evaluate() if before is not None else None
+    if plan.tasks is not None and main:
         pruner.evaluate_tasks(plan.tasks, dense_tasks, args.eval_batch_size)
     print(report.table())
     if before is not None:
@@ -387,6 +406,7 @@ def execute(args: argparse.Namespace, plan: Plan) -> None:
 
 def load(args: argparse.Namespace, plan: Plan, dtype: Any) -> Pruner:
     """The `Pruner` of --model, with a tokenizer when calibration or --eval needs one."""
+    from ..engine.distributed import Ranks
     from ..pruner import Pruner
 
     pruner = Pruner.from_pretrained(
@@ -401,6 +421,7 @@ def load(args: argparse.Namespace, plan: Plan, dtype: Any) -> Pruner:
         offload_folder=args.offload_folder,
         max_memory=plan.max_memory,
         offload_activations=args.offload_activations,
+        progress=Ranks.current().main,
     )
     if pruner.tokenizer is None and (plan.config.needs_calibration or plan.eval_texts is not None):
         raise RuntimeError(
@@ -451,7 +472,11 @@ def recover(args: argparse.Namespace, pruner: Pruner) -> None:
 
 
 def write(args: argparse.Namespace, pruner: Pruner, scores: dict[str, Any] | None) -> None:
-    """Save --output (unless pruning streamed it), export ONNX, push to the Hub."""
+    """Save --output (unless pruning streamed it), export ONNX, push to the Hub (rank 0 only, under torchrun)."""
+    from ..engine.distributed import Ranks
+
+    if not Ranks.current().main:
+        return
     save_format = "compressed" if "compressed" in args.export else "dense"
     if args.output and not streams_output(args):
         pruner.save_pretrained(args.output, overwrite=args.overwrite, format=save_format, save_masks=args.save_masks)

@@ -331,8 +331,8 @@ class BlockwiseEngine:
         (shared out by cost) and broadcasts their pruned weights and masks to the others."""
         if not self.ranks.distributed or not context.layers:
             return self.method.prune_block(context)
-        tokens = self.config.num_samples * self.config.seq_len
-        owners = self.ranks.owners([self.method.pruning_flops(*layer.shape, tokens) for layer in context.layers])
+        costs = [self.method.pruning_flops(*layer.shape, 0) for layer in context.layers]  # the math, not the statistic
+        owners = self.ranks.owners(costs)
         mine = [layer for layer, owner in zip(context.layers, owners, strict=True) if owner == self.ranks.rank]
         masks = self.method.prune_block(dataclasses.replace(context, layers=mine)) if mine else {}
         for layer, owner in zip(context.layers, owners, strict=True):

@@ -105,7 +105,8 @@ class WorkFolder:
                 )
         else:  # nothing worth keeping: a run that stopped before its first block finished starts afresh
             self.folder.mkdir(parents=True, exist_ok=True)
-            _write_json(path, fingerprint)
+            if self.ranks.main:
+                _write_json(path, fingerprint)
 
     @property
     def has_finished_block(self) -> bool:
