@@ -160,3 +160,22 @@ def _rank_disagreeing(rank: int, world: int, port: int) -> None:
 def test_ranks_that_disagree_are_refused_before_work():
     with pytest.raises(mp.ProcessRaisedException, match=r"The ranks disagree on the run \(arguments, model"):
         mp.start_processes(_rank_disagreeing, args=(2, _free_port()), nprocs=2, start_method="spawn")
+
+
+def test_cli_under_torchrun_prints_once_and_saves(tmp_path):
+    """``torchrun -m optimum_prune``: two gloo ranks, rank 0 prints the summary and writes the output."""
+    import subprocess
+    import sys
+
+    from conftest import STORIES_260K, TINYSTORIES_VAL
+
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "optimum_prune",
+        "--model", str(STORIES_260K), "--method", "wanda", "--dataset", str(TINYSTORIES_VAL), "--num-samples", "5",
+        "--seq-len", "64", "--output", str(tmp_path / "out"),
+    ]  # fmt: skip
+    environment = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=environment)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.count("global sparsity 0.5000") == 1 and done.stdout.count("saved (dense)") == 1
+    assert (tmp_path / "out" / "model.safetensors").is_file() and not (tmp_path / "out.partial").exists()
