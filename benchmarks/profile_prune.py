@@ -72,7 +72,7 @@ def profile(model_name: str, method: str, samples: int) -> dict:
 
     block_key = _key(type(blocks[0]).forward)
     hook_key = next((key for key in stats if key[0] == blockwise.__file__ and key[2] == "observe"), None)
-    engine_key = _key(blockwise.BlockwiseEngine._prune_block)
+    engine_key = _key(blockwise.BlockwiseEngine._prune)  # the one caller of the method's prune_block
     pruning = sum(
         callers[engine_key][3]
         for key, (*_, callers) in stats.items()
