@@ -164,7 +164,8 @@ class PruningConfig:
         """Whether the run needs calibration data (all but uniform magnitude pruning do)."""
         if method_class(self.method).needs_statistics or self.allocation != "uniform":
             return True
-        return self.structure is not None and (self.structure.compensate or self.structure.layers > 0)
+        structure = self.structure
+        return structure is not None and (structure.compensate or structure.layers > 0 or structure.experts > 0)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -109,7 +109,7 @@ def _structure_line(structure: dict[str, Any]) -> str:
     """``structured: mlp 1536 -> 1152 channels, attention 3 -> 2 KV groups, 30 -> 27 blocks; 134.5M -> 110.2M
     parameters``."""
     parts = []
-    units = {"mlp": "channels", "attention": "KV groups"}
+    units = {"mlp": "channels", "attention": "KV groups", "experts": "experts"}
     for kind, unit in units.items():
         if kind in structure:
             parts.append(f"{kind} {structure[kind]['original']} -> {structure[kind]['kept']} {unit}")

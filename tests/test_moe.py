@@ -299,3 +299,33 @@ def test_onnx_export_keeps_the_zeros_of_3d_experts(architecture, tmp_path):
     logits = session.run(None, feeds)[0]
     with torch.no_grad():
         np.testing.assert_allclose(logits, model(ids).logits.numpy(), atol=2e-5)
+
+
+@pytest.mark.parametrize("architecture", ARCHITECTURES)
+def test_dropping_experts_gives_a_smaller_model_stock_transformers_loads(architecture, tmp_path):
+    """structure={"experts": 0.5} removes half the routed experts of every MoE block, with their router rows; the
+    config gets the new count and the saved folder loads with AutoModelForCausalLM, computing the same logits."""
+    model = tiny_model(architecture)
+    pruner = prune(model, "wanda", structure={"experts": 0.5})
+    experts = pruner.report.structure["experts"]
+    assert (experts["original"], experts["kept"]) == (4, 2)
+    assert all(len(removed) == 2 for removed in experts["removed"].values())
+    pruner.save_pretrained(tmp_path / "smaller")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "smaller").eval()
+    assert {m.down_proj.shape[0] for m in _experts_modules(reloaded).values()} == {2}
+    ids = random_ids(2, 16, seed=3)
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(ids).logits, model(ids).logits, rtol=0, atol=0)
+
+
+def test_the_experts_that_contribute_least_are_dropped():
+    model = tiny_model("qwen3_moe")
+    with torch.no_grad():
+        for module in _experts_modules(model).values():
+            module.down_proj[1].zero_()  # expert 1 adds nothing to the output, however often it is picked
+    pruner = prune(model, "magnitude", structure={"experts": 0.25, "compensate": False})
+    assert all(1 in removed for removed in pruner.report.structure["experts"]["removed"].values())
+    with pytest.raises(ValueError, match=r"keeps 1 of 4 experts, but every token picks 2 .* experts=0.500 keeps 2"):
+        prune(tiny_model("qwen3_moe"), "wanda", structure={"experts": 0.75})
+    with pytest.raises(ValueError, match="has no fused experts"):
+        prune(tiny_model("llama"), "wanda", structure={"experts": 0.5})

@@ -64,7 +64,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         "--structure",
         nargs="+",
         metavar="KIND=FRACTION",
-        help="structured pruning, e.g. mlp=0.25 attention=0.33 layers=0.1 (fractions removed in every block; also "
+        help="structured pruning, e.g. mlp=0.25 attention=0.33 layers=0.1 experts=0.25 (fractions removed in every block; also "
         "align=N, compensate=false): a smaller dense model; --method chooses what to remove.",
     )
     pruning.add_argument("--targets", nargs="+", metavar="GLOB", help="module names to prune (fnmatch globs).")

@@ -18,11 +18,12 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..config import PruningConfig
-from ..core.layers import find_target_layers
+from ..core.layers import TargetLayer, find_target_layers
 from ..core.memory import map_large_allocations, peak_memory
 from ..core.statistics import InputGram
 from ..methods import PruningMethod
 from ..report import LayerReport, PruningReport
+from ..structured.experts import EXPERTS, drop_experts, expert_scores, experts_modules
 from ..structured.groups import ATTENTION, MLP, ChannelGroup
 from ..structured.plan import StructurePlan, block_groups, new_config, text_config
 from ..structured.prune import prune_group
@@ -63,13 +64,17 @@ class StructuredEngine(BlockwiseEngine):
         self.layers = find_target_layers(self.model, self.config.targets, self.config.ignore)
         groups = block_groups(self.model, self.layers, list(self.plan.keep))
         seconds = []
+        dropped: dict[str, list[int]] = {}  # experts module -> the experts it lost
         bar = tqdm(range(len(self.blocks)), desc="Structured pruning", unit="block", disable=not self.progress)
         for index in bar:
             block_start = time.perf_counter()
             with self._block(index) as block:
-                for kind in (ATTENTION, MLP):
-                    if kind in self.plan.keep:
-                        self._prune_kind(block, groups[index][kind], self.plan.keep[kind], batches)
+                if ATTENTION in self.plan.keep:
+                    self._prune_kind(block, groups[index][ATTENTION], self.plan.keep[ATTENTION], batches)
+                if EXPERTS in self.plan.keep:
+                    dropped.update(self._drop_experts(block, self.layers[index], batches))
+                if MLP in self.plan.keep:
+                    self._prune_kind(block, groups[index][MLP], self.plan.keep[MLP], batches)
                 if batches is not None and index + 1 < len(self.blocks):
                     batches = self._propagate(block, batches)
             seconds.append(time.perf_counter() - block_start)
@@ -84,6 +89,8 @@ class StructuredEngine(BlockwiseEngine):
             **self.plan.describe(),
             "parameters": {"original": parameters, "kept": sum(p.numel() for p in self.model.parameters())},
         }
+        if dropped:
+            structure[EXPERTS]["removed"] = dropped
         if removed:
             structure["layers"] = {"original": len(self.blocks) + len(removed), "removed": removed}
             structure["block_influence"] = [round(value, 6) for value in influence]
@@ -108,6 +115,20 @@ class StructuredEngine(BlockwiseEngine):
         dampening = getattr(self.method.settings, "dampening", 0.01)
         compensate = self.config.structure.compensate
         prune_group(group, statistics.get(group.consumer.name), self.method, keep, compensate, dampening)
+
+    def _drop_experts(
+        self, block: nn.Module, layers: list[TargetLayer], batches: list[CalibrationBatch] | None
+    ) -> dict[str, list[int]]:
+        """Drop each experts module's least contributing experts (`structured.experts`); return them by module."""
+        _, routing = self._collect(block, layers, batches, lambda layer, device: None)
+        dropped = {}
+        for name, record in routing.items():
+            scores = expert_scores(record)
+            keep = scores.argsort(descending=True)[: self.plan.keep[EXPERTS]].sort().values
+            parent = next(parent for parent, experts in experts_modules(block) if experts is record.module)
+            dropped[name] = sorted(set(range(len(scores))) - set(keep.tolist()))
+            drop_experts(parent, record.module, keep)
+        return dropped
 
     def _remove_blocks(self, batches: list[CalibrationBatch]) -> tuple[list[int], list[float]]:
         """Measure every block's Block Influence on the dense model and remove the least influential."""

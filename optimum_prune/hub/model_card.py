@@ -81,7 +81,7 @@ def _recipe(config: PruningConfig, report: PruningReport) -> list[tuple[str, Any
     rows: list[tuple[str, Any]] = []
     if report.structure is not None:
         structure = report.structure
-        for kind in ("mlp", "attention"):
+        for kind in ("mlp", "attention", "experts"):
             if kind in structure:
                 rows.append((f"structured {kind}", f"{structure[kind]['original']} -> {structure[kind]['kept']}"))
         if "layers" in structure:

@@ -11,6 +11,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM, PretrainedConfig
 
 from ..core.layers import TargetLayer, find_decoder_blocks
+from .experts import EXPERTS, expert_count_fields, experts_modules
 from .groups import ATTENTION, MLP, ChannelGroup, attention_group, mlp_group
 from .spec import Structure
 
@@ -112,10 +113,36 @@ def plan_structure(model: nn.Module, structure: Structure, layers: list[list[Tar
             f"structure layers={structure.layers} removes {remove_blocks} of {num_blocks} blocks: remove at "
             f"least one ({1 / num_blocks:.3f}) and keep at least one."
         )
+    if structure.experts:
+        units[EXPERTS], keep[EXPERTS] = _kept_experts(model, structure.experts)
     plan = StructurePlan(keep, units, remove_blocks)
     plan.updates = _config_updates(config, plan, groups[0] if groups else {}, num_blocks)
     _check_buildable(model, plan, groups[0] if groups else {}, structure)
     return plan
+
+
+def _kept_experts(model: nn.Module, fraction: float) -> tuple[int, int]:
+    """The routed experts per mixture-of-experts block, and how many ``fraction`` keeps (checked against the
+    experts each token picks and DeepSeek's expert groups)."""
+    _, blocks = find_decoder_blocks(model)
+    counts = {experts.down_proj.shape[0] for block in blocks for _, experts in experts_modules(block)}
+    if len(counts) != 1:
+        found = "no fused experts" if not counts else f"blocks with {sorted(counts)} experts"
+        raise ValueError(f"structure experts= drops routed experts, but {type(model).__name__} has {found}.")
+    count = counts.pop()
+    kept = count - round(count * fraction)
+    config = text_config(model)
+    per_token = getattr(config, "num_experts_per_tok", 1) or 1
+    groups = getattr(config, "n_group", None) or 1
+    valid = [k for k in range(max(per_token, 1), count) if k % groups == 0]
+    if kept not in valid:
+        nearest = min(valid, key=lambda k: abs(k - kept), default=None)
+        hint = f"experts={(count - nearest) / count:.3f} keeps {nearest}" if nearest else "no count can"
+        raise ValueError(
+            f"structure experts={fraction} keeps {kept} of {count} experts, but every token picks {per_token} of "
+            f"them{f' from {groups} groups' if groups > 1 else ''} and at least one must go: {hint}."
+        )
+    return count, kept
 
 
 def _config_updates(
@@ -140,6 +167,11 @@ def _config_updates(
         updates["head_dim"] = group.consumer.in_features // heads
     if plan.remove_blocks:
         updates["num_hidden_layers"] = num_blocks - plan.remove_blocks
+    if EXPERTS in plan.keep:
+        fields = expert_count_fields(config, plan.units[EXPERTS])
+        if not fields:
+            raise ValueError(f"{type(config).__name__} has no config field holding its {plan.units[EXPERTS]} experts.")
+        updates.update(dict.fromkeys(fields, plan.keep[EXPERTS]))
     return updates
 
 
@@ -169,6 +201,14 @@ def _check_buildable(
     with init_empty_weights():
         meta = AutoModelForCausalLM.from_config(target)
     prefix, _ = find_decoder_blocks(model)
+    if EXPERTS in plan.keep:
+        _, meta_blocks = find_decoder_blocks(meta)
+        sizes = {experts.down_proj.shape[0] for block in meta_blocks for _, experts in experts_modules(block)}
+        if sizes != {plan.keep[EXPERTS]}:
+            raise ValueError(
+                f"{type(model).__name__} cannot express structure experts={structure.experts}: a model built from "
+                f"the new config has {sorted(sizes)} experts per block, pruning would leave {plan.keep[EXPERTS]}."
+            )
     for kind, group in groups.items():
         keep = plan.keep[kind]
         expected = {group.consumer.name: (group.consumer.shape[0], keep * group.columns)}

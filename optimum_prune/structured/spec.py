@@ -7,20 +7,22 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-KINDS = ("mlp", "attention", "layers")
+KINDS = ("mlp", "attention", "layers", "experts")
 
 
 @dataclass
 class Structure:
     """Fractions removed in every block: ``mlp`` of the MLP channels (rounded so that the kept width is a
     multiple of ``align``), ``attention`` of the attention heads (in whole KV groups: a removed group takes
-    its query heads with it), and ``layers`` of the decoder blocks (those with the lowest Block Influence).
+    its query heads with it), ``layers`` of the decoder blocks (those with the lowest Block Influence) and
+    ``experts`` of the routed experts of a mixture of experts (those contributing least to the output).
     ``compensate`` refits the kept weights of the consuming layers by least squares (second-order methods do
     it as they remove)."""
 
     mlp: float = 0.0
     attention: float = 0.0
     layers: float = 0.0
+    experts: float = 0.0
     align: int = 32
     compensate: bool = True
 
