@@ -124,6 +124,42 @@ def _load_snippet(repo_id: str, format: str) -> str:
     )
 
 
+def _recovery_section(recovery: dict[str, Any]) -> str:
+    rows = [
+        ["steps", recovery["steps"]],
+        ["training tokens", f"{recovery['tokens']:,} of {recovery['dataset']}"],
+        ["loss", recovery["loss"] + (f" (teacher: {recovery['teacher']})" if recovery["teacher"] else "")],
+        ["trained", "LoRA adapters, merged through the masks" if recovery["lora"] else "every weight"],
+        ["first -> last loss", f"{recovery['first_loss']:.4f} -> {recovery['final_loss']:.4f}"],
+    ]
+    return (
+        "## Recovery training\n\nAfter pruning, the model was trained with every pruned weight held at "
+        "exactly zero (checked before saving):\n\n" + _markdown_table(["setting", "value"], rows)
+    )
+
+
+def _perplexity_section(perplexity: dict[str, Any]) -> str:
+    rows = [["pruned", f"{perplexity['after']:.3f}"]]
+    if "before" in perplexity:
+        rows.insert(0, ["dense base model", f"{perplexity['before']:.3f}"])
+    extra = f", {perplexity['seq_len']}-token windows" if "seq_len" in perplexity else ""
+    return f"## Evaluation\n\nPerplexity on {perplexity['dataset']}{extra}:\n\n" + _markdown_table(
+        ["model", "perplexity"], rows
+    )
+
+
+def _zero_shot_section(zero_shot: dict[str, Any]) -> str:
+    rows = [
+        [row["task"], row["metric"], format_score(row.get("dense_value"), row.get("dense_stderr")),
+         format_score(row["pruned_value"], row["pruned_stderr"]), row["samples"]]
+        for row in zero_shot["rows"]
+    ]  # fmt: skip
+    return (
+        f"## Zero-shot tasks\n\nlm-evaluation-harness {zero_shot['harness']}, 0-shot, mean ± standard error:\n\n"
+        + _markdown_table(["task", "metric", "dense base model", "pruned", "items"], rows)
+    )
+
+
 def _markdown_table(headers: list[str], rows: list[list[Any]]) -> str:
     lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
     return "\n".join(lines + ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows])
@@ -179,36 +215,11 @@ def build_model_card(
         "## Pruning recipe\n\n" + _markdown_table(["setting", "value"], [list(row) for row in _recipe(config, report)]),
     ]
     if recovery is not None:
-        rows = [
-            ["steps", recovery["steps"]],
-            ["training tokens", f"{recovery['tokens']:,} of {recovery['dataset']}"],
-            ["loss", recovery["loss"] + (f" (teacher: {recovery['teacher']})" if recovery["teacher"] else "")],
-            ["trained", "LoRA adapters, merged through the masks" if recovery["lora"] else "every weight"],
-            ["first -> last loss", f"{recovery['first_loss']:.4f} -> {recovery['final_loss']:.4f}"],
-        ]
-        sections.append(
-            "## Recovery training\n\nAfter pruning, the model was trained with every pruned weight held at "
-            "exactly zero (checked before saving):\n\n" + _markdown_table(["setting", "value"], rows)
-        )
+        sections.append(_recovery_section(recovery))
     if perplexity:
-        rows = [["pruned", f"{perplexity['after']:.3f}"]]
-        if "before" in perplexity:
-            rows.insert(0, ["dense base model", f"{perplexity['before']:.3f}"])
-        extra = f", {perplexity['seq_len']}-token windows" if "seq_len" in perplexity else ""
-        sections.append(
-            f"## Evaluation\n\nPerplexity on {perplexity['dataset']}{extra}:\n\n"
-            + _markdown_table(["model", "perplexity"], rows)
-        )
+        sections.append(_perplexity_section(perplexity))
     if report.zero_shot:
-        rows = [
-            [row["task"], row["metric"], format_score(row.get("dense_value"), row.get("dense_stderr")),
-             format_score(row["pruned_value"], row["pruned_stderr"]), row["samples"]]
-            for row in report.zero_shot["rows"]
-        ]  # fmt: skip
-        sections.append(
-            f"## Zero-shot tasks\n\nlm-evaluation-harness {report.zero_shot['harness']}, 0-shot, mean ± standard "
-            "error:\n\n" + _markdown_table(["task", "metric", "dense base model", "pruned", "items"], rows)
-        )
+        sections.append(_zero_shot_section(report.zero_shot))
     if plot:
         sections.append(f"## Sparsity per block\n\n![Achieved sparsity per block and layer kind]({plot})")
     sections.append("## How to load\n\n" + _load_snippet(repo_id, format))
