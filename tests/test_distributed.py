@@ -27,6 +27,7 @@ RUNS = {  # name -> architecture, PruningConfig arguments
     "sparsegpt-2:4": ("llama", {"method": "sparsegpt", "pattern": "2:4"}),
     "wanda-owl": ("llama", {"method": "wanda", "sparsity": 0.5, "allocation": "owl", "owl_lambda": 0.1}),
     "sparsegpt-moe": ("qwen3_moe", {"method": "sparsegpt", "sparsity": 0.5}),
+    "sparsellm": ("llama", {"method": "sparsellm", "sparsity": 0.5, "settings": {"iterations": 2}}),
 }
 SAMPLES = 7  # odd: the ranks get 4 and 3 samples
 

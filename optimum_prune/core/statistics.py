@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from typing import Any, Protocol
 
 import torch
 
@@ -15,15 +15,25 @@ class LayerStatistic(ABC):
     def update(self, inputs: torch.Tensor) -> None:
         """Add a batch of inputs of shape ``(..., in_features)``."""
 
-    def sum_over_ranks(self, all_reduce: Callable[[torch.Tensor], None]) -> None:
-        """Turn this statistic into that of every rank's tokens (a distributed run); ``all_reduce`` sums a tensor
-        over the ranks, in place. Sums are reduced as sums, so the result does not depend on the split."""
+    def sum_over_ranks(self, ranks: RankGroup) -> None:
+        """Turn this statistic into that of every rank's tokens (a distributed run). Sums are reduced as sums,
+        so the result does not depend on how the samples were split."""
         raise NotImplementedError(f"{type(self).__name__} cannot be summed over the ranks of a distributed run.")
 
 
-def _sum_tokens(tokens: int, all_reduce: Callable[[torch.Tensor], None], device: torch.device) -> int:
+class RankGroup(Protocol):
+    """The ranks of a distributed run, as statistics see them (`optimum_prune.engine.distributed.Ranks`)."""
+
+    def all_reduce(self, tensor: torch.Tensor) -> None:
+        """Sum ``tensor`` over the ranks, in place."""
+
+    def gather(self, value: Any) -> list[Any]:
+        """Every rank's ``value``, in rank order."""
+
+
+def _sum_tokens(tokens: int, ranks: RankGroup, device: torch.device) -> int:
     total = torch.tensor([float(tokens)], dtype=torch.float64, device=device)
-    all_reduce(total)
+    ranks.all_reduce(total)
     return int(total.item())
 
 
@@ -39,9 +49,9 @@ class InputNorms(LayerStatistic):
         self.squared_norms += x.pow(2).sum(dim=0)
         self.tokens += x.shape[0]
 
-    def sum_over_ranks(self, all_reduce: Callable[[torch.Tensor], None]) -> None:
-        all_reduce(self.squared_norms)
-        self.tokens = _sum_tokens(self.tokens, all_reduce, self.squared_norms.device)
+    def sum_over_ranks(self, ranks: RankGroup) -> None:
+        ranks.all_reduce(self.squared_norms)
+        self.tokens = _sum_tokens(self.tokens, ranks, self.squared_norms.device)
 
 
 class Hessian(LayerStatistic):
@@ -68,13 +78,13 @@ class Hessian(LayerStatistic):
         add_upper_gram(self._matrix, x, self._panel, beta=self.tokens / total, alpha=2.0 / total)
         self.tokens = total
 
-    def sum_over_ranks(self, all_reduce: Callable[[torch.Tensor], None]) -> None:
+    def sum_over_ranks(self, ranks: RankGroup) -> None:
         """The mean over every rank's tokens: each rank's mean weighted by its tokens, summed, divided."""
         if self._symmetric or self._matrix is None:
             raise RuntimeError("Sum the Hessian over the ranks before reading it.")
-        total = _sum_tokens(self.tokens, all_reduce, self._matrix.device)
+        total = _sum_tokens(self.tokens, ranks, self._matrix.device)
         self._matrix.mul_(self.tokens)
-        all_reduce(self._matrix)
+        ranks.all_reduce(self._matrix)
         self._matrix.div_(max(total, 1))
         self.tokens = total
 

@@ -331,8 +331,10 @@ class BlockwiseEngine:
         (shared out by cost) and broadcasts their pruned weights and masks to the others."""
         if not self.ranks.distributed or not context.layers:
             return self.method.prune_block(context)
-        costs = [self.method.pruning_flops(*layer.shape, 0) for layer in context.layers]  # the math, not the statistic
-        owners = self.ranks.owners(costs)
+        if self.method.joint:  # layers pruned together stay together: a whole block per rank, in turn
+            owners = [context.index % self.ranks.world] * len(context.layers)
+        else:  # shared out by the cost of the pruning math (the statistics are already summed)
+            owners = self.ranks.owners([self.method.pruning_flops(*layer.shape, 0) for layer in context.layers])
         mine = [layer for layer, owner in zip(context.layers, owners, strict=True) if owner == self.ranks.rank]
         masks = self.method.prune_block(dataclasses.replace(context, layers=mine)) if mine else {}
         for layer, owner in zip(context.layers, owners, strict=True):
@@ -412,7 +414,7 @@ class BlockwiseEngine:
         """Make each statistic (a shared one once) that of every rank's tokens; a no-op in one process."""
         if self.ranks.distributed:
             for statistic in {id(s): s for s in statistics.values()}.values():
-                statistic.sum_over_ranks(self.ranks.all_reduce)
+                statistic.sum_over_ranks(self.ranks)
 
     @staticmethod
     def _experts(layers: list[TargetLayer]) -> list[tuple[str, list[TargetLayer]]]:

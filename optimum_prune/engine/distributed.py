@@ -58,6 +58,14 @@ class Ranks:
         if self.distributed:
             dist.all_reduce(tensor)
 
+    def gather(self, value: Any) -> list[Any]:
+        """Every rank's ``value`` (any picklable object), in rank order."""
+        if not self.distributed:
+            return [value]
+        values: list[Any] = [None] * self.world
+        dist.all_gather_object(values, value)
+        return values
+
     def broadcast(self, tensor: torch.Tensor, owner: int) -> None:
         """Give every rank ``owner``'s ``tensor``, in place."""
         if self.distributed:

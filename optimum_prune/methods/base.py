@@ -32,7 +32,8 @@ class PruningMethod(ABC):
     """Chooses and applies the masks of one decoder block from its calibration statistics.
 
     Subclasses set `name` and `settings_class`, return the statistic they need from `make_statistic` (``None``
-    for none) and implement `prune_matrix`. Methods that prune several layers jointly override `prune_block`.
+    for none) and implement `prune_matrix`. Methods that prune several layers jointly override `prune_block`
+    and set `joint`.
     The cost methods tell the estimate what a layer of ``rows x cols`` weights costs; methods place no data on
     devices themselves (the engine does).
     """
@@ -40,6 +41,7 @@ class PruningMethod(ABC):
     name: ClassVar[str]
     settings_class: ClassVar[type[MethodSettings]] = MethodSettings
     needs_statistics: ClassVar[bool] = True
+    joint: ClassVar[bool] = False  # prune_block prunes layers together: a distributed run keeps a block on one rank
 
     def __init__(self, settings: MethodSettings | None = None) -> None:
         self.settings = settings if settings is not None else self.settings_class()

@@ -37,6 +37,7 @@ from ..core.masks import NMPattern
 from ..core.statistics import (
     Hessian,
     LayerStatistic,
+    RankGroup,
     add_upper_gram,
     gram_panel,
     inverse_hessian_cholesky,
@@ -58,14 +59,20 @@ _CHAIN_TOLERANCE = 0.05  # relative error allowed when checking the chain agains
 
 
 class RecordedInputs(LayerStatistic):
-    """Keeps every calibration input of a layer on the CPU, in float32 chunks of at most 512 tokens."""
+    """Keeps every calibration input of a layer on the CPU, in float32 chunks of at most 512 tokens of one
+    sequence each, so that the chunks do not depend on how the sequences were batched (or split over ranks)."""
 
     def __init__(self) -> None:
         self.chunks: list[torch.Tensor] = []
 
     def update(self, inputs: torch.Tensor) -> None:
-        x = inputs.detach().reshape(-1, inputs.shape[-1]).to("cpu", torch.float32, copy=True)
-        self.chunks.extend(x.split(CHUNK_TOKENS))
+        sequences = inputs.detach().to("cpu", torch.float32, copy=True)
+        for sequence in sequences.reshape(-1, *sequences.shape[-2:]) if sequences.dim() > 2 else [sequences]:
+            self.chunks.extend(sequence.split(CHUNK_TOKENS))
+
+    def sum_over_ranks(self, ranks: RankGroup) -> None:
+        """Every rank's chunks, in rank order: the sequences in the order of one process."""
+        self.chunks = [chunk for chunks in ranks.gather(self.chunks) for chunk in chunks]
 
     def gram(self, device: torch.device) -> torch.Tensor:
         """``X^T X`` over all recorded tokens."""
@@ -442,6 +449,7 @@ def sparsellm_prune(
 class SparseLLMPruning(SparseGPTPruning):
     name = "sparsellm"
     settings_class = SparseLLMSettings
+    joint = True
 
     def __init__(self, settings: SparseLLMSettings | None = None) -> None:
         super().__init__(settings)
