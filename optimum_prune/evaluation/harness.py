@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import bz2
 import difflib
+import functools
 import json
 import logging
 import os
@@ -90,7 +91,7 @@ class ZeroShotTasks:
         limit: int | None = None,
     ) -> None:
         lm_eval = _import_harness()
-        from lm_eval.tasks import TaskManager, get_task_dict
+        from lm_eval.tasks import get_task_dict
 
         if not names:
             raise ValueError("No task to evaluate: name at least one, e.g. hellaswag_local or arc_easy.")
@@ -108,8 +109,7 @@ class ZeroShotTasks:
             raise ValueError(
                 f"task_data for {unknown_data}: only the shipped local tasks take a data file ({', '.join(SHIPPED_TASKS)})."
             )
-        with _quiet():
-            self.manager = TaskManager(include_path=[*paths, *map(os.fspath, include or [])] or None)
+        self.manager = _task_manager(tuple(dict.fromkeys([*paths, *map(os.fspath, include or [])])))
         known = set(self.manager.all_tasks)
         for name in names:
             if name not in known:
@@ -167,6 +167,15 @@ class ZeroShotTasks:
         finally:
             model.train(was_training)
         return _scores(results)
+
+
+@functools.lru_cache(maxsize=8)
+def _task_manager(include: tuple[str, ...]) -> Any:
+    """lm-eval's index of its tasks (and those in ``include``): built once per process, it reads every YAML."""
+    from lm_eval.tasks import TaskManager
+
+    with _quiet():
+        return TaskManager(include_path=list(include) or None)
 
 
 def _scores(results: dict[str, Any]) -> list[TaskScore]:
