@@ -329,3 +329,11 @@ def test_the_experts_that_contribute_least_are_dropped():
         prune(tiny_model("qwen3_moe"), "wanda", structure={"experts": 0.75})
     with pytest.raises(ValueError, match="has no fused experts"):
         prune(tiny_model("llama"), "wanda", structure={"experts": 0.5})
+
+
+def test_dropping_experts_then_pruning_the_rest():
+    model = tiny_model("qwen3_moe")
+    pruner = prune(model, "wanda", structure={"experts": 0.5}, sparsity=0.5)
+    gate_up = model.get_parameter("model.layers.0.mlp.experts.gate_up_proj")
+    assert gate_up.shape[0] == 2 and (gate_up == 0).float().mean().item() == 0.5
+    assert pruner.report.global_sparsity == pytest.approx(0.5, abs=1e-6)
