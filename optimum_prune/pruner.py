@@ -358,6 +358,7 @@ class Pruner:
                 staging, self.model, self.disk.checkpoint, work, engine.blocks_name, len(engine.blocks)
             )
             write_model_files(staging, self.model, self.tokenizer, self.config)
+            write_sparsity_plot(self.report, staging / PLOT_NAME)
         self.output_dir = os.fspath(output_dir)
 
     def save_pretrained(

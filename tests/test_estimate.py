@@ -55,7 +55,7 @@ def test_estimate_loads_no_weight(tmp_path, monkeypatch):
 
 def test_estimate_scales_with_the_method_and_calibration():
     model = tiny_model("llama")
-    common = {"device": "cpu", "offload": "cpu", "flops_per_second": 1e9, "baseline_bytes": 0}
+    common = {"device": "cpu", "offload": "cpu", "flops_per_second": 1e9, "baseline_bytes": 0, "write_output": False}
     sparsegpt = estimate_run(model, _config(), **common)
     wanda = estimate_run(model, PruningConfig(method="wanda", num_samples=8, seq_len=32), **common)
     magnitude = estimate_run(model, PruningConfig(method="magnitude"), **common)

@@ -26,6 +26,7 @@ from .activations import DISK
 from .offload import OFFLOAD_MODES, resolve_dtype
 
 DISK_BYTES_PER_S = 500e6
+OUTPUT_FILES_SECONDS = 1.0  # config, tokenizer, sparsity.png (matplotlib's import and drawing: 0.7 s of CPU)
 """Assumed read and write speed of the checkpoint, output and work folders."""
 
 
@@ -166,6 +167,7 @@ def estimate_run(
     seconds = math.nan
     if measure_time:
         seconds = flops / (flops_per_second or matmul_flops_per_second(device)) + traffic / DISK_BYTES_PER_S
+        seconds += OUTPUT_FILES_SECONDS if write_output else 0.0
     return RunEstimate(
         parameters=sum(p.numel() for p in parameters),
         weights_bytes=weights,
