@@ -97,6 +97,12 @@ def main(argv: list[str] | None = None) -> None:
             ]
         )
     items = results[f"dense|0%|{args.limit or 'all'}"]["samples"]
+    missing = any(row[2] == "not run yet" for row in rows)
+    pending = (
+        " Rows marked *not run yet* had not finished when this table was written; the command runs only those."
+        if missing
+        else ""
+    )
     command = "python benchmarks/zero_shot.py" + (f" --limit {args.limit}" if args.limit else "")
     write_section(
         "zero-shot",
@@ -106,7 +112,7 @@ SmolLM2-135M-Instruct (from its GGUF file), dense and pruned to 50% / 2:4 with 6
 HellaSwag validation through lm-evaluation-harness with the shipped local task `hellaswag_local` (0-shot, the
 harness's `hellaswag` scoring: acc = highest log-likelihood ending, acc_norm = highest per character), {items:,}
 items of the offline copy (llama.cpp's preprocessed text), mean ± standard error. Perplexity: WikiText-2 raw test,
-from the quality table above (same calibration).
+from the quality table above (same calibration). Each row takes about 20 minutes on 2 CPU cores.{pending}
 
 `{command}`
 
