@@ -28,7 +28,7 @@ from .engine.resources import MaxMemory, check_free_space, check_max_memory
 from .engine.streaming import write_streamed_weights
 from .engine.structured import StructuredEngine
 from .engine.work_folder import WorkFolder, tensor_digest, work_folder_path
-from .evaluation.harness import TaskScore, ZeroShotTasks
+from .evaluation.harness import TaskScore, ZeroShotTasks, compare
 from .export import METADATA_KEY, atomic_directory, build_metadata
 from .export.compressed import check_format, save_compressed
 from .export.files import check_writable, write_model_files
@@ -539,8 +539,6 @@ class Pruner:
         """Run lm-evaluation-harness ``tasks`` on the pruned model and keep the scores, beside ``dense`` (the same
         tasks on the model before pruning: ``tasks.evaluate(pruner.model, pruner.tokenizer)`` before `prune`),
         in the report, the metadata and the model card; returns the rows (`evaluation.harness.compare`)."""
-        from .evaluation.harness import compare
-
         if self.report is None:
             raise RuntimeError("Evaluate the pruned model after prune(); evaluate the dense one with tasks.evaluate().")
         rows = compare(dense or [], tasks.evaluate(self.model, self.tokenizer, batch_size))

@@ -180,3 +180,32 @@ def test_cli_under_torchrun_prints_once_and_saves(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.count("global sparsity 0.5000") == 1 and done.stdout.count("saved (dense)") == 1
     assert (tmp_path / "out" / "model.safetensors").is_file() and not (tmp_path / "out.partial").exists()
+
+
+class _TwoIdenticalRanks:
+    """A `RankGroup` of two ranks that saw the very same tokens: sums double, gathers repeat."""
+
+    def all_reduce(self, tensor: torch.Tensor) -> None:
+        tensor.mul_(2)
+
+    def gather(self, value):
+        return [value, value]
+
+
+def test_every_statistic_sums_as_sums():
+    from optimum_prune.core.statistics import Hessian, InputGram, InputNorms
+    from optimum_prune.methods.sparsellm import RecordedInputs
+
+    x = torch.randn(2, 16, 8)
+    statistics = [Hessian(8, torch.device("cpu")), InputNorms(8, torch.device("cpu")), InputGram(8, "cpu", 2)]
+    statistics.append(RecordedInputs())
+    for statistic in statistics:
+        statistic.update(x)
+    hessian, norms, gram, recorded = statistics
+    mean = 2 * x.reshape(-1, 8).T @ x.reshape(-1, 8) / 32
+    for statistic in statistics:
+        statistic.sum_over_ranks(_TwoIdenticalRanks())
+    torch.testing.assert_close(hessian.matrix, mean)  # a mean over twice the tokens is the same mean
+    assert hessian.tokens == norms.tokens == 64 and gram.tokens == 32 and gram.held.tokens == 32
+    torch.testing.assert_close(norms.squared_norms, 2 * x.pow(2).sum((0, 1)))
+    assert len(recorded.chunks) == 4 and torch.equal(recorded.chunks[2], recorded.chunks[0])

@@ -52,11 +52,11 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     )
     logging.captureWarnings(True)  # warnings go through logging, which tqdm's bars leave room for
     plan = check(args, parser)
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    from ..engine.distributed import init_from_environment, launched_by_torchrun
+
     try:
-        from tqdm.contrib.logging import logging_redirect_tqdm
-
-        from ..engine.distributed import init_from_environment
-
         ranks = init_from_environment(args.device)
         if ranks.distributed and (args.device or "cpu").startswith("cuda"):
             args.device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
@@ -72,7 +72,7 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             traceback.print_exc()
         cause = " ".join(str(error).split()) or "no message"
         hint = "" if args.verbose else " (rerun with --verbose for the traceback)"
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1 and "peer" in cause.lower():
+        if launched_by_torchrun() and "peer" in cause.lower():
             hint = f"; another rank stopped (its error is above){_resume_hint(args) or ''}" + hint
         print(f"{parser.prog}: error: {type(error).__name__}: {cause}{hint}", file=sys.stderr)
         return 1
@@ -101,7 +101,9 @@ def check(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Plan:
         parser.error(f"argument {flag(given[0])}: it sets up recovery training; add --recover-steps N.")
     if args.recover_lora and args.recover_schedule == "gradual":
         parser.error("argument --recover-lora: gradual pruning trains every weight; drop it or use one-shot.")
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    from ..engine.distributed import launched_by_torchrun
+
+    if launched_by_torchrun():
         for name, given in (("recover_steps", args.recover_steps), ("structure", config.structure is not None)):
             if given:
                 parser.error(f"argument {flag(name)}: it runs in one process; start it without torchrun.")

@@ -164,8 +164,8 @@ def find_target_layers(
 
     By default every linear layer inside the decoder blocks (GPT-2's ``Conv1D`` included) and every expert of
     a fused mixture-of-experts module (see `TargetLayer`); embeddings and ``lm_head`` live outside the blocks
-    and are never pruned, nor are routers: 3-D-expert-holding modules route with parameters or with linear
-    layers that are their direct children (Qwen2-MoE's ``shared_expert_gate``). ``targets``/``ignore`` are
+    and are never pruned, nor are routers (the router's parameter, and linear layers sitting directly beside
+    the experts, such as Qwen2-MoE's ``shared_expert_gate``). ``targets``/``ignore`` are
     glob patterns on the full module name (an expert's: its parameter's name), also matched against its
     trailing components (``"mlp.*"``, ``"q_proj"``, ``"down_proj"``).
     """

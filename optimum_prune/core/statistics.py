@@ -15,10 +15,10 @@ class LayerStatistic(ABC):
     def update(self, inputs: torch.Tensor) -> None:
         """Add a batch of inputs of shape ``(..., in_features)``."""
 
+    @abstractmethod
     def sum_over_ranks(self, ranks: RankGroup) -> None:
         """Turn this statistic into that of every rank's tokens (a distributed run). Sums are reduced as sums,
         so the result does not depend on how the samples were split."""
-        raise NotImplementedError(f"{type(self).__name__} cannot be summed over the ranks of a distributed run.")
 
 
 class RankGroup(Protocol):
@@ -180,6 +180,14 @@ class InputGram(LayerStatistic):
         self.gram.addmm_(x.T, x)
         self.sum += x.sum(0)
         self.tokens += x.shape[0]
+
+    def sum_over_ranks(self, ranks: RankGroup) -> None:
+        """Sums as sums; each rank holds out every k-th of its own sequences."""
+        ranks.all_reduce(self.gram)
+        ranks.all_reduce(self.sum)
+        self.tokens = _sum_tokens(self.tokens, ranks, self.gram.device)
+        if self.held is not None:
+            self.held.sum_over_ranks(ranks)
 
     def merged(self) -> InputGram:
         """The statistic of every token, held out or not."""

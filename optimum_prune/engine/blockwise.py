@@ -184,7 +184,6 @@ class BlockwiseEngine:
         self.left_dense = untargeted_matrices(model, self.layers)
         self.ranks = Ranks.current()
         self._check_pattern()
-        self._check_distributed()
         self._warn_left_dense()
 
     def _warn_left_dense(self) -> None:
@@ -202,18 +201,6 @@ class BlockwiseEngine:
             100 * total / in_blocks,
             ", ".join(names[:6]) + (" ..." if len(names) > 6 else ""),
         )
-
-    def _check_distributed(self) -> None:
-        """In a distributed run, every statistic must be summable over the ranks (said before any work)."""
-        if not self.ranks.distributed or not self.method.needs_statistics:
-            return
-        layer = next(layer for block in self.layers for layer in block)
-        statistic = self.method.make_statistic(layer, torch.device("cpu"))
-        if statistic is not None and type(statistic).sum_over_ranks is LayerStatistic.sum_over_ranks:
-            raise ValueError(
-                f"Method {self.config.method!r} keeps statistics ({type(statistic).__name__}) that cannot be summed "
-                "over the ranks of a distributed run: run it in one process."
-            )
 
     def _check_pattern(self) -> None:
         pattern = self.config.nm_pattern
@@ -307,11 +294,12 @@ class BlockwiseEngine:
             pattern = self.config.nm_pattern
             masks = self._prune(BlockContext(index, block, linear, statistics, sparsity, pattern))
             del statistics
-            for experts, expert_statistics in self._expert_statistics(layers, routing, self.method.make_statistic):
-                masks.update(self._prune(BlockContext(index, block, experts, expert_statistics, sparsity, pattern)))
-                del expert_statistics  # one expert's statistics at a time
-            for name, record in routing.items():
-                state.expert_tokens[name] = self._routed_tokens(record)
+            routed = {name: self._routed_tokens(record) for name, record in routing.items()}
+            state.expert_tokens.update(routed)
+            expert_statistics = self._expert_statistics(layers, routing, routed, self.method.make_statistic)
+            for experts, statistics in expert_statistics:
+                masks.update(self._prune(BlockContext(index, block, experts, statistics, sparsity, pattern)))
+                del statistics  # one expert's statistics at a time
             del routing
             if self.method.needs_statistics and index + 1 < len(self.blocks):
                 batches = self._propagate(block, batches)
@@ -397,9 +385,10 @@ class BlockwiseEngine:
         if batches is None or not layers:
             return {}, {}
         linear = [layer for layer in layers if layer.expert is None]
-        routing = {
-            name: RoutingRecord(experts[0].module, self.activations.keep) for name, experts in self._experts(layers)
+        experts = {
+            layer.parameter_name.rpartition(".")[0]: layer.module for layer in layers if layer.expert is not None
         }
+        routing = {name: RoutingRecord(module, self.activations.keep) for name, module in experts.items()}
         collector = _StatisticsCollector(linear, lambda layer: make(layer, self.device), routing)
         try:
             for batch in batches:
@@ -416,24 +405,16 @@ class BlockwiseEngine:
             for statistic in {id(s): s for s in statistics.values()}.values():
                 statistic.sum_over_ranks(self.ranks)
 
-    @staticmethod
-    def _experts(layers: list[TargetLayer]) -> list[tuple[str, list[TargetLayer]]]:
-        """The experts modules among ``layers``, by name, with their target layers."""
-        modules: dict[str, list[TargetLayer]] = {}
-        for (name, _), experts in group_experts(layers).items():
-            modules.setdefault(name, []).extend(experts)
-        return list(modules.items())
-
     def _expert_statistics(
         self,
         layers: list[TargetLayer],
         routing: dict[str, RoutingRecord],
+        routed: dict[str, list[int]],
         make: Callable[[TargetLayer, torch.device], LayerStatistic | None],
     ) -> Iterator[tuple[list[TargetLayer], dict[str, LayerStatistic]]]:
         """Each expert's target layers with their statistics, one expert at a time, from the routing records
-        (no statistics without records); an expert routed fewer than ``min_expert_tokens`` is calibrated on
-        every token."""
-        routed = {name: self._routed_tokens(record) for name, record in routing.items()}
+        (no statistics without records); an expert routed (``routed``: over every rank) fewer than
+        ``min_expert_tokens`` tokens is calibrated on every token."""
         for (name, expert), experts in group_experts(layers).items():
             record = routing.get(name)
             if record is None:
@@ -471,7 +452,8 @@ class BlockwiseEngine:
             with self._block(index) as block:
                 layers = self.layers[index]
                 statistics, routing = self._collect(block, layers, batches, _input_norms)
-                for _, expert_statistics in self._expert_statistics(layers, routing, _input_norms):
+                routed = {name: self._routed_tokens(record) for name, record in routing.items()}
+                for _, expert_statistics in self._expert_statistics(layers, routing, routed, _input_norms):
                     statistics.update(expert_statistics)
                 ratios.append(outlier_ratio(layers, statistics, self.config.owl_m) if layers else 0.0)
                 if index + 1 < len(self.blocks):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -101,13 +102,16 @@ class Ranks:
             )
 
 
+def launched_by_torchrun() -> bool:
+    """Whether ``torchrun`` started this process as one of several (``WORLD_SIZE`` > 1)."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
 def init_from_environment(device: str | None) -> Ranks:
     """Join the job ``torchrun`` describes in the environment (``WORLD_SIZE`` > 1): NCCL for CUDA devices, gloo
     otherwise; a single process stays one. Returns this process's `Ranks`."""
-    import os
-
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1 or (dist.is_available() and dist.is_initialized()):
+    if not launched_by_torchrun() or (dist.is_available() and dist.is_initialized()):
         return Ranks.current()
     if not dist.is_available():
         raise RuntimeError("torchrun started several processes, but this torch build has no torch.distributed.")
