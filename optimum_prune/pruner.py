@@ -434,13 +434,16 @@ class Pruner:
         split: str = "train",
         resume: bool = False,
         callbacks: Sequence[TrainerCallback] = (),
+        eval_windows: int = 8,
     ) -> RecoveryReport:
         """Train the pruned model for ``max_steps`` steps so that it recovers quality, keeping every pruned weight
         exactly zero (see `optimum_prune.recovery`). ``dataset`` defaults to the calibration data; the loss is
         distillation from the dense model (``teacher``, default: loaded again from the source) unless
         ``distill=False``; ``lora=True`` trains LoRA adapters merged through the masks. The pruned model is saved
         to ``work_dir/pruned`` before training starts, and Trainer checkpoints go to ``work_dir`` (``resume=True``
-        continues from the last one); ``callbacks`` are added to the Trainer's."""
+        continues from the last one); ``callbacks`` are added to the Trainer's. The perplexity of
+        ``eval_windows`` held-out windows of the training text is measured before, along the way and after
+        (`RecoveryReport.eval_perplexity`)."""
         if self.report is None:
             raise RuntimeError("Nothing to recover: call prune() first.")
         if Ranks.current().distributed:
@@ -458,7 +461,10 @@ class Pruner:
         source, column, source_split = (
             (dataset, text_column, split) if dataset is not None else self._calibration_source
         )
-        config = RecoveryConfig(max_steps, learning_rate, batch_size, self._training_seq_len(seq_len), distill, lora)
+        config = RecoveryConfig(
+            max_steps, learning_rate, batch_size, self._training_seq_len(seq_len), distill, lora,
+            eval_windows=eval_windows,
+        )  # fmt: skip
         if distill and teacher is None:
             teacher = self._dense_teacher()
         work = Path(work_dir) if work_dir is not None else Path(tempfile.mkdtemp(prefix="optimum-prune-recover-"))
@@ -491,11 +497,13 @@ class Pruner:
         work_dir: str | os.PathLike | None = None,
         text_column: str = "text",
         split: str = "train",
+        eval_windows: int = 8,
     ) -> PruningReport:
         """Prune gradually while training, instead of `prune` + `recover`: the sparsity of every target layer
         rises to ``config.sparsity`` along a cubic schedule over the first 75% of ``max_steps`` (masks re-chosen
         every ``interval`` steps from running ``|w * grad|`` saliency, default a tenth of those steps), then
-        training goes on with the masks fixed. Unstructured, uniform sparsity only."""
+        training goes on with the masks fixed. Unstructured, uniform sparsity only. ``eval_windows``: as in
+        `recover`."""
         from .core.masks import pack_mask
         from .recovery.gradual import prune_gradually
 
@@ -505,7 +513,9 @@ class Pruner:
             raise ValueError("Training needs the model in memory: use offload='cpu'.")
         config = self.config
         layers = find_target_layers(self.model, config.targets, config.ignore)
-        recovery = RecoveryConfig(max_steps, learning_rate, batch_size, self._training_seq_len(seq_len), distill)
+        recovery = RecoveryConfig(
+            max_steps, learning_rate, batch_size, self._training_seq_len(seq_len), distill, eval_windows=eval_windows
+        )
         teacher = self._dense_teacher() if distill and teacher is None else teacher
         work = Path(work_dir) if work_dir is not None else Path(tempfile.mkdtemp(prefix="optimum-prune-gradual-"))
         self.model, masks, self.report, self.recovery = prune_gradually(

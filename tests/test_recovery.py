@@ -98,6 +98,10 @@ def test_recover_lowers_perplexity_and_keeps_sparsity(lora, tmp_path):
     assert after < 0.6 * before, (before, after)
     assert sum(int((p == 0).sum()) for p in pruner.model.parameters()) == zeros
     assert report.steps == 30 and report.tokens == 30 * 4 * 256 and report.final_loss < report.first_loss
+    # held-out windows: before, at each checkpoint (not with LoRA's unmerged adapters) and after the (merge)
+    steps = [step for step, _ in report.eval_perplexity]
+    assert steps == ([0, 30] if lora else [0, 7, 14, 21, 28, 30]), steps
+    assert report.eval_perplexity[-1][1] < 0.6 * report.eval_perplexity[0][1]
     assert (tmp_path / "work" / "pruned" / "model.safetensors").is_file()  # saved before training
     pruner.save_pretrained(tmp_path / "out")
     from optimum_prune.export import read_metadata
@@ -106,6 +110,7 @@ def test_recover_lowers_perplexity_and_keeps_sparsity(lora, tmp_path):
     assert recovery["lora"] is lora and recovery["teacher"] == str(STORIES_260K) and recovery["steps"] == 30
     card = str(pruner.model_card("me/recovered"))
     assert "## Recovery training" in card and "| training tokens | 30,720 of tinystories_val.txt |" in card
+    assert "| held-out perplexity (windows of the training text) | " in card
 
 
 def test_a_plain_lora_merge_would_make_the_weights_dense(tmp_path):
@@ -140,18 +145,19 @@ def test_resume_after_a_kill_gives_the_same_weights(tmp_path):
 
         train._RecoveryTrainer.__init__ = with_callbacks
         try:
-            pruner.recover(max_steps=8, batch_size=2, seq_len=32, distill=False, work_dir=work, resume=resume)
+            report = pruner.recover(max_steps=8, batch_size=2, seq_len=32, distill=False, work_dir=work, resume=resume)
         finally:
             train._RecoveryTrainer.__init__ = original
-        return {name: p.detach().clone() for name, p in pruner.model.named_parameters()}
+        return {name: p.detach().clone() for name, p in pruner.model.named_parameters()}, report.eval_perplexity
 
-    expected = run(tmp_path / "straight")
+    expected, curve = run(tmp_path / "straight")
     with pytest.raises(KeyboardInterrupt):
         run(tmp_path / "killed", callbacks=[Kill()])
     assert (tmp_path / "killed" / "checkpoint-4").is_dir()
-    resumed = run(tmp_path / "killed", resume=True)
+    resumed, resumed_curve = run(tmp_path / "killed", resume=True)
     for name, value in expected.items():
         torch.testing.assert_close(resumed[name], value, rtol=0, atol=0)
+    assert [step for step, _ in curve] == [0, 2, 4, 6, 8] and resumed_curve == curve  # the points before the kill too
 
 
 def test_structured_outputs_are_fine_tuned_without_masks(tmp_path):
@@ -197,6 +203,7 @@ def test_bad_recovery_input_is_refused(tmp_path):
     [
         (["--recover-lr", "1e-3"], "argument --recover-lr: it sets up recovery training; add --recover-steps N."),
         (["--recover-steps", "0"], "argument --recover-steps: must be a positive integer"),
+        (["--recover-steps", "5", "--recover-eval-windows", "-1"], "argument --recover-eval-windows: must be 0 or"),
         (["--recover-steps", "5", "--offload", "disk"], "argument --recover-steps: training needs the model in memory"),
         (["--recover-steps", "5"], "argument --recover-steps: recovery needs training text"),
         (
@@ -220,7 +227,9 @@ def test_cli_recovers_after_pruning(tmp_path, capsys):
         run_main(*flags, "--recover-steps", "4", "--recover-dataset", str(TINYSTORIES_VAL), "--recover-seq-len", "64")
         == 0
     )
-    assert "recovery: 4 steps, 1,024 tokens of tinystories_val.txt" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "recovery: 4 steps, 1,024 tokens of tinystories_val.txt" in out
+    assert "held-out perplexity (8 windows of the training text): step 0: " in out and "step 4: " in out
     assert (tmp_path / "out.recover" / "pruned" / "model.safetensors").is_file()
     assert not list((tmp_path / "out.recover").glob("checkpoint-*"))
     from optimum_prune.export import read_metadata

@@ -190,6 +190,13 @@ def _add_recovery_arguments(parser: argparse.ArgumentParser) -> None:
     recovery.add_argument("--recover-seq-len", type=int, help="tokens per sequence (default: --seq-len).")
     recovery.add_argument("--recover-lora", action="store_true", help="train LoRA adapters, merged through the masks.")
     recovery.add_argument(
+        "--recover-eval-windows",
+        type=int,
+        default=8,
+        metavar="N",
+        help="held-out windows of the training text whose perplexity is shown along the way (default 8; 0: none).",
+    )
+    recovery.add_argument(
         "--recover-schedule",
         choices=["one-shot", "gradual"],
         default="one-shot",

@@ -93,6 +93,7 @@ def check(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Plan:
         "recover_lr": args.recover_lr is not None,
         "recover_seq_len": args.recover_seq_len is not None,
         "recover_lora": args.recover_lora,
+        "recover_eval_windows": args.recover_eval_windows != 8,
         "recover_loss": args.recover_loss != "distill",
         "recover_schedule": args.recover_schedule != "one-shot",
     }
@@ -117,6 +118,8 @@ def check(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Plan:
         value = getattr(args, name)
         if value is not None and value < 1:
             parser.error(f"argument {flag(name)}: must be a positive integer, got {value}.")
+    if args.recover_eval_windows < 0:
+        parser.error(f"argument --recover-eval-windows: must be 0 or more, got {args.recover_eval_windows}.")
     model_config = _check_model(args, parser)
     context = getattr(model_config, "max_position_embeddings", None)
     if args.eval_seq_len and context and args.eval_seq_len > context:
@@ -441,6 +444,7 @@ def _training(args: argparse.Namespace) -> dict[str, Any]:
         "batch_size": args.recover_batch_size,
         "seq_len": args.recover_seq_len,
         "distill": args.recover_loss == "distill",
+        "eval_windows": args.recover_eval_windows,
         "work_dir": f"{args.output}.recover" if args.output else None,
         "text_column": args.text_column,
         "split": args.dataset_split,
@@ -471,6 +475,9 @@ def recover(args: argparse.Namespace, pruner: Pruner) -> None:
         f"recovery: {recovery.steps} steps, {recovery.tokens:,} tokens of {recovery.dataset}, {recovery.loss} "
         f"{recovery.first_loss:.4f} -> {recovery.final_loss:.4f}, {recovery.seconds:.1f} s; pruned weights still zero"
     )
+    if recovery.eval_perplexity:
+        points = ", ".join(f"step {step}: {value:.3f}" for step, value in recovery.eval_perplexity)
+        print(f"held-out perplexity ({args.recover_eval_windows} windows of the training text): {points}")
 
 
 def write(args: argparse.Namespace, pruner: Pruner, scores: dict[str, Any] | None) -> None:

@@ -132,6 +132,10 @@ def _recovery_section(recovery: dict[str, Any]) -> str:
         ["trained", "LoRA adapters, merged through the masks" if recovery["lora"] else "every weight"],
         ["first -> last loss", f"{recovery['first_loss']:.4f} -> {recovery['final_loss']:.4f}"],
     ]
+    points = recovery.get("eval_perplexity") or []
+    if points:
+        curve = " -> ".join(f"{value:.2f} (step {step})" for step, value in points)
+        rows.append(["held-out perplexity (windows of the training text)", curve])
     return (
         "## Recovery training\n\nAfter pruning, the model was trained with every pruned weight held at "
         "exactly zero (checked before saving):\n\n" + _markdown_table(["setting", "value"], rows)

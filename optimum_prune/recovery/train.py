@@ -4,6 +4,10 @@ model by default, while `SparsityCallback` keeps every pruned weight exactly zer
 LoRA adapters are merged through the masks, ``W + (B A) * keep``, so the merged model keeps its sparsity exactly
 (a plain merge would make every weight dense again); structured outputs have no masks and are fine-tuned as the
 smaller dense models they are.
+
+A few windows of the training text (``eval_windows``, drawn with the training windows and never trained on) give
+the held-out perplexity before training, at every checkpoint and after training (after the merge, with LoRA,
+whose unmerged adapters are dense and are not evaluated along the way).
 """
 
 from __future__ import annotations
@@ -46,6 +50,7 @@ class RecoveryConfig:
         lora: train LoRA adapters on the pruned layers instead of every weight, merged through the masks.
         lora_rank: the adapters' rank.
         seed: seed of the training windows and of the Trainer.
+        eval_windows: held-out windows of the training text whose perplexity is measured along the way (0: none).
     """
 
     max_steps: int
@@ -56,12 +61,14 @@ class RecoveryConfig:
     lora: bool = False
     lora_rank: int = 16
     seed: int = 0
+    eval_windows: int = 8
 
     def __post_init__(self) -> None:
-        for name in ("max_steps", "batch_size", "seq_len", "lora_rank"):
+        for name in ("max_steps", "batch_size", "seq_len", "lora_rank", "eval_windows"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"recovery {name} must be a positive integer, got {value!r}.")
+            if isinstance(value, bool) or not isinstance(value, int) or value < (name != "eval_windows"):
+                qualifier = "a non-negative" if name == "eval_windows" else "a positive"
+                raise ValueError(f"recovery {name} must be {qualifier} integer, got {value!r}.")
         if self.learning_rate is None:
             self.learning_rate = 2e-4 if self.lora else 2e-5
         if (
@@ -85,6 +92,7 @@ class RecoveryReport:
     final_loss: float | None
     seconds: float
     losses: list[tuple[int, float]] = field(default_factory=list)
+    eval_perplexity: list[tuple[int, float]] = field(default_factory=list)  # (step, held-out perplexity)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -133,20 +141,62 @@ class _RecoveryTrainer(Trainer):
 
 def training_windows(
     dataset: Any, tokenizer: PreTrainedTokenizerBase, config: RecoveryConfig, text_column: str, split: str
-) -> tuple[torch.Tensor, str]:
-    """``max_steps x batch_size`` windows of ``seq_len`` tokens, all distinct: a dataset too small is refused."""
+) -> tuple[torch.Tensor, torch.Tensor, str]:
+    """``max_steps x batch_size`` training windows of ``seq_len`` tokens and ``eval_windows`` held-out ones, all
+    distinct (consecutive pieces of the text): a dataset too small is refused."""
     texts, name = load_texts(dataset, text_column=text_column, split=split)
     needed = config.max_steps * config.batch_size
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         try:
-            ids = calibration_ids(texts, tokenizer, needed, config.seq_len, config.seed)
+            ids = calibration_ids(texts, tokenizer, needed + config.eval_windows, config.seq_len, config.seed)
         except (UserWarning, ValueError) as problem:
             raise ValueError(
                 f"The recovery data {name!r} is too small for {config.max_steps} steps of {config.batch_size} x "
-                f"{config.seq_len} tokens ({problem}): lower the steps, the batch size or seq_len, or give more text."
+                f"{config.seq_len} tokens and {config.eval_windows} evaluation windows ({problem}): lower the steps, "
+                "the batch size or seq_len, or give more text."
             ) from None
-    return ids, name
+    return ids[:needed], ids[needed:], name
+
+
+@torch.no_grad()
+def windows_perplexity(model: nn.Module, ids: torch.Tensor, batch_size: int) -> float:
+    """The perplexity of ``model`` on whole windows ``ids`` (every next token of every window)."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    for start in range(0, len(ids), batch_size):
+        batch = ids[start : start + batch_size].to(device)
+        logits = model(input_ids=batch, use_cache=False).logits[:, :-1].float()
+        total += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum").item()
+        count += batch[:, 1:].numel()
+    model.train(was_training)
+    return math.exp(total / count)
+
+
+class _EvaluatePerplexity(TrainerCallback):
+    """The held-out perplexity before training and at every checkpoint, logged and kept in the Trainer's log
+    history (so that a resumed run has the points before it)."""
+
+    def __init__(self, ids: torch.Tensor, batch_size: int) -> None:
+        self.ids, self.batch_size = ids, batch_size
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        if len(self.ids) and state.global_step == 0:  # LoRA's adapters start at zero: the pruned model itself
+            record(state, 0, windows_perplexity(model, self.ids, self.batch_size))
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        """Before a checkpoint is written (``should_save``), so that the checkpoint holds this point too."""
+        final = state.global_step >= state.max_steps  # measured after training (after the merge, with LoRA)
+        if len(self.ids) and control.should_save and not final and not hasattr(model, "peft_config"):
+            record(state, state.global_step, windows_perplexity(model, self.ids, self.batch_size))
+
+
+def record(state: Any, step: int, perplexity: float) -> None:
+    """Log a held-out perplexity and keep it in the Trainer state's log history."""
+    logger.info("recovery step %d: held-out perplexity %.3f", step, perplexity)
+    state.log_history.append({"step": step, "eval_perplexity": perplexity})
 
 
 def _lora_targets(model: nn.Module, masks: Mapping[str, torch.Tensor], layers: list[str]) -> list[str]:
@@ -218,7 +268,7 @@ def recover(
     pruned weight is checked to be zero. ``callback`` replaces the `SparsityCallback` of ``masks`` (gradual
     pruning passes its `GradualPruningCallback`, whose masks grow during training); ``callbacks`` are added to
     the Trainer's (evaluation at some steps, say)."""
-    ids, name = training_windows(dataset, tokenizer, config, text_column, split)
+    ids, eval_ids, name = training_windows(dataset, tokenizer, config, text_column, split)
     if config.distill and teacher is None:
         raise ValueError("Distillation needs the dense teacher model: pass teacher=, or distill=False.")
     student = model
@@ -242,6 +292,7 @@ def recover(
         train_dataset=_Windows(ids),
         callbacks=[
             *([callback or SparsityCallback(masks)] if (masks or callback) and not config.lora else []),
+            _EvaluatePerplexity(eval_ids, config.batch_size),
             *callbacks,
         ],
         teacher=teacher if config.distill else None,
@@ -255,7 +306,10 @@ def recover(
     trained = _merge_lora(student, masks) if config.lora else student
     trained.eval()
     check_masks_hold(trained, callback.masks if callback is not None else masks)
-    losses = [(entry["step"], entry["loss"]) for entry in trainer.state.log_history if "loss" in entry]
+    history = trainer.state.log_history
+    if len(eval_ids):
+        record(trainer.state, trainer.state.global_step, windows_perplexity(trained, eval_ids, config.batch_size))
+    losses = [(entry["step"], entry["loss"]) for entry in history if "loss" in entry]
     report = RecoveryReport(
         steps=trainer.state.global_step,
         tokens=trainer.state.global_step * config.batch_size * config.seq_len,
@@ -267,5 +321,6 @@ def recover(
         final_loss=losses[-1][1] if losses else None,
         seconds=seconds,
         losses=losses,
+        eval_perplexity=[(entry["step"], entry["eval_perplexity"]) for entry in history if "eval_perplexity" in entry],
     )
     return trained, report
