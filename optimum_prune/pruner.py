@@ -243,16 +243,23 @@ class Pruner:
             self._calibration_source = None if isinstance(dataset, torch.Tensor) else (dataset, text_column, split)
             samples, seq_len = input_ids.shape  # the recipe records what was run: a tensor sets its own shape
             self.config = dataclasses.replace(self.config, num_samples=samples, seq_len=seq_len, dataset=name)
-        if plan is not None:
-            structured = self._prune_structure(plan, input_ids)
-            if not self.config.sparsity:  # nothing unstructured to add: the smaller model is the result
-                self.report = structured
-                self._record_metadata()
-                if output_dir is not None:
-                    self.save_pretrained(output_dir, overwrite=overwrite)
-                return self.report
-        structure = structured.structure if plan is not None else None
-        return self._prune_blockwise(input_ids, output_dir, overwrite, resume, structure)
+        if plan is None:
+            return self._prune_blockwise(input_ids, output_dir, overwrite, resume, None)
+        work = None
+        if output_dir is not None:
+            folder = work_folder_path(output_dir, self.offload_folder)
+            work = WorkFolder(folder.with_name(folder.name + "-structure"), self._fingerprint(input_ids), resume)
+        structured = self._prune_structure(plan, input_ids, work)
+        if self.config.sparsity:  # then unstructured sparsity on the smaller model
+            self._prune_blockwise(input_ids, output_dir, overwrite, resume, structured.structure)
+        else:
+            self.report = structured
+            self._record_metadata()
+            if output_dir is not None:
+                self.save_pretrained(output_dir, overwrite=overwrite)
+        if work is not None:
+            work.remove()
+        return self.report
 
     def _prune_blockwise(
         self,
@@ -326,12 +333,20 @@ class Pruner:
         layers = find_target_layers(self.model, self.config.targets, self.config.ignore)
         return plan_structure(self.model, self.config.structure, layers)
 
-    def _prune_structure(self, plan: StructurePlan, input_ids: torch.Tensor) -> PruningReport:
+    def _prune_structure(
+        self, plan: StructurePlan, input_ids: torch.Tensor | None, work: WorkFolder | None
+    ) -> PruningReport:
+        """The structured pass; with ``work``, every finished block is saved there and a rerun resumes."""
         method = get_method(self.config.method, self.config.settings)
         engine = StructuredEngine(
-            self.model, self.config, method, plan, self.device, self.activations_device, self.progress
+            self.model, self.config, method, plan, self.device, self.activations_device, self.progress, work
         )
-        return engine.run(input_ids)
+        try:
+            return engine.run(input_ids)
+        except BaseException:
+            if work is not None and not work.has_finished_block:
+                work.remove()  # nothing to resume: leave nothing that would block the corrected command
+            raise
 
     def _inputs(self) -> tuple[str, ...]:
         """The local folders this run reads, which no output may replace."""

@@ -337,3 +337,34 @@ def test_dropping_experts_then_pruning_the_rest():
     gate_up = model.get_parameter("model.layers.0.mlp.experts.gate_up_proj")
     assert gate_up.shape[0] == 2 and (gate_up == 0).float().mean().item() == 0.5
     assert pruner.report.global_sparsity == pytest.approx(0.5, abs=1e-6)
+
+
+def test_an_interrupted_expert_drop_resumes_to_the_same_model(tmp_path, monkeypatch):
+    """Killed after the first of two blocks, the rerun drops the saved experts of block 0 again (shapes, router
+    rows) and loads its weights, then finishes like an uninterrupted run."""
+    from optimum_prune.engine.structured import StructuredEngine
+
+    config = PruningConfig(method="wanda", structure={"experts": 0.5}, num_samples=8, seq_len=32, batch_size=4)
+    ids = random_ids(8, 32)
+
+    def run(output, resume=False) -> Pruner:
+        pruner = Pruner.from_pretrained(tiny_model("qwen3_moe"), config, progress=False)
+        pruner.prune(ids, output_dir=output, resume=resume)
+        return pruner
+
+    expected = run(tmp_path / "straight")
+    original = StructuredEngine._prune_block_structure
+
+    def killed_at_block_one(self, index, *args):
+        if index == 1:
+            raise KeyboardInterrupt
+        return original(self, index, *args)
+
+    monkeypatch.setattr(StructuredEngine, "_prune_block_structure", killed_at_block_one)
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "killed")
+    monkeypatch.setattr(StructuredEngine, "_prune_block_structure", original)
+    resumed = run(tmp_path / "killed", resume=True)
+    assert resumed.report.structure == expected.report.structure
+    for name, tensor in expected.model.state_dict().items():
+        torch.testing.assert_close(resumed.model.state_dict()[name], tensor, rtol=0, atol=0)

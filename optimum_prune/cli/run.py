@@ -86,8 +86,6 @@ def check(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Plan:
 
     if args.offload is not None and args.offload not in OFFLOAD_MODES:
         parser.error(f"argument --offload: unknown mode {args.offload!r}: choose one of {', '.join(OFFLOAD_MODES)}.")
-    if args.resume and config.structure is not None:
-        parser.error("argument --resume: a structured run is not resumable (it writes --output at its end).")
     recovery_flags = {
         "recover_dataset": args.recover_dataset is not None,
         "recover_lr": args.recover_lr is not None,

@@ -365,7 +365,13 @@ class BlockwiseEngine:
             self.masks.update(self.work.load_masks(state.next_block))
             for index in range(state.next_block):
                 self.work.restore_block(self.blocks[index], index, f"{self.blocks_name}.{index}")
-        if batches is None or state.next_block >= len(self.blocks) or not self.method.needs_statistics:
+        return self._resumed_batches(state, batches) if self.method.needs_statistics else batches
+
+    def _resumed_batches(
+        self, state: Progress, batches: list[CalibrationBatch] | None
+    ) -> list[CalibrationBatch] | None:
+        """The saved inputs of the next unfinished block, with the other arguments of the captured ``batches``."""
+        if batches is None or state.next_block >= len(self.blocks):
             return batches
         hidden = self.work.load_activations()
         return [

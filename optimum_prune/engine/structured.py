@@ -6,6 +6,9 @@ over the calibration tokens, ShortGPT) and the blocks that change their input le
 by block: the attention's output projection sees the calibration inputs (its Gram matrix), KV groups are
 removed; then the MLP's consumer sees the inputs of the block with its smaller attention, channels are
 removed; the pruned block makes the next block's inputs. The new sizes go into the model's config at the end.
+
+With a `WorkFolder`, every finished block is saved with what it kept (units of each group, experts), and a
+resumed run removes the same blocks, gives the finished blocks their new shapes and loads their saved weights.
 """
 
 from __future__ import annotations
@@ -26,9 +29,10 @@ from ..report import LayerReport, PruningReport
 from ..structured.experts import EXPERTS, drop_experts, expert_scores, experts_modules
 from ..structured.groups import ATTENTION, MLP, ChannelGroup
 from ..structured.plan import StructurePlan, block_groups, new_config, text_config
-from ..structured.prune import prune_group
+from ..structured.prune import prune_group, shrink_group
 from .blockwise import BlockwiseEngine
 from .capture import CalibrationBatch, capture_block_inputs
+from .work_folder import Progress, WorkFolder
 
 HELD_OUT_EVERY = 8  # every 8th calibration sequence judges whether compensation generalises
 
@@ -45,8 +49,12 @@ class StructuredEngine(BlockwiseEngine):
         device: str | torch.device = "cpu",
         activations_device: str | torch.device | None = None,
         progress: bool = True,
+        work_folder: WorkFolder | None = None,
     ) -> None:
-        super().__init__(model, config, method, device=device, activations_device=activations_device, progress=progress)
+        super().__init__(
+            model, config, method, device=device, activations_device=activations_device, progress=progress,
+            work_folder=work_folder, activations_folder=work_folder.folder if work_folder is not None else None,
+        )  # fmt: skip
         self.plan = plan
 
     @torch.no_grad()
@@ -60,24 +68,29 @@ class StructuredEngine(BlockwiseEngine):
             batches = capture_block_inputs(
                 self.model, self.blocks, input_ids, self.config.batch_size, self.device, self.activations
             )
-        removed, influence = self._remove_blocks(batches) if self.plan.remove_blocks else ([], [])
+        state = self.work.load() if self.work is not None else None
+        if state is None:
+            removed, influence = self._remove_blocks(batches) if self.plan.remove_blocks else ([], [])
+            structure = {"removed": removed, "influence": influence, "kept": [], "dropped": {}}
+            state = Progress(0, [], [], [], 0.0, structure=structure)
+        else:
+            self._delete_blocks(state.structure["removed"])
+        removed = state.structure["removed"]
         self.layers = find_target_layers(self.model, self.config.targets, self.config.ignore)
         groups = block_groups(self.model, self.layers, list(self.plan.keep))
-        seconds = []
-        dropped: dict[str, list[int]] = {}  # experts module -> the experts it lost
-        bar = tqdm(range(len(self.blocks)), desc="Structured pruning", unit="block", disable=not self.progress)
+        if state.next_block:
+            self._restore(state, groups)
+            batches = self._resumed_batches(state, batches)
+        bar = tqdm(
+            range(state.next_block, len(self.blocks)),
+            desc="Structured pruning",
+            unit="block",
+            initial=state.next_block,
+            total=len(self.blocks),
+            disable=not self.progress,
+        )
         for index in bar:
-            block_start = time.perf_counter()
-            with self._block(index) as block:
-                if ATTENTION in self.plan.keep:
-                    self._prune_kind(block, groups[index][ATTENTION], self.plan.keep[ATTENTION], batches)
-                if EXPERTS in self.plan.keep:
-                    dropped.update(self._drop_experts(block, self.layers[index], batches))
-                if MLP in self.plan.keep:
-                    self._prune_kind(block, groups[index][MLP], self.plan.keep[MLP], batches)
-                if batches is not None and index + 1 < len(self.blocks):
-                    batches = self._propagate(block, batches)
-            seconds.append(time.perf_counter() - block_start)
+            batches = self._prune_block_structure(index, groups[index], batches, state)
         self._update_config(removed)
         self.layers = find_target_layers(self.model, self.config.targets, self.config.ignore)
         layers = [
@@ -89,46 +102,85 @@ class StructuredEngine(BlockwiseEngine):
             **self.plan.describe(),
             "parameters": {"original": parameters, "kept": sum(p.numel() for p in self.model.parameters())},
         }
-        if dropped:
-            structure[EXPERTS]["removed"] = dropped
+        if state.structure["dropped"]:
+            structure[EXPERTS]["removed"] = state.structure["dropped"]
         if removed:
             structure["layers"] = {"original": len(self.blocks) + len(removed), "removed": removed}
-            structure["block_influence"] = [round(value, 6) for value in influence]
+            structure["block_influence"] = [round(value, 6) for value in state.structure["influence"]]
         return PruningReport(
             method=self.config.method,
             pattern="structured",
             target_sparsity=0.0,
             allocation="uniform",
             layers=layers,
-            block_seconds=seconds,
+            block_seconds=state.block_seconds,
             total_seconds=time.perf_counter() - start,
             peak_memory_bytes=peak_memory(self.device),
             structure=structure,
         )
 
+    def _prune_block_structure(
+        self, index: int, groups: dict[str, ChannelGroup], batches: list[CalibrationBatch] | None, state: Progress
+    ) -> list[CalibrationBatch] | None:
+        """Remove block ``index``'s KV groups, experts and MLP channels; record what it kept in ``state`` (and
+        the work folder); return the next block's inputs."""
+        block_start = time.perf_counter()
+        kept: dict = {}
+        with self._block(index) as block:
+            if ATTENTION in self.plan.keep:
+                kept[ATTENTION] = self._prune_kind(block, groups[ATTENTION], self.plan.keep[ATTENTION], batches)
+            if EXPERTS in self.plan.keep:
+                kept[EXPERTS], dropped = self._drop_experts(block, self.layers[index], batches)
+                state.structure["dropped"].update(dropped)
+            if MLP in self.plan.keep:
+                kept[MLP] = self._prune_kind(block, groups[MLP], self.plan.keep[MLP], batches)
+            if batches is not None and index + 1 < len(self.blocks):
+                batches = self._propagate(block, batches)
+            state.structure["kept"].append(kept)
+            state.block_seconds.append(time.perf_counter() - block_start)
+            state.next_block = index + 1
+            if self.work is not None:
+                state.elapsed_seconds += state.block_seconds[-1]
+                hidden = [batch.hidden for batch in batches] if batches and index + 1 < len(self.blocks) else None
+                self.work.save_block(index, block, f"{self.blocks_name}.{index}", {}, hidden, state)
+        return batches
+
+    def _restore(self, state: Progress, groups: list[dict[str, ChannelGroup]]) -> None:
+        """Give the finished blocks of an interrupted run the shapes of what they kept, then their weights."""
+        for index, kept in enumerate(state.structure["kept"]):
+            for kind in (ATTENTION, MLP):
+                if kind in kept:
+                    shrink_group(groups[index][kind], kept[kind])
+            for name, experts in kept.get(EXPERTS, {}).items():
+                parent = self.model.get_submodule(name.rpartition(".")[0])
+                drop_experts(parent, self.model.get_submodule(name), torch.tensor(experts))
+            self.work.restore_block(self.blocks[index], index, f"{self.blocks_name}.{index}")
+
     def _prune_kind(
         self, block: nn.Module, group: ChannelGroup, keep: int, batches: list[CalibrationBatch] | None
-    ) -> None:
+    ) -> list[int]:
         statistics, _ = self._collect(
             block, [group.consumer], batches, lambda layer, device: InputGram(layer.in_features, device, HELD_OUT_EVERY)
         )
         dampening = getattr(self.method.settings, "dampening", 0.01)
         compensate = self.config.structure.compensate
-        prune_group(group, statistics.get(group.consumer.name), self.method, keep, compensate, dampening)
+        return prune_group(group, statistics.get(group.consumer.name), self.method, keep, compensate, dampening)
 
     def _drop_experts(
         self, block: nn.Module, layers: list[TargetLayer], batches: list[CalibrationBatch] | None
-    ) -> dict[str, list[int]]:
-        """Drop each experts module's least contributing experts (`structured.experts`); return them by module."""
+    ) -> tuple[dict[str, list[int]], dict[str, list[int]]]:
+        """Drop each experts module's least contributing experts (`structured.experts`); return the kept and
+        the dropped experts by module."""
         _, routing = self._collect(block, layers, batches, lambda layer, device: None)
-        dropped = {}
+        kept, dropped = {}, {}
         for name, record in routing.items():
             scores = expert_scores(record)
             keep = scores.argsort(descending=True)[: self.plan.keep[EXPERTS]].sort().values
             parent = next(parent for parent, experts in experts_modules(block) if experts is record.module)
-            dropped[name] = sorted(set(range(len(scores))) - set(keep.tolist()))
+            kept[name] = keep.tolist()
+            dropped[name] = sorted(set(range(len(scores))) - set(kept[name]))
             drop_experts(parent, record.module, keep)
-        return dropped
+        return kept, dropped
 
     def _remove_blocks(self, batches: list[CalibrationBatch]) -> tuple[list[int], list[float]]:
         """Measure every block's Block Influence on the dense model and remove the least influential."""
@@ -145,13 +197,17 @@ class StructuredEngine(BlockwiseEngine):
             influence.append(1.0 - sum(similarity) / len(similarity))
             current = outputs
         removed = sorted(sorted(range(len(self.blocks)), key=influence.__getitem__)[: self.plan.remove_blocks])
+        self._delete_blocks(removed)
+        return removed, influence
+
+    def _delete_blocks(self, removed: list[int]) -> None:
+        """Delete the blocks ``removed`` and number the others again."""
         for index in reversed(removed):
             del self.blocks[index]
         for index, block in enumerate(self.blocks):
             for module in block.modules():
                 if hasattr(module, "layer_idx"):
                     module.layer_idx = index
-        return removed, influence
 
     def _update_config(self, removed: list[int]) -> None:
         """Write the new sizes into the model's config, validated by its own class."""

@@ -66,6 +66,7 @@ class Progress:
     block_seconds: list[float]
     elapsed_seconds: float
     expert_tokens: dict[str, list[int]] = field(default_factory=dict)
+    structure: dict[str, Any] = field(default_factory=dict)  # a structured run: what each block kept
 
 
 class WorkFolder:
@@ -130,6 +131,7 @@ class WorkFolder:
             data["block_seconds"],
             data["elapsed_seconds"],
             data.get("expert_tokens", {}),
+            data.get("structure", {}),
         )
 
     def load_masks(self, num_blocks: int) -> dict[str, torch.Tensor]:
@@ -144,7 +146,8 @@ class WorkFolder:
         return [tensors[f"batch.{index}"] for index in range(len(tensors))]
 
     def restore_block(self, block: nn.Module, index: int, prefix: str) -> None:
-        """Copy the saved pruned weights of block ``index`` into ``block`` (an in-memory model)."""
+        """Copy the saved pruned weights of block ``index`` into ``block`` (an in-memory model of the same
+        shapes)."""
         tensors = load_file(self.block_file(index))
         block.load_state_dict({name.removeprefix(prefix + "."): tensor for name, tensor in tensors.items()})
 
