@@ -251,3 +251,15 @@ def test_an_interrupted_structured_run_resumes_to_the_same_model(sparsity, tmp_p
         torch.testing.assert_close(resumed.model.state_dict()[name], tensor, rtol=0, atol=0)
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "killed")
     assert reloaded.config.num_hidden_layers == 4 and reloaded.config.num_key_value_heads == 2
+
+
+def test_the_estimate_names_the_structure_and_counts_its_gram_matrices(capsys):
+    from optimum_prune.engine.estimate import estimate_run
+
+    model = tiny_model("llama")
+    plain = estimate_run(model, _config(None, "wanda"), measure_time=False)
+    structured = estimate_run(model, _config({"mlp": 0.5}, "wanda"), measure_time=False)
+    assert structured.device_peak_bytes > plain.device_peak_bytes  # down_proj's 128 x 128 Gram matrices
+    flags = ["--model", str(STORIES_260K), "--method", "wanda", "--dataset", str(C4_SAMPLE), "--dry-run"]
+    assert run_main(*flags, "--structure", "mlp=0.25", "layers=0.2", "--sparsity", "0.3") == 0
+    assert "dry run of wanda structure mlp=0.25 layers=0.2, then unstructured at 0.3 on" in capsys.readouterr().out

@@ -519,6 +519,9 @@ def dry_run(args: argparse.Namespace, plan: Plan, dtype: Any) -> None:
         trust_remote_code=args.trust_remote_code,
         offload_activations=args.offload_activations,
     )
-    print(f"dry run of {config.method} {config.pattern} at {config.sparsity:g} on {args.model}: {estimate}")
+    run = f"{config.pattern} at {config.sparsity:g}"
+    if config.structure is not None:
+        run = f"structure {config.structure}" + (f", then {run}" if config.sparsity else "")
+    print(f"dry run of {config.method} {run} on {args.model}: {estimate}")
     device = default_device() if args.device is None else torch.device(args.device)
     check_max_memory(plan.max_memory, estimate, device, args.offload or "cpu")

@@ -72,6 +72,11 @@ def matmul_flops_per_second(device: torch.device, size: int = 512, repeats: int 
     return 2 * size**3 * repeats / max(time.perf_counter() - start, 1e-9)
 
 
+# A structured group's float32 matrices of the consumer's input width: the Gram of the fitted and of the
+# held-out sequences, their sum, the dampened copy and its inverse (`structured.prune`, `structured.select`).
+STRUCTURE_GRAMS = 5
+
+
 def _statistics_bytes(method: PruningMethod, layers: list[TargetLayer]) -> int:
     """The statistics held at once while pruning a block: every linear layer's, and one expert's."""
     linear = sum(method.statistic_bytes(*layer.shape) for layer in layers if layer.expert is None)
@@ -129,6 +134,9 @@ def estimate_run(
 
     method = get_method(config.method, config.settings)
     statistics = max((_statistics_bytes(method, block) for block in layers if block), default=0) if calibrated else 0
+    if config.structure is not None and calibrated:  # one consumer's Gram matrices while its group is pruned
+        widest_input = max(layer.in_features for block in layers for layer in block)
+        statistics = max(statistics, STRUCTURE_GRAMS * widest_input**2 * 4)
     routing = activations if any(layer.expert is not None for block in layers for layer in block) else 0
     work = max(method.working_bytes(*layer.shape) for block in layers for layer in block)
     masks = 0 if offload == "disk" else sum(layer.shape[0] * layer.shape[1] for block in layers for layer in block) // 8

@@ -43,6 +43,10 @@ class Structure:
         if not isinstance(self.compensate, bool):
             raise ValueError(f"structure compensate={self.compensate!r} must be true or false.")
 
+    def __str__(self) -> str:
+        """``mlp=0.25 layers=0.1`` (what is removed), as ``--structure`` takes it."""
+        return " ".join(f"{kind}={getattr(self, kind):g}" for kind in KINDS if getattr(self, kind))
+
     @classmethod
     def from_value(cls, value: Structure | dict[str, Any]) -> Structure:
         if isinstance(value, cls):
