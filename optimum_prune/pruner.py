@@ -249,13 +249,15 @@ class Pruner:
         if output_dir is not None:
             folder = work_folder_path(output_dir, self.offload_folder)
             work = WorkFolder(folder.with_name(folder.name + "-structure"), self._fingerprint(input_ids), resume)
-        structured = self._prune_structure(plan, input_ids, work)
+        structured, engine = self._prune_structure(plan, input_ids, work)
         if self.config.sparsity:  # then unstructured sparsity on the smaller model
             self._prune_blockwise(input_ids, output_dir, overwrite, resume, structured.structure)
         else:
             self.report = structured
             self._record_metadata()
-            if output_dir is not None:
+            if self.disk is not None:
+                self._write_streamed(output_dir, overwrite, work, engine)
+            elif output_dir is not None:
                 self.save_pretrained(output_dir, overwrite=overwrite)
         if work is not None:
             work.remove()
@@ -325,24 +327,25 @@ class Pruner:
             return None
         if Ranks.current().distributed:
             raise ValueError("Structured pruning runs in one process: start it without torchrun.")
-        if self.disk is not None:
+        if self.disk is not None and self.config.sparsity:
             raise ValueError(
-                "Structured pruning changes the shapes of the blocks, which offload='disk' streams from the "
-                "checkpoint as they are: use offload='cpu' for a structure."
+                "With offload='disk', a structure and unstructured sparsity are two runs (the second reads the "
+                "smaller blocks from the first's output): prune the structure, then the saved model with sparsity."
             )
         layers = find_target_layers(self.model, self.config.targets, self.config.ignore)
         return plan_structure(self.model, self.config.structure, layers)
 
     def _prune_structure(
         self, plan: StructurePlan, input_ids: torch.Tensor | None, work: WorkFolder | None
-    ) -> PruningReport:
+    ) -> tuple[PruningReport, StructuredEngine]:
         """The structured pass; with ``work``, every finished block is saved there and a rerun resumes."""
         method = get_method(self.config.method, self.config.settings)
         engine = StructuredEngine(
-            self.model, self.config, method, plan, self.device, self.activations_device, self.progress, work
-        )
+            self.model, self.config, method, plan, self.device, self.activations_device, self.progress, work,
+            self.disk,
+        )  # fmt: skip
         try:
-            return engine.run(input_ids)
+            return engine.run(input_ids), engine
         except BaseException:
             if work is not None and not work.has_finished_block:
                 work.remove()  # nothing to resume: leave nothing that would block the corrected command

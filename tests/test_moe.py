@@ -368,3 +368,17 @@ def test_an_interrupted_expert_drop_resumes_to_the_same_model(tmp_path, monkeypa
     assert resumed.report.structure == expected.report.structure
     for name, tensor in expected.model.state_dict().items():
         torch.testing.assert_close(resumed.model.state_dict()[name], tensor, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("architecture", ["qwen3_moe", "mixtral"])
+def test_dropping_experts_with_disk_offload_writes_the_in_memory_model(architecture, tmp_path):
+    model = tiny_model(architecture)
+    model.save_pretrained(tmp_path / "dense")
+    in_memory = prune(model, "wanda", structure={"experts": 0.5})
+    config = PruningConfig(method="wanda", structure={"experts": 0.5}, num_samples=8, seq_len=32, batch_size=4)
+    pruner = Pruner.from_pretrained(tmp_path / "dense", config, offload="disk", progress=False)
+    report = pruner.prune(random_ids(8, 32), output_dir=tmp_path / "smaller")
+    assert report.structure == in_memory.report.structure
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "smaller")
+    for name, parameter in reloaded.named_parameters():
+        torch.testing.assert_close(parameter, model.get_parameter(name), rtol=0, atol=0, msg=name)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from conftest import ARCHITECTURES, C4_SAMPLE, STORIES_260K, random_ids, tiny_model
@@ -174,8 +176,8 @@ def test_cli_structure(tmp_path, capsys):
     assert (model.config.intermediate_size, model.config.num_hidden_layers) == (128, 4)
     assert run_main(*flags, "--structure", "mlp=half") == 2
     assert "argument --structure: mlp='half' is not a number" in capsys.readouterr().err
-    assert run_main(*flags, "--structure", "mlp=0.25", "--offload", "disk", "--output", str(tmp_path / "d")) == 1
-    assert "use offload='cpu' for a structure" in capsys.readouterr().err
+    assert run_main(*flags, "--structure", "mlp=0.25", "--offload", "disk", "--output", str(tmp_path / "d")) == 0
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "d").config.intermediate_size == 128
 
 
 def test_structure_is_part_of_the_recipe():
@@ -263,3 +265,50 @@ def test_the_estimate_names_the_structure_and_counts_its_gram_matrices(capsys):
     flags = ["--model", str(STORIES_260K), "--method", "wanda", "--dataset", str(C4_SAMPLE), "--dry-run"]
     assert run_main(*flags, "--structure", "mlp=0.25", "layers=0.2", "--sparsity", "0.3") == 0
     assert "dry run of wanda structure mlp=0.25 layers=0.2, then unstructured at 0.3 on" in capsys.readouterr().out
+
+
+def test_a_structure_with_disk_offload_writes_the_in_memory_model(tmp_path):
+    """Each block read from the checkpoint when it is processed: the output folder holds exactly the weights
+    and config of the same run in memory, and stock transformers loads it; killed after two blocks, a resumed
+    run writes the same folder."""
+    from optimum_prune.engine.structured import StructuredEngine
+
+    config = PruningConfig(
+        method="wanda", structure={"mlp": 0.25, "attention": 0.5, "layers": 0.2}, num_samples=8, seq_len=32
+    )
+    memory = Pruner.from_pretrained(STORIES_260K, config, device="cpu", progress=False)
+    memory.prune(C4_SAMPLE)
+
+    def on_disk(output, resume=False):
+        pruner = Pruner.from_pretrained(STORIES_260K, config, device="cpu", offload="disk", progress=False)
+        pruner.prune(C4_SAMPLE, output_dir=output, resume=resume)
+        return pruner
+
+    def check(output):
+        reloaded = AutoModelForCausalLM.from_pretrained(output)
+        assert reloaded.config.to_dict()["intermediate_size"] == memory.model.config.intermediate_size
+        for name, tensor in memory.model.state_dict().items():
+            torch.testing.assert_close(reloaded.state_dict()[name], tensor, rtol=0, atol=0)
+
+    disk = on_disk(tmp_path / "disk")
+    assert disk.report.structure == memory.report.structure and disk.report.layers == memory.report.layers
+    check(tmp_path / "disk")
+    original = StructuredEngine._prune_block_structure
+
+    def killed_at_block_two(self, index, *args):
+        if index == 2:
+            raise KeyboardInterrupt
+        return original(self, index, *args)
+
+    StructuredEngine._prune_block_structure = killed_at_block_two
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            on_disk(tmp_path / "killed")
+    finally:
+        StructuredEngine._prune_block_structure = original
+    on_disk(tmp_path / "killed", resume=True)
+    check(tmp_path / "killed")
+    with pytest.raises(ValueError, match="two runs"):
+        Pruner.from_pretrained(
+            STORIES_260K, dataclasses.replace(config, sparsity=0.5), offload="disk", progress=False
+        ).prune(C4_SAMPLE, output_dir=tmp_path / "both")

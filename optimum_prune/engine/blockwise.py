@@ -179,6 +179,7 @@ class BlockwiseEngine:
         self.disk = disk
         self.work = work_folder
         self.blocks_name, self.blocks = find_decoder_blocks(model)
+        self.checkpoint_blocks = list(range(len(self.blocks)))  # the checkpoint's number of each block
         self.layers = find_target_layers(model, config.targets, config.ignore)
         self.masks: dict[str, torch.Tensor] = {}
         self.left_dense = untargeted_matrices(model, self.layers)
@@ -219,7 +220,7 @@ class BlockwiseEngine:
         """Block ``index`` on the execution device (read from disk first when offloaded to disk)."""
         block = self.blocks[index]
         if self.disk is not None:
-            self.disk.load(block, f"{self.blocks_name}.{index}")
+            self.disk.load(block, f"{self.blocks_name}.{self.checkpoint_blocks[index]}")
         try:
             with _on_device(block, self.device):
                 yield block

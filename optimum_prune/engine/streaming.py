@@ -41,7 +41,7 @@ def write_streamed_weights(
     """
     declared = {name: tensor.dtype for name, tensor in model.state_dict(keep_vars=True).items()}
     default = next(model.parameters()).dtype
-    tied = _tied_names(model)
+    tied = tied_names(model)
     prefix = blocks_name + "."
     outside = [name for name in source.tensors if name not in tied and not name.startswith(prefix)]
     groups = _groups(outside, source)
@@ -90,6 +90,6 @@ def _itemsize(dtype: str) -> int:
     return {"F64": 8, "I64": 8, "F32": 4, "I32": 4, "F16": 2, "BF16": 2, "I16": 2}.get(dtype, 1)
 
 
-def _tied_names(model: nn.Module) -> set[str]:
+def tied_names(model: nn.Module) -> set[str]:
     """The names transformers ties to another weight and leaves out of saved checkpoints (``lm_head.weight``)."""
     return set(getattr(model, "all_tied_weights_keys", None) or {})

@@ -9,6 +9,8 @@ removed; the pruned block makes the next block's inputs. The new sizes go into t
 
 With a `WorkFolder`, every finished block is saved with what it kept (units of each group, experts), and a
 resumed run removes the same blocks, gives the finished blocks their new shapes and loads their saved weights.
+With a `DiskOffload` (which needs the work folder) each block is read from the checkpoint when it is processed
+and emptied again; the output is then assembled from the work folder's blocks, as in an unstructured run.
 """
 
 from __future__ import annotations
@@ -31,7 +33,9 @@ from ..structured.groups import ATTENTION, MLP, ChannelGroup
 from ..structured.plan import StructurePlan, block_groups, new_config, text_config
 from ..structured.prune import prune_group, shrink_group
 from .blockwise import BlockwiseEngine
-from .capture import CalibrationBatch, capture_block_inputs
+from .capture import CalibrationBatch, capture_block_inputs, outside_blocks_loaded
+from .offload import DiskOffload
+from .streaming import tied_names
 from .work_folder import Progress, WorkFolder
 
 HELD_OUT_EVERY = 8  # every 8th calibration sequence judges whether compensation generalises
@@ -50,10 +54,12 @@ class StructuredEngine(BlockwiseEngine):
         activations_device: str | torch.device | None = None,
         progress: bool = True,
         work_folder: WorkFolder | None = None,
+        disk: DiskOffload | None = None,
     ) -> None:
         super().__init__(
             model, config, method, device=device, activations_device=activations_device, progress=progress,
-            work_folder=work_folder, activations_folder=work_folder.folder if work_folder is not None else None,
+            disk=disk, work_folder=work_folder,
+            activations_folder=work_folder.folder if work_folder is not None else None,
         )  # fmt: skip
         self.plan = plan
 
@@ -62,12 +68,13 @@ class StructuredEngine(BlockwiseEngine):
         """Prune every block structurally; the report lists every target layer of the smaller model, measured."""
         start = time.perf_counter()
         map_large_allocations()
-        parameters = sum(p.numel() for p in self.model.parameters())
+        parameters = self._parameter_count()
         batches = None  # magnitude scores without compensation read no activations
         if input_ids is not None:
-            batches = capture_block_inputs(
-                self.model, self.blocks, input_ids, self.config.batch_size, self.device, self.activations
-            )
+            with outside_blocks_loaded(self.model, self.blocks, self.disk):
+                batches = capture_block_inputs(
+                    self.model, self.blocks, input_ids, self.config.batch_size, self.device, self.activations
+                )
         state = self.work.load() if self.work is not None else None
         if state is None:
             removed, influence = self._remove_blocks(batches) if self.plan.remove_blocks else ([], [])
@@ -92,15 +99,9 @@ class StructuredEngine(BlockwiseEngine):
         for index in bar:
             batches = self._prune_block_structure(index, groups[index], batches, state)
         self._update_config(removed)
-        self.layers = find_target_layers(self.model, self.config.targets, self.config.ignore)
-        layers = [
-            LayerReport(layer.name, index, layer.shape, 0.0, (layer.matrix() == 0).float().mean().item())
-            for index, block_layers in enumerate(self.layers)
-            for layer in block_layers
-        ]
         structure = {
             **self.plan.describe(),
-            "parameters": {"original": parameters, "kept": sum(p.numel() for p in self.model.parameters())},
+            "parameters": {"original": parameters, "kept": self._parameter_count()},
         }
         if state.structure["dropped"]:
             structure[EXPERTS]["removed"] = state.structure["dropped"]
@@ -112,7 +113,7 @@ class StructuredEngine(BlockwiseEngine):
             pattern="structured",
             target_sparsity=0.0,
             allocation="uniform",
-            layers=layers,
+            layers=state.layers,
             block_seconds=state.block_seconds,
             total_seconds=time.perf_counter() - start,
             peak_memory_bytes=peak_memory(self.device),
@@ -136,6 +137,10 @@ class StructuredEngine(BlockwiseEngine):
                 kept[MLP] = self._prune_kind(block, groups[MLP], self.plan.keep[MLP], batches)
             if batches is not None and index + 1 < len(self.blocks):
                 batches = self._propagate(block, batches)
+            state.layers += [  # measured while the block is loaded
+                LayerReport(layer.name, index, layer.shape, 0.0, (layer.matrix() == 0).float().mean().item())
+                for layer in find_target_layers(self.model, self.config.targets, self.config.ignore)[index]
+            ]
             state.structure["kept"].append(kept)
             state.block_seconds.append(time.perf_counter() - block_start)
             state.next_block = index + 1
@@ -146,7 +151,8 @@ class StructuredEngine(BlockwiseEngine):
         return batches
 
     def _restore(self, state: Progress, groups: list[dict[str, ChannelGroup]]) -> None:
-        """Give the finished blocks of an interrupted run the shapes of what they kept, then their weights."""
+        """Give the finished blocks of an interrupted run the shapes of what they kept, then their weights
+        (with disk offload they stay empty: the output is assembled from the work folder)."""
         for index, kept in enumerate(state.structure["kept"]):
             for kind in (ATTENTION, MLP):
                 if kind in kept:
@@ -154,7 +160,8 @@ class StructuredEngine(BlockwiseEngine):
             for name, experts in kept.get(EXPERTS, {}).items():
                 parent = self.model.get_submodule(name.rpartition(".")[0])
                 drop_experts(parent, self.model.get_submodule(name), torch.tensor(experts))
-            self.work.restore_block(self.blocks[index], index, f"{self.blocks_name}.{index}")
+            if self.disk is None:
+                self.work.restore_block(self.blocks[index], index, f"{self.blocks_name}.{index}")
 
     def _prune_kind(
         self, block: nn.Module, group: ChannelGroup, keep: int, batches: list[CalibrationBatch] | None
@@ -200,10 +207,16 @@ class StructuredEngine(BlockwiseEngine):
         self._delete_blocks(removed)
         return removed, influence
 
+    def _parameter_count(self) -> int:
+        """The model's parameters, a tied weight once (a disk-offloaded model's meta tensors are not tied)."""
+        tied = tied_names(self.model)
+        return sum(p.numel() for name, p in self.model.named_parameters() if name not in tied)
+
     def _delete_blocks(self, removed: list[int]) -> None:
         """Delete the blocks ``removed`` and number the others again."""
         for index in reversed(removed):
             del self.blocks[index]
+            del self.checkpoint_blocks[index]
         for index, block in enumerate(self.blocks):
             for module in block.modules():
                 if hasattr(module, "layer_idx"):
