@@ -520,27 +520,43 @@ class Pruner:
         """Prune gradually while training, instead of `prune` + `recover`: the sparsity of every target layer
         rises to ``config.sparsity`` along a cubic schedule over the first 75% of ``max_steps`` (masks re-chosen
         every ``interval`` steps from running ``|w * grad|`` saliency, default a tenth of those steps), then
-        training goes on with the masks fixed. Unstructured, uniform sparsity only. ``eval_windows``: as in
-        `recover`."""
+        training goes on with the masks fixed. Unstructured, uniform sparsity; or, with ``config.structure``,
+        MLP channels and KV groups masked along the same schedule and removed at the end. ``eval_windows``: as
+        in `recover`."""
         from .core.masks import pack_mask
         from .recovery.gradual import prune_gradually
+        from .recovery.gradual_structure import prune_structure_gradually
 
         if self.report is not None:
             raise RuntimeError("This model is already pruned; create a new Pruner to prune again.")
         if self.disk is not None:
             raise ValueError("Training needs the model in memory: use offload='cpu'.")
         config = self.config
+        if config.structure is not None and config.sparsity:
+            raise ValueError(
+                "Gradual pruning reaches a structure or a sparsity, not both: prune the structure gradually, then "
+                "the saved smaller model."
+            )
+        plan = self._plan_structure()
         layers = find_target_layers(self.model, config.targets, config.ignore)
         recovery = RecoveryConfig(
             max_steps, learning_rate, batch_size, self._training_seq_len(seq_len), distill, eval_windows=eval_windows
         )
         teacher = self._dense_teacher() if distill and teacher is None else teacher
         work = Path(work_dir) if work_dir is not None else Path(tempfile.mkdtemp(prefix="optimum-prune-gradual-"))
-        self.model, masks, self.report, self.recovery = prune_gradually(
-            self.model, self.tokenizer, config, layers, dataset, recovery, work, interval=interval, teacher=teacher,
-            teacher_name=self.source, text_column=text_column, split=split, progress=self.progress,
-        )  # fmt: skip
-        self.masks = {name.removesuffix(".weight"): pack_mask(mask) for name, mask in masks.items()}
+        training = {
+            "interval": interval, "teacher": teacher, "teacher_name": self.source, "text_column": text_column,
+            "split": split, "progress": self.progress,
+        }  # fmt: skip
+        if plan is not None:
+            self.model, self.report, self.recovery = prune_structure_gradually(
+                self.model, self.tokenizer, plan, layers, dataset, recovery, work, **training
+            )
+        else:
+            self.model, masks, self.report, self.recovery = prune_gradually(
+                self.model, self.tokenizer, config, layers, dataset, recovery, work, **training
+            )
+            self.masks = {name.removesuffix(".weight"): pack_mask(mask) for name, mask in masks.items()}
         self._record_metadata()
         return self.report
 

@@ -244,6 +244,49 @@ def test_cubic_schedule():
     assert cubic_sparsity(5, 10, 0.5) == pytest.approx(0.5 * (1 - 0.5**3))
 
 
+def test_structured_pruning_while_training_masks_units_then_removes_them(tmp_path, monkeypatch):
+    """MLP channels and KV groups masked along the schedule (only ever more of them), then removed: removal
+    changes no output, and the smaller model has the config's new sizes and loads with stock transformers."""
+    import optimum_prune.recovery.gradual_structure as gradual
+
+    masked, before = [], {}
+    on_step_end, shrink_group = gradual.GradualStructureCallback.on_step_end, gradual.shrink_group
+
+    def record(self, args, state, control, **kwargs):
+        on_step_end(self, args, state, control, **kwargs)
+        masked.append([int(removed.sum()) for removed in self.removed])
+
+    def shrink_after_logits(group, kept, consumer=None):
+        if not before:
+            with torch.no_grad():
+                before["logits"] = pruner.model(ids).logits
+        shrink_group(group, kept, consumer)
+
+    monkeypatch.setattr(gradual.GradualStructureCallback, "on_step_end", record)
+    monkeypatch.setattr(gradual, "shrink_group", shrink_after_logits)
+    config = PruningConfig(method="magnitude", structure={"mlp": 0.25, "attention": 0.5})
+    pruner = Pruner.from_pretrained(STORIES_260K, config, device="cpu", progress=False)
+    ids = random_ids(2, 16, seed=3, vocab=512)
+    report = pruner.prune_while_training(
+        TINYSTORIES_VAL, max_steps=12, interval=3, batch_size=2, seq_len=64, learning_rate=1e-3, work_dir=tmp_path
+    )
+    totals = [sum(step) for step in masked]
+    assert totals == sorted(totals) and totals[0] < totals[len(totals) // 2] < totals[-1]
+    assert masked[-1] == [172 - 128, 2] * 5  # every block: 44 channels and 2 of 4 KV groups
+    with torch.no_grad():
+        torch.testing.assert_close(pruner.model(ids).logits, before["logits"], rtol=1e-5, atol=1e-5)
+    assert (pruner.model.config.intermediate_size, pruner.model.config.num_key_value_heads) == (128, 2)
+    assert report.structure["mlp"] == {"original": 172, "kept": 128}
+    pruner.save_pretrained(tmp_path / "out")
+    reloaded = __import__("transformers").AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(ids).logits, before["logits"], rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="blocks and experts are removed one-shot"):
+        Pruner.from_pretrained(
+            STORIES_260K, PruningConfig(method="magnitude", structure={"layers": 0.2}), progress=False
+        ).prune_while_training(TINYSTORIES_VAL, max_steps=2, seq_len=64, work_dir=tmp_path / "b")
+
+
 def test_pruning_while_training_reaches_the_target_with_growing_masks(tmp_path):
     """Gradual pruning: masks only grow, every target layer ends exactly at the target sparsity, the zeros hold
     through the steps after the schedule, and the metadata records it."""

@@ -131,7 +131,7 @@ def check(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Plan:
     plan = Plan(config, explicit, model_config, max_memory=_parse_max_memory(args.max_memory, parser))
     if args.dry_run:
         return plan
-    if config.needs_calibration and not args.dataset:
+    if config.needs_calibration and not args.dataset and args.recover_schedule != "gradual":  # gradual: none
         structure = " and a structure" if config.structure is not None else ""
         parser.error(
             f"argument --dataset: method {config.method!r} with {config.allocation} allocation{structure} needs "

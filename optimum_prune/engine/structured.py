@@ -30,7 +30,7 @@ from ..methods import PruningMethod
 from ..report import LayerReport, PruningReport
 from ..structured.experts import EXPERTS, drop_experts, expert_scores, experts_modules
 from ..structured.groups import ATTENTION, MLP, ChannelGroup
-from ..structured.plan import StructurePlan, block_groups, new_config, text_config
+from ..structured.plan import StructurePlan, apply_new_config, block_groups
 from ..structured.prune import prune_group, shrink_group
 from .blockwise import BlockwiseEngine
 from .capture import CalibrationBatch, capture_block_inputs, outside_blocks_loaded
@@ -98,7 +98,7 @@ class StructuredEngine(BlockwiseEngine):
         )
         for index in bar:
             batches = self._prune_block_structure(index, groups[index], batches, state)
-        self._update_config(removed)
+        apply_new_config(self.model, self.plan.updates, removed)
         structure = {
             **self.plan.describe(),
             "parameters": {"original": parameters, "kept": self._parameter_count()},
@@ -221,11 +221,3 @@ class StructuredEngine(BlockwiseEngine):
             for module in block.modules():
                 if hasattr(module, "layer_idx"):
                     module.layer_idx = index
-
-    def _update_config(self, removed: list[int]) -> None:
-        """Write the new sizes into the model's config, validated by its own class."""
-        config = text_config(self.model)
-        updated = new_config(config, self.plan.updates, removed)
-        for name, value in updated.to_dict().items():
-            if getattr(config, name, None) != value and name not in ("transformers_version",):
-                setattr(config, name, value)

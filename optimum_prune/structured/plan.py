@@ -186,6 +186,14 @@ def new_config(config: PretrainedConfig, updates: dict[str, object], removed_blo
     return type(config)(**values)
 
 
+def apply_new_config(model: nn.Module, updates: dict[str, object], removed_blocks: list[int]) -> None:
+    """Write the new sizes into the model's config, validated by its own class (`new_config`)."""
+    config = text_config(model)
+    for name, value in new_config(config, updates, removed_blocks).to_dict().items():
+        if getattr(config, name, None) != value and name != "transformers_version":
+            setattr(config, name, value)
+
+
 def _check_buildable(
     model: nn.Module, plan: StructurePlan, groups: dict[str, ChannelGroup], structure: Structure
 ) -> None:
