@@ -8,7 +8,13 @@ text never overlap: for the asset models, TinyStories val is split (evaluation: 
 the rest); for SmolLM2, C4 trains and WikiText-2 evaluates. Results go to ``benchmarks/results/recover-<model>.json``,
 the ``recovery`` section of docs/benchmarks.md and a plot, ``docs/recovery-<model>.png``.
 
-    OMP_NUM_THREADS=1 python benchmarks/recover.py --models stories260k --steps 100
+    OMP_NUM_THREADS=1 python benchmarks/recover.py --models stories260k --steps 100 --pruned "wanda 50%" \
+        "sparsegpt 2:4" "structured MLP -25% (sparsegpt)"
+    python benchmarks/recover.py --models smollm2-135m --steps 100 --lr 1e-4 --pruned "sparsegpt 50%" \
+        --training "distill, full" --no-gradual --no-throughput
+
+Rows accumulate in the results file (a rerun replaces the rows it runs; other settings start it afresh), so a
+slow model can be measured a few rows at a time.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ DOCS = Path(__file__).resolve().parents[1] / "docs"
 EVAL_CHARACTERS = 120_000  # the head of TinyStories val is evaluation text, the rest training text
 PRUNED = {
     "wanda 50%": {"method": "wanda", "sparsity": 0.5},
+    "sparsegpt 50%": {"method": "sparsegpt", "sparsity": 0.5},
     "sparsegpt 2:4": {"method": "sparsegpt", "pattern": "2:4"},
     "structured MLP -25% (sparsegpt)": {"method": "sparsegpt", "structure": {"mlp": 0.25}},
 }
@@ -53,7 +60,7 @@ def evaluate(model, tokenizer, text, windows: int) -> float:
     return perplexity(model, tokenizer, text, seq_len=256, max_windows=windows)
 
 
-def run(model_name: str, args: argparse.Namespace) -> dict:
+def run(model_name: str, args: argparse.Namespace, results: dict) -> dict:
     import torch
     from transformers import TrainerCallback
 
@@ -61,7 +68,7 @@ def run(model_name: str, args: argparse.Namespace) -> dict:
     from optimum_prune import Pruner, PruningConfig
 
     torch.manual_seed(0)
-    results: dict = {"settings": vars(args) | {"models": None}}
+    results["settings"] = {key: value for key, value in vars(args).items() if key != "models"}
     checkpoints = sorted({max(1, args.steps // 4), max(1, args.steps // 2), args.steps})
     with tempfile.TemporaryDirectory() as tmp:
         train, text, eval_name = data(model_name, Path(tmp))
@@ -80,8 +87,10 @@ def run(model_name: str, args: argparse.Namespace) -> dict:
                         (state.global_step * tokens_per_step, evaluate(model, tokenizer, text, args.eval_windows))
                     )
 
-        for pruned_name, recipe in PRUNED.items():
-            for training_name, (distill, lora) in TRAINING.items():
+        for pruned_name in args.pruned:
+            recipe = PRUNED[pruned_name]
+            for training_name in args.training:
+                distill, lora = TRAINING[training_name]
                 model, tokenizer = load_model(model_name)
                 config = PruningConfig(**recipe, num_samples=args.samples, seq_len=args.seq_len)
                 pruner = Pruner(
@@ -100,8 +109,8 @@ def run(model_name: str, args: argparse.Namespace) -> dict:
                 key = f"{pruned_name} | {training_name}"
                 results[key] = {"curve": curve, "seconds": time.perf_counter() - start, "zeros": zeros}
                 print(key, curve, flush=True)
-        results["gradual"] = []
-        for steps in checkpoints:
+        for steps in checkpoints if args.gradual else []:
+            results["gradual"] = [point for point in results.get("gradual", []) if point[0] != steps * tokens_per_step]
             model, tokenizer = load_model(model_name)
             pruner = Pruner(
                 model, PruningConfig(method="wanda", sparsity=0.5, seq_len=args.seq_len), tokenizer, device="cpu",
@@ -115,7 +124,8 @@ def run(model_name: str, args: argparse.Namespace) -> dict:
                 (steps * tokens_per_step, evaluate(pruner.model, tokenizer, text, args.eval_windows))
             )
             print("gradual", results["gradual"][-1], flush=True)
-        results["throughput"] = throughput(model_name, train, args)
+        if args.throughput:
+            results["throughput"] = throughput(model_name, train, args)
     return results
 
 
@@ -135,7 +145,7 @@ def throughput(model_name: str, train: Path, args: argparse.Namespace) -> dict:
         pruner = Pruner(model, PruningConfig(method="magnitude", sparsity=0.5), tokenizer, device="cpu", progress=False)
         pruner.prune()
         config = RecoveryConfig(max_steps=args.throughput_steps, batch_size=args.batch_size, seq_len=args.seq_len)
-        ids, _ = training_windows(train, tokenizer, config, "text", "train")
+        ids, _, _ = training_windows(train, tokenizer, config, "text", "train")
         with tempfile.TemporaryDirectory() as tmp:
             training = TrainingArguments(
                 output_dir=tmp, max_steps=config.max_steps, per_device_train_batch_size=config.batch_size,
@@ -176,7 +186,9 @@ def plot(model: str, results: dict) -> Path:
     return path
 
 
-def render(model: str, results: dict, args: argparse.Namespace) -> None:
+def model_section(model: str, results: dict) -> list[str]:
+    """One model's table, plot and throughput line, from its stored results and the settings they ran with."""
+    settings = results["settings"]
     rows = []
     for key, value in results.items():
         if isinstance(value, dict) and "curve" in value:
@@ -195,35 +207,59 @@ def render(model: str, results: dict, args: argparse.Namespace) -> None:
             )
     for tokens, ppl in results.get("gradual", []):
         rows.append(["gradual wanda 50%, distill, full", "-", f"{ppl:.2f}", f"{tokens:,}", "-", "-", "-"])
-    speeds = results["throughput"]
-    overhead = 1 - speeds["with SparsityCallback"] / max(speeds["plain Trainer"], speeds["plain Trainer again"])
-    markdown = "\n".join(
-        [
-            "## Recovery after pruning",
+    lines = [
+        f"### {model}",
+        "",
+        f"Settings: `--steps {settings['steps']} --samples {settings['samples']} --lr {settings['lr']:g}` (batch "
+        f"{settings['batch_size']} x {settings['seq_len']} tokens per step, 3x the learning rate with LoRA). "
+        f"Perplexity on {results['eval']}, {settings['eval_windows']} windows of 256 tokens; dense "
+        f"{results['dense']:.2f}.",
+        "",
+        table(["model, training", "pruned", "recovered", "tokens", "gap closed", "train s", "zeros"], rows),
+        "",
+        f"![perplexity against training tokens: {model}](recovery-{model}.png)",
+    ]
+    speeds = results.get("throughput")
+    if speeds:
+        overhead = 1 - speeds["with SparsityCallback"] / max(speeds["plain Trainer"], speeds["plain Trainer again"])
+        lines += [
             "",
-            f"Command: `OMP_NUM_THREADS=1 python benchmarks/recover.py --models {model} --steps {args.steps} "
-            f"--samples {args.samples}` (batch {args.batch_size} x {args.seq_len} tokens per step, learning rate "
-            f"{args.lr:g}, 3x that with LoRA). Perplexity on {results['eval']}, {args.eval_windows} windows of 256 "
-            f'tokens; dense {results["dense"]:.2f}. "gap closed" is (pruned - recovered) / (pruned - dense); '
-            '"zeros" counts the exact zeros of every matrix after training (the pruned weights stay zero: the runs '
-            "check it before writing). LoRA runs are evaluated only at the end, after the masked merge (the unmerged "
-            "adapters are dense), so their curves are straight lines.",
-            "",
-            table(["model, training", "pruned", "recovered", "tokens", "gap closed", "train s", "zeros"], rows),
-            "",
-            f"![perplexity against training tokens](recovery-{model}.png)",
-            "",
-            f"Training throughput, {args.throughput_steps} steps, plain language-model loss: plain Trainer "
+            f"Training throughput, {settings['throughput_steps']} steps, plain language-model loss: plain Trainer "
             f"{speeds['plain Trainer']:.0f} and {speeds['plain Trainer again']:.0f} tokens/s, with `SparsityCallback` "
             f"{speeds['with SparsityCallback']:.0f} tokens/s (overhead {overhead:.1%} against the faster plain run).",
         ]
-    )
-    write_section("recovery", markdown)
+    return lines
+
+
+def render() -> None:
+    """The section, from every model's results file."""
+    parts = [
+        "## Recovery after pruning",
+        "",
+        'Commands: the docstring of `benchmarks/recover.py` (one per model). "gap closed" is (pruned - recovered) / '
+        '(pruned - dense); "zeros" counts the exact zeros of every matrix after training (the pruned weights stay '
+        "zero: the runs check it before writing). LoRA runs are evaluated only at the end, after the masked merge "
+        "(the unmerged adapters are dense), so their curves are straight lines.",
+    ]
+    for path in sorted(RESULTS.glob("recover-*.json")):
+        model = path.stem.removeprefix("recover-")
+        parts += ["", *model_section(model, json.loads(path.read_text()))]
+    write_section("recovery", "\n".join(parts))
+
+
+def same(args: argparse.Namespace) -> list[tuple[str, object]]:
+    """The settings every row of one results file shares."""
+    keys = ("steps", "batch_size", "seq_len", "lr", "samples", "eval_windows")
+    return [(key, getattr(args, key)) for key in keys]
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=["stories260k"])
+    parser.add_argument("--pruned", nargs="+", choices=list(PRUNED), default=list(PRUNED))
+    parser.add_argument("--training", nargs="+", choices=list(TRAINING), default=list(TRAINING))
+    parser.add_argument("--no-gradual", dest="gradual", action="store_false")
+    parser.add_argument("--no-throughput", dest="throughput", action="store_false")
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--seq-len", type=int, default=256)
@@ -235,19 +271,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--render-only", action="store_true")
     args = parser.parse_args(argv)
     RESULTS.mkdir(exist_ok=True)
-    for model in args.models:
+    for model in [] if args.render_only else args.models:
         path = RESULTS / f"recover-{model}.json"
-        if args.render_only or args.throughput_only:
-            results = json.loads(path.read_text())
-            if args.throughput_only:
-                with tempfile.TemporaryDirectory() as tmp:
-                    train, _, _ = data(model, Path(tmp))
-                    results["throughput"] = throughput(model, train, args)
+        results = json.loads(path.read_text()) if path.exists() else {}
+        if not args.throughput_only and any(results.get("settings", {}).get(key) != value for key, value in same(args)):
+            results = {}  # rows measured with other settings would not compare
+        if args.throughput_only:
+            with tempfile.TemporaryDirectory() as tmp:
+                train, _, _ = data(model, Path(tmp))
+                results["throughput"] = throughput(model, train, args)
         else:
-            results = run(model, args)
+            results = run(model, args, results)
         path.write_text(json.dumps(results, indent=1))
         plot(model, results)
-        render(model, results, args)
+    render()
 
 
 if __name__ == "__main__":

@@ -3,11 +3,14 @@ the two simplest baselines computed on the same calibration tokens (Wanda-sp and
 compensation; Block Influence is the block criterion itself).
 
 Each row prunes a fresh copy of the model and evaluates it; results accumulate in
-``benchmarks/results/structured-<model>.json`` (rows already there are skipped unless ``--force``) and the
-``structured-quality`` section of docs/benchmarks.md is rewritten from them after every row. Several processes
-may share the work: ``--shard 0/2`` and ``--shard 1/2`` take every other row.
+``benchmarks/results/structured-<model>-<samples>x<seq_len>.json`` (rows already there are skipped unless
+``--force``) and the ``structured-quality`` section of docs/benchmarks.md is rewritten from every such file after
+every row. Several processes may share the work: ``--shard 0/2`` and ``--shard 1/2`` take every other row;
+``--rows MLP`` runs only the rows whose name contains ``MLP``.
 
     OMP_NUM_THREADS=1 python benchmarks/structured_quality.py --models smollm2-135m --samples 8 --eval-windows 10
+    OMP_NUM_THREADS=1 python benchmarks/structured_quality.py --models smollm2-135m --samples 64 --eval-windows 10 --rows MLP
+    OMP_NUM_THREADS=1 python benchmarks/structured_quality.py --models stories260k tinystories-656k --samples 64 --eval-windows 40
 """
 
 from __future__ import annotations
@@ -91,8 +94,8 @@ def run_row(model_name: str, structure: dict, method: str, compensate: bool, arg
     return result
 
 
-def results_file(model: str) -> Path:
-    return RESULTS / f"structured-{model}.json"
+def results_file(model: str, samples: int, seq_len: int) -> Path:
+    return RESULTS / f"structured-{model}-{samples}x{seq_len}.json"
 
 
 def reading(model: str, results: dict) -> str:
@@ -110,36 +113,44 @@ def reading(model: str, results: dict) -> str:
     return "Best compensated result against Wanda-sp without compensation: " + "; ".join(lines) + "."
 
 
-def render(args: argparse.Namespace) -> None:
-    """The section, from every model's results file."""
+def _samples(path: Path) -> int:
+    return int(path.stem.rpartition("-")[2].partition("x")[0])
+
+
+def render() -> None:
+    """The section, from every results file (a model at each calibration it was run with)."""
     from benchmarks.models import MODELS
 
-    models = [model for model in MODELS if results_file(model).exists()]
     parts = [
         "## Structured pruning: perplexity",
         "",
-        "Commands: `OMP_NUM_THREADS=1 python benchmarks/structured_quality.py --models smollm2-135m --samples 8 "
-        "--seq-len 512 --eval-windows 10` and `... --models stories260k tinystories-656k --samples 64 "
-        "--eval-windows 40`. Calibration: C4 sample, seed 0, no BOS; perplexity: the first windows of 512 tokens "
-        "(WikiText-2 raw test for SmolLM2, TinyStories val for the asset models), no BOS. Each cell: perplexity (parameters kept). Blocks are chosen by Block Influence "
-        "(ShortGPT), so the block rows have one method.",
+        "Commands: the docstring of `benchmarks/structured_quality.py`. Calibration: C4 sample, seed 0, no BOS, "
+        "`samples x seq_len` tokens as each heading says; perplexity: the first windows of 512 tokens (WikiText-2 raw "
+        "test for SmolLM2, TinyStories val for the asset models), no BOS. Each cell: perplexity (parameters kept). "
+        "Blocks are chosen by Block Influence (ShortGPT), so the block rows have one method.",
     ]
-    for model in models:
-        path = results_file(model)
-        results = json.loads(path.read_text()) if path.exists() else {}
-        dense = results.get("dense")
-        parts += [
-            "",
-            f"### {model}: dense {dense['perplexity']:.2f} ({dense['parameters'] / 1e6:.2f}M)" if dense else "",
-        ]
-        body = []
-        for name, structure in rows(model):
-            cells = []
-            for method, compensate, _ in METHODS if "layers" not in structure else METHODS[:1]:
-                result = results.get(f"{name} | {method} | {compensate}")
-                cells.append(f"{result['perplexity']:.2f} ({result['parameters'] / 1e6:.2f}M)" if result else "not run")
-            body.append([name, *cells, *(["="] * (len(METHODS) - len(cells)))])
-        parts += ["", table(["structure", *(label for *_, label in METHODS)], body), "", reading(model, results)]
+    for model in MODELS:
+        for path in sorted(RESULTS.glob(f"structured-{model}-*x*.json"), key=_samples):
+            results = json.loads(path.read_text())
+            dense = results.get("dense")
+            calibration = path.stem.removeprefix(f"structured-{model}-").replace("x", " x ")
+            windows = next(value["settings"] for value in results.values() if value.get("settings"))["eval_windows"]
+            heading = f"### {model}, {calibration} calibration tokens, {windows} evaluation windows"
+            parts += [
+                "",
+                heading + (f": dense {dense['perplexity']:.2f} ({dense['parameters'] / 1e6:.2f}M)" if dense else ""),
+            ]
+            body = []
+            for name, structure in rows(model):
+                cells = []
+                for method, compensate, _ in METHODS if "layers" not in structure else METHODS[:1]:
+                    result = results.get(f"{name} | {method} | {compensate}")
+                    cells.append(
+                        f"{result['perplexity']:.2f} ({result['parameters'] / 1e6:.2f}M)" if result else "not run"
+                    )
+                if any(cell != "not run" for cell in cells):
+                    body.append([name, *cells, *(["="] * (len(METHODS) - len(cells)))])
+            parts += ["", table(["structure", *(label for *_, label in METHODS)], body), "", reading(model, results)]
     write_section("structured-quality", "\n".join(parts))
 
 
@@ -150,6 +161,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--eval-windows", type=int, default=10)
     parser.add_argument("--shard", default="0/1", help="I/N: run every N-th row starting at I")
+    parser.add_argument("--rows", default="", help="run only the rows whose name contains this text")
     parser.add_argument("--force", action="store_true")
     parser.add_argument("--render-only", action="store_true")
     args = parser.parse_args(argv)
@@ -159,10 +171,11 @@ def main(argv: list[str] | None = None) -> None:
         work = [("dense", {}, "dense", False)]
         for name, structure in rows(model):
             for method, compensate, _ in METHODS if "layers" not in structure else METHODS[:1]:
-                work.append((name, structure, method, compensate))
+                if args.rows in name:
+                    work.append((name, structure, method, compensate))
         for position, (name, structure, method, compensate) in enumerate(work):
             key = "dense" if not structure else f"{name} | {method} | {compensate}"
-            path = results_file(model)
+            path = results_file(model, args.samples, args.seq_len)
             if position % count != first or (
                 key in (json.loads(path.read_text()) if path.exists() else {}) and not args.force
             ):
@@ -173,8 +186,8 @@ def main(argv: list[str] | None = None) -> None:
                 stored = json.loads(path.read_text()) if path.exists() else {}
                 stored[key] = result
                 path.write_text(json.dumps(stored, indent=1, sort_keys=True))
-            render(args)
-    render(args)
+            render()
+    render()
 
 
 if __name__ == "__main__":
