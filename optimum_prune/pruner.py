@@ -197,6 +197,21 @@ class Pruner:
         token ids is checked and returned as it is)."""
         return self._calibration(dataset, text_column, split)[0]
 
+    def _cap_seq_len(self, dataset: Any) -> None:
+        """Calibration windows fit the model's context: a longer ``seq_len`` is capped at it, with a warning (the
+        recipe records the length that was run); a tensor of longer windows is refused."""
+        context = getattr(self.model.config.get_text_config(), "max_position_embeddings", None)
+        length = dataset.shape[-1] if isinstance(dataset, torch.Tensor) else self.config.seq_len
+        if not context or length <= context:
+            return
+        if isinstance(dataset, torch.Tensor):
+            raise ValueError(
+                f"The calibration tensor's windows of {length} tokens are longer than the model's context of "
+                f"{context}: pass windows of at most {context} tokens."
+            )
+        logger.warning("Calibration seq_len=%d capped at the model's context, %d tokens.", length, context)
+        self.config = dataclasses.replace(self.config, seq_len=context)
+
     def _calibration(self, dataset: Any, text_column: str, split: str) -> tuple[torch.Tensor, str]:
         config = self.config
         return calibration_tokens(
@@ -239,6 +254,7 @@ class Pruner:
                     f"Method {self.config.method!r} needs calibration data: pass a dataset, e.g. "
                     "pruner.prune('path/to/c4_sample.jsonl') or a list of strings."
                 )
+            self._cap_seq_len(dataset)
             input_ids, name = self._calibration(dataset, text_column, split)
             self._calibration_source = None if isinstance(dataset, torch.Tensor) else (dataset, text_column, split)
             samples, seq_len = input_ids.shape  # the recipe records what was run: a tensor sets its own shape

@@ -280,3 +280,17 @@ def test_weights_left_dense_inside_the_blocks_are_named_and_counted(caplog):
         Pruner.from_pretrained(dense, PruningConfig(method="magnitude"), progress=False).prune().left_dense_parameters
         == 0
     )
+
+
+def test_calibration_windows_fit_the_models_context(caplog):
+    """stories260K reads 512 tokens: a longer seq_len is capped at 512 with a warning (and the recipe says 512);
+    a tensor of longer windows is refused before any work."""
+    pruner = Pruner.from_pretrained(
+        STORIES_260K, PruningConfig(method="wanda", num_samples=2, seq_len=4096), device="cpu", progress=False
+    )
+    pruner.prune(C4_SAMPLE)
+    assert pruner.config.seq_len == 512
+    assert "Calibration seq_len=4096 capped at the model's context, 512 tokens." in caplog.text
+    fresh = Pruner.from_pretrained(STORIES_260K, PruningConfig(method="wanda"), device="cpu", progress=False)
+    with pytest.raises(ValueError, match="windows of 600 tokens are longer than the model's context of 512"):
+        fresh.prune(torch.zeros(2, 600, dtype=torch.long))
