@@ -94,9 +94,10 @@ def run(model_name: str, args: argparse.Namespace, results: dict) -> dict:
                 model, tokenizer = load_model(model_name)
                 config = PruningConfig(**recipe, num_samples=args.samples, seq_len=args.seq_len)
                 pruner = Pruner(
-                    model, config, tokenizer, device="cpu", progress=False, source=str(model_folder(model_name))
+                    model, config, tokenizer, device=args.device, progress=False, source=str(model_folder(model_name))
                 )
                 pruner.prune(calibration_token_ids(tokenizer, args.samples, args.seq_len, 0))
+                pruner.model.to(args.device)  # trained where it was pruned
                 curve = [(0, evaluate(pruner.model, tokenizer, text, args.eval_windows))]
                 start = time.perf_counter()
                 report = pruner.recover(
@@ -113,8 +114,8 @@ def run(model_name: str, args: argparse.Namespace, results: dict) -> dict:
             results["gradual"] = [point for point in results.get("gradual", []) if point[0] != steps * tokens_per_step]
             model, tokenizer = load_model(model_name)
             pruner = Pruner(
-                model, PruningConfig(method="wanda", sparsity=0.5, seq_len=args.seq_len), tokenizer, device="cpu",
-                progress=False, source=str(model_folder(model_name)),
+                model.to(args.device), PruningConfig(method="wanda", sparsity=0.5, seq_len=args.seq_len), tokenizer,
+                device=args.device, progress=False, source=str(model_folder(model_name)),
             )  # fmt: skip
             pruner.prune_while_training(
                 train, max_steps=steps, batch_size=args.batch_size, seq_len=args.seq_len, learning_rate=args.lr,
@@ -142,14 +143,17 @@ def throughput(model_name: str, train: Path, args: argparse.Namespace) -> dict:
     speeds = {}
     for name in ("plain Trainer", "with SparsityCallback", "plain Trainer again"):
         model, tokenizer = load_model(model_name)
-        pruner = Pruner(model, PruningConfig(method="magnitude", sparsity=0.5), tokenizer, device="cpu", progress=False)
+        pruner = Pruner(
+            model, PruningConfig(method="magnitude", sparsity=0.5), tokenizer, device=args.device, progress=False
+        )
         pruner.prune()
+        pruner.model.to(args.device)
         config = RecoveryConfig(max_steps=args.throughput_steps, batch_size=args.batch_size, seq_len=args.seq_len)
         ids, _, _ = training_windows(train, tokenizer, config, "text", "train")
         with tempfile.TemporaryDirectory() as tmp:
             training = TrainingArguments(
                 output_dir=tmp, max_steps=config.max_steps, per_device_train_batch_size=config.batch_size,
-                report_to=[], use_cpu=True, disable_tqdm=True, save_strategy="no", logging_strategy="no",
+                report_to=[], use_cpu=args.device == "cpu", disable_tqdm=True, save_strategy="no", logging_strategy="no",
             )  # fmt: skip
             callbacks = [SparsityCallback(Masks.from_pruner(pruner.model, pruner.masks))] if "with" in name else []
             trainer = Trainer(model=pruner.model, args=training, train_dataset=_Windows(ids), callbacks=callbacks)
@@ -260,6 +264,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--training", nargs="+", choices=list(TRAINING), default=list(TRAINING))
     parser.add_argument("--no-gradual", dest="gradual", action="store_false")
     parser.add_argument("--no-throughput", dest="throughput", action="store_false")
+    parser.add_argument("--device", default="cpu", help="where to prune and train (cuda on a GPU machine)")
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--seq-len", type=int, default=256)
