@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -91,6 +93,23 @@ def tiny_model(architecture: str, seed: int = 0) -> transformers.PreTrainedModel
     torch.manual_seed(seed)
     config = {**ARCHITECTURES, **MOE_ARCHITECTURES}[architecture]()
     return transformers.AutoModelForCausalLM.from_config(config).eval()
+
+
+@contextmanager
+def killed_at_block(owner: type, method: str, block: int) -> Iterator[None]:
+    """A run killed when ``owner.method`` (called with a block index first) reaches ``block``."""
+    original = getattr(owner, method)
+
+    def killed(self, index, *args, **kwargs):
+        if index == block:
+            raise KeyboardInterrupt
+        return original(self, index, *args, **kwargs)
+
+    setattr(owner, method, killed)
+    try:
+        yield
+    finally:
+        setattr(owner, method, original)
 
 
 def random_ids(num_samples: int = 8, seq_len: int = 32, vocab: int = 512, seed: int = 0) -> torch.Tensor:

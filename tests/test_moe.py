@@ -8,7 +8,7 @@ import json
 
 import pytest
 import torch
-from conftest import MOE_ARCHITECTURES, random_ids, tiny_model
+from conftest import MOE_ARCHITECTURES, killed_at_block, random_ids, tiny_model
 from torch import nn
 from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
 
@@ -339,7 +339,7 @@ def test_dropping_experts_then_pruning_the_rest():
     assert pruner.report.global_sparsity == pytest.approx(0.5, abs=1e-6)
 
 
-def test_an_interrupted_expert_drop_resumes_to_the_same_model(tmp_path, monkeypatch):
+def test_an_interrupted_expert_drop_resumes_to_the_same_model(tmp_path):
     """Killed after the first of two blocks, the rerun drops the saved experts of block 0 again (shapes, router
     rows) and loads its weights, then finishes like an uninterrupted run."""
     from optimum_prune.engine.structured import StructuredEngine
@@ -353,17 +353,8 @@ def test_an_interrupted_expert_drop_resumes_to_the_same_model(tmp_path, monkeypa
         return pruner
 
     expected = run(tmp_path / "straight")
-    original = StructuredEngine._prune_block_structure
-
-    def killed_at_block_one(self, index, *args):
-        if index == 1:
-            raise KeyboardInterrupt
-        return original(self, index, *args)
-
-    monkeypatch.setattr(StructuredEngine, "_prune_block_structure", killed_at_block_one)
-    with pytest.raises(KeyboardInterrupt):
+    with killed_at_block(StructuredEngine, "_prune_block_structure", 1), pytest.raises(KeyboardInterrupt):
         run(tmp_path / "killed")
-    monkeypatch.setattr(StructuredEngine, "_prune_block_structure", original)
     resumed = run(tmp_path / "killed", resume=True)
     assert resumed.report.structure == expected.report.structure
     for name, tensor in expected.model.state_dict().items():

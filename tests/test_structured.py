@@ -6,7 +6,7 @@ import dataclasses
 
 import pytest
 import torch
-from conftest import ARCHITECTURES, C4_SAMPLE, STORIES_260K, random_ids, tiny_model
+from conftest import ARCHITECTURES, C4_SAMPLE, STORIES_260K, killed_at_block, random_ids, tiny_model
 from test_cli import run_main
 from transformers import AutoModelForCausalLM
 
@@ -225,20 +225,13 @@ def test_an_interrupted_structured_run_resumes_to_the_same_model(sparsity, tmp_p
         return pruner
 
     expected = run(tmp_path / "straight")
-    original = StructuredEngine._prune_block_structure
-
-    def killed_at_block_two(self, index, *args):
-        if index == 2:
-            raise KeyboardInterrupt
-        return original(self, index, *args)
-
-    monkeypatch.setattr(StructuredEngine, "_prune_block_structure", killed_at_block_two)
-    with pytest.raises(KeyboardInterrupt):
+    with killed_at_block(StructuredEngine, "_prune_block_structure", 2), pytest.raises(KeyboardInterrupt):
         run(tmp_path / "killed")
     assert (tmp_path / "killed.partial-structure" / "block-00001.safetensors").is_file()
     with pytest.raises(FileExistsError, match="resume=True"):
         run(tmp_path / "killed")
     pruned = []
+    original = StructuredEngine._prune_block_structure
 
     def counted(self, index, *args):
         pruned.append(index)
@@ -293,19 +286,8 @@ def test_a_structure_with_disk_offload_writes_the_in_memory_model(tmp_path):
     disk = on_disk(tmp_path / "disk")
     assert disk.report.structure == memory.report.structure and disk.report.layers == memory.report.layers
     check(tmp_path / "disk")
-    original = StructuredEngine._prune_block_structure
-
-    def killed_at_block_two(self, index, *args):
-        if index == 2:
-            raise KeyboardInterrupt
-        return original(self, index, *args)
-
-    StructuredEngine._prune_block_structure = killed_at_block_two
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            on_disk(tmp_path / "killed")
-    finally:
-        StructuredEngine._prune_block_structure = original
+    with killed_at_block(StructuredEngine, "_prune_block_structure", 2), pytest.raises(KeyboardInterrupt):
+        on_disk(tmp_path / "killed")
     on_disk(tmp_path / "killed", resume=True)
     check(tmp_path / "killed")
     with pytest.raises(ValueError, match="two runs"):
