@@ -230,6 +230,7 @@ def test_cli_recovers_after_pruning(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "recovery: 4 steps, 1,024 tokens of tinystories_val.txt" in out
     assert "held-out perplexity (8 windows of the training text): step 0: " in out and "step 4: " in out
+    assert "{'loss'" not in out and "train_runtime" not in out  # the bar shows the loss; no printed dictionaries
     assert (tmp_path / "out.recover" / "pruned" / "model.safetensors").is_file()
     assert not list((tmp_path / "out.recover").glob("checkpoint-*"))
     from optimum_prune.export import read_metadata

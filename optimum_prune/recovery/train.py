@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedTokenizerBase, Trainer, TrainerCallback, TrainingArguments
+from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from ..calibration import calibration_ids, load_texts
 from .callback import SparsityCallback, check_masks_hold
@@ -193,6 +194,31 @@ class _EvaluatePerplexity(TrainerCallback):
             record(state, state.global_step, windows_perplexity(model, self.ids, self.batch_size))
 
 
+class _Progress(ProgressCallback):
+    """The Trainer's progress bar with the last loss and held-out perplexity beside it, instead of a printed
+    dictionary per log."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.postfix: dict[str, str] = {}
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if "loss" in (logs or {}):
+            self.postfix["loss"] = f"{logs['loss']:.4g}"
+            self._show(state)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        super().on_step_end(args, state, control, **kwargs)
+        self._show(state)
+
+    def _show(self, state: Any) -> None:
+        points = [entry["eval_perplexity"] for entry in state.log_history if "eval_perplexity" in entry]
+        if points:
+            self.postfix["held-out ppl"] = f"{points[-1]:.2f}"
+        if self.training_bar is not None:
+            self.training_bar.set_postfix(self.postfix, refresh=False)
+
+
 def record(state: Any, step: int, perplexity: float) -> None:
     """Log a held-out perplexity and keep it in the Trainer state's log history."""
     logger.info("recovery step %d: held-out perplexity %.3f", step, perplexity)
@@ -297,6 +323,10 @@ def recover(
         ],
         teacher=teacher if config.distill else None,
     )
+    for printer in (ProgressCallback, PrinterCallback):  # our bar instead, and no printed log dictionaries
+        trainer.remove_callback(printer)
+    if progress:
+        trainer.add_callback(_Progress)
     checkpoints = sorted(Path(work_dir).glob("checkpoint-*")) if resume else []
     start = time.perf_counter()
     trainer.train(resume_from_checkpoint=str(checkpoints[-1]) if checkpoints else None)
