@@ -163,8 +163,10 @@ def test_llama_head_counts_that_do_not_divide_the_hidden_size_name_the_nearest_v
     """stories260K: 8 heads in 4 KV groups over a hidden size of 64; keeping 3 groups (6 heads) is refused by
     transformers' Llama config, and the error names the nearest setting that loads."""
     flags = ["--model", str(STORIES_260K), "--method", "wanda", "--dataset", str(C4_SAMPLE), "--seq-len", "32"]
-    assert run_main(*flags, "--num-samples", "4", "--structure", "attention=0.25") == 1
+    assert run_main(*flags, "--num-samples", "4", "--structure", "attention=0.25") == 2  # before loading
     assert "Nearest valid setting: attention=0.500 (keeps 2 of 4 KV groups)" in capsys.readouterr().err
+    assert run_main(*flags, "--structure", "experts=0.5") == 2
+    assert "argument --structure: structure experts= drops routed experts, but" in capsys.readouterr().err
 
 
 def test_cli_structure(tmp_path, capsys):

@@ -119,6 +119,8 @@ def check(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Plan:
     if args.recover_eval_windows < 0:
         parser.error(f"argument --recover-eval-windows: must be 0 or more, got {args.recover_eval_windows}.")
     model_config = _check_model(args, parser)
+    if config.structure is not None:
+        _check_structure(config, model_config, args.trust_remote_code, parser)
     context = getattr(model_config, "max_position_embeddings", None)
     if args.eval_seq_len and context and args.eval_seq_len > context:
         parser.error(
@@ -205,6 +207,25 @@ def _check_model(args: argparse.Namespace, parser: argparse.ArgumentParser) -> P
     except (OSError, ValueError) as error:
         parser.error(f"argument --model: {error}")
     return model_config
+
+
+def _check_structure(
+    config: PruningConfig, model_config: PretrainedConfig, trust_remote_code: bool, parser: argparse.ArgumentParser
+) -> None:
+    """--structure against a meta-device model of --model's config: a structure the model cannot express is
+    refused before any weight is loaded."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    from ..core.layers import find_target_layers
+    from ..structured.plan import plan_structure
+
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(model_config, trust_remote_code=trust_remote_code)
+    try:
+        plan_structure(model, config.structure, find_target_layers(model, config.targets, config.ignore))
+    except ValueError as error:
+        parser.error(f"argument --structure: {error}")
 
 
 def _check_push(parser: argparse.ArgumentParser) -> None:
