@@ -207,10 +207,11 @@ def model_section(model: str, results: dict) -> list[str]:
                     f"{closed:.0%}",
                     f"{value['seconds']:.0f}",
                     f"{value['zeros']:,}",
+                    "; ".join(f"{tokens:,}: {ppl:.2f}" for tokens, ppl in value["curve"][1:-1]) or "-",
                 ]
             )
     for tokens, ppl in results.get("gradual", []):
-        rows.append(["gradual wanda 50%, distill, full", "-", f"{ppl:.2f}", f"{tokens:,}", "-", "-", "-"])
+        rows.append(["gradual wanda 50%, distill, full", "-", f"{ppl:.2f}", f"{tokens:,}", "-", "-", "-", "-"])
     lines = [
         f"### {model}",
         "",
@@ -219,7 +220,10 @@ def model_section(model: str, results: dict) -> list[str]:
         f"Perplexity on {results['eval']}, {settings['eval_windows']} windows of 256 tokens; dense "
         f"{results['dense']:.2f}.",
         "",
-        table(["model, training", "pruned", "recovered", "tokens", "gap closed", "train s", "zeros"], rows),
+        table(
+            ["model, training", "pruned", "recovered", "tokens", "gap closed", "train s", "zeros", "along the way"],
+            rows,
+        ),
         "",
         f"![perplexity against training tokens: {model}](recovery-{model}.png)",
     ]
