@@ -65,10 +65,24 @@ def evaluate_perplexity(
         windows = min(windows, max_windows)
     if windows == 0:
         raise ValueError(f"The evaluation text has {len(ids)} tokens, fewer than one window of {seq_len}.")
+    value = windows_perplexity(model, ids[: windows * seq_len].view(windows, seq_len), batch_size, device, bos_id)
+    return Perplexity(value, windows, seq_len, bos_id is not None)
+
+
+@torch.no_grad()
+def windows_perplexity(
+    model: nn.Module,
+    windows: torch.Tensor,
+    batch_size: int = 1,
+    device: str | torch.device | None = None,
+    bos_id: int | None = None,
+) -> float:
+    """``exp`` of the mean next-token negative log-likelihood over token ``windows`` ``(n, seq_len)``: every token
+    but the first of each window is predicted from the ones before it, or, with ``bos_id``, every token, the
+    first from that BOS token."""
     device = torch.device(device) if device is not None else next(model.parameters()).device
-    ids = ids[: windows * seq_len].view(windows, seq_len)
     total_nll, total_tokens = 0.0, 0
-    for batch in ids.split(batch_size):
+    for batch in windows.split(batch_size):
         batch = batch.to(device)
         if bos_id is None:  # every token but the first is predicted from the ones before it
             logits = model(input_ids=batch, use_cache=False).logits[:, :-1].float()
@@ -79,7 +93,7 @@ def evaluate_perplexity(
             targets = batch
         total_nll += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum").item()
         total_tokens += targets.numel()
-    return Perplexity(math.exp(total_nll / total_tokens), windows, seq_len, bos_id is not None)
+    return math.exp(total_nll / total_tokens)
 
 
 def perplexity(

@@ -29,6 +29,7 @@ from transformers import PreTrainedTokenizerBase, Trainer, TrainerCallback, Trai
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from ..calibration import calibration_ids, load_texts
+from ..evaluation.perplexity import windows_perplexity
 from .callback import SparsityCallback, check_masks_hold
 
 logger = logging.getLogger(__name__)
@@ -65,11 +66,11 @@ class RecoveryConfig:
     eval_windows: int = 8
 
     def __post_init__(self) -> None:
-        for name in ("max_steps", "batch_size", "seq_len", "lora_rank", "eval_windows"):
+        for name, least in (("max_steps", 1), ("batch_size", 1), ("seq_len", 1), ("lora_rank", 1), ("eval_windows", 0)):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < (name != "eval_windows"):
-                qualifier = "a non-negative" if name == "eval_windows" else "a positive"
-                raise ValueError(f"recovery {name} must be {qualifier} integer, got {value!r}.")
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                kind = "a positive" if least else "a non-negative"
+                raise ValueError(f"recovery {name} must be {kind} integer, got {value!r}.")
         if self.learning_rate is None:
             self.learning_rate = 2e-4 if self.lora else 2e-5
         if (
@@ -160,20 +161,14 @@ def training_windows(
     return ids[:needed], ids[needed:], name
 
 
-@torch.no_grad()
-def windows_perplexity(model: nn.Module, ids: torch.Tensor, batch_size: int) -> float:
-    """The perplexity of ``model`` on whole windows ``ids`` (every next token of every window)."""
+def held_out_perplexity(model: nn.Module, ids: torch.Tensor, batch_size: int) -> float:
+    """The perplexity of ``model`` on the held-out windows ``ids`` (BOS included where the tokenizer adds one,
+    as the calibration windows are), measured in eval mode."""
     was_training = model.training
     model.eval()
-    device = next(model.parameters()).device
-    total, count = 0.0, 0
-    for start in range(0, len(ids), batch_size):
-        batch = ids[start : start + batch_size].to(device)
-        logits = model(input_ids=batch, use_cache=False).logits[:, :-1].float()
-        total += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum").item()
-        count += batch[:, 1:].numel()
+    value = windows_perplexity(model, ids, batch_size)
     model.train(was_training)
-    return math.exp(total / count)
+    return value
 
 
 class _EvaluatePerplexity(TrainerCallback):
@@ -185,13 +180,13 @@ class _EvaluatePerplexity(TrainerCallback):
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         if len(self.ids) and state.global_step == 0:  # LoRA's adapters start at zero: the pruned model itself
-            record(state, 0, windows_perplexity(model, self.ids, self.batch_size))
+            record(state, 0, held_out_perplexity(model, self.ids, self.batch_size))
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         """Before a checkpoint is written (``should_save``), so that the checkpoint holds this point too."""
         final = state.global_step >= state.max_steps  # measured after training (after the merge, with LoRA)
         if len(self.ids) and control.should_save and not final and not hasattr(model, "peft_config"):
-            record(state, state.global_step, windows_perplexity(model, self.ids, self.batch_size))
+            record(state, state.global_step, held_out_perplexity(model, self.ids, self.batch_size))
 
 
 class _Progress(ProgressCallback):
@@ -212,9 +207,9 @@ class _Progress(ProgressCallback):
         self._show(state)
 
     def _show(self, state: Any) -> None:
-        points = [entry["eval_perplexity"] for entry in state.log_history if "eval_perplexity" in entry]
-        if points:
-            self.postfix["held-out ppl"] = f"{points[-1]:.2f}"
+        latest = next((entry for entry in reversed(state.log_history) if "eval_perplexity" in entry), None)
+        if latest is not None:
+            self.postfix["held-out ppl"] = f"{latest['eval_perplexity']:.2f}"
         if self.training_bar is not None:
             self.training_bar.set_postfix(self.postfix, refresh=False)
 
@@ -338,7 +333,7 @@ def recover(
     check_masks_hold(trained, callback.masks if callback is not None else masks)
     history = trainer.state.log_history
     if len(eval_ids):
-        record(trainer.state, trainer.state.global_step, windows_perplexity(trained, eval_ids, config.batch_size))
+        record(trainer.state, trainer.state.global_step, held_out_perplexity(trained, eval_ids, config.batch_size))
     losses = [(entry["step"], entry["loss"]) for entry in history if "loss" in entry]
     report = RecoveryReport(
         steps=trainer.state.global_step,

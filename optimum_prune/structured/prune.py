@@ -80,7 +80,7 @@ def prune_group(
     full, with_bias = _consumer_with_bias(group)
     total = gram.merged() if gram is not None else None
     producers = [(layer.matrix(), rows) for layer, rows in group.producers]
-    scores = method.unit_scores(group.consumer.matrix(), producers, group.columns, total)
+    scores = method.unit_scores(full[:, : group.consumer.in_features], producers, group.columns, total)
     if scores is None:  # second order: OBS chooses the units
         hessian = total.augmented(with_bias=with_bias)
         _, removed = obs_remove(full, hessian, group.columns, group.units, group.units - keep, dampening)
