@@ -263,8 +263,8 @@ class Pruner:
             return self._prune_blockwise(input_ids, output_dir, overwrite, resume, None)
         work = None
         if output_dir is not None:
-            folder = work_folder_path(output_dir, self.offload_folder)
-            work = WorkFolder(folder.with_name(folder.name + "-structure"), self._fingerprint(input_ids), resume)
+            folder = work_folder_path(output_dir, self.offload_folder, structure=True)
+            work = WorkFolder(folder, self._fingerprint(input_ids), resume)
         structured, engine = self._prune_structure(plan, input_ids, work)
         if self.config.sparsity:  # then unstructured sparsity on the smaller model
             self._prune_blockwise(input_ids, output_dir, overwrite, resume, structured.structure)

@@ -296,3 +296,25 @@ def test_a_structure_with_disk_offload_writes_the_in_memory_model(tmp_path):
         Pruner.from_pretrained(
             STORIES_260K, dataclasses.replace(config, sparsity=0.5), offload="disk", progress=False
         ).prune(C4_SAMPLE, output_dir=tmp_path / "both")
+
+
+def test_cli_resumes_an_interrupted_structure(tmp_path, capsys):
+    """Ctrl-C names the structured pass's work folder; the same command without --resume is refused before
+    loading (exit 2) and with --resume finishes."""
+    from optimum_prune.engine.structured import StructuredEngine
+
+    output = tmp_path / "small"
+    flags = ["--model", str(STORIES_260K), "--method", "wanda", "--dataset", str(C4_SAMPLE), "--seq-len", "32"]
+    flags += ["--num-samples", "4", "--structure", "mlp=0.25", "--output", str(output)]
+    with killed_at_block(StructuredEngine, "_prune_block_structure", 2):
+        assert run_main(*flags) == 130
+    assert f"finished blocks are kept in {output}.partial-structure: run the same command with --resume" in (
+        capsys.readouterr().err
+    )
+    assert run_main(*flags) == 2
+    assert f"{output}.partial-structure holds an unfinished run for this output: add --resume" in (
+        capsys.readouterr().err
+    )
+    assert run_main(*flags, "--resume") == 0
+    assert AutoModelForCausalLM.from_pretrained(output).config.intermediate_size == 128
+    assert not (tmp_path / "small.partial-structure").exists()

@@ -242,12 +242,12 @@ def _resume_hint(args: argparse.Namespace) -> str:
     """After Ctrl-C: how to continue a run whose finished blocks were kept."""
     if not streams_output(args):
         return ""
-    from ..engine.work_folder import work_folder_path
+    from ..engine.work_folder import work_folder_paths
 
-    folder = work_folder_path(args.output, args.offload_folder)
-    if not folder.is_dir():
+    folders = [str(folder) for folder in work_folder_paths(args.output, args.offload_folder) if folder.is_dir()]
+    if not folders:
         return ""
-    return f"; finished blocks are kept in {folder}: run the same command with --resume to continue"
+    return f"; finished blocks are kept in {' and '.join(folders)}: run the same command with --resume to continue"
 
 
 def streams_output(args: argparse.Namespace) -> bool:
@@ -283,19 +283,19 @@ def _check_outputs(args: argparse.Namespace, parser: argparse.ArgumentParser) ->
             "--save-masks and --recover-steps (a run with recovery training starts over)."
         )
     if args.output:
-        from ..engine.work_folder import STATE, work_folder_path
+        from ..engine.work_folder import STATE, work_folder_paths
         from ..export.files import check_writable
 
         try:
             check_writable(args.output, args.overwrite, inputs=(args.model,))
         except (OSError, ValueError) as error:
             parser.error(f"argument --output: {error}")
-        folder = work_folder_path(args.output, args.offload_folder)
-        if streams_output(args) and not args.resume and (folder / STATE).is_file():
-            parser.error(
-                f"argument --output: {folder} holds an unfinished run for this output: add --resume to continue "
-                "it, or delete that folder to start again."
-            )
+        for folder in work_folder_paths(args.output, args.offload_folder):
+            if streams_output(args) and not args.resume and (folder / STATE).is_file():
+                parser.error(
+                    f"argument --output: {folder} holds an unfinished run for this output: add --resume to "
+                    "continue it, or delete that folder to start again."
+                )
 
 
 def _parse_max_memory(spec: str | None, parser: argparse.ArgumentParser) -> dict[int | str, str] | None:

@@ -31,12 +31,20 @@ STATE = "state.json"
 ACTIVATIONS = "activations.safetensors"  # activations-RRRRR-of-WWWWW.safetensors per rank in a distributed run
 
 
-def work_folder_path(output_dir: str | os.PathLike, offload_folder: str | os.PathLike | None = None) -> Path:
-    """Where the run writing ``output_dir`` keeps its state until it completes: ``<output_dir>.partial``,
-    inside ``offload_folder`` when one is given."""
+def work_folder_path(
+    output_dir: str | os.PathLike, offload_folder: str | os.PathLike | None = None, structure: bool = False
+) -> Path:
+    """Where the run writing ``output_dir`` keeps its state until it completes: ``<output_dir>.partial``
+    (``<output_dir>.partial-structure`` for its structured pass), inside ``offload_folder`` when one is given."""
     output = Path(output_dir).absolute()
     parent = Path(offload_folder).absolute() if offload_folder is not None else output.parent
-    return parent / (output.name + ".partial")
+    return parent / (output.name + (".partial-structure" if structure else ".partial"))
+
+
+def work_folder_paths(output_dir: str | os.PathLike, offload_folder: str | os.PathLike | None = None) -> list[Path]:
+    """Every work folder a run writing ``output_dir`` may keep: its structured pass's, then its block-by-block
+    pass's."""
+    return [work_folder_path(output_dir, offload_folder, structure) for structure in (True, False)]
 
 
 def tensor_digest(tensor: torch.Tensor) -> str:
