@@ -540,7 +540,7 @@ class Pruner:
         MLP channels and KV groups masked along the same schedule and removed at the end. ``eval_windows``: as
         in `recover`."""
         from .core.masks import pack_mask
-        from .recovery.gradual import prune_gradually
+        from .recovery.gradual import check_gradual, prune_gradually
         from .recovery.gradual_structure import prune_structure_gradually
 
         if self.report is not None:
@@ -548,11 +548,7 @@ class Pruner:
         if self.disk is not None:
             raise ValueError("Training needs the model in memory: use offload='cpu'.")
         config = self.config
-        if config.structure is not None and config.sparsity:
-            raise ValueError(
-                "Gradual pruning reaches a structure or a sparsity, not both: prune the structure gradually, then "
-                "the saved smaller model."
-            )
+        check_gradual(config)
         plan = self._plan_structure()
         layers = find_target_layers(self.model, config.targets, config.ignore)
         recovery = RecoveryConfig(

@@ -210,6 +210,10 @@ def test_bad_recovery_input_is_refused(tmp_path):
             ["--recover-steps", "5", "--recover-lora", "--recover-schedule", "gradual"],
             "argument --recover-lora: gradual",
         ),
+        (
+            ["--recover-steps", "5", "--recover-schedule", "gradual", "--structure", "mlp=0.25", "--sparsity", "0.3"],
+            "argument --recover-schedule: Gradual pruning reaches a structure or a sparsity, not both",
+        ),
     ],
 )
 def test_cli_recovery_flags_are_checked_before_loading(flags, message, capsys):

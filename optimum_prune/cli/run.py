@@ -100,6 +100,13 @@ def check(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Plan:
         parser.error(f"argument {flag(given[0])}: it sets up recovery training; add --recover-steps N.")
     if args.recover_lora and args.recover_schedule == "gradual":
         parser.error("argument --recover-lora: gradual pruning trains every weight; drop it or use one-shot.")
+    if args.recover_schedule == "gradual":
+        from ..recovery.gradual import check_gradual
+
+        try:
+            check_gradual(config)
+        except ValueError as error:
+            parser.error(f"argument --recover-schedule: {error}")
     from ..engine.distributed import launched_by_torchrun
 
     if launched_by_torchrun():

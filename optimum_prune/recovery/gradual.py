@@ -76,6 +76,24 @@ class GradualPruningCallback(SparsityCallback):
         return lowest_mask(scores.masked_fill(mask, float("-inf")), count) if count else mask
 
 
+def check_gradual(config: PruningConfig) -> None:
+    """Refuse, before any work, what pruning while training cannot reach: an unstructured, uniform sparsity, or
+    a structure of MLP channels and KV groups, not both."""
+    structure = config.structure
+    if structure is not None and config.sparsity:
+        raise ValueError(
+            "Gradual pruning reaches a structure or a sparsity, not both: prune the structure gradually, then the "
+            "saved smaller model."
+        )
+    if structure is not None and (structure.layers or structure.experts):
+        raise ValueError(
+            "Gradual structured pruning removes MLP channels and KV groups; blocks and experts are removed "
+            "one-shot: prune them first (prune()), then recover()."
+        )
+    if structure is None and (config.nm_pattern is not None or config.allocation != "uniform"):
+        raise ValueError("Gradual pruning prunes to an unstructured, uniform sparsity: drop pattern and OWL.")
+
+
 def prune_gradually(
     model: nn.Module,
     tokenizer: PreTrainedTokenizerBase,
@@ -92,10 +110,6 @@ def prune_gradually(
     the first 75% of the steps (masks re-chosen every ``interval`` steps, default a tenth of those), the rest
     with the masks fixed; return the model, the masks by weight name, the report (measured) and the training
     report. ``training`` goes to `recover` (teacher, text column...)."""
-    if config.nm_pattern is not None or config.allocation != "uniform" or config.structure is not None:
-        raise ValueError(
-            "Gradual pruning prunes to an unstructured, uniform sparsity: drop pattern, OWL and structure."
-        )
     if any(layer.expert is not None for block in layers for layer in block):
         raise ValueError(
             "Gradual pruning chooses one mask per weight tensor, and fused mixture-of-experts parameters hold many "

@@ -116,12 +116,8 @@ def prune_structure_gradually(
 ) -> tuple[nn.Module, PruningReport, RecoveryReport]:
     """Train ``model`` while the MLP channels and KV groups of ``plan`` are masked along the cubic schedule over
     the first 75% of the steps (re-chosen every ``interval`` steps, default a tenth of those), then remove them;
-    return the smaller model, the report and the training report. ``training`` goes to `recover`."""
-    if plan.remove_blocks or set(plan.keep) - {"mlp", "attention"}:
-        raise ValueError(
-            "Gradual structured pruning removes MLP channels and KV groups; blocks and experts are removed "
-            "one-shot: prune them first (prune()), then recover()."
-        )
+    return the smaller model, the report and the training report (`recovery.gradual.check_gradual` has accepted
+    the plan's structure). ``training`` goes to `recover`."""
     parameters = sum(p.numel() for p in model.parameters())
     groups = [
         (group, plan.keep[kind])
