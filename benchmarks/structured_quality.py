@@ -173,6 +173,10 @@ def main(argv: list[str] | None = None) -> None:
             for method, compensate, _ in METHODS if "layers" not in structure else METHODS[:1]:
                 if args.rows in name:
                     work.append((name, structure, method, compensate))
+        if len(work) == 1:
+            parser.error(
+                f"--rows {args.rows!r} matches no row of {model}: {', '.join(name for name, _ in rows(model))}"
+            )
         for position, (name, structure, method, compensate) in enumerate(work):
             key = "dense" if not structure else f"{name} | {method} | {compensate}"
             path = results_file(model, args.samples, args.seq_len)
