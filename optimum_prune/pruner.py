@@ -480,6 +480,7 @@ class Pruner:
         (`RecoveryReport.eval_perplexity`)."""
         if self.report is None:
             raise RuntimeError("Nothing to recover: call prune() first.")
+        _check_resume(resume, work_dir)
         if Ranks.current().distributed:
             raise ValueError("Recovery training runs in one process: recover the saved model without torchrun.")
         if self.disk is not None:
@@ -532,13 +533,16 @@ class Pruner:
         text_column: str = "text",
         split: str = "train",
         eval_windows: int = 8,
+        resume: bool = False,
+        callbacks: Sequence[TrainerCallback] = (),
     ) -> PruningReport:
         """Prune gradually while training, instead of `prune` + `recover`: the sparsity of every target layer
         rises to ``config.sparsity`` along a cubic schedule over the first 75% of ``max_steps`` (masks re-chosen
         every ``interval`` steps from running ``|w * grad|`` saliency, default a tenth of those steps), then
         training goes on with the masks fixed. Unstructured, uniform sparsity; or, with ``config.structure``,
-        MLP channels and KV groups masked along the same schedule and removed at the end. ``eval_windows``: as
-        in `recover`."""
+        MLP channels and KV groups masked along the same schedule and removed at the end. Trainer checkpoints,
+        with the schedule's masks, go to ``work_dir`` (``resume=True`` continues from the last one);
+        ``eval_windows`` and ``callbacks``: as in `recover`."""
         from .core.masks import pack_mask
         from .recovery.gradual import check_gradual, prune_gradually
         from .recovery.gradual_structure import prune_structure_gradually
@@ -549,6 +553,7 @@ class Pruner:
             raise ValueError("Training needs the model in memory: use offload='cpu'.")
         config = self.config
         check_gradual(config)
+        _check_resume(resume, work_dir)
         plan = self._plan_structure()
         layers = find_target_layers(self.model, config.targets, config.ignore)
         recovery = RecoveryConfig(
@@ -558,7 +563,7 @@ class Pruner:
         work = Path(work_dir) if work_dir is not None else Path(tempfile.mkdtemp(prefix="optimum-prune-gradual-"))
         training = {
             "interval": interval, "teacher": teacher, "teacher_name": self.source, "text_column": text_column,
-            "split": split, "progress": self.progress,
+            "split": split, "progress": self.progress, "resume": resume, "callbacks": callbacks,
         }  # fmt: skip
         if plan is not None:
             self.model, self.report, self.recovery = prune_structure_gradually(
@@ -665,3 +670,9 @@ class Pruner:
             card = self.model_card(repo_id, format=format, perplexity=perplexity, base_model=base_model, plot=plot)
             card.save(folder / "README.md")
             return push_folder(folder, repo_id, token=token, private=private, commit_message=message)
+
+
+def _check_resume(resume: bool, work_dir: str | os.PathLike | None) -> None:
+    """Training resumes from the checkpoints of a ``work_dir``: refuse ``resume=True`` without one."""
+    if resume and work_dir is None:
+        raise ValueError("resume=True continues from the checkpoints in work_dir: pass the work_dir= of the run.")

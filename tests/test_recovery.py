@@ -181,6 +181,8 @@ def test_bad_recovery_input_is_refused(tmp_path):
         RecoveryConfig(max_steps=0)
     with pytest.raises(ValueError, match="longer than the model's context of 512 tokens"):
         pruner.recover(TINYSTORIES_VAL, max_steps=2, seq_len=4096, work_dir=tmp_path)
+    with pytest.raises(ValueError, match="pass the work_dir= of the run"):
+        pruner.recover(TINYSTORIES_VAL, max_steps=2, resume=True)
     gpt2 = _pruned(architecture="gpt2")
     gpt2.tokenizer = pruner.tokenizer
     with pytest.raises(ValueError, match="LoRA needs nn.Linear target layers"):
@@ -330,3 +332,78 @@ def test_pruning_while_training_reaches_the_target_with_growing_masks(tmp_path):
         Pruner.from_pretrained(
             STORIES_260K, PruningConfig(method="wanda", pattern="2:4"), progress=False
         ).prune_while_training(TINYSTORIES_VAL, max_steps=2)
+
+
+class _KillAfterStep(TrainerCallback):
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            raise KeyboardInterrupt
+
+
+@pytest.mark.parametrize(
+    "recipe", [{"sparsity": 0.6}, {"structure": {"mlp": 0.25, "attention": 0.5}}], ids=["unstructured", "structured"]
+)
+def test_pruning_while_training_resumes_after_a_kill(recipe, tmp_path):
+    """Killed after its checkpoint at step 4 (saliency gathered since the masks grew at step 3) and resumed,
+    gradual pruning ends with the same weights as a run never stopped: the masks and saliency were saved."""
+
+    def run(work, callbacks=(), resume=False) -> dict:
+        config = PruningConfig(method="magnitude", **recipe)
+        pruner = Pruner.from_pretrained(STORIES_260K, config, device="cpu", progress=False)
+        pruner.prune_while_training(
+            TINYSTORIES_VAL, max_steps=8, interval=3, batch_size=2, seq_len=32, learning_rate=1e-3, distill=False,
+            eval_windows=0, work_dir=work, resume=resume, callbacks=callbacks,
+        )  # fmt: skip
+        return {name: p.detach().clone() for name, p in pruner.model.named_parameters()}
+
+    expected = run(tmp_path / "straight")
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "killed", callbacks=[_KillAfterStep(5)])
+    assert (tmp_path / "killed" / "checkpoint-4" / "gradual_state.safetensors").is_file()
+    resumed = run(tmp_path / "killed", resume=True)
+    assert resumed.keys() == expected.keys()
+    for name, value in expected.items():
+        torch.testing.assert_close(resumed[name], value, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="pass the work_dir= of the run"):
+        Pruner.from_pretrained(STORIES_260K, PruningConfig(method="magnitude", **recipe)).prune_while_training(
+            TINYSTORIES_VAL, max_steps=2, resume=True
+        )
+
+
+def test_cli_resumes_gradual_pruning(tmp_path, capsys, monkeypatch):
+    """Ctrl-C during gradual pruning names --resume; a rerun without it is refused (nothing is overwritten);
+    with it, the saved model equals that of a run never stopped."""
+    from safetensors.torch import load_file
+    from test_cli import run_main
+
+    import optimum_prune.recovery.train as train
+
+    def command(output):
+        return (
+            "--model", str(STORIES_260K), "--method", "magnitude", "--sparsity", "0.5", "--output", str(output),
+            "--recover-steps", "8", "--recover-schedule", "gradual", "--recover-dataset", str(TINYSTORIES_VAL),
+            "--recover-seq-len", "32", "--recover-batch-size", "2", "--recover-loss", "lm",
+            "--recover-eval-windows", "0",
+        )  # fmt: skip
+
+    assert run_main(*command(tmp_path / "straight")) == 0
+    original = train._RecoveryTrainer.__init__
+
+    def with_kill(self, *args, **kwargs):
+        original(self, *args, **{**kwargs, "callbacks": [*kwargs["callbacks"], _KillAfterStep(5)]})
+
+    monkeypatch.setattr(train._RecoveryTrainer, "__init__", with_kill)
+    assert run_main(*command(tmp_path / "out")) == 130
+    assert "training checkpoints are kept in" in capsys.readouterr().err
+    monkeypatch.setattr(train._RecoveryTrainer, "__init__", original)
+    assert run_main(*command(tmp_path / "out")) == 2
+    assert "holds the checkpoints of an unfinished training run: add --resume" in capsys.readouterr().err
+    assert run_main(*command(tmp_path / "out"), "--resume") == 0
+    expected = load_file(tmp_path / "straight" / "model.safetensors")
+    resumed = load_file(tmp_path / "out" / "model.safetensors")
+    assert resumed.keys() == expected.keys()
+    for name, value in expected.items():
+        torch.testing.assert_close(resumed[name], value, rtol=0, atol=0)

@@ -246,7 +246,12 @@ def _check_push(parser: argparse.ArgumentParser) -> None:
 
 
 def _resume_hint(args: argparse.Namespace) -> str:
-    """After Ctrl-C: how to continue a run whose finished blocks were kept."""
+    """After Ctrl-C: how to continue a run whose finished blocks (or gradual pruning's checkpoints) were kept."""
+    if _resumes_training(args) and _training_checkpoints(args):
+        return (
+            f"; training checkpoints are kept in {_training_work_dir(args)}: run the same command with --resume to "
+            "continue"
+        )
     if not streams_output(args):
         return ""
     from ..engine.work_folder import work_folder_paths
@@ -261,6 +266,21 @@ def streams_output(args: argparse.Namespace) -> bool:
     """Whether `Pruner.prune` writes --output itself, block by block and resumably (dense safetensors, and no
     recovery training changing the model afterwards)."""
     return bool(args.output) and "compressed" not in args.export and not args.save_masks and not args.recover_steps
+
+
+def _resumes_training(args: argparse.Namespace) -> bool:
+    """Whether --resume continues training: gradual pruning's (a one-shot run with recovery starts over)."""
+    return bool(args.output) and bool(args.recover_steps) and args.recover_schedule == "gradual"
+
+
+def _training_work_dir(args: argparse.Namespace) -> Path | None:
+    """Where recovery training keeps the pruned model and its checkpoints: beside --output."""
+    return Path(f"{args.output}.recover") if args.output and args.recover_steps else None
+
+
+def _training_checkpoints(args: argparse.Namespace) -> list[Path]:
+    folder = _training_work_dir(args)
+    return sorted(folder.glob("checkpoint-*")) if folder is not None and folder.is_dir() else []
 
 
 def _check_outputs(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
@@ -284,10 +304,17 @@ def _check_outputs(args: argparse.Namespace, parser: argparse.ArgumentParser) ->
                     f"argument {name}: needs the whole pruned model in memory, which --offload disk never holds: "
                     "use --offload cpu, or load the saved --output folder afterwards (optimum_prune.load_pruned)."
                 )
-    if args.resume and not streams_output(args):
+    if args.resume and not streams_output(args) and not _resumes_training(args):
         parser.error(
-            "argument --resume: resuming writes dense safetensors block by block; drop --export compressed, "
-            "--save-masks and --recover-steps (a run with recovery training starts over)."
+            "argument --resume: resuming writes dense safetensors block by block, or continues gradual pruning's "
+            "training; drop --export compressed, --save-masks and --recover-steps (one-shot pruning with recovery "
+            "training starts over)."
+        )
+    if _training_checkpoints(args) and not (args.resume and _resumes_training(args)):
+        parser.error(
+            f"argument --output: {_training_work_dir(args)} holds the checkpoints of an unfinished training run: "
+            + ("add --resume to continue it, or " if _resumes_training(args) else "")
+            + "delete that folder to start again."
         )
     if args.output:
         from ..engine.work_folder import STATE, work_folder_paths
@@ -471,7 +498,7 @@ def _training(args: argparse.Namespace) -> dict[str, Any]:
         "seq_len": args.recover_seq_len,
         "distill": args.recover_loss == "distill",
         "eval_windows": args.recover_eval_windows,
-        "work_dir": f"{args.output}.recover" if args.output else None,
+        "work_dir": _training_work_dir(args),
         "text_column": args.text_column,
         "split": args.dataset_split,
     }
@@ -480,7 +507,9 @@ def _training(args: argparse.Namespace) -> dict[str, Any]:
 def prune(args: argparse.Namespace, pruner: Pruner) -> PruningReport:
     """Prune one-shot (written block by block when `streams_output`), or gradually while training."""
     if args.recover_schedule == "gradual":
-        report = pruner.prune_while_training(args.recover_dataset or args.dataset, **_training(args))
+        report = pruner.prune_while_training(
+            args.recover_dataset or args.dataset, resume=args.resume, **_training(args)
+        )
         recovery = pruner.recovery
         print(f"pruned while training: {recovery.steps} steps, {recovery.tokens:,} tokens of {recovery.dataset}")
         return report

@@ -5,7 +5,8 @@ pruning-aware training): the sparsity of every target weight rises from 0 to the
 
 and every ``interval`` steps the masks grow to ``s_t`` by dropping, among the weights still kept, those of least
 running saliency ``|w * grad|`` (averaged since the last update). Masks only grow, and the weights they cover are
-held at zero exactly as `SparsityCallback` holds them.
+held at zero exactly as `SparsityCallback` holds them. The schedule's own state (masks, running saliency) goes
+into every Trainer checkpoint, so a run resumed from one grows the same masks as a run never stopped.
 """
 
 from __future__ import annotations
@@ -18,10 +19,12 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from ..core.layers import TargetLayer
 from ..core.masks import lowest_mask, prune_count
 from ..core.memory import peak_memory
+from ..core.safetensors import open_safetensors, write_safetensors
 from ..report import LayerReport, PruningReport
 from .callback import SparsityCallback
 from .train import RecoveryConfig, RecoveryReport, recover
@@ -36,7 +39,43 @@ def cubic_sparsity(step: int, end: int, final: float) -> float:
     return final * (1.0 - (1.0 - progress) ** 3)
 
 
-class GradualPruningCallback(SparsityCallback):
+STATE_FILE = "gradual_state.safetensors"  # in each checkpoint folder
+_SAMPLES = "samples"
+
+
+class GradualSchedule(SparsityCallback):
+    """What the gradual callbacks share: masks that grow during training, and a state (`schedule_state`) that
+    is written into every Trainer checkpoint and read back when training resumes from one."""
+
+    _samples: int  # optimizer steps of saliency gathered since the masks last grew
+
+    def schedule_state(self) -> dict[str, torch.Tensor]:
+        """The tensors a resumed run needs to continue the schedule exactly."""
+        raise NotImplementedError
+
+    def load_schedule_state(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Continue from `schedule_state`'s tensors (on the CPU)."""
+        raise NotImplementedError
+
+    def on_save(self, args, state, control, **kwargs) -> None:
+        tensors = {**self.schedule_state(), _SAMPLES: torch.tensor(self._samples)}
+        write_safetensors(_checkpoint(args, state) / STATE_FILE, {k: v.detach().cpu() for k, v in tensors.items()})
+
+    def on_train_begin(self, args, state, control, model: nn.Module | None = None, **kwargs) -> None:
+        if state.global_step:  # the Trainer resumed from the checkpoint of this step
+            with open_safetensors(_checkpoint(args, state) / STATE_FILE) as file:
+                tensors = {key: file.get_tensor(key) for key in file.keys()}  # noqa: SIM118 (not a dict)
+            self._samples = int(tensors.pop(_SAMPLES))
+            self.load_schedule_state(tensors)
+        super().on_train_begin(args, state, control, model=model, **kwargs)
+
+
+def _checkpoint(args: Any, state: Any) -> Path:
+    """The folder of the Trainer's checkpoint at the current step."""
+    return Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
+
+
+class GradualPruningCallback(GradualSchedule):
     """A `transformers.TrainerCallback` that prunes ``weights`` (``{name: parameter}``) gradually to the
     unstructured ``sparsity`` over ``end_step`` steps, re-choosing its masks every ``interval`` steps; `masks`
     holds them as they grow, ``True`` = pruned."""
@@ -68,6 +107,17 @@ class GradualPruningCallback(SparsityCallback):
         self._samples = 0
         self._keep = {name: (~mask).to(self.weights[name].dtype) for name, mask in self.masks.items()}
         self.enforce()
+
+    def schedule_state(self) -> dict[str, torch.Tensor]:
+        return {
+            **{f"mask.{name}": mask for name, mask in self.masks.items()},
+            **{f"saliency.{name}": saliency for name, saliency in self.saliency.items()},
+        }
+
+    def load_schedule_state(self, tensors: dict[str, torch.Tensor]) -> None:
+        for name, weight in self.weights.items():
+            self.masks[name] = tensors[f"mask.{name}"].to(weight.device)
+            self.saliency[name] = tensors[f"saliency.{name}"].to(weight.device)
 
     def _grow(self, mask: torch.Tensor, saliency: torch.Tensor, weight: torch.Tensor, target: float) -> torch.Tensor:
         """The mask at ``target``: the old one plus the least salient weights still kept."""

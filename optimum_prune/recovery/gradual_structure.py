@@ -22,8 +22,7 @@ from ..report import LayerReport, PruningReport
 from ..structured.groups import ChannelGroup
 from ..structured.plan import StructurePlan, apply_new_config, block_groups
 from ..structured.prune import shrink_group
-from .callback import SparsityCallback
-from .gradual import cubic_sparsity
+from .gradual import GradualSchedule, cubic_sparsity
 from .train import RecoveryConfig, RecoveryReport, recover
 
 
@@ -32,7 +31,7 @@ def _layers(group: ChannelGroup) -> list[tuple[TargetLayer, int, bool]]:
     return [(group.consumer, group.columns, True), *((layer, rows, False) for layer, rows in group.producers)]
 
 
-class GradualStructureCallback(SparsityCallback):
+class GradualStructureCallback(GradualSchedule):
     """A `transformers.TrainerCallback` that masks whole units of channel ``groups`` (``(group, units to keep)``)
     gradually over ``end_step`` steps, re-choosing every ``interval`` steps; units once masked stay masked."""
 
@@ -72,6 +71,18 @@ class GradualStructureCallback(SparsityCallback):
         self._samples = 0
         self._keep = {name: (~mask).to(self._parameters[name].dtype) for name, mask in self.masks.items()}
         self.enforce()
+
+    def schedule_state(self) -> dict[str, torch.Tensor]:
+        return {
+            **{f"removed.{index}": removed for index, removed in enumerate(self.removed)},
+            **{f"saliency.{index}": saliency for index, saliency in enumerate(self.saliency)},
+        }
+
+    def load_schedule_state(self, tensors: dict[str, torch.Tensor]) -> None:
+        for index, (group, _) in enumerate(self.groups):
+            self.removed[index] = tensors[f"removed.{index}"]
+            self.saliency[index] = tensors[f"saliency.{index}"]
+            self._mask_units(group, self.removed[index])
 
     def kept_units(self) -> list[list[int]]:
         """Each group's units still kept."""
