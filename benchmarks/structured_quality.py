@@ -110,6 +110,8 @@ def reading(model: str, results: dict) -> str:
         if ours and baseline:
             ratio = min(ours) / baseline["perplexity"]
             lines.append(f"{name}: {min(ours):.2f} against {baseline['perplexity']:.2f} ({ratio - 1:+.0%})")
+    if not lines:
+        return "No row has both a compensated result and Wanda-sp without compensation yet."
     return "Best compensated result against Wanda-sp without compensation: " + "; ".join(lines) + "."
 
 
