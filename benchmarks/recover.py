@@ -289,6 +289,7 @@ def main(argv: list[str] | None = None) -> None:
             with tempfile.TemporaryDirectory() as tmp:
                 train, _, _ = data(model, Path(tmp))
                 results["throughput"] = throughput(model, train, args)
+            results.setdefault("settings", {})["throughput_steps"] = args.throughput_steps  # what the line says
         else:
             results = run(model, args, results)
         path.write_text(json.dumps(results, indent=1))
