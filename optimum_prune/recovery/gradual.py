@@ -12,6 +12,7 @@ into every Trainer checkpoint, so a run resumed from one grows the same masks as
 from __future__ import annotations
 
 import time
+from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -43,19 +44,19 @@ STATE_FILE = "gradual_state.safetensors"  # in each checkpoint folder
 _SAMPLES = "samples"
 
 
-class GradualSchedule(SparsityCallback):
+class GradualSchedule(SparsityCallback, ABC):
     """What the gradual callbacks share: masks that grow during training, and a state (`schedule_state`) that
     is written into every Trainer checkpoint and read back when training resumes from one."""
 
     _samples: int  # optimizer steps of saliency gathered since the masks last grew
 
+    @abstractmethod
     def schedule_state(self) -> dict[str, torch.Tensor]:
         """The tensors a resumed run needs to continue the schedule exactly."""
-        raise NotImplementedError
 
+    @abstractmethod
     def load_schedule_state(self, tensors: dict[str, torch.Tensor]) -> None:
         """Continue from `schedule_state`'s tensors (on the CPU)."""
-        raise NotImplementedError
 
     def on_save(self, args, state, control, **kwargs) -> None:
         tensors = {**self.schedule_state(), _SAMPLES: torch.tensor(self._samples)}
