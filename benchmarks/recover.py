@@ -11,7 +11,8 @@ the ``recovery`` section of docs/benchmarks.md and a plot, ``docs/recovery-<mode
     OMP_NUM_THREADS=1 python benchmarks/recover.py --models stories260k --steps 100 --pruned "wanda 50%" \
         "sparsegpt 2:4" "structured MLP -25% (sparsegpt)"
     python benchmarks/recover.py --models smollm2-135m --steps 250 --lr 1e-4 --pruned "sparsegpt 50%" \
-        --training "distill, full" --no-gradual --no-throughput
+        "sparsegpt 2:4" --training "distill, full" --no-gradual --no-throughput
+    python benchmarks/recover.py --models smollm2-135m --steps 250 --lr 1e-4 --throughput-only --throughput-steps 30
 
 Rows accumulate in the results file (a rerun replaces the rows it runs; other settings start it afresh), so a
 slow model can be measured a few rows at a time.

@@ -574,6 +574,8 @@ class Pruner:
                 self.model, self.tokenizer, config, layers, dataset, recovery, work, **training
             )
             self.masks = {name.removesuffix(".weight"): pack_mask(mask) for name, mask in masks.items()}
+        if work.is_dir() and not any(work.iterdir()):
+            work.rmdir()  # it held only the checkpoints, removed once training finished
         self._record_metadata()
         return self.report
 

@@ -402,6 +402,7 @@ def test_cli_resumes_gradual_pruning(tmp_path, capsys, monkeypatch):
     assert run_main(*command(tmp_path / "out")) == 2
     assert "holds the checkpoints of an unfinished training run: add --resume" in capsys.readouterr().err
     assert run_main(*command(tmp_path / "out"), "--resume") == 0
+    assert not (tmp_path / "out.recover").exists()  # nothing left that the next run would meet
     expected = load_file(tmp_path / "straight" / "model.safetensors")
     resumed = load_file(tmp_path / "out" / "model.safetensors")
     assert resumed.keys() == expected.keys()
