@@ -64,7 +64,8 @@ SECTION_GRIDS = {  # the grids each section's command runs
     "quality-tiny": "issue2 owl sparsellm owl-sweep",
 }
 SPARSITIES = {"50%": (0.5, "unstructured"), "2:4": (0.5, "2:4"), "60%": (0.6, "unstructured")}
-SPARSITIES |= {"70%": (0.7, "unstructured"), "80%": (0.8, "unstructured")}
+SPARSITIES |= {"70%": (0.7, "unstructured"), "80%": (0.8, "unstructured"), "4:8": (0.5, "4:8")}
+REFIT = "+refit"  # a method name ending so (``wanda+refit``) prunes with ``refit=True``
 
 
 @dataclass(frozen=True)
@@ -84,7 +85,8 @@ class Row:
         return f"{self.method}|{self.sparsity}|{self.allocation}{owl}"
 
 
-GRIDS = ("issue2", "owl", "sparsellm", "owl-sweep", "owl-sweep-80")
+GRIDS = ("issue2", "owl", "sparsellm", "owl-sweep", "owl-sweep-80", "alps")
+ALPS_SPARSITIES = ("50%", "60%", "70%", "80%", "2:4", "4:8")
 
 
 def grid(name: str, model: str) -> list[Row]:
@@ -104,6 +106,10 @@ def grid(name: str, model: str) -> list[Row]:
     if name == "owl-sweep":
         settings = [(5.0, 0.08), (5.0, 0.2), (7.0, 0.08), (7.0, 0.2)]
         return [Row(model, m, "70%", "owl", om, ol) for m in ("wanda", "sparsegpt") for om, ol in settings]
+    if name == "alps":  # ALPS and refit against SparseGPT and Wanda; OWL with each at 70% and 80%
+        methods = ("sparsegpt", "alps", "wanda", "wanda" + REFIT)
+        rows = [Row(model, m, s) for s in ALPS_SPARSITIES for m in methods]
+        return rows + [Row(model, m, s, "owl") for s in ("70%", "80%") for m in methods]
     if name == "owl-sweep-80":  # smaller spreads where the default one loses to uniform (SmolLM2, Wanda 80%)
         return [Row(model, "wanda", "80%", "owl", om, ol) for om, ol in [(5.0, 0.02), (5.0, 0.04), (10.0, 0.08)]]
     raise ValueError(f"Unknown grid {name!r}: choose one of {', '.join(GRIDS)}.")
@@ -131,7 +137,8 @@ def run_row(row: Row, num_samples: int, seq_len: int, eval_windows: int) -> dict
     if row.method != "dense":
         sparsity, pattern = SPARSITIES[row.sparsity]
         config = PruningConfig(
-            method=row.method,
+            method=row.method.removesuffix(REFIT),
+            refit=row.method.endswith(REFIT),
             sparsity=sparsity,
             pattern=pattern,
             allocation=row.allocation,
@@ -390,7 +397,7 @@ def main(argv: list[str] | None = None) -> None:
         done = load_results(row.model, settings).get(row.key)
         if done and "error" not in done and not args.force:
             continue
-        if row.method != "dense" and row.method not in METHODS:
+        if row.method != "dense" and row.method.removesuffix(REFIT) not in METHODS:
             print(f"skip {row.model} {row.key}: method {row.method!r} is not implemented yet", flush=True)
             continue
         print(f"run {row.model} {row.key}", flush=True)

@@ -11,6 +11,7 @@ from typing import Any
 
 from .core.experts import EXPERT_CALIBRATIONS
 from .core.masks import NMPattern
+from .errors import InputError
 from .methods import MethodSettings, method_class
 from .structured.spec import Structure
 
@@ -63,6 +64,9 @@ class PruningConfig:
             routed tokens scaled by their gate weight, as MoE-Pruner); see `optimum_prune.core.experts`.
         min_expert_tokens: with ``"routed"``/``"weighted"``, an expert routed fewer calibration tokens than this
             is calibrated on every token (0: never).
+        refit: after each layer's mask is chosen, solve its kept weights for the least reconstruction error on
+            the calibration inputs (conjugate gradients on the fixed support, as ALPS does); the report gives
+            each layer's error before and after. Any method that prunes layers one by one (``alps`` always does).
     """
 
     method: str = "sparsegpt"
@@ -82,6 +86,7 @@ class PruningConfig:
     settings: MethodSettings | dict[str, Any] | None = None
     expert_calibration: str = "routed"
     min_expert_tokens: int = 64
+    refit: bool = False
 
     def __post_init__(self) -> None:
         self.method = str(self.method).lower()
@@ -96,11 +101,11 @@ class PruningConfig:
                 f"{type(self.settings).__name__}."
             )
         if self.allocation not in ALLOCATIONS:
-            raise ValueError(f"Unknown allocation {self.allocation!r}: choose one of {', '.join(ALLOCATIONS)}.")
+            raise InputError(f"Unknown allocation {self.allocation!r}: choose one of {', '.join(ALLOCATIONS)}.")
         for name in _FINITE_FIELDS:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-                raise ValueError(f"{name} must be a finite number, got {value!r}.")
+                raise InputError(f"{name} must be a finite number, got {value!r}.")
         nm = self.nm_pattern  # validates the pattern string
         if self.structure is not None:
             self.structure = Structure.from_value(self.structure)
@@ -110,35 +115,35 @@ class PruningConfig:
             raise TypeError(f"sparsity must be a number in [0, 1), got {self.sparsity!r}.")
         self.sparsity = float(self.sparsity)
         if not 0.0 <= self.sparsity < 1.0:
-            raise ValueError(
+            raise InputError(
                 f"sparsity must be in [0, 1), got {self.sparsity}: it is the fraction of weights set to zero "
                 "(0.5 prunes half of them)."
             )
         if nm is not None and abs(self.sparsity - nm.sparsity) > 1e-9:
-            raise ValueError(
+            raise InputError(
                 f"pattern {self.pattern!r} fixes the sparsity at {nm.sparsity:g}, but sparsity={self.sparsity:g} "
                 "was given: drop `sparsity` or use the unstructured pattern."
             )
         if self.allocation == "owl":
             if nm is not None:
-                raise ValueError(
+                raise InputError(
                     "allocation='owl' varies the sparsity per block, which an N:M pattern fixes: use "
                     "pattern='unstructured' with OWL, or allocation='uniform' with N:M."
                 )
             if not (0.0 <= self.owl_lambda <= self.sparsity and self.sparsity + self.owl_lambda < 1.0):
-                raise ValueError(
+                raise InputError(
                     f"owl_lambda={self.owl_lambda} must keep every block sparsity in [0, 1): use "
                     f"0 <= owl_lambda <= {self.sparsity:g} and owl_lambda < {1.0 - self.sparsity:g} "
                     f"for sparsity {self.sparsity:g}."
                 )
             if self.owl_m <= 0:
-                raise ValueError(f"owl_m must be positive, got {self.owl_m}.")
+                raise InputError(f"owl_m must be positive, got {self.owl_m}.")
         for name in ("num_samples", "seq_len", "batch_size"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+                raise InputError(f"{name} must be a positive integer, got {value!r}.")
         if self.expert_calibration not in EXPERT_CALIBRATIONS:
-            raise ValueError(
+            raise InputError(
                 f"Unknown expert_calibration {self.expert_calibration!r}: choose one of {', '.join(EXPERT_CALIBRATIONS)}."
             )
         if (
@@ -146,8 +151,15 @@ class PruningConfig:
             or not isinstance(self.min_expert_tokens, int)
             or self.min_expert_tokens < 0
         ):
-            raise ValueError(f"min_expert_tokens must be an integer >= 0, got {self.min_expert_tokens!r}.")
+            raise InputError(f"min_expert_tokens must be an integer >= 0, got {self.min_expert_tokens!r}.")
         self.settings.check(nm)
+        if not isinstance(self.refit, bool):
+            raise TypeError(f"refit must be True or False, got {self.refit!r}.")
+        if self.refit and method_class(self.method).joint:
+            raise InputError(
+                f"refit=True re-solves each layer's kept weights on its own, but method {self.method!r} prunes the "
+                "layers of a block jointly and fits them itself: drop refit, or choose a per-layer method."
+            )
         if isinstance(self.targets, str) or isinstance(self.ignore, str):
             raise TypeError("targets and ignore are lists of glob patterns, e.g. ['*.mlp.*'].")
         self.ignore = list(self.ignore)
@@ -162,7 +174,7 @@ class PruningConfig:
     @property
     def needs_calibration(self) -> bool:
         """Whether the run needs calibration data (all but uniform magnitude pruning do)."""
-        if method_class(self.method).needs_statistics or self.allocation != "uniform":
+        if method_class(self.method).needs_statistics or self.allocation != "uniform" or self.refit:
             return True
         structure = self.structure
         return structure is not None and (structure.compensate or structure.layers > 0 or structure.experts > 0)
@@ -183,7 +195,7 @@ class PruningConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
-            raise ValueError(f"Unknown PruningConfig fields {unknown}; known fields: {sorted(known)}.")
+            raise InputError(f"Unknown PruningConfig fields {unknown}; known fields: {sorted(known)}.")
         return cls(**data)
 
     def to_json_string(self) -> str:

@@ -71,6 +71,22 @@ class SparseLLMSettings(SparseGPTSettings):
                 raise ValueError(f"{name} must be positive (SparseLLM's penalty weight), got {getattr(self, name)!r}.")
 
 
+@dataclass
+class ALPSSettings(MethodSettings):
+    rho: float = field(default=0.1, metadata={"help": "initial ADMM penalty of the scaled problem"})
+    max_iterations: int = field(default=300, metadata={"help": "most ADMM iterations per layer"})
+    update_every: int = field(default=3, metadata={"help": "ADMM iterations between penalty updates"})
+    refit_iterations: int = field(
+        default=10, metadata={"help": "conjugate-gradient steps refining the kept weights (also --refit's)"}
+    )
+    dampening: float = field(default=0.01, metadata={"help": "added to the Hessian diagonal, times its mean"})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.rho > 0:
+            raise ValueError(f"rho must be positive (the ADMM penalty), got {self.rho!r}.")
+
+
 def all_settings_fields() -> dict[str, tuple[dataclasses.Field, list[str]]]:
     """Every settings field of every method, by name, with the settings classes that have it (a shared name
     such as ``dampening`` means the same thing in each): what the CLI turns into flags."""

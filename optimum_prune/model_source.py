@@ -22,6 +22,7 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_N
 
 from .core.safetensors import read_header
 from .engine.offload import DiskOffload, load_empty_model
+from .errors import InputError
 
 logger = logging.getLogger(__name__)
 
@@ -48,7 +49,7 @@ def check_causal_lm(config: PretrainedConfig, source: str) -> None:
         causal = config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and not config.is_encoder_decoder
     if not causal:
         kind = ", ".join(architectures) or config.model_type
-        raise ValueError(
+        raise InputError(
             f"{source} is a {kind} model, not a causal language model: optimum-prune prunes decoder-only models "
             "that AutoModelForCausalLM loads (Llama, Mistral, Qwen2, Gemma, Phi, OPT, GPT-NeoX, GPT-2...)."
         )
@@ -56,11 +57,26 @@ def check_causal_lm(config: PretrainedConfig, source: str) -> None:
 
 def check_causal_lm_module(model: nn.Module) -> None:
     """The same check for a model that is already loaded."""
+    check_no_adapters(model)
     name = type(model).__name__
     if not _is_causal_lm_class(name):
-        raise ValueError(
+        raise InputError(
             f"{name} is not a causal language model: load it with AutoModelForCausalLM.from_pretrained, which "
             "adds the language-model head that pruning and evaluation need."
+        )
+
+
+def check_no_adapters(model: nn.Module) -> None:
+    """Refuse a model carrying PEFT adapters: their matrices would be pruned as layers, and the base weights
+    under them are not what the model computes."""
+    adapters = [
+        name for name, module in model.named_modules() if hasattr(module, "lora_A") or hasattr(module, "base_layer")
+    ]
+    if hasattr(model, "peft_config") or adapters:
+        where = f" ({adapters[0]}, ...)" if adapters else ""
+        raise InputError(
+            f"The model carries PEFT adapters{where}: merge them into its weights first (model = "
+            "model.merge_and_unload()), or prune the base model and train adapters afterwards (recover(lora=True))."
         )
 
 
@@ -90,7 +106,7 @@ def load_model_config(
         config = AutoConfig.from_pretrained(text, **kwargs)
     except ValueError as error:
         if "trust_remote_code" in str(error):
-            raise ValueError(
+            raise InputError(
                 f"{text} needs its own code to load (a custom architecture): pass trust_remote_code=True "
                 "(--trust-remote-code) if you trust that repository."
             ) from error
@@ -165,7 +181,7 @@ def load_source(
     if offload != "disk":
         return _load_model(source, dtype, allow_unsafe_weights, hub, model_kwargs), tokenizer, None
     if model_kwargs:
-        raise ValueError(f"offload='disk' reads safetensors checkpoints only; drop {', '.join(model_kwargs)}.")
+        raise InputError(f"offload='disk' reads safetensors checkpoints only; drop {', '.join(model_kwargs)}.")
     model, disk = load_empty_model(local_snapshot(source, revision, token), dtype, trust_remote_code)
     return model, tokenizer, disk
 

@@ -28,6 +28,7 @@ from .engine.resources import MaxMemory, check_free_space, check_max_memory
 from .engine.streaming import write_streamed_weights
 from .engine.structured import StructuredEngine
 from .engine.work_folder import WorkFolder, tensor_digest, work_folder_path
+from .errors import InputError
 from .evaluation.harness import TaskScore, ZeroShotTasks, compare
 from .export import METADATA_KEY, atomic_directory, build_metadata
 from .export.compressed import check_format, save_compressed
@@ -35,8 +36,9 @@ from .export.files import check_writable, write_model_files
 from .export.masks import Masks, write_masks
 from .export.plots import PLOT_NAME, write_sparsity_plot
 from .methods import get_method
-from .model_source import check_causal_lm_module, load_source, load_teacher, load_tokenizer
+from .model_source import check_causal_lm_module, check_no_adapters, load_source, load_teacher, load_tokenizer
 from .recovery import RecoveryConfig, RecoveryReport, recover
+from .recovery.train import TrainingDiverged
 from .report import PruningReport
 from .structured.plan import StructurePlan, plan_structure
 
@@ -75,9 +77,9 @@ class Pruner:
         offload_activations: bool = False,
     ) -> None:
         if offload not in (None, *OFFLOAD_MODES):
-            raise ValueError(f"Unknown offload {offload!r}: choose None, {', '.join(map(repr, OFFLOAD_MODES))}.")
+            raise InputError(f"Unknown offload {offload!r}: choose None, {', '.join(map(repr, OFFLOAD_MODES))}.")
         if offload == "disk" and disk is None:
-            raise ValueError(
+            raise InputError(
                 "offload='disk' streams weights from a checkpoint: use Pruner.from_pretrained(path, offload='disk')."
             )
         if not isinstance(model, nn.Module) or not hasattr(model, "config"):
@@ -85,6 +87,7 @@ class Pruner:
                 f"Pruner needs a loaded transformers model (a module with a `config`), got {type(model).__name__}: "
                 "load it with AutoModelForCausalLM.from_pretrained or pass its path."
             )
+        check_no_adapters(model)
         self.model = model
         self.config = config if config is not None else PruningConfig()
         self.tokenizer = tokenizer
@@ -94,7 +97,7 @@ class Pruner:
         self.offload_folder = Path(offload_folder) if offload_folder is not None else None
         self.max_memory = max_memory
         if offload_activations and activations_device not in (None, DISK):
-            raise ValueError(
+            raise InputError(
                 f"offload_activations=True keeps the calibration activations on disk; drop "
                 f"activations_device={activations_device!r} or offload_activations."
             )
@@ -150,7 +153,7 @@ class Pruner:
         }
         if isinstance(model_or_path, nn.Module):
             if offload == "disk":
-                raise ValueError("offload='disk' reads blocks from a checkpoint: pass its folder, not a loaded model.")
+                raise InputError("offload='disk' reads blocks from a checkpoint: pass its folder, not a loaded model.")
             check_causal_lm_module(model_or_path)
             return cls(model_or_path, config, load_tokenizer(tokenizer), device, progress=progress, **resources)
         source = os.fspath(model_or_path)
@@ -205,7 +208,7 @@ class Pruner:
         if not context or length <= context:
             return
         if isinstance(dataset, torch.Tensor):
-            raise ValueError(
+            raise InputError(
                 f"The calibration tensor's windows of {length} tokens are longer than the model's context of "
                 f"{context}: pass windows of at most {context} tokens."
             )
@@ -241,16 +244,16 @@ class Pruner:
         if self.report is not None:
             raise RuntimeError("This model is already pruned; create a new Pruner to prune again.")
         if self.disk is not None and output_dir is None:
-            raise ValueError("offload='disk' writes each pruned block straight to disk: pass output_dir= to prune().")
+            raise InputError("offload='disk' writes each pruned block straight to disk: pass output_dir= to prune().")
         if resume and output_dir is None:
-            raise ValueError("resume=True continues a run that writes to an output_dir: pass output_dir= too.")
+            raise InputError("resume=True continues a run that writes to an output_dir: pass output_dir= too.")
         if output_dir is not None:
             check_writable(output_dir, overwrite, inputs=self._inputs())
         plan = self._plan_structure()
         input_ids = None
         if self.config.needs_calibration:
             if dataset is None:
-                raise ValueError(
+                raise InputError(
                     f"Method {self.config.method!r} needs calibration data: pass a dataset, e.g. "
                     "pruner.prune('path/to/c4_sample.jsonl') or a list of strings."
                 )
@@ -275,6 +278,7 @@ class Pruner:
                 self._write_streamed(output_dir, overwrite, work, engine)
             elif output_dir is not None:
                 self.save_pretrained(output_dir, overwrite=overwrite)
+                self.output_dir = os.fspath(output_dir)
         if work is not None:
             work.remove()
         return self.report
@@ -310,7 +314,7 @@ class Pruner:
             engine = BlockwiseEngine(
                 self.model,
                 self.config,
-                get_method(self.config.method, self.config.settings),
+                get_method(self.config.method, self.config.settings, self.config.refit),
                 device=self.device,
                 activations_device=self.activations_device,
                 progress=self.progress,
@@ -329,6 +333,7 @@ class Pruner:
         if work is not None:
             if self.disk is None:
                 self.save_pretrained(output_dir, overwrite=overwrite)
+                self.output_dir = os.fspath(output_dir)
             elif ranks.main:
                 self._write_streamed(output_dir, overwrite, work, engine)
             ranks.barrier()
@@ -342,9 +347,9 @@ class Pruner:
         if self.config.structure is None:
             return None
         if Ranks.current().distributed:
-            raise ValueError("Structured pruning runs in one process: start it without torchrun.")
+            raise InputError("Structured pruning runs in one process: start it without torchrun.")
         if self.disk is not None and self.config.sparsity:
-            raise ValueError(
+            raise InputError(
                 "With offload='disk', a structure and unstructured sparsity are two runs (the second reads the "
                 "smaller blocks from the first's output): prune the structure, then the saved model with sparsity."
             )
@@ -381,6 +386,7 @@ class Pruner:
             "dtype": str(next(self.model.parameters()).dtype),
             "device": self.device.type,
             "calibration": tensor_digest(input_ids) if input_ids is not None else None,
+            "processes": Ranks.current().world,  # each rank keeps its own activations file
         }
 
     def _write_streamed(
@@ -474,7 +480,8 @@ class Pruner:
         exactly zero (see `optimum_prune.recovery`). ``dataset`` defaults to the calibration data; the loss is
         distillation from the dense model (``teacher``, default: loaded again from the source) unless
         ``distill=False``; ``lora=True`` trains LoRA adapters merged through the masks. The pruned model is saved
-        to ``work_dir/pruned`` before training starts, and Trainer checkpoints go to ``work_dir`` (``resume=True``
+        to ``work_dir/pruned`` before training starts (removed once training has finished; training that diverges
+        names it), and Trainer checkpoints go to ``work_dir`` (``resume=True``
         continues from the last one); ``callbacks`` are added to the Trainer's. The perplexity of
         ``eval_windows`` held-out windows of the training text is measured before, along the way and after
         (`RecoveryReport.eval_perplexity`)."""
@@ -482,17 +489,17 @@ class Pruner:
             raise RuntimeError("Nothing to recover: call prune() first.")
         _check_resume(resume, work_dir)
         if Ranks.current().distributed:
-            raise ValueError("Recovery training runs in one process: recover the saved model without torchrun.")
+            raise InputError("Recovery training runs in one process: recover the saved model without torchrun.")
         if self.disk is not None:
-            raise ValueError(
+            raise InputError(
                 f"offload='disk' left the pruned model only in {self.output_dir}: load it there (it fits in memory "
                 "to be trained) and use optimum_prune.recovery with its masks."
             )
         masks = Masks.from_pruner(self.model, self.masks) if self.masks else {}
         if not masks and self.report.structure is None:
-            raise ValueError("This model has no pruning masks to keep: prune it first (nothing was pruned).")
+            raise InputError("This model has no pruning masks to keep: prune it first (nothing was pruned).")
         if dataset is None and self._calibration_source is None:
-            raise ValueError("Recovery needs training text: pass a dataset (the calibration tokens were a tensor).")
+            raise InputError("Recovery needs training text: pass a dataset (the calibration tokens were a tensor).")
         source, column, source_split = (
             (dataset, text_column, split) if dataset is not None else self._calibration_source
         )
@@ -510,11 +517,17 @@ class Pruner:
             for block in find_target_layers(self.model, self.config.targets, self.config.ignore)
             for layer in block
         ]
-        self.model, self.recovery = recover(
-            self.model, self.tokenizer, masks, source, config, work, teacher=teacher, teacher_name=self.source,
-            target_layers=layers, text_column=column, split=source_split, resume=resume, progress=self.progress,
-            callbacks=callbacks,
-        )  # fmt: skip
+        try:
+            self.model, self.recovery = recover(
+                self.model, self.tokenizer, masks, source, config, work, teacher=teacher, teacher_name=self.source,
+                target_layers=layers, text_column=column, split=source_split, resume=resume, progress=self.progress,
+                callbacks=callbacks,
+            )  # fmt: skip
+        except TrainingDiverged as error:
+            raise TrainingDiverged(f"{error} The pruned model before training is kept in {work / 'pruned'}.") from None
+        shutil.rmtree(work / "pruned", ignore_errors=True)  # trained: the copy made in case training failed
+        if work_dir is None or not any(work.iterdir()):
+            shutil.rmtree(work, ignore_errors=True)
         self._record_metadata()
         return self.recovery
 
@@ -544,13 +557,20 @@ class Pruner:
         with the schedule's masks, go to ``work_dir`` (``resume=True`` continues from the last one);
         ``eval_windows`` and ``callbacks``: as in `recover`."""
         from .core.masks import pack_mask
-        from .recovery.gradual import check_gradual, prune_gradually
+        from .recovery.gradual import (
+            SCHEDULE_FILE,
+            check_gradual,
+            check_same_schedule,
+            prune_gradually,
+            record_schedule,
+            schedule_settings,
+        )
         from .recovery.gradual_structure import prune_structure_gradually
 
         if self.report is not None:
             raise RuntimeError("This model is already pruned; create a new Pruner to prune again.")
         if self.disk is not None:
-            raise ValueError("Training needs the model in memory: use offload='cpu'.")
+            raise InputError("Training needs the model in memory: use offload='cpu'.")
         config = self.config
         check_gradual(config)
         _check_resume(resume, work_dir)
@@ -559,8 +579,12 @@ class Pruner:
         recovery = RecoveryConfig(
             max_steps, learning_rate, batch_size, self._training_seq_len(seq_len), distill, eval_windows=eval_windows
         )
-        teacher = self._dense_teacher() if distill and teacher is None else teacher
         work = Path(work_dir) if work_dir is not None else Path(tempfile.mkdtemp(prefix="optimum-prune-gradual-"))
+        schedule = schedule_settings(config, max_steps, interval)
+        if resume:
+            check_same_schedule(work, schedule)
+        record_schedule(work, schedule)
+        teacher = self._dense_teacher() if distill and teacher is None else teacher
         training = {
             "interval": interval, "teacher": teacher, "teacher_name": self.source, "text_column": text_column,
             "split": split, "progress": self.progress, "resume": resume, "callbacks": callbacks,
@@ -574,6 +598,7 @@ class Pruner:
                 self.model, self.tokenizer, config, layers, dataset, recovery, work, **training
             )
             self.masks = {name.removesuffix(".weight"): pack_mask(mask) for name, mask in masks.items()}
+        (work / SCHEDULE_FILE).unlink(missing_ok=True)
         if work.is_dir() and not any(work.iterdir()):
             work.rmdir()  # it held only the checkpoints, removed once training finished
         self._record_metadata()
@@ -583,13 +608,13 @@ class Pruner:
         """``seq_len``, checked against the model's context; default: the calibration length, capped at it."""
         context = getattr(self.model.config, "max_position_embeddings", None) or self.config.seq_len
         if seq_len is not None and seq_len > context:
-            raise ValueError(f"Training seq_len={seq_len} is longer than the model's context of {context} tokens.")
+            raise InputError(f"Training seq_len={seq_len} is longer than the model's context of {context} tokens.")
         return seq_len or min(self.config.seq_len, context)
 
     def _dense_teacher(self) -> nn.Module:
         """The dense model, loaded again from the source, beside the student (same device and dtype)."""
         if self.source is None or not (os.path.isdir(self.source) or "/" in self.source):
-            raise ValueError("Distillation needs the dense model: pass teacher= (a loaded model), or distill=False.")
+            raise InputError("Distillation needs the dense model: pass teacher= (a loaded model), or distill=False.")
         return load_teacher(self.source, next(self.model.parameters()))
 
     def _record_metadata(self) -> None:
@@ -607,6 +632,10 @@ class Pruner:
         rows = compare(dense or [], tasks.evaluate(self.model, self.tokenizer, batch_size))
         self.report.zero_shot = {"harness": tasks.version, "limit": tasks.limit, "rows": rows}
         self._record_metadata()
+        if self.output_dir is not None and Ranks.current().main:  # the folder prune() wrote gets the scores too
+            with tempfile.TemporaryDirectory(dir=self.output_dir) as staging:
+                self.model.config.save_pretrained(staging)
+                os.replace(Path(staging) / "config.json", Path(self.output_dir) / "config.json")
         return rows
 
     def model_card(
@@ -652,7 +681,7 @@ class Pruner:
         model-index. Without ``token``, the saved one is used; with none at all, nothing is uploaded.
         """
         from .hub.model_card import check_perplexity
-        from .hub.push import check_can_push, push_folder
+        from .hub.push import check_can_push, kept_push_folder, push_folder
 
         if self.report is None:
             raise RuntimeError("Nothing to push yet: call prune() first.")
@@ -671,10 +700,20 @@ class Pruner:
             plot = PLOT_NAME if (folder / PLOT_NAME).is_file() else None
             card = self.model_card(repo_id, format=format, perplexity=perplexity, base_model=base_model, plot=plot)
             card.save(folder / "README.md")
-            return push_folder(folder, repo_id, token=token, private=private, commit_message=message)
+            try:
+                return push_folder(folder, repo_id, token=token, private=private, commit_message=message)
+            except Exception as error:  # whatever stopped the upload, the pruned model is not lost
+                kept = kept_push_folder(repo_id)
+                shutil.move(folder, kept)
+                cause = " ".join(str(error).split())[:300] or "no message"
+                raise RuntimeError(
+                    f"Pushing to {repo_id} failed ({type(error).__name__}: {cause}). The pruned model, its card and "
+                    f"config are kept in {kept}: push that folder again with `hf upload {repo_id} {kept} .` (or "
+                    "optimum_prune.hub.push_folder)."
+                ) from error
 
 
 def _check_resume(resume: bool, work_dir: str | os.PathLike | None) -> None:
     """Training resumes from the checkpoints of a ``work_dir``: refuse ``resume=True`` without one."""
     if resume and work_dir is None:
-        raise ValueError("resume=True continues from the checkpoints in work_dir: pass the work_dir= of the run.")
+        raise InputError("resume=True continues from the checkpoints in work_dir: pass the work_dir= of the run.")

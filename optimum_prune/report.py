@@ -15,10 +15,17 @@ class LayerReport:
     target_sparsity: float
     sparsity: float
     expert: int | None = None  # one expert's slice of a fused mixture-of-experts parameter
+    refit_error: tuple[float, float] | None = None  # refitted: relative reconstruction error before, after
 
     @property
     def numel(self) -> int:
         return self.shape[0] * self.shape[1]
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> LayerReport:
+        """The report `dataclasses.asdict` wrote to JSON (lists back to tuples)."""
+        error = data.get("refit_error")
+        return cls(**{**data, "shape": tuple(data["shape"]), "refit_error": tuple(error) if error else None})
 
 
 @dataclass
@@ -67,6 +74,14 @@ class PruningReport:
             rows.append((name, first.block, shape, first.target_sparsity, achieved))
         return rows
 
+    def _refit_errors(self) -> dict[str, str]:
+        """``"before -> after"`` relative reconstruction error of each refitted (non-expert) layer, by name."""
+        return {
+            layer.name: f"{layer.refit_error[0]:.4f} -> {layer.refit_error[1]:.4f}"
+            for layer in self.layers
+            if layer.refit_error is not None and layer.expert is None
+        }
+
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
         data["global_sparsity"] = self.global_sparsity
@@ -76,17 +91,29 @@ class PruningReport:
         """The per-layer table (the experts of a fused parameter on one line) followed by a summary line."""
         rows = self.rows()
         width = max([len("layer"), *(len(row[0]) for row in rows)])
-        lines = [f"{'layer':<{width}}  {'shape':>12}  {'target':>7}  {'achieved':>8}  {'block s':>8}"]
+        errors = self._refit_errors()
+        error_header = f"  {'refit error':>17}" if errors else ""
+        lines = [f"{'layer':<{width}}  {'shape':>12}  {'target':>7}  {'achieved':>8}  {'block s':>8}{error_header}"]
         for name, block, shape, target, achieved in rows:
             timed = block < len(self.block_seconds)  # gradual pruning has no per-block time
             seconds = f"{self.block_seconds[block]:.2f}" if timed else "-"
-            lines.append(f"{name:<{width}}  {shape:>12}  {target:>7.3f}  {achieved:>8.4f}  {seconds:>8}")
+            error = f"  {errors[name]:>17}" if name in errors else ("  " + " " * 17 if errors else "")
+            lines.append(f"{name:<{width}}  {shape:>12}  {target:>7.3f}  {achieved:>8.4f}  {seconds:>8}{error}")
         if self.structure is not None:
             lines.append(_structure_line(self.structure))
         lines.append(
             f"{self.method} {self.pattern} ({self.allocation}): global sparsity {self.global_sparsity:.4f} over "
             f"{len(self.layers)} layers, {self.total_seconds:.1f} s, peak memory {self.peak_memory_bytes / 2**30:.2f} GiB"
         )
+        refitted = [layer.refit_error for layer in self.layers if layer.refit_error is not None]
+        if refitted:
+            before, after = (sum(errors) / len(refitted) for errors in zip(*refitted, strict=True))
+            lines.append(
+                f"refit: {len(refitted)} of {len(self.layers)} layers, mean relative reconstruction error "
+                f"{before:.4f} -> {after:.4f} ({(after - before) / before:+.1%})"
+                if before
+                else "refit: no error to lower"
+            )
         if self.left_dense_parameters:
             lines.append(f"left dense inside the blocks (not target layers): {self.left_dense_parameters:,} parameters")
         if self.zero_shot:

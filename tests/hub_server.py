@@ -68,6 +68,8 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_GET(self) -> None:  # noqa: N802
         self.recorded.requests.append(("GET", self.path, self.headers.get("Authorization")))
+        if self.path.split("?")[0] == "/api/whoami-v2":
+            return self._reply(200, {"type": "user", "name": "someone", "auth": {"type": "access_token"}})
         self._reply(404, {"error": f"fake Hub does not serve GET {self.path}"})
 
 

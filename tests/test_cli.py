@@ -127,13 +127,22 @@ def test_existing_output_and_config_file_errors(tmp_path, capsys) -> None:
     assert (tmp_path / "kept.txt").read_text() == "do not overwrite"
 
 
-def test_runtime_failure_exits_1_with_one_line(tmp_path, capsys) -> None:
+def test_bad_input_found_after_loading_exits_2_and_a_failure_1_with_one_line(tmp_path, capsys, monkeypatch) -> None:
     short = tmp_path / "short.txt"
     short.write_text("Once upon a time.")  # readable, but fewer tokens than one calibration window
     flags = ("--model", str(STORIES_260K), "--method", "wanda", "--dataset", str(short), "--seq-len", "64")
+    assert run_main(*flags) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("optimum-prune: error: The calibration text has")
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("the device fell over")
+
+    monkeypatch.setattr("optimum_prune.engine.blockwise.BlockwiseEngine.run", fail)
+    flags = ("--model", str(STORIES_260K), "--method", "wanda", "--dataset", str(C4_SAMPLE), "--seq-len", "64")
     assert run_main(*flags) == 1
     err = capsys.readouterr().err.strip().splitlines()[-1]
-    assert err.startswith("optimum-prune: error: ValueError: The calibration text has") and "--verbose" in err
+    assert err.startswith("optimum-prune: error: RuntimeError: the device fell over") and "--verbose" in err
     assert run_main(*flags, "--verbose") == 1
     assert "Traceback (most recent call last)" in capsys.readouterr().err
 

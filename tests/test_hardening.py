@@ -122,7 +122,7 @@ def json_string(text: str) -> str:
 def test_failed_run_does_not_block_the_corrected_command(tmp_path, capsys):
     output = tmp_path / "out"
     flags = ["--model", str(STORIES_260K), "--method", "wanda", "--dataset", str(C4_SAMPLE), *SMALL]
-    assert run_main(*flags, "--pattern", "4:8", "--output", str(output)) == 1  # 172-wide down_proj
+    assert run_main(*flags, "--pattern", "4:8", "--output", str(output)) == 2  # 172-wide down_proj: bad input
     assert "multiple of 8" in capsys.readouterr().err
     assert not (tmp_path / "out.partial").exists()
     assert run_main(*flags, "--pattern", "2:4", "--output", str(output)) == 0
@@ -151,7 +151,7 @@ def test_unwritable_output_fails_before_loading(tmp_path, monkeypatch, capsys, e
 # 7. The dry run refuses what the real run refuses, and reads sizes in units that fit.
 def test_dry_run_checks_max_memory_and_the_checkpoint(tmp_path, capsys):
     flags = ["--method", "wanda", "--dry-run", "--offload", "disk"]
-    assert run_main("--model", str(STORIES_260K), *flags, "--max-memory", "cpu=1KB") == 1
+    assert run_main("--model", str(STORIES_260K), *flags, "--max-memory", "cpu=1KB") == 2
     assert "max_memory allows 1000 B on cpu, smaller than one decoder block" in capsys.readouterr().err
     truncated = tmp_path / "truncated"
     shutil.copytree(STORIES_260K, truncated)

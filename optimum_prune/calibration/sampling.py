@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from ..errors import InputError
 from .sources import load_texts
 
 
@@ -52,7 +53,7 @@ def calibration_ids(
         if len(stream) >= needed:
             break
     if len(stream) < max(length, 1):
-        raise ValueError(
+        raise InputError(
             f"The calibration text has {len(stream)} tokens, fewer than a window of seq_len={seq_len}: give more "
             "text or lower seq_len."
         )
@@ -86,9 +87,9 @@ def calibration_tokens(
     ``(num_samples, seq_len)`` integer tensor of token ids taken as it is."""
     if isinstance(dataset, torch.Tensor):
         if dataset.dim() != 2 or dataset.dtype not in (torch.int32, torch.int64):
-            raise ValueError("Token ids must be an integer tensor of shape (num_samples, seq_len).")
+            raise InputError("Token ids must be an integer tensor of shape (num_samples, seq_len).")
         return dataset.long(), "token ids"
     if tokenizer is None:
-        raise ValueError("Calibration text needs a tokenizer: pass tokenizer= to Pruner.from_pretrained (--tokenizer).")
+        raise InputError("Calibration text needs a tokenizer: pass tokenizer= to Pruner.from_pretrained (--tokenizer).")
     texts, name = load_texts(dataset, text_column=text_column, split=split)
     return calibration_ids(texts, tokenizer, num_samples, seq_len, seed), name

@@ -8,6 +8,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from ..errors import InputError
+
 LOCAL_FORMATS = (".txt", ".jsonl", ".json", ".parquet")
 
 
@@ -21,16 +23,16 @@ def _read_local(path: Path, text_column: str) -> list[str]:
     elif suffix == ".json":
         rows = json.loads(path.read_text(encoding="utf-8"))
         if not isinstance(rows, list):
-            raise ValueError(f"{path} must hold a JSON list of strings or of objects with a {text_column!r} field.")
+            raise InputError(f"{path} must hold a JSON list of strings or of objects with a {text_column!r} field.")
     elif suffix == ".parquet":
         import pyarrow.parquet as pq
 
         table = pq.read_table(path)
         if text_column not in table.column_names:
-            raise ValueError(f"{path} has no {text_column!r} column (columns: {table.column_names}).")
+            raise InputError(f"{path} has no {text_column!r} column (columns: {table.column_names}).")
         return [str(text) for text in table.column(text_column).to_pylist()]
     else:
-        raise ValueError(f"Unsupported text file {path}: use one of {', '.join(LOCAL_FORMATS)}.")
+        raise InputError(f"Unsupported text file {path}: use one of {', '.join(LOCAL_FORMATS)}.")
     texts = []
     for row in rows:
         if isinstance(row, str):
@@ -38,7 +40,7 @@ def _read_local(path: Path, text_column: str) -> list[str]:
         elif isinstance(row, dict) and text_column in row:
             texts.append(str(row[text_column]))
         else:
-            raise ValueError(
+            raise InputError(
                 f"{path}: a row has no {text_column!r} field; name the text field with text_column= "
                 "(--text-column for --dataset, --eval-text-column for --eval)."
             )
@@ -52,7 +54,7 @@ def _read_hub(name: str, split: str, text_column: str) -> list[str]:
     try:
         dataset = datasets.load_dataset(dataset_name, subset or None, split=split)
     except Exception as error:  # datasets raises many types for offline or missing datasets
-        raise ValueError(
+        raise InputError(
             f"Could not load the dataset {name!r} (split {split!r}) from the Hub: {error}. Pass a local "
             f"{'/'.join(LOCAL_FORMATS)} file or a list of strings instead."
         ) from error
@@ -61,7 +63,7 @@ def _read_hub(name: str, split: str, text_column: str) -> list[str]:
 
 def _column(dataset: Any, text_column: str, name: str) -> list[str]:
     if text_column not in dataset.column_names:
-        raise ValueError(f"Dataset {name} has no {text_column!r} column (columns: {dataset.column_names}).")
+        raise InputError(f"Dataset {name} has no {text_column!r} column (columns: {dataset.column_names}).")
     return [str(text) for text in dataset[text_column]]
 
 
@@ -77,7 +79,7 @@ def load_texts(source: Any, *, text_column: str = "text", split: str = "train") 
         if path.is_file():
             texts, name = _read_local(path, text_column), path.name
         elif path.is_dir():
-            raise ValueError(f"{path} is a folder: pass one {'/'.join(LOCAL_FORMATS)} file from it.")
+            raise InputError(f"{path} is a folder: pass one {'/'.join(LOCAL_FORMATS)} file from it.")
         elif path.suffix.lower() in LOCAL_FORMATS:
             raise FileNotFoundError(f"No file at {path}.")
         else:
@@ -93,5 +95,5 @@ def load_texts(source: Any, *, text_column: str = "text", split: str = "train") 
             "datasets.Dataset, a local .txt/.jsonl/.json/.parquet path or a Hub dataset name."
         )
     if not any(text.strip() for text in texts):
-        raise ValueError(f"{name!r} holds no text.")
+        raise InputError(f"{name!r} holds no text.")
     return texts, name

@@ -1,7 +1,8 @@
 """Run a parsed ``prune`` command: check the flags, prune, evaluate, print the summary, save.
 
-Exit codes: 0 success, 2 bad arguments (``parser.error`` naming the flag, before anything is loaded),
-1 runtime failure (one line; the traceback only with ``--verbose``).
+Exit codes: 0 success, 2 bad arguments (``parser.error`` naming the flag, before anything is loaded, or an
+`InputError` the library raised once it could see the model), 1 runtime failure (one line; the traceback only
+with ``--verbose``).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ..errors import InputError
 from ..method_settings import all_settings_fields
 from .arguments import CONFIG_FIELDS, flag
 
@@ -54,7 +56,7 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     plan = check(args, parser)
     from tqdm.contrib.logging import logging_redirect_tqdm
 
-    from ..engine.distributed import init_from_environment, launched_by_torchrun
+    from ..engine.distributed import Ranks, init_from_environment, launched_by_torchrun
 
     try:
         ranks = init_from_environment(args.device)
@@ -67,6 +69,10 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     except KeyboardInterrupt:
         print(f"{parser.prog}: interrupted{_resume_hint(args)}", file=sys.stderr)
         return 130
+    except (InputError, FileExistsError) as error:  # bad input found once loading began: as a bad flag
+        if Ranks.current().main:  # every rank refuses alike; one says so
+            print(f"{parser.prog}: error: {' '.join(str(error).split())}", file=sys.stderr)
+        return 2
     except Exception as error:
         if args.verbose:
             traceback.print_exc()
@@ -113,6 +119,12 @@ def check(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Plan:
         for name, given in (("recover_steps", args.recover_steps), ("structure", config.structure is not None)):
             if given:
                 parser.error(f"argument {flag(name)}: it runs in one process; start it without torchrun.")
+    if args.offload == "disk" and config.structure is not None and config.sparsity:
+        parser.error(
+            "argument --offload: with disk offload, a structure and unstructured sparsity are two runs (the second "
+            "reads the smaller blocks from the first's output): prune with --structure, then prune that --output "
+            "with --sparsity."
+        )
     if args.recover_steps and args.offload == "disk":
         parser.error("argument --recover-steps: training needs the model in memory; use --offload cpu.")
     if args.private and not args.push_to_hub:
@@ -137,6 +149,15 @@ def check(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Plan:
     _check_outputs(args, parser)
     if args.push_to_hub and not args.dry_run:
         _check_push(parser)
+    if args.resume:
+        _check_resume_matches(args, config, parser)
+    if args.resume and _resumes_training(args):
+        from ..recovery.gradual import check_same_schedule, schedule_settings
+
+        try:
+            check_same_schedule(_training_work_dir(args), schedule_settings(config, args.recover_steps, None))
+        except ValueError as error:
+            parser.error(f"argument --resume: {error}")
     plan = Plan(config, explicit, model_config, max_memory=_parse_max_memory(args.max_memory, parser))
     if args.dry_run:
         return plan
@@ -150,14 +171,86 @@ def check(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Plan:
         _read_texts(parser, "--dataset", args.dataset, args.text_column, args.dataset_split)
     if args.recover_steps and not (args.recover_dataset or args.dataset):
         parser.error("argument --recover-steps: recovery needs training text: add --recover-dataset (or --dataset).")
-    if args.recover_dataset:
-        _read_texts(parser, "--recover-dataset", args.recover_dataset, args.text_column, args.dataset_split)
+    if args.recover_steps:
+        _check_recovery(args, config, model_config, parser)
     if args.eval:
         plan.eval_texts, plan.eval_name = _read_texts(
             parser, "--eval", args.eval, args.eval_text_column, args.eval_split
         )
     plan.tasks = _check_tasks(args, parser)
     return plan
+
+
+def _check_recovery(
+    args: argparse.Namespace, config: PruningConfig, model_config: PretrainedConfig, parser: argparse.ArgumentParser
+) -> None:
+    """Every recovery setting, before the model is loaded and pruned: the numbers, the context, LoRA's layers,
+    and enough training text for the steps (tokenized with the model's tokenizer)."""
+    from ..recovery.train import RecoveryConfig, training_windows
+
+    context = getattr(model_config.get_text_config(), "max_position_embeddings", None)
+    seq_len = args.recover_seq_len or min(config.seq_len, context or config.seq_len)
+    if context and seq_len > context:
+        parser.error(f"argument --recover-seq-len: {seq_len} tokens is longer than the model's context of {context}.")
+    try:
+        recovery = RecoveryConfig(
+            args.recover_steps, args.recover_lr, args.recover_batch_size, seq_len,
+            lora=args.recover_lora, eval_windows=args.recover_eval_windows,
+        )  # fmt: skip
+    except ValueError as error:
+        flag_of = {
+            "learning_rate": "--recover-lr",
+            "seq_len": "--recover-seq-len",
+            "batch_size": "--recover-batch-size",
+        }
+        name = next((f for key, f in flag_of.items() if key in str(error)), "--recover-steps")
+        parser.error(f"argument {name}: {error}")
+    if args.recover_lora:
+        _check_lora_layers(config, model_config, args.trust_remote_code, parser)
+    tokenizer = _tokenizer_for_checks(args)
+    source = args.recover_dataset or args.dataset
+    if tokenizer is not None:
+        try:
+            training_windows(source, tokenizer, recovery, args.text_column, args.dataset_split)
+        except (OSError, ValueError, TypeError) as error:
+            parser.error(f"argument {'--recover-dataset' if args.recover_dataset else '--dataset'}: {error}")
+
+
+def _check_lora_layers(
+    config: PruningConfig, model_config: PretrainedConfig, trust_remote_code: bool, parser: argparse.ArgumentParser
+) -> None:
+    """--recover-lora trains adapters on linear layers: refused when a target is a fused expert or a Conv1D."""
+    from ..core.layers import LINEAR_TYPES, find_target_layers
+
+    model = _meta_model(model_config, trust_remote_code)
+    for block in find_target_layers(model, config.targets, config.ignore):
+        for layer in block:
+            if layer.expert is not None or not isinstance(layer.module, LINEAR_TYPES[:1]):
+                kind = "one expert of a fused experts parameter" if layer.expert is not None else "not an nn.Linear"
+                parser.error(
+                    f"argument --recover-lora: LoRA adapts nn.Linear layers, and {layer.name} is {kind}: recover "
+                    "without --recover-lora (full fine-tuning keeps the masks), or leave those layers out with --ignore."
+                )
+
+
+def _meta_model(model_config: PretrainedConfig, trust_remote_code: bool):
+    """A model of ``model_config`` on the meta device: its structure, no weights."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    with init_empty_weights():
+        return AutoModelForCausalLM.from_config(model_config, trust_remote_code=trust_remote_code)
+
+
+def _tokenizer_for_checks(args: argparse.Namespace):
+    """The tokenizer of --tokenizer or --model (small; loaded again with the model), or ``None`` when it cannot
+    be loaded here (the run says so once it loads the model)."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(args.tokenizer or args.model)
+    except (OSError, ValueError):
+        return None
 
 
 def _check_tasks(args: argparse.Namespace, parser: argparse.ArgumentParser) -> ZeroShotTasks | None:
@@ -221,14 +314,10 @@ def _check_structure(
 ) -> None:
     """--structure against a meta-device model of --model's config: a structure the model cannot express is
     refused before any weight is loaded."""
-    from accelerate import init_empty_weights
-    from transformers import AutoModelForCausalLM
-
     from ..core.layers import find_target_layers
     from ..structured.plan import plan_structure
 
-    with init_empty_weights():
-        model = AutoModelForCausalLM.from_config(model_config, trust_remote_code=trust_remote_code)
+    model = _meta_model(model_config, trust_remote_code)
     try:
         plan_structure(model, config.structure, find_target_layers(model, config.targets, config.ignore))
     except ValueError as error:
@@ -236,11 +325,11 @@ def _check_structure(
 
 
 def _check_push(parser: argparse.ArgumentParser) -> None:
-    """--push-to-hub needs a token and the Hub: known before the model is loaded and pruned."""
+    """--push-to-hub needs a token and a Hub that answers: known before the model is loaded and pruned."""
     from ..hub.push import check_can_push
 
     try:
-        check_can_push(None)
+        check_can_push(None, reach=True)
     except (ValueError, RuntimeError) as error:
         parser.error(f"argument --push-to-hub: {error}")
 
@@ -251,6 +340,12 @@ def _resume_hint(args: argparse.Namespace) -> str:
         return (
             f"; training checkpoints are kept in {_training_work_dir(args)}: run the same command with --resume to "
             "continue"
+        )
+    kept = _training_work_dir(args) / "pruned" if _training_work_dir(args) is not None else None
+    if kept is not None and kept.is_dir():
+        return (
+            f"; the pruned model (before training) is kept in {kept}: train it further from Python "
+            f"(optimum_prune.recovery), or delete {kept.parent} and run the command again to start over"
         )
     if not streams_output(args):
         return ""
@@ -330,6 +425,35 @@ def _check_outputs(args: argparse.Namespace, parser: argparse.ArgumentParser) ->
                     f"argument --output: {folder} holds an unfinished run for this output: add --resume to "
                     "continue it, or delete that folder to start again."
                 )
+
+
+def _check_resume_matches(args: argparse.Namespace, config: PruningConfig, parser: argparse.ArgumentParser) -> None:
+    """--resume of a work folder started with other settings or another number of processes: refused before
+    loading (the calibration text is compared once it is tokenized)."""
+    from ..engine.distributed import world_size
+    from ..engine.work_folder import FINGERPRINT, STATE, work_folder_paths
+
+    for folder in work_folder_paths(args.output, args.offload_folder):
+        if not (folder / STATE).is_file() or not (folder / FINGERPRINT).is_file():
+            continue
+        saved = json.loads((folder / FINGERPRINT).read_text(encoding="utf-8"))
+        ours = config.to_dict()
+        recorded = {"dataset", "num_samples", "seq_len"}  # set from the calibration data once it is read
+        changed = sorted(
+            key for key in {*ours, *saved.get("config", {})} - recorded if saved["config"].get(key) != ours.get(key)
+        )
+        if changed:
+            before = ", ".join(f"{key}={saved['config'].get(key)!r}" for key in changed)
+            parser.error(
+                f"argument --resume: {folder} was started with a different {', '.join(changed)} ({before}): run "
+                "the same command again, or delete that folder to start over."
+            )
+        processes = saved.get("processes", 1)
+        if processes != world_size():
+            parser.error(
+                f"argument --resume: {folder} was started by {processes} process(es), this run has {world_size()}: "
+                f"resume it with the same number (torchrun --nproc-per-node {processes}), or delete the folder."
+            )
 
 
 def _parse_max_memory(spec: str | None, parser: argparse.ArgumentParser) -> dict[int | str, str] | None:

@@ -36,6 +36,7 @@ from ..core.layers import (
 from ..core.masks import pack_mask
 from ..core.memory import map_large_allocations, peak_memory
 from ..core.statistics import InputNorms, LayerStatistic
+from ..errors import InputError
 from ..methods import BlockContext, PruningMethod
 from ..report import LayerReport, PruningReport
 from .activations import ActivationStore
@@ -203,13 +204,28 @@ class BlockwiseEngine:
             ", ".join(names[:6]) + (" ..." if len(names) > 6 else ""),
         )
 
+    def _warn_sparser_than_asked(self, state: Progress) -> None:
+        """Say so when the weights hold more zeros than asked: the model was sparse before (pruned already)."""
+        sparser = [layer for layer in state.layers if layer.sparsity > layer.target_sparsity + 0.005]
+        if sparser:
+            worst = max(sparser, key=lambda layer: layer.sparsity - layer.target_sparsity)
+            logger.warning(
+                "%d of %d layers hold more zeros than the %.1f%% asked (%s: %.1f%%): the model was already sparse "
+                "before this run (pruned before?); the report counts the zeros in the weights.",
+                len(sparser),
+                len(state.layers),
+                100 * worst.target_sparsity,
+                worst.name,
+                100 * worst.sparsity,
+            )
+
     def _check_pattern(self) -> None:
         pattern = self.config.nm_pattern
         if pattern is None:
             return
         for layer in (layer for block in self.layers for layer in block):
             if layer.in_features % pattern.m:
-                raise ValueError(
+                raise InputError(
                     f"Pattern {pattern} needs the input width of every target layer to be a multiple of "
                     f"{pattern.m}, but {layer.name} has {layer.in_features} inputs: add it to `ignore` or "
                     "choose another M."
@@ -238,7 +254,7 @@ class BlockwiseEngine:
         batches = None
         if self.config.needs_calibration:
             if input_ids is None:
-                raise ValueError(f"Method {self.config.method!r} needs calibration data: pass a dataset to prune().")
+                raise InputError(f"Method {self.config.method!r} needs calibration data: pass a dataset to prune().")
             with outside_blocks_loaded(self.model, self.blocks, self.disk):
                 batches = capture_block_inputs(
                     self.model,
@@ -265,6 +281,7 @@ class BlockwiseEngine:
         for index in bar:
             batches = self._prune_block(index, sparsities[index], batches, state)
             bar.set_postfix(sparsity=f"{sparsities[index]:.3f}")
+        self._warn_sparser_than_asked(state)
         return PruningReport(
             method=self.config.method,
             pattern=self.config.pattern,
@@ -293,18 +310,19 @@ class BlockwiseEngine:
                 else ({}, {})
             )
             pattern = self.config.nm_pattern
-            masks = self._prune(BlockContext(index, block, linear, statistics, sparsity, pattern))
+            errors: dict[str, tuple[float, float]] = {}
+            masks = self._prune(BlockContext(index, block, linear, statistics, sparsity, pattern, errors))
             del statistics
             routed = {name: self._routed_tokens(record) for name, record in routing.items()}
             state.expert_tokens.update(routed)
             expert_statistics = self._expert_statistics(layers, routing, routed, self.method.make_statistic)
             for experts, statistics in expert_statistics:
-                masks.update(self._prune(BlockContext(index, block, experts, statistics, sparsity, pattern)))
+                masks.update(self._prune(BlockContext(index, block, experts, statistics, sparsity, pattern, errors)))
                 del statistics  # one expert's statistics at a time
             del routing
             if self.method.needs_statistics and index + 1 < len(self.blocks):
                 batches = self._propagate(block, batches)
-            packed = self._record_masks(index, sparsity, masks, state)
+            packed = self._record_masks(index, sparsity, masks, errors, state)
             if self.disk is None:  # a disk-offloaded run keeps them in its work folder only
                 self.masks.update(packed)
             state.block_seconds.append(time.perf_counter() - block_start)
@@ -340,6 +358,8 @@ class BlockwiseEngine:
             if not ours:
                 layer.write(weight)
                 masks[layer.name] = mask.bool()
+        for errors in self.ranks.gather(dict(context.errors)):  # refitted layers' errors, from their owners
+            context.errors.update(errors)
         return masks
 
     def _routed_tokens(self, record: RoutingRecord) -> list[int]:
@@ -349,15 +369,22 @@ class BlockwiseEngine:
         return [int(count) for count in counts.tolist()]
 
     def _record_masks(
-        self, index: int, sparsity: float, masks: dict[str, torch.Tensor], state: Progress
+        self,
+        index: int,
+        sparsity: float,
+        masks: dict[str, torch.Tensor],
+        errors: dict[str, tuple[float, float]],
+        state: Progress,
     ) -> dict[str, torch.Tensor]:
-        """Report block ``index``'s layers in ``state``; return their masks packed, by layer name."""
+        """Report block ``index``'s layers (with the errors of refitted ones) in ``state``; return their masks
+        packed, by layer name."""
         packed = {}
         for layer in self.layers[index]:
             mask = masks.pop(layer.name)
             packed[layer.name] = pack_mask(mask)
-            achieved = mask.sum().item() / mask.numel()
-            state.layers.append(LayerReport(layer.name, index, layer.shape, sparsity, achieved, layer.expert))
+            achieved = (layer.matrix() == 0).sum().item() / mask.numel()  # what the weights hold, zeros before too
+            error = errors.get(layer.name)
+            state.layers.append(LayerReport(layer.name, index, layer.shape, sparsity, achieved, layer.expert, error))
         return packed
 
     def _resume(self, state: Progress, batches: list[CalibrationBatch] | None) -> list[CalibrationBatch] | None:

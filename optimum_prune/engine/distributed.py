@@ -19,6 +19,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from ..errors import InputError
+
 TIMEOUT = timedelta(minutes=30)  # a collective that waits longer means a rank died or hangs
 
 
@@ -48,7 +50,7 @@ class Ranks:
     def shard(self, input_ids: torch.Tensor) -> torch.Tensor:
         """This rank's calibration samples: contiguous, as even as the count allows."""
         if self.world > input_ids.shape[0]:
-            raise ValueError(
+            raise InputError(
                 f"{self.world} ranks but only {input_ids.shape[0]} calibration samples: every rank needs at least one; "
                 f"use --num-samples {self.world} or more, or fewer processes."
             )
@@ -96,21 +98,26 @@ class Ranks:
         dist.all_gather_object(digests, digest)
         if len(set(digests)) > 1:
             groups = {d: [r for r, other in enumerate(digests) if other == d] for d in digests}
-            raise ValueError(
+            raise InputError(
                 f"The ranks disagree on {what}: ranks {' vs '.join(str(g) for g in groups.values())} differ. Every rank "
                 "must run the same command on the same model and data."
             )
 
 
+def world_size() -> int:
+    """How many processes ``torchrun`` started for this job (1 without torchrun)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def launched_by_torchrun() -> bool:
     """Whether ``torchrun`` started this process as one of several (``WORLD_SIZE`` > 1)."""
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+    return world_size() > 1
 
 
 def init_from_environment(device: str | None) -> Ranks:
     """Join the job ``torchrun`` describes in the environment (``WORLD_SIZE`` > 1): NCCL for CUDA devices, gloo
     otherwise; a single process stays one. Returns this process's `Ranks`."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    world = world_size()
     if not launched_by_torchrun() or (dist.is_available() and dist.is_initialized()):
         return Ranks.current()
     if not dist.is_available():

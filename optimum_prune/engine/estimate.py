@@ -21,6 +21,7 @@ from ..config import PruningConfig
 from ..core.layers import TargetLayer, find_decoder_blocks, find_target_layers, group_experts
 from ..core.memory import current_rss, format_bytes
 from ..core.safetensors import SafetensorsCheckpoint
+from ..errors import InputError
 from ..methods import PruningMethod, get_method
 from .activations import DISK
 from .offload import OFFLOAD_MODES, resolve_dtype
@@ -104,7 +105,7 @@ def estimate_run(
     checked together against `benchmarks/memory.py`.
     """
     if offload not in OFFLOAD_MODES:
-        raise ValueError(f"Unknown offload {offload!r}: choose one of {', '.join(OFFLOAD_MODES)}.")
+        raise InputError(f"Unknown offload {offload!r}: choose one of {', '.join(OFFLOAD_MODES)}.")
     device = torch.device(device)
     on_disk = activations_device == DISK  # memory-mapped files: neither device nor host memory
     storage = (
@@ -132,7 +133,7 @@ def estimate_run(
     batch_tokens = min(config.batch_size, config.num_samples) * config.seq_len if calibrated else 0
     forward = batch_tokens * (6 * hidden + 3 * widest) * 4 + 2 * batch_tokens * config.seq_len * heads * 4
 
-    method = get_method(config.method, config.settings)
+    method = get_method(config.method, config.settings, config.refit)
     statistics = max((_statistics_bytes(method, block) for block in layers if block), default=0) if calibrated else 0
     if config.structure is not None and calibrated:  # one consumer's Gram matrices while its group is pruned
         widest_input = max(layer.in_features for block in layers for layer in block)

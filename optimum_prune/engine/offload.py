@@ -14,6 +14,7 @@ from torch import nn
 from ..core.layers import is_fused_experts
 from ..core.memory import trim_heap
 from ..core.safetensors import FLOAT_DTYPES, SafetensorsCheckpoint
+from ..errors import InputError
 
 OFFLOAD_MODES = ("cpu", "disk")
 
@@ -60,7 +61,7 @@ class DiskOffload:
             if value.dtype.is_floating_point and tensor.dtype.is_floating_point:
                 value = value.to(tensor.dtype)
             if value.shape != tensor.shape:
-                raise ValueError(
+                raise InputError(
                     f"The checkpoint holds {name} with shape {tuple(value.shape)} but the model expects "
                     f"{tuple(tensor.shape)}: config.json does not match the weights."
                 )
@@ -73,7 +74,7 @@ class DiskOffload:
                     _assign(owner, attribute, assembled)
         empty = [name for name, _, _, tensor in _named_slots(module, prefix, recurse) if tensor.is_meta]
         if empty:
-            raise ValueError(
+            raise InputError(
                 f"The checkpoint has no weight for {empty[0]} ({len(empty)} missing under {prefix or 'the model'}): "
                 "offload='disk' reads tensors by the model's own names; re-save the checkpoint with "
                 "save_pretrained(), or use offload='cpu'."
@@ -145,7 +146,7 @@ def module_prefix(model: nn.Module, module: nn.Module) -> str:
     for name, candidate in model.named_modules():
         if candidate is module:
             return name
-    raise ValueError(f"{type(module).__name__} is not part of {type(model).__name__}.")
+    raise InputError(f"{type(module).__name__} is not part of {type(model).__name__}.")
 
 
 def resolve_dtype(
@@ -159,7 +160,7 @@ def resolve_dtype(
             return candidate
         name = str(candidate).removeprefix("torch.")
         if name not in FLOAT_DTYPES:
-            raise ValueError(f"Unknown dtype {candidate!r}: use one of {', '.join(FLOAT_DTYPES)} or 'auto'.")
+            raise InputError(f"Unknown dtype {candidate!r}: use one of {', '.join(FLOAT_DTYPES)} or 'auto'.")
         return FLOAT_DTYPES[name]
     return checkpoint.floating_dtype()
 

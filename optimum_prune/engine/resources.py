@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from ..core.memory import format_bytes
+from ..errors import InputError
 from .estimate import RunEstimate
 
 MaxMemory = dict[int | str, int | str]
@@ -35,14 +36,14 @@ def check_max_memory(max_memory: MaxMemory | None, estimate: RunEstimate, device
     device_key = "cpu" if device.type == "cpu" else f"cuda:{device.index or 0}"
     limit = limits.get(device_key)
     if limit is not None and limit < estimate.block_bytes:
-        raise ValueError(
+        raise InputError(
             f"max_memory allows {format_bytes(limit)} on {device_key}, smaller than one decoder block "
             f"({format_bytes(estimate.block_bytes)} of weights): the engine processes a whole block at once. Raise the "
             f"limit to at least {format_bytes(estimate.block_bytes + estimate.statistics_bytes)} (block + statistics)."
         )
     host = limits.get("cpu")
     if host is not None and offload == "cpu" and host < estimate.weights_bytes:
-        raise ValueError(
+        raise InputError(
             f"max_memory allows {format_bytes(host)} of host memory, but offload='cpu' keeps all "
             f"{format_bytes(estimate.weights_bytes)} of weights there: use offload='disk' to stream blocks from the checkpoint."
         )

@@ -23,6 +23,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from ..core.safetensors import write_safetensors
+from ..errors import InputError
 from ..report import LayerReport
 from .distributed import Ranks
 
@@ -108,7 +109,7 @@ class WorkFolder:
             saved = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
             if saved != fingerprint:
                 changed = sorted(key for key in {*saved, *fingerprint} if saved.get(key) != fingerprint.get(key))
-                raise ValueError(
+                raise InputError(
                     f"Cannot resume from {self.folder}: it was started with a different {', '.join(changed)}. "
                     "Run again with the same arguments, or delete the folder to start fresh."
                 )
@@ -131,7 +132,7 @@ class WorkFolder:
         if not path.is_file():
             return None
         data = json.loads(path.read_text(encoding="utf-8"))
-        layers = [LayerReport(**{**layer, "shape": tuple(layer["shape"])}) for layer in data["layers"]]
+        layers = [LayerReport.from_dict(layer) for layer in data["layers"]]
         return Progress(
             data["next_block"],
             data["sparsities"],

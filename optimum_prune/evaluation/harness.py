@@ -23,6 +23,8 @@ from typing import Any
 
 from torch import nn
 
+from ..errors import InputError
+
 logger = logging.getLogger(__name__)
 
 INSTALL = 'pip install "optimum-prune[eval]"'
@@ -63,7 +65,7 @@ def hellaswag_jsonl(path: str | os.PathLike, folder: Path) -> Path:
     with opener(path, "rt", encoding="utf-8") as file:
         lines = file.read().splitlines()
     if len(lines) % 6 or not all(lines[i + 1].strip().isdigit() for i in range(0, len(lines), 6)):
-        raise ValueError(f"{path} is not llama.cpp's HellaSwag text (6 lines per item: context, label, 4 endings).")
+        raise InputError(f"{path} is not llama.cpp's HellaSwag text (6 lines per item: context, label, 4 endings).")
     converted = folder / f"{path.name.split('.')[0]}.jsonl"
     with open(converted, "w", encoding="utf-8") as file:
         for start in range(0, len(lines), 6):
@@ -94,9 +96,9 @@ class ZeroShotTasks:
         from lm_eval.tasks import get_task_dict
 
         if not names:
-            raise ValueError("No task to evaluate: name at least one, e.g. hellaswag_local or arc_easy.")
+            raise InputError("No task to evaluate: name at least one, e.g. hellaswag_local or arc_easy.")
         if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
-            raise ValueError(f"limit must be a positive integer (items per task), got {limit!r}.")
+            raise InputError(f"limit must be a positive integer (items per task), got {limit!r}.")
         self.names, self.limit = list(names), limit
         self.version = getattr(lm_eval, "__version__", "unknown")
         self._folder = tempfile.TemporaryDirectory(prefix="optimum-prune-tasks-")
@@ -106,7 +108,7 @@ class ZeroShotTasks:
                 raise FileNotFoundError(f"No task folder at {folder}: include takes folders of lm-eval YAML tasks.")
         unknown_data = sorted(set(task_data or {}) - set(SHIPPED_TASKS))
         if unknown_data:
-            raise ValueError(
+            raise InputError(
                 f"task_data for {unknown_data}: only the shipped local tasks take a data file ({', '.join(SHIPPED_TASKS)})."
             )
         self.manager = _task_manager(tuple(dict.fromkeys([*paths, *map(os.fspath, include or [])])))
@@ -114,7 +116,7 @@ class ZeroShotTasks:
         for name in names:
             if name not in known:
                 close = difflib.get_close_matches(name, sorted(known), n=5)
-                raise ValueError(
+                raise InputError(
                     f"Unknown lm-eval task {name!r}; close matches: {', '.join(close) or 'none'}. {len(known)} tasks "
                     f"are available (list them with `lm-eval ls tasks`); shipped local tasks: {', '.join(SHIPPED_TASKS)}."
                 )
@@ -123,7 +125,7 @@ class ZeroShotTasks:
                 with _quiet():
                     get_task_dict([name], self.manager)
             except Exception as error:  # datasets raises many kinds (ConnectionError, DatasetNotFoundError, OSError)
-                raise ValueError(
+                raise InputError(
                     f"Task {name!r} cannot load its data ({type(error).__name__}: {error}). Offline, or without the "
                     "Hub, define it from local files (docs/evaluation.md): HellaSwag is shipped as hellaswag_local "
                     "(--eval-tasks hellaswag_local --eval-task-data hellaswag_local=FILE)."
@@ -132,7 +134,7 @@ class ZeroShotTasks:
     def _write_shipped(self, name: str, data: str | os.PathLike | None) -> str:
         """A shipped task's YAML, with its data file, in this object's folder; returns the folder."""
         if data is None:
-            raise ValueError(
+            raise InputError(
                 f"Task {name!r} reads a local file: pass task_data={{{name!r}: PATH}} (--eval-task-data {name}=PATH); "
                 f"its format is described in {SHIPPED_TASKS[name]}."
             )
@@ -150,7 +152,7 @@ class ZeroShotTasks:
         from lm_eval.models.huggingface import HFLM
 
         if any(parameter.is_meta for parameter in model.parameters()):
-            raise ValueError("The model's weights are not in memory (disk offload): evaluate the saved folder instead.")
+            raise InputError("The model's weights are not in memory (disk offload): evaluate the saved folder instead.")
         was_training = model.training
         model.eval()
         try:

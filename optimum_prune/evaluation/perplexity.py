@@ -12,6 +12,7 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from ..calibration import bos_token_id
+from ..errors import InputError
 
 
 @dataclass(frozen=True)
@@ -50,13 +51,13 @@ def evaluate_perplexity(
     """
     context = getattr(getattr(model, "config", None), "max_position_embeddings", None)
     if context is not None and seq_len > context:
-        raise ValueError(
+        raise InputError(
             f"seq_len={seq_len} is longer than the model's context of {context} tokens: its perplexity there "
             f"measures positions it was never trained on. Use seq_len <= {context}."
         )
     bos_id = bos_token_id(tokenizer) if bos is None else (tokenizer.bos_token_id if bos else None)
     if bos and bos_id is None:
-        raise ValueError("bos=True, but the tokenizer has no BOS token.")
+        raise InputError("bos=True, but the tokenizer has no BOS token.")
     if not isinstance(text, str):
         text = "\n\n".join(text)
     ids = tokenizer(text, return_tensors="pt", add_special_tokens=False, verbose=False).input_ids[0]
@@ -64,7 +65,7 @@ def evaluate_perplexity(
     if max_windows is not None:
         windows = min(windows, max_windows)
     if windows == 0:
-        raise ValueError(f"The evaluation text has {len(ids)} tokens, fewer than one window of {seq_len}.")
+        raise InputError(f"The evaluation text has {len(ids)} tokens, fewer than one window of {seq_len}.")
     value = windows_perplexity(model, ids[: windows * seq_len].view(windows, seq_len), batch_size, device, bos_id)
     return Perplexity(value, windows, seq_len, bos_id is not None)
 

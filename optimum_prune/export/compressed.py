@@ -28,6 +28,7 @@ from torch import nn
 
 from ..core.masks import NMPattern, pack_mask, unpack_mask
 from ..core.safetensors import DTYPES, INDEX_FILE, SINGLE_FILE, dtype_name, open_safetensors
+from ..errors import InputError
 from .files import atomic_directory, read_json, write_model_files
 from .masks import MASKS_NAME, Masks, read_masks
 from .metadata import read_metadata
@@ -44,7 +45,7 @@ SAVE_FORMATS = ("dense", "compressed")
 def check_format(format: str) -> str:
     """Validate a ``format=`` argument against our fixed table."""
     if format not in SAVE_FORMATS:
-        raise ValueError(f"Unknown format {format!r}: choose one of {', '.join(map(repr, SAVE_FORMATS))}.")
+        raise InputError(f"Unknown format {format!r}: choose one of {', '.join(map(repr, SAVE_FORMATS))}.")
     return format
 
 
@@ -102,11 +103,11 @@ def encode(
         entry.update(encoding="dense", crc32=checksum(tensor))
         return entry, {name: tensor}
     if tuple(mask.shape) != tuple(tensor.shape):
-        raise ValueError(f"The mask of {name} has shape {tuple(mask.shape)} but the weight {tuple(tensor.shape)}.")
+        raise InputError(f"The mask of {name} has shape {tuple(mask.shape)} but the weight {tuple(tensor.shape)}.")
     mask = mask.to("cpu", torch.bool)
     changed = int(torch.count_nonzero((tensor != 0) & mask))
     if changed:
-        raise ValueError(
+        raise InputError(
             f"{name} has {changed} nonzero weights where its mask says pruned (was it trained after pruning?): "
             "call optimum_prune.apply_masks(model, masks) first, or save with format='dense'."
         )
@@ -215,32 +216,32 @@ def read_index(directory: str | os.PathLike) -> dict[str, Any]:
         raise FileNotFoundError(f"{directory} is not a compressed optimum-prune model: it has no {INDEX_NAME}.")
     index = read_json(path)
     if not isinstance(index, dict) or index.get("format") != FORMAT_NAME:
-        raise ValueError(f"{path} does not describe the {FORMAT_NAME!r} format.")
+        raise InputError(f"{path} does not describe the {FORMAT_NAME!r} format.")
     if index.get("format_version") != FORMAT_VERSION:
-        raise ValueError(
+        raise InputError(
             f"{path} is format version {index.get('format_version')}; this optimum-prune reads version "
             f"{FORMAT_VERSION}: upgrade optimum-prune."
         )
     files, tensors = index.get("files"), index.get("tensors")
     if not isinstance(files, dict) or not isinstance(tensors, dict):
-        raise ValueError(f"{path} is damaged: it lacks its 'files' or 'tensors' table.")
+        raise InputError(f"{path} is damaged: it lacks its 'files' or 'tensors' table.")
     for name, entry in tensors.items():
         encoding = entry.get("encoding") if isinstance(entry, dict) else None
         if encoding not in _REQUIRED:
-            raise ValueError(f"{path}: tensor {name!r} has unknown encoding {encoding!r}.")
+            raise InputError(f"{path}: tensor {name!r} has unknown encoding {encoding!r}.")
         missing = [key for key in _REQUIRED[encoding] if key not in entry]
         if missing:
-            raise ValueError(f"{path}: tensor {name!r} lacks {missing} in the index.")
+            raise InputError(f"{path}: tensor {name!r} lacks {missing} in the index.")
         if encoding == "tied" and tensors.get(entry["target"], {}).get("encoding") in (None, "tied"):
-            raise ValueError(f"{path}: tensor {name!r} is tied to {entry['target']!r}, which is not stored.")
+            raise InputError(f"{path}: tensor {name!r} is tied to {entry['target']!r}, which is not stored.")
         if encoding != "tied" and (entry["shard"] not in files or entry["dtype"] not in DTYPES):
-            raise ValueError(f"{path}: tensor {name!r} names an unknown shard or dtype.")
+            raise InputError(f"{path}: tensor {name!r} names an unknown shard or dtype.")
     for file, size in files.items():
         shard = directory / file
         if Path(file).name != file or not shard.is_file():
             raise FileNotFoundError(f"{shard} is missing: the compressed model is incomplete, save it again.")
         if shard.stat().st_size != size:
-            raise ValueError(
+            raise InputError(
                 f"{shard} is {shard.stat().st_size} bytes but the index records {size}: it is truncated or was "
                 "replaced; save the model again."
             )
@@ -255,11 +256,11 @@ def _shards(directory: Path, index: dict[str, Any]) -> Iterator[tuple[_Decoder, 
         with open_safetensors(directory / file) as handle:
             present = set(handle.keys())
             if expected - present:
-                raise ValueError(
+                raise InputError(
                     f"{file} lacks tensors {sorted(expected - present)[:5]}: it is corrupted or truncated."
                 )
             if present - expected:
-                raise ValueError(f"{file} holds tensors {sorted(present - expected)[:5]} that its index does not list.")
+                raise InputError(f"{file} holds tensors {sorted(present - expected)[:5]} that its index does not list.")
             yield _Decoder(directory / file, handle), entries
 
 
@@ -335,7 +336,7 @@ def write_compressed(
     dense_size = 0
     for name, tensor in tensors:
         if tensor.device.type == "meta":
-            raise ValueError(f"{name} is on the meta device (offloaded): load the whole model before saving it.")
+            raise InputError(f"{name} is on the meta device (offloaded): load the whole model before saving it.")
         key = _storage_key(tensor)
         if key in stored:
             entries[name] = {"encoding": "tied", "target": stored[key]}
@@ -411,7 +412,7 @@ def compress(
     """
     source = Path(source)
     if is_compressed(source):
-        raise ValueError(f"{source} is already compressed.")
+        raise InputError(f"{source} is already compressed.")
     if not (source / MASKS_NAME).is_file():
         raise FileNotFoundError(
             f"{source} has no {MASKS_NAME}: compressing needs the masks, so save the model with save_masks=True."

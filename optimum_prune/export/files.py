@@ -11,6 +11,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ..errors import InputError
+
 if TYPE_CHECKING:
     from torch import nn
     from transformers import PreTrainedTokenizerBase
@@ -39,10 +41,10 @@ def check_writable(target: str | os.PathLike, overwrite: bool, inputs: tuple[str
         raise FileExistsError(f"{target} is a file: choose a folder path for the output.")
     resolved = target.resolve()
     if Path.cwd().resolve().is_relative_to(resolved):
-        raise ValueError(f"{target} is the current directory or holds it: choose a new folder for the output.")
+        raise InputError(f"{target} is the current directory or holds it: choose a new folder for the output.")
     for source in inputs:
         if Path(source).exists() and Path(source).resolve().is_relative_to(resolved):
-            raise ValueError(f"{target} would replace the input {source}: choose another folder for the output.")
+            raise InputError(f"{target} would replace the input {source}: choose another folder for the output.")
     existing = _nearest_existing(resolved)
     try:
         os.rmdir(tempfile.mkdtemp(prefix=".optimum-prune-write-test-", dir=existing))
@@ -82,7 +84,7 @@ def read_json(path: Path) -> Any:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise ValueError(f"{path} is not valid JSON ({error}): the file is corrupted.") from error
+        raise InputError(f"{path} is not valid JSON ({error}): the file is corrupted.") from error
 
 
 def write_model_files(

@@ -10,6 +10,7 @@ from typing import Any
 from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig, PreTrainedModel
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
+from ..errors import InputError
 from .compressed import INDEX_NAME, is_compressed, load_compressed_state_dict, read_compressed_masks
 from .masks import MASKS_NAME, Masks, read_masks
 from .metadata import read_metadata
@@ -47,7 +48,7 @@ def load_pruned(
     config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
     model_class = MODEL_FOR_CAUSAL_LM_MAPPING.get(type(config), None)
     if model_class is None:
-        raise ValueError(
+        raise InputError(
             f"{folder} holds a {type(config).__name__}, which is not a built-in transformers causal LM: write it "
             "back as dense safetensors with optimum_prune.decompress and load that with AutoModelForCausalLM."
         )

@@ -19,6 +19,7 @@ from torch import nn
 from ..core.layers import target_layer
 from ..core.masks import pack_mask, unpack_mask
 from ..core.safetensors import open_safetensors
+from ..errors import InputError
 
 MASKS_NAME = "sparsity_masks.safetensors"
 MASKS_FORMAT = "optimum-prune-masks"
@@ -34,13 +35,13 @@ class Masks(Mapping[str, torch.Tensor]):
 
     def __init__(self, packed: Mapping[str, torch.Tensor], shapes: Mapping[str, tuple[int, ...]]) -> None:
         if set(packed) != set(shapes):
-            raise ValueError(f"Masks and shapes name different weights: {sorted(set(packed) ^ set(shapes))}.")
+            raise InputError(f"Masks and shapes name different weights: {sorted(set(packed) ^ set(shapes))}.")
         self._packed = {name: bits.to("cpu", torch.uint8).reshape(-1) for name, bits in packed.items()}
         self._shapes = {name: tuple(int(size) for size in shape) for name, shape in shapes.items()}
         for name, bits in self._packed.items():
             numel = _numel(self._shapes[name])
             if bits.numel() != (numel + 7) // 8:
-                raise ValueError(
+                raise InputError(
                     f"The mask of {name} has {bits.numel()} bytes but shape {self._shapes[name]} needs "
                     f"{(numel + 7) // 8}: the masks are corrupted."
                 )
@@ -73,7 +74,7 @@ class Masks(Mapping[str, torch.Tensor]):
         for name, masks in experts.items():
             shape = tuple(model.get_parameter(name).shape)
             if sorted(masks) != list(range(shape[0])):
-                raise ValueError(f"{name} holds {shape[0]} experts but masks were kept for {len(masks)} of them.")
+                raise InputError(f"{name} holds {shape[0]} experts but masks were kept for {len(masks)} of them.")
             packed[name] = pack_mask(torch.stack([masks[expert] for expert in range(shape[0])]))
             shapes[name] = shape
         return cls(packed, shapes)
@@ -127,28 +128,28 @@ def read_masks(path: str | os.PathLike) -> Masks:
     with open_safetensors(path) as f:
         metadata = f.metadata() or {}
         if metadata.get("format") != MASKS_FORMAT:
-            raise ValueError(f"{path} is not an optimum-prune masks file (its header has no {MASKS_FORMAT!r}).")
+            raise InputError(f"{path} is not an optimum-prune masks file (its header has no {MASKS_FORMAT!r}).")
         if metadata.get("version") != str(MASKS_VERSION):
-            raise ValueError(
+            raise InputError(
                 f"{path} holds masks of format version {metadata.get('version')}; this optimum-prune reads "
                 f"version {MASKS_VERSION}: upgrade optimum-prune."
             )
         try:
             shapes = {name: tuple(shape) for name, shape in json.loads(metadata["shapes"]).items()}
         except (KeyError, ValueError, TypeError, AttributeError) as error:
-            raise ValueError(f"{path} is damaged: its header has no valid mask shapes ({error}).") from error
+            raise InputError(f"{path} is damaged: its header has no valid mask shapes ({error}).") from error
         if set(f.keys()) != set(shapes):
-            raise ValueError(
+            raise InputError(
                 f"{path} is damaged: masks {sorted(set(f.keys()) ^ set(shapes))} are missing or not in its header."
             )
         packed = {name: f.get_tensor(name) for name in shapes}
     for name, bits in packed.items():
         if bits.dtype != torch.uint8:
-            raise ValueError(f"{path} is damaged: the mask of {name} is {bits.dtype}, not packed uint8 bits.")
+            raise InputError(f"{path} is damaged: the mask of {name} is {bits.dtype}, not packed uint8 bits.")
     try:
         return Masks(packed, shapes)
     except ValueError as error:
-        raise ValueError(f"{path}: {error}") from error
+        raise InputError(f"{path}: {error}") from error
 
 
 @torch.no_grad()
@@ -166,7 +167,7 @@ def apply_masks(model: nn.Module, masks: Mapping[str, torch.Tensor]) -> int:
         weight = parameters[name]
         mask = masks[name]
         if tuple(mask.shape) != tuple(weight.shape):
-            raise ValueError(f"The mask of {name} has shape {tuple(mask.shape)} but the weight {tuple(weight.shape)}.")
+            raise InputError(f"The mask of {name} has shape {tuple(mask.shape)} but the weight {tuple(weight.shape)}.")
         mask = mask.to(weight.device)
         restored += int(torch.count_nonzero(weight[mask]))
         weight.masked_fill_(mask, 0)

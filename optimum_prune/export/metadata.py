@@ -13,6 +13,7 @@ from ..report import PruningReport
 
 if TYPE_CHECKING:
     from ..recovery import RecoveryReport
+from ..errors import InputError
 from .files import read_json
 
 METADATA_KEY = "optimum_prune"
@@ -37,6 +38,12 @@ def build_metadata(
         "global_sparsity": round(report.global_sparsity, 6),
         "block_sparsity": [round(s, 6) for s in report.block_sparsities],
         "layers": _layer_sparsities(report),
+        "refit_errors": {
+            layer.name: [round(error, 6) for error in layer.refit_error]
+            for layer in report.layers
+            if layer.refit_error is not None
+        }
+        or None,  # relative reconstruction error of each refitted layer, before and after the refit
         "calibration": {
             "dataset": config.dataset,
             "num_samples": config.num_samples,
@@ -80,7 +87,7 @@ def read_metadata(source: PretrainedConfig | dict[str, Any] | str | os.PathLike)
         return None
     missing = [key for key in REQUIRED_KEYS if key not in metadata] if isinstance(metadata, dict) else REQUIRED_KEYS
     if missing:
-        raise ValueError(
+        raise InputError(
             f"The {METADATA_KEY!r} entry of this model config is malformed (missing {list(missing)}): it was not "
             "written by optimum-prune or was edited by hand."
         )

@@ -26,6 +26,7 @@ from torch import nn
 from transformers import AutoTokenizer, DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
 from ..core.layers import is_fused_experts
+from ..errors import InputError
 from .files import atomic_directory, check_writable, write_model_files
 from .metadata import METADATA_KEY, read_metadata
 
@@ -115,16 +116,16 @@ def _quiet_exporter() -> Iterator[None]:
 def check_exportable(model: nn.Module) -> None:
     """Refuse a model whose weights are not all materialized on one device (accelerate offload, meta tensors)."""
     if any(hasattr(module, "_hf_hook") for module in model.modules()):
-        raise ValueError(
+        raise InputError(
             "The model carries accelerate offload hooks (it was loaded with device_map or offload): ONNX export "
             "needs every weight in memory. Reload it without device_map/offload, or move its weights to the CPU "
             "and call accelerate.hooks.remove_hook_from_module(model, recurse=True) first."
         )
     devices = {tensor.device for tensor in [*model.parameters(), *model.buffers()]}
     if any(device.type == "meta" for device in devices):
-        raise ValueError("The model has weights on the meta device (not loaded): load its weights before exporting.")
+        raise InputError("The model has weights on the meta device (not loaded): load its weights before exporting.")
     if len(devices) > 1:
-        raise ValueError(f"The model's weights are spread over {sorted(map(str, devices))}: move it to one device.")
+        raise InputError(f"The model's weights are spread over {sorted(map(str, devices))}: move it to one device.")
 
 
 def _cache_shapes(model: PreTrainedModel, input_ids: torch.Tensor) -> list[tuple[int, ...]]:

@@ -10,6 +10,7 @@ import torch
 from transformers.utils.hub import convert_file_size_to_int
 
 from ..core.safetensors import write_safetensors
+from ..errors import InputError
 
 
 def checksum(tensor: torch.Tensor) -> int:
@@ -23,9 +24,9 @@ def parse_shard_size(size: int | str) -> int:
     try:
         value = convert_file_size_to_int(size)
     except (ValueError, AttributeError) as error:
-        raise ValueError(f"max_shard_size={size!r} is not a size: use bytes or a string such as '5GB'.") from error
+        raise InputError(f"max_shard_size={size!r} is not a size: use bytes or a string such as '5GB'.") from error
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"max_shard_size must be positive, got {size!r}.")
+        raise InputError(f"max_shard_size must be positive, got {size!r}.")
     return value
 
 

@@ -8,6 +8,7 @@ from typing import Any
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from ..config import PruningConfig
+from ..errors import InputError
 from ..evaluation.harness import format_score
 from ..report import PruningReport
 
@@ -26,16 +27,16 @@ def check_perplexity(perplexity: dict[str, Any] | None) -> dict[str, Any] | None
     if perplexity is None:
         return None
     if not isinstance(perplexity, dict) or "dataset" not in perplexity or "after" not in perplexity:
-        raise ValueError(
+        raise InputError(
             'perplexity must be a dict like {"dataset": "wikitext2", "before": 12.3, "after": 14.1} '
             "(after: the pruned model's perplexity; before: the dense model's, optional)."
         )
     unknown = set(perplexity) - _PERPLEXITY_KEYS
     if unknown:
-        raise ValueError(f"Unknown perplexity keys {sorted(unknown)}: use {sorted(_PERPLEXITY_KEYS)}.")
+        raise InputError(f"Unknown perplexity keys {sorted(unknown)}: use {sorted(_PERPLEXITY_KEYS)}.")
     for key in ("before", "after"):
         if key in perplexity and not (isinstance(perplexity[key], int | float) and perplexity[key] > 0):
-            raise ValueError(f"perplexity[{key!r}] must be a positive number, got {perplexity[key]!r}.")
+            raise InputError(f"perplexity[{key!r}] must be a positive number, got {perplexity[key]!r}.")
     return perplexity
 
 

@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 from huggingface_hub import CommitInfo, HfApi, constants, get_token
+
+from ..errors import InputError
 
 
 def resolve_token(token: str | None) -> str:
     """``token``, else the locally saved one (``HF_TOKEN`` or ``hf auth login``); a clear error when there is none."""
     token = token if token is not None else get_token()
     if not token:
-        raise ValueError(
+        raise InputError(
             "Pushing to the Hub needs a write token: set HF_TOKEN or run `hf auth login` (or pass token=... in Python)."
         )
     return token
@@ -26,10 +29,32 @@ def push_folder(
     return api.upload_folder(repo_id=repo_id, folder_path=folder, commit_message=commit_message, repo_type="model")
 
 
-def check_can_push(token: str | None) -> str:
+def check_can_push(token: str | None, reach: bool = False) -> str:
     """The token to push with; a clear error, before anything is written or sent, when there is none or the
-    Hub is switched off (``HF_HUB_OFFLINE``)."""
+    Hub is switched off (``HF_HUB_OFFLINE``); with ``reach``, also when the Hub cannot be reached or refuses the
+    token (one ``whoami`` request: what a long run checks before it starts)."""
     token = resolve_token(token)
     if constants.is_offline_mode():
-        raise RuntimeError("HF_HUB_OFFLINE is set: unset it to push to the Hub.")
+        raise InputError("HF_HUB_OFFLINE is set: unset it to push to the Hub.")
+    if reach:
+        try:
+            HfApi(token=token).whoami()
+        except Exception as error:  # httpx's connection errors or the Hub's HTTP error: all mean "cannot push"
+            cause = " ".join(str(error).split())[:200] or type(error).__name__
+            raise InputError(
+                f"cannot use the Hub at {constants.ENDPOINT} ({type(error).__name__}: {cause}): check the network, "
+                "HF_ENDPOINT and the token, or save with --output now and push that folder later (`hf upload REPO "
+                "DIR`)."
+            ) from None
     return token
+
+
+def kept_push_folder(repo_id: str) -> Path:
+    """Where the folder of a push that failed is kept: a new folder named after the repository, in the
+    current directory."""
+    base = Path.cwd() / f"{repo_id.replace('/', '--')}.unpushed"
+    folder, number = base, 1
+    while folder.exists():
+        number += 1
+        folder = base.with_name(f"{base.name}-{number}")
+    return folder

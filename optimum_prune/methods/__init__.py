@@ -2,28 +2,38 @@
 
 from __future__ import annotations
 
+from ..errors import InputError
 from ..method_settings import MethodSettings
+from .alps import ALPSPruning
 from .base import BlockContext, PruningMethod
 from .magnitude import MagnitudePruning
+from .refit import Refitted
 from .sparsegpt import SparseGPTPruning
 from .sparsellm import SparseLLMPruning
 from .wanda import WandaPruning
 
 METHODS: dict[str, type[PruningMethod]] = {
-    method.name: method for method in (MagnitudePruning, WandaPruning, SparseGPTPruning, SparseLLMPruning)
+    method.name: method for method in (MagnitudePruning, WandaPruning, SparseGPTPruning, SparseLLMPruning, ALPSPruning)
 }
 
 
 def method_class(name: str) -> type[PruningMethod]:
     """The method called ``name``; a clear error listing the others."""
     if name not in METHODS:
-        raise ValueError(f"Unknown pruning method {name!r}: choose one of {', '.join(METHODS)}.")
+        raise InputError(f"Unknown pruning method {name!r}: choose one of {', '.join(METHODS)}.")
     return METHODS[name]
 
 
-def get_method(name: str, settings: MethodSettings | None = None) -> PruningMethod:
-    """An instance of the method called ``name``, with ``settings`` (default: the method's defaults)."""
-    return method_class(name)(settings)
+def get_method(name: str, settings: MethodSettings | None = None, refit: bool = False) -> PruningMethod:
+    """An instance of the method called ``name``, with ``settings`` (default: the method's defaults); with
+    ``refit`` (always for a method that `always_refits`), its kept weights refitted after each mask."""
+    method = method_class(name)(settings)
+    if not (refit or method.always_refits):
+        return method
+    options = {
+        key: getattr(method.settings, key) for key in ("dampening", "refit_iterations") if hasattr(method.settings, key)
+    }
+    return Refitted(method, **options)
 
 
 __all__ = ["METHODS", "BlockContext", "MethodSettings", "PruningMethod", "get_method", "method_class"]

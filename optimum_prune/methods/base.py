@@ -4,7 +4,7 @@ the table in ``methods/__init__.py``."""
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
@@ -13,6 +13,7 @@ from torch import nn
 from ..core.layers import TargetLayer
 from ..core.masks import NMPattern
 from ..core.statistics import InputGram, LayerStatistic
+from ..errors import InputError
 from ..method_settings import MethodSettings
 
 
@@ -26,6 +27,7 @@ class BlockContext:
     statistics: dict[str, LayerStatistic]
     sparsity: float
     pattern: NMPattern | None
+    errors: dict[str, tuple[float, float]] = field(default_factory=dict)  # refitted layers: error before, after
 
 
 class PruningMethod(ABC):
@@ -42,6 +44,7 @@ class PruningMethod(ABC):
     settings_class: ClassVar[type[MethodSettings]] = MethodSettings
     needs_statistics: ClassVar[bool] = True
     joint: ClassVar[bool] = False  # prune_block prunes layers together: a distributed run keeps a block on one rank
+    always_refits: ClassVar[bool] = False  # its kept weights are always refitted (`methods.refit.Refitted`)
 
     def __init__(self, settings: MethodSettings | None = None) -> None:
         self.settings = settings if settings is not None else self.settings_class()
@@ -64,7 +67,7 @@ class PruningMethod(ABC):
         """Structured pruning: one score per unit of a channel group (higher = keep), from the consumer's
         ``(out, in)`` weight (``columns`` per unit), the producers' weights (with their rows per unit) and the
         consumer's input Gram matrix; ``None`` removes units by Optimal Brain Surgeon instead."""
-        raise ValueError(f"Method {self.name!r} has no structured form: use magnitude, wanda or sparsegpt.")
+        raise InputError(f"Method {self.name!r} has no structured form: use magnitude, wanda or sparsegpt.")
 
     def block_costs(self, layers: list[list[TargetLayer]], tokens: int) -> tuple[int, float]:
         """Extra host bytes (at the busiest block) and FLOPs (over every block) of pruning layers jointly."""

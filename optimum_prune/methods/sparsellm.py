@@ -43,6 +43,7 @@ from ..core.statistics import (
     inverse_hessian_cholesky,
     mirror_upper,
 )
+from ..errors import InputError
 from ..method_settings import SparseLLMSettings
 from .base import BlockContext
 from .sparsegpt import SparseGPTPruning, sparsegpt_prune
@@ -157,7 +158,7 @@ def _container(block: nn.Module, layer: TargetLayer) -> nn.Module:
     for name, module in block.named_modules():
         if module is layer.module:
             return block.get_submodule(name.rpartition(".")[0])
-    raise ValueError(f"{layer.name} is not inside its decoder block.")
+    raise InputError(f"{layer.name} is not inside its decoder block.")
 
 
 def find_chain(context: BlockContext) -> FeedForwardChain | None:

@@ -15,6 +15,8 @@ import torch
 from torch import nn
 from transformers import TrainerCallback
 
+from ..errors import InputError
+
 
 def _parameters(model: nn.Module, masks: Mapping[str, torch.Tensor]) -> dict[str, nn.Parameter]:
     """The masked parameters of ``model`` by mask name; a wrapper's prefix (``module.``) is allowed."""
@@ -26,7 +28,7 @@ def _parameters(model: nn.Module, masks: Mapping[str, torch.Tensor]) -> dict[str
             raise KeyError(f"The model has no parameter {name} named by the masks: they belong to another model.")
         parameter = named[candidates[0]]
         if tuple(parameter.shape) != tuple(mask.shape):
-            raise ValueError(
+            raise InputError(
                 f"The mask of {name} has shape {tuple(mask.shape)} but the weight {tuple(parameter.shape)}."
             )
         found[name] = parameter
@@ -52,7 +54,7 @@ class SparsityCallback(TrainerCallback):
 
     def on_train_begin(self, args, state, control, model: nn.Module | None = None, **kwargs) -> None:
         if model is None:
-            raise ValueError("SparsityCallback needs the model: use it with a transformers Trainer.")
+            raise InputError("SparsityCallback needs the model: use it with a transformers Trainer.")
         self._remove_hooks()
         self._parameters = _parameters(model, self.masks)
         for name, parameter in self._parameters.items():

@@ -11,6 +11,7 @@ into every Trainer checkpoint, so a run resumed from one grows the same masks as
 
 from __future__ import annotations
 
+import json
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
@@ -26,6 +27,7 @@ from ..core.layers import TargetLayer
 from ..core.masks import lowest_mask, prune_count
 from ..core.memory import peak_memory
 from ..core.safetensors import open_safetensors, write_safetensors
+from ..errors import InputError
 from ..report import LayerReport, PruningReport
 from .callback import SparsityCallback
 from .train import RecoveryConfig, RecoveryReport, recover
@@ -132,17 +134,54 @@ def check_gradual(config: PruningConfig) -> None:
     a structure of MLP channels and KV groups, not both."""
     structure = config.structure
     if structure is not None and config.sparsity:
-        raise ValueError(
+        raise InputError(
             "Gradual pruning reaches a structure or a sparsity, not both: prune the structure gradually, then the "
             "saved smaller model."
         )
     if structure is not None and (structure.layers or structure.experts):
-        raise ValueError(
+        raise InputError(
             "Gradual structured pruning removes MLP channels and KV groups; blocks and experts are removed "
             "one-shot: prune them first (prune()), then recover()."
         )
     if structure is None and (config.nm_pattern is not None or config.allocation != "uniform"):
-        raise ValueError("Gradual pruning prunes to an unstructured, uniform sparsity: drop pattern and OWL.")
+        raise InputError("Gradual pruning prunes to an unstructured, uniform sparsity: drop pattern and OWL.")
+
+
+SCHEDULE_FILE = "schedule.json"  # in the work folder: what the schedule was started with
+
+
+def schedule_settings(config: PruningConfig, max_steps: int, interval: int | None) -> dict[str, Any]:
+    """What must stay the same for a gradual run to resume: where the schedule goes and how fast."""
+    return {
+        "sparsity": config.sparsity,
+        "structure": config.to_dict()["structure"],
+        "targets": config.targets,
+        "ignore": config.ignore,
+        "max_steps": max_steps,
+        "interval": interval,
+    }
+
+
+def check_same_schedule(work_dir: str | Path, settings: dict[str, Any]) -> None:
+    """Refuse to resume gradual pruning in ``work_dir`` with another schedule than the one it was started with
+    (the masks grown so far belong to that one)."""
+    path = Path(work_dir) / SCHEDULE_FILE
+    if path.is_file():
+        saved = json.loads(path.read_text(encoding="utf-8"))
+        changed = sorted(key for key in {*saved, *settings} if saved.get(key) != settings.get(key))
+        if changed:
+            before = ", ".join(f"{key}={saved.get(key)!r}" for key in changed)
+            now = ", ".join(f"{key}={settings.get(key)!r}" for key in changed)
+            raise InputError(
+                f"Cannot resume the gradual pruning in {work_dir}: it was started with {before}, this run asks for "
+                f"{now}. Run it with the settings it was started with, or delete {work_dir} to start over."
+            )
+
+
+def record_schedule(work_dir: str | Path, settings: dict[str, Any]) -> None:
+    """Keep the schedule's settings in ``work_dir``, for `check_same_schedule` when the run resumes."""
+    Path(work_dir).mkdir(parents=True, exist_ok=True)
+    (Path(work_dir) / SCHEDULE_FILE).write_text(json.dumps(settings, sort_keys=True), encoding="utf-8")
 
 
 def prune_gradually(
@@ -162,7 +201,7 @@ def prune_gradually(
     with the masks fixed; return the model, the masks by weight name, the report (measured) and the training
     report. ``training`` goes to `recover` (teacher, text column...)."""
     if any(layer.expert is not None for block in layers for layer in block):
-        raise ValueError(
+        raise InputError(
             "Gradual pruning chooses one mask per weight tensor, and fused mixture-of-experts parameters hold many "
             "experts: prune one-shot and then recover, or leave the experts out with ignore=['*.experts.*']."
         )

@@ -18,7 +18,7 @@ import shutil
 import time
 import warnings
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +29,7 @@ from transformers import PreTrainedTokenizerBase, Trainer, TrainerCallback, Trai
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from ..calibration import calibration_ids, load_texts
+from ..errors import InputError
 from ..evaluation.perplexity import windows_perplexity
 from .callback import SparsityCallback, check_masks_hold
 
@@ -43,8 +44,9 @@ class RecoveryConfig:
 
     Args:
         max_steps: optimizer steps.
-        learning_rate: peak learning rate (default 2e-5 for full fine-tuning, 2e-4 with LoRA), constant after a
-            10% warm-up.
+        learning_rate: peak learning rate, constant after a 10% warm-up; default `default_learning_rate` of the
+            model's size (1e-3 for a few million parameters, about 1e-4 at 135M, 1.2e-5 at 7B; ten times that with
+            LoRA, at most 2e-3).
         batch_size: sequences per step.
         seq_len: tokens per sequence.
         distill: KL divergence to the dense teacher's next-token distribution (the default); ``False``: the
@@ -66,18 +68,29 @@ class RecoveryConfig:
     eval_windows: int = 8
 
     def __post_init__(self) -> None:
-        for name, least in (("max_steps", 1), ("batch_size", 1), ("seq_len", 1), ("lora_rank", 1), ("eval_windows", 0)):
+        for name, least in (("max_steps", 1), ("batch_size", 1), ("seq_len", 2), ("lora_rank", 1), ("eval_windows", 0)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < least:
-                kind = "a positive" if least else "a non-negative"
-                raise ValueError(f"recovery {name} must be {kind} integer, got {value!r}.")
-        if self.learning_rate is None:
-            self.learning_rate = 2e-4 if self.lora else 2e-5
-        if (
+                kind = {0: "a non-negative integer", 1: "a positive integer"}.get(least, f"an integer >= {least}")
+                why = " (a token and the next one to predict)" if name == "seq_len" else ""
+                raise InputError(f"recovery {name} must be {kind}{why}, got {value!r}.")
+        if self.learning_rate is not None and (
             not (isinstance(self.learning_rate, (int, float)) and math.isfinite(self.learning_rate))
             or self.learning_rate <= 0
         ):
-            raise ValueError(f"recovery learning_rate must be a positive number, got {self.learning_rate!r}.")
+            raise InputError(f"recovery learning_rate must be a positive number, got {self.learning_rate!r}.")
+
+
+def default_learning_rate(parameters: int, lora: bool) -> float:
+    """The default peak learning rate for a model of ``parameters``: ``1e-3 * (parameters / 1e6) ** -0.5``, at most
+    1e-3 (ten times that with LoRA, at most 2e-3). Small models need and bear a far larger rate than the 2e-5 of
+    7B fine-tuning recipes: measured on the asset models and SmolLM2-135M in docs/benchmarks.md."""
+    rate = min(1e-3, 1e-3 * (parameters / 1e6) ** -0.5)
+    return min(2e-3, 10 * rate) if lora else rate
+
+
+class TrainingDiverged(RuntimeError):
+    """Recovery training left non-finite weights or losses."""
 
 
 @dataclass
@@ -90,6 +103,7 @@ class RecoveryReport:
     teacher: str | None
     lora: bool
     dataset: str
+    learning_rate: float
     first_loss: float | None
     final_loss: float | None
     seconds: float
@@ -153,7 +167,7 @@ def training_windows(
         try:
             ids = calibration_ids(texts, tokenizer, needed + config.eval_windows, config.seq_len, config.seed)
         except (UserWarning, ValueError) as problem:
-            raise ValueError(
+            raise InputError(
                 f"The recovery data {name!r} is too small for {config.max_steps} steps of {config.batch_size} x "
                 f"{config.seq_len} tokens and {config.eval_windows} evaluation windows ({problem}): lower the steps, "
                 "the batch size or seq_len, or give more text."
@@ -225,7 +239,7 @@ def _lora_targets(model: nn.Module, masks: Mapping[str, torch.Tensor], layers: l
     modules = dict(model.named_modules())
     missing = [name for name in names if not isinstance(modules.get(name), nn.Linear)]
     if missing:
-        raise ValueError(f"LoRA needs nn.Linear target layers; {missing[0]} is not one (GPT-2's Conv1D, say).")
+        raise InputError(f"LoRA needs nn.Linear target layers; {missing[0]} is not one (GPT-2's Conv1D, say).")
     return sorted(names)
 
 
@@ -290,8 +304,11 @@ def recover(
     pruning passes its `GradualPruningCallback`, whose masks grow during training); ``callbacks`` are added to
     the Trainer's (evaluation at some steps, say)."""
     ids, eval_ids, name = training_windows(dataset, tokenizer, config, text_column, split)
+    if config.learning_rate is None:
+        parameters = sum(parameter.numel() for parameter in model.parameters())
+        config = replace(config, learning_rate=default_learning_rate(parameters, config.lora))
     if config.distill and teacher is None:
-        raise ValueError("Distillation needs the dense teacher model: pass teacher=, or distill=False.")
+        raise InputError("Distillation needs the dense teacher model: pass teacher=, or distill=False.")
     student = model
     if config.lora:
         try:
@@ -330,11 +347,12 @@ def recover(
         shutil.rmtree(checkpoint, ignore_errors=True)
     trained = _merge_lora(student, masks) if config.lora else student
     trained.eval()
-    check_masks_hold(trained, callback.masks if callback is not None else masks)
     history = trainer.state.log_history
+    losses = [(entry["step"], entry["loss"]) for entry in history if "loss" in entry]
+    _check_finite(trained, losses, config.learning_rate)
+    check_masks_hold(trained, callback.masks if callback is not None else masks)
     if len(eval_ids):
         record(trainer.state, trainer.state.global_step, held_out_perplexity(trained, eval_ids, config.batch_size))
-    losses = [(entry["step"], entry["loss"]) for entry in history if "loss" in entry]
     report = RecoveryReport(
         steps=trainer.state.global_step,
         tokens=trainer.state.global_step * config.batch_size * config.seq_len,
@@ -342,10 +360,45 @@ def recover(
         teacher=teacher_name if config.distill else None,
         lora=config.lora,
         dataset=name,
+        learning_rate=config.learning_rate,
         first_loss=losses[0][1] if losses else None,
         final_loss=losses[-1][1] if losses else None,
         seconds=seconds,
         losses=losses,
         eval_perplexity=[(entry["step"], entry["eval_perplexity"]) for entry in history if "eval_perplexity" in entry],
     )
+    _warn_unless_improved(report)
     return trained, report
+
+
+def _check_finite(model: nn.Module, losses: list[tuple[int, float]], learning_rate: float) -> None:
+    """Refuse the result of training that diverged: non-finite weights (or losses), with the step and the fix."""
+    bad = next(((step, loss) for step, loss in losses if not math.isfinite(loss)), None)
+    broken = [name for name, parameter in model.named_parameters() if not torch.isfinite(parameter).all()]
+    if broken or bad:
+        where = f"the loss was {bad[1]} at step {bad[0]}" if bad else f"{len(broken)} weights hold NaN or inf"
+        raise TrainingDiverged(
+            f"Recovery training diverged ({where}) at learning rate {learning_rate:g}: lower it, e.g. "
+            f"--recover-lr {learning_rate / 10:g} (learning_rate={learning_rate / 10:g})."
+        )
+
+
+def _warn_unless_improved(report: RecoveryReport) -> None:
+    """Say so when the held-out perplexity did not fall: training that did not help, or hurt."""
+    if len(report.eval_perplexity) < 2:
+        return
+    (_, before), (_, after) = report.eval_perplexity[0], report.eval_perplexity[-1]
+    if after >= before:
+        advice = (
+            "the learning rate is too high for this model: lower --recover-lr"
+            if after > 1.1 * before
+            else "raise --recover-lr or --recover-steps"
+        )
+        logger.warning(
+            "Recovery did not lower the held-out perplexity (%.3f -> %.3f after %d steps at learning rate %g): %s.",
+            before,
+            after,
+            report.steps,
+            report.learning_rate,
+            advice,
+        )

@@ -11,6 +11,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM, PretrainedConfig
 
 from ..core.layers import TargetLayer, find_decoder_blocks
+from ..errors import InputError
 from .experts import EXPERTS, expert_count_fields, experts_modules
 from .groups import ATTENTION, MLP, ChannelGroup, attention_group, mlp_group
 from .spec import Structure
@@ -55,7 +56,7 @@ def block_groups(model: nn.Module, layers: list[list[TargetLayer]], kinds: list[
                 experts = (
                     " (the channels of fused experts are not pruned structurally)" if all_layers != block_layers else ""
                 )
-                raise ValueError(
+                raise InputError(
                     f"No MLP channels found in {block_prefix} (its target layers: "
                     f"{', '.join(layer.name for layer in block_layers)}): structure mlp= cannot apply here{experts}."
                 )
@@ -63,7 +64,7 @@ def block_groups(model: nn.Module, layers: list[list[TargetLayer]], kinds: list[
         if ATTENTION in kinds:
             group = attention_group(block, block_prefix, block_layers, hidden, heads, kv_heads)
             if group is None:
-                raise ValueError(
+                raise InputError(
                     f"{type(model).__name__} has no separate query, key and value projections with "
                     f"{heads} heads in {block_prefix}: structure attention= cannot apply to it (mlp= and "
                     "layers= can)."
@@ -89,19 +90,19 @@ def plan_structure(model: nn.Module, structure: Structure, layers: list[list[Tar
     for kind in kinds:
         sizes = {group[kind].units for group in groups}
         if len(sizes) != 1:
-            raise ValueError(f"The blocks have {kind} groups of different sizes {sorted(sizes)}: not supported.")
+            raise InputError(f"The blocks have {kind} groups of different sizes {sorted(sizes)}: not supported.")
         units[kind] = sizes.pop()
     if MLP in kinds:
         keep[MLP] = _kept_channels(units[MLP], structure.mlp, structure.align)
         if keep[MLP] == units[MLP]:
-            raise ValueError(
+            raise InputError(
                 f"structure mlp={structure.mlp} keeps all {units[MLP]} channels once rounded to a multiple of "
                 f"align={structure.align}: ask for more, or a smaller align."
             )
     if ATTENTION in kinds:
         keep[ATTENTION] = units[ATTENTION] - round(units[ATTENTION] * structure.attention)
         if keep[ATTENTION] in (0, units[ATTENTION]):
-            raise ValueError(
+            raise InputError(
                 f"structure attention={structure.attention} would keep {keep[ATTENTION]} of "
                 f"{units[ATTENTION]} KV groups: remove at least one and keep at least one "
                 f"(attention={1 / units[ATTENTION]:.3f} removes one)."
@@ -109,7 +110,7 @@ def plan_structure(model: nn.Module, structure: Structure, layers: list[list[Tar
     num_blocks = len(layers)
     remove_blocks = round(num_blocks * structure.layers)
     if structure.layers and not 0 < remove_blocks < num_blocks:
-        raise ValueError(
+        raise InputError(
             f"structure layers={structure.layers} removes {remove_blocks} of {num_blocks} blocks: remove at "
             f"least one ({1 / num_blocks:.3f}) and keep at least one."
         )
@@ -128,7 +129,7 @@ def _kept_experts(model: nn.Module, fraction: float) -> tuple[int, int]:
     counts = {experts.down_proj.shape[0] for block in blocks for _, experts in experts_modules(block)}
     if len(counts) != 1:
         found = "no fused experts" if not counts else f"blocks with {sorted(counts)} experts"
-        raise ValueError(f"structure experts= drops routed experts, but {type(model).__name__} has {found}.")
+        raise InputError(f"structure experts= drops routed experts, but {type(model).__name__} has {found}.")
     count = counts.pop()
     kept = count - round(count * fraction)
     config = text_config(model)
@@ -138,7 +139,7 @@ def _kept_experts(model: nn.Module, fraction: float) -> tuple[int, int]:
     if kept not in valid:
         nearest = min(valid, key=lambda k: abs(k - kept), default=None)
         hint = f"experts={(count - nearest) / count:.3f} keeps {nearest}" if nearest else "no count can"
-        raise ValueError(
+        raise InputError(
             f"structure experts={fraction} keeps {kept} of {count} experts, but every token picks {per_token} of "
             f"them{f' from {groups} groups' if groups > 1 else ''} and at least one must go: {hint}."
         )
@@ -155,7 +156,7 @@ def _config_updates(
         if not names and getattr(config, "n_inner", 0) is None and width == 4 * config.hidden_size:
             names = ["n_inner"]  # GPT-2: None means 4 x hidden
         if not names:
-            raise ValueError(f"{type(config).__name__} has no config field holding the MLP width {width}.")
+            raise InputError(f"{type(config).__name__} has no config field holding the MLP width {width}.")
         updates[names[0]] = plan.keep[MLP]
     if ATTENTION in plan.keep:
         group = groups[ATTENTION]
@@ -170,7 +171,7 @@ def _config_updates(
     if EXPERTS in plan.keep:
         fields = expert_count_fields(config, plan.units[EXPERTS])
         if not fields:
-            raise ValueError(f"{type(config).__name__} has no config field holding its {plan.units[EXPERTS]} experts.")
+            raise InputError(f"{type(config).__name__} has no config field holding its {plan.units[EXPERTS]} experts.")
         updates.update(dict.fromkeys(fields, plan.keep[EXPERTS]))
     return updates
 
@@ -203,7 +204,7 @@ def _check_buildable(
         target = new_config(config, plan.updates, list(range(plan.remove_blocks)))
     except Exception as error:  # transformers raises its own validation errors
         hint = _nearest_attention(config, plan) if ATTENTION in plan.keep else ""
-        raise ValueError(
+        raise InputError(
             f"{type(config).__name__} cannot hold the pruned sizes {plan.updates}: {error}{hint}"
         ) from error
     with init_empty_weights():
@@ -213,7 +214,7 @@ def _check_buildable(
         _, meta_blocks = find_decoder_blocks(meta)
         sizes = {experts.down_proj.shape[0] for block in meta_blocks for _, experts in experts_modules(block)}
         if sizes != {plan.keep[EXPERTS]}:
-            raise ValueError(
+            raise InputError(
                 f"{type(model).__name__} cannot express structure experts={structure.experts}: a model built from "
                 f"the new config has {sorted(sizes)} experts per block, pruning would leave {plan.keep[EXPERTS]}."
             )
@@ -226,7 +227,7 @@ def _check_buildable(
             actual = tuple(module.weight.shape)
             actual = actual[::-1] if not isinstance(module, nn.Linear) else actual
             if actual != shape:
-                raise ValueError(
+                raise InputError(
                     f"{type(model).__name__} cannot express structure {kind}={getattr(structure, kind)}: its config "
                     f"does not size {name.removeprefix(prefix + '.0.')} from the new values (a model built from "
                     f"them has {actual}, pruning would give {shape}). Use the other kinds of structure."

@@ -7,6 +7,8 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from ..errors import InputError
+
 KINDS = ("mlp", "attention", "layers", "experts")
 
 
@@ -30,18 +32,18 @@ class Structure:
         for kind in KINDS:
             value = getattr(self, kind)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-                raise ValueError(f"structure {kind}={value!r} must be a number in [0, 1).")
+                raise InputError(f"structure {kind}={value!r} must be a number in [0, 1).")
             if not 0.0 <= value < 1.0:
-                raise ValueError(
+                raise InputError(
                     f"structure {kind}={value} must be in [0, 1): it is the fraction removed (1 would remove all)."
                 )
             setattr(self, kind, float(value))
         if not any(getattr(self, kind) for kind in KINDS):
-            raise ValueError(f"structure removes nothing: give a fraction for one of {', '.join(KINDS)}.")
+            raise InputError(f"structure removes nothing: give a fraction for one of {', '.join(KINDS)}.")
         if isinstance(self.align, bool) or not isinstance(self.align, int) or self.align < 1:
-            raise ValueError(f"structure align={self.align!r} must be a positive integer (channels).")
+            raise InputError(f"structure align={self.align!r} must be a positive integer (channels).")
         if not isinstance(self.compensate, bool):
-            raise ValueError(f"structure compensate={self.compensate!r} must be true or false.")
+            raise InputError(f"structure compensate={self.compensate!r} must be true or false.")
 
     def __str__(self) -> str:
         """``mlp=0.25 layers=0.1`` (what is removed), as ``--structure`` takes it."""
@@ -56,7 +58,7 @@ class Structure:
         known = [field.name for field in dataclasses.fields(cls)]
         unknown = sorted(set(value) - set(known))
         if unknown:
-            raise ValueError(f"Unknown structure {', '.join(unknown)}: use {', '.join(known)}.")
+            raise InputError(f"Unknown structure {', '.join(unknown)}: use {', '.join(known)}.")
         return cls(**value)
 
 
@@ -66,14 +68,14 @@ def parse_structure(items: list[str]) -> dict[str, Any]:
     for item in items:
         key, separator, text = (part.strip() for part in item.partition("="))
         if not separator or not key or not text:
-            raise ValueError(f"cannot read {item!r}: use KIND=FRACTION, e.g. mlp=0.25 attention=0.33 layers=0.1.")
+            raise InputError(f"cannot read {item!r}: use KIND=FRACTION, e.g. mlp=0.25 attention=0.33 layers=0.1.")
         if key == "compensate":
             if text.lower() not in ("true", "false"):
-                raise ValueError(f"compensate={text!r} must be true or false.")
+                raise InputError(f"compensate={text!r} must be true or false.")
             values[key] = text.lower() == "true"
             continue
         try:
             values[key] = int(text) if key == "align" else float(text)
         except ValueError:
-            raise ValueError(f"{key}={text!r} is not a number.") from None
+            raise InputError(f"{key}={text!r} is not a number.") from None
     return values
