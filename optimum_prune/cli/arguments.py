@@ -12,7 +12,7 @@ import argparse
 from ..method_settings import all_settings_fields
 
 DESCRIPTION = (
-    "Prune a Hugging Face causal LM block by block (magnitude, Wanda, SparseGPT, SparseLLM; unstructured or N:M, "
+    "Prune a Hugging Face causal LM block by block (magnitude, Wanda, SparseGPT, SparseLLM, ALPS; unstructured or N:M, "
     "uniform or OWL allocation), optionally measure its perplexity before and after, and save it."
 )
 
@@ -29,6 +29,7 @@ CONFIG_FIELDS = (
     "ignore",
     "expert_calibration",
     "min_expert_tokens",
+    "refit",
     "num_samples",
     "seq_len",
     "seed",
@@ -54,7 +55,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
     pruning = parser.add_argument_group("pruning (defaults: PruningConfig's, or the --config file's)")
     pruning.add_argument("--config", metavar="FILE", help="pruning_config.json (or its folder) to start from.")
-    pruning.add_argument("--method", help="magnitude, wanda, sparsegpt or sparsellm (default sparsegpt).")
+    pruning.add_argument("--method", help="magnitude, wanda, sparsegpt, sparsellm or alps (default sparsegpt).")
     pruning.add_argument("--sparsity", type=float, help="fraction of weights set to zero, in [0, 1).")
     pruning.add_argument("--pattern", help="'unstructured' or N:M such as 2:4 (the sparsity follows from N:M).")
     pruning.add_argument("--allocation", help="'uniform' or 'owl' (outlier-weighted layerwise sparsity).")
@@ -78,6 +79,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         "--min-expert-tokens",
         type=int,
         help="an expert routed fewer calibration tokens is calibrated on every token (default 64; 0: never).",
+    )
+
+    pruning.add_argument(
+        "--refit",
+        action="store_true",
+        default=None,
+        help="after each layer's mask is chosen, solve its kept weights for the least reconstruction error on the "
+        "calibration inputs (conjugate gradients, as ALPS does); the report gives each layer's error before and after.",
     )
 
     settings = parser.add_argument_group("method settings (defaults: the method's own)")
