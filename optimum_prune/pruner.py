@@ -32,7 +32,7 @@ from .errors import InputError
 from .evaluation.harness import TaskScore, ZeroShotTasks, compare
 from .export import METADATA_KEY, atomic_directory, build_metadata
 from .export.compressed import check_format, save_compressed
-from .export.files import check_writable, write_model_files
+from .export.files import check_writable, no_shard_progress_bar, write_model_files
 from .export.masks import Masks, write_masks
 from .export.plots import PLOT_NAME, write_sparsity_plot
 from .methods import get_method
@@ -434,7 +434,8 @@ class Pruner:
                     self.model, staging, masks, pattern=self.config.nm_pattern, max_shard_size=max_shard_size
                 )
             else:
-                self.model.save_pretrained(staging, max_shard_size=max_shard_size)
+                with no_shard_progress_bar():
+                    self.model.save_pretrained(staging, max_shard_size=max_shard_size)
             if save_masks:
                 write_masks(masks, staging)
             if self.tokenizer is not None:

@@ -83,7 +83,9 @@ def test_gradual_pruning_refuses_to_resume_another_schedule(tmp_path, monkeypatc
     with pytest.raises(InputError, match=r"started with sparsity=0.3, this run asks for sparsity=0.5"):
         pruner.prune_while_training(TINYSTORIES_VAL, max_steps=8, work_dir=tmp_path / "work", resume=True)
     output = tmp_path / "out"
-    record_schedule(tmp_path / "out.recover", schedule_settings(PruningConfig(method="magnitude", sparsity=0.3), 8, None))
+    record_schedule(
+        tmp_path / "out.recover", schedule_settings(PruningConfig(method="magnitude", sparsity=0.3), 8, None)
+    )
     _no_loading(monkeypatch)
     flags = ["--model", str(STORIES_260K), "--method", "magnitude", "--sparsity", "0.5", "--output", str(output)]
     flags += ["--recover-steps", "8", "--recover-schedule", "gradual", "--recover-dataset", str(TINYSTORIES_VAL)]
@@ -127,7 +129,10 @@ def test_zero_shot_scores_reach_the_folder_written_while_pruning(tmp_path, capsy
         (["--recover-seq-len", "1"], "argument --recover-seq-len: recovery seq_len must be an integer >= 2"),
         (["--recover-seq-len", "4096"], "argument --recover-seq-len: 4096 tokens is longer than the model's context"),
         (["--recover-lr", "0"], "argument --recover-lr: recovery learning_rate must be a positive number"),
-        (["--recover-steps", "10000"], "argument --recover-dataset: The recovery data 'tinystories_val.txt' is too small"),
+        (
+            ["--recover-steps", "10000"],
+            "argument --recover-dataset: The recovery data 'tinystories_val.txt' is too small",
+        ),
     ],
 )
 def test_recovery_settings_are_refused_before_loading(flags, message, monkeypatch, capsys):
@@ -203,4 +208,3 @@ def test_default_recovery_lowers_held_out_perplexity(tmp_path):
     (_, before), (_, after) = report.eval_perplexity[0], report.eval_perplexity[-1]
     assert after < 0.97 * before, report.eval_perplexity
     assert report.learning_rate == 1e-3
-

@@ -14,12 +14,44 @@ LOCAL_FORMATS = (".txt", ".jsonl", ".json", ".parquet")
 
 
 def _read_local(path: Path, text_column: str) -> list[str]:
+    """The texts of a local file; a file that cannot be read as its suffix says is named, with what was expected."""
+    try:
+        return _read_local_rows(path, text_column)
+    except UnicodeDecodeError as error:
+        raise InputError(
+            f"{path} is not UTF-8 text (byte {error.start} cannot be decoded: a binary file?): expected "
+            f"{_EXPECTED[path.suffix.lower()]}."
+        ) from None
+    except json.JSONDecodeError as error:
+        where = f"line {error.lineno}" if path.suffix.lower() == ".json" else "a line"
+        raise InputError(
+            f"{path}: {where} is not valid JSON ({error.msg}): expected {_EXPECTED[path.suffix.lower()]}."
+        ) from None
+
+
+_EXPECTED = {
+    ".txt": "plain UTF-8 text",
+    ".jsonl": "one JSON object per line, with the text in a field (--text-column, default 'text')",
+    ".json": "a JSON list of strings or of objects with the text in a field (--text-column, default 'text')",
+    ".parquet": "a Parquet table with a text column (--text-column, default 'text')",
+}
+
+
+def _read_local_rows(path: Path, text_column: str) -> list[str]:
     suffix = path.suffix.lower()
     if suffix == ".txt":
         return [path.read_text(encoding="utf-8")]
     if suffix == ".jsonl":
+        rows = []
         with path.open(encoding="utf-8") as f:
-            rows = [json.loads(line) for line in f if line.strip()]
+            for number, line in enumerate(f, 1):
+                if line.strip():
+                    try:
+                        rows.append(json.loads(line))
+                    except json.JSONDecodeError as error:
+                        raise InputError(
+                            f"{path}: line {number} is not valid JSON ({error.msg}): expected {_EXPECTED[suffix]}."
+                        ) from None
     elif suffix == ".json":
         rows = json.loads(path.read_text(encoding="utf-8"))
         if not isinstance(rows, list):
@@ -27,7 +59,10 @@ def _read_local(path: Path, text_column: str) -> list[str]:
     elif suffix == ".parquet":
         import pyarrow.parquet as pq
 
-        table = pq.read_table(path)
+        try:
+            table = pq.read_table(path)
+        except Exception as error:  # pyarrow's own error types for files that are not Parquet
+            raise InputError(f"{path} cannot be read as Parquet ({error}): expected {_EXPECTED[suffix]}.") from None
         if text_column not in table.column_names:
             raise InputError(f"{path} has no {text_column!r} column (columns: {table.column_names}).")
         return [str(text) for text in table.column(text_column).to_pylist()]
@@ -40,9 +75,10 @@ def _read_local(path: Path, text_column: str) -> list[str]:
         elif isinstance(row, dict) and text_column in row:
             texts.append(str(row[text_column]))
         else:
+            fields = f" (its fields: {', '.join(map(str, row))})" if isinstance(row, dict) else ""
             raise InputError(
-                f"{path}: a row has no {text_column!r} field; name the text field with text_column= "
-                "(--text-column for --dataset, --eval-text-column for --eval)."
+                f"{path}: a row has no {text_column!r} field{fields}; name the text field with text_column= "
+                "(--text-column for --dataset and --recover-dataset, --eval-text-column for --eval)."
             )
     return texts
 

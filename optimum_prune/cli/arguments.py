@@ -99,7 +99,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         "--dataset", help="calibration text: a local .txt/.jsonl/.json/.parquet file or a Hub dataset ('name:subset')."
     )
     calibration.add_argument("--dataset-split", default="train", help="split of a Hub dataset (default train).")
-    calibration.add_argument("--text-column", default="text", help="text field of --dataset rows (default text).")
+    calibration.add_argument(
+        "--text-column",
+        default="text",
+        help="text field of --dataset and --recover-dataset rows (default text; --eval has --eval-text-column).",
+    )
     calibration.add_argument("--num-samples", type=int, help="calibration sequences.")
     calibration.add_argument("--seq-len", type=int, help="tokens per sequence (default 2048, capped at the context).")
     calibration.add_argument("--seed", type=int, help="seed of the calibration sampling.")
@@ -194,7 +198,12 @@ def _add_recovery_arguments(parser: argparse.ArgumentParser) -> None:
     recovery = parser.add_argument_group("recovery training after pruning (pruned weights stay exactly zero)")
     recovery.add_argument("--recover-steps", type=int, metavar="N", help="train N steps after pruning (default: none).")
     recovery.add_argument("--recover-dataset", metavar="SRC", help="training text (default: --dataset).")
-    recovery.add_argument("--recover-lr", type=float, help="peak learning rate (default 2e-5, 2e-4 with LoRA).")
+    recovery.add_argument(
+        "--recover-lr",
+        type=float,
+        help="peak learning rate (default: by model size, 1e-3 * (parameters / 1e6) ** -0.5 capped at 1e-3; x10 "
+        "with LoRA).",
+    )
     recovery.add_argument("--recover-batch-size", type=int, default=4, help="sequences per step (default 4).")
     recovery.add_argument("--recover-seq-len", type=int, help="tokens per sequence (default: --seq-len).")
     recovery.add_argument("--recover-lora", action="store_true", help="train LoRA adapters, merged through the masks.")

@@ -53,10 +53,14 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
     )
     logging.captureWarnings(True)  # warnings go through logging, which tqdm's bars leave room for
-    plan = check(args, parser)
+    from ..engine.distributed import launched_by_torchrun
+
+    other_rank = launched_by_torchrun() and os.environ.get("RANK", "0") != "0"
+    with contextlib.redirect_stderr(io.StringIO()) if other_rank else contextlib.nullcontext():
+        plan = check(args, parser)  # under torchrun every rank refuses alike, and rank 0 says so
     from tqdm.contrib.logging import logging_redirect_tqdm
 
-    from ..engine.distributed import Ranks, init_from_environment, launched_by_torchrun
+    from ..engine.distributed import Ranks, init_from_environment
 
     try:
         ranks = init_from_environment(args.device)
@@ -92,18 +96,6 @@ def check(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Plan:
 
     if args.offload is not None and args.offload not in OFFLOAD_MODES:
         parser.error(f"argument --offload: unknown mode {args.offload!r}: choose one of {', '.join(OFFLOAD_MODES)}.")
-    recovery_flags = {
-        "recover_dataset": args.recover_dataset is not None,
-        "recover_lr": args.recover_lr is not None,
-        "recover_seq_len": args.recover_seq_len is not None,
-        "recover_lora": args.recover_lora,
-        "recover_eval_windows": args.recover_eval_windows != 8,
-        "recover_loss": args.recover_loss != "distill",
-        "recover_schedule": args.recover_schedule != "one-shot",
-    }
-    given = [name for name, set_ in recovery_flags.items() if set_]
-    if given and not args.recover_steps:
-        parser.error(f"argument {flag(given[0])}: it sets up recovery training; add --recover-steps N.")
     if args.recover_lora and args.recover_schedule == "gradual":
         parser.error("argument --recover-lora: gradual pruning trains every weight; drop it or use one-shot.")
     if args.recover_schedule == "gradual":
@@ -127,8 +119,6 @@ def check(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Plan:
         )
     if args.recover_steps and args.offload == "disk":
         parser.error("argument --recover-steps: training needs the model in memory; use --offload cpu.")
-    if args.private and not args.push_to_hub:
-        parser.error("argument --private: it makes the --push-to-hub repository private; add --push-to-hub REPO.")
     _check_device(args.device, parser)
     names = ("eval_seq_len", "eval_windows", "eval_limit", "eval_batch_size", "recover_steps", "recover_batch_size")
     for name in (*names, "recover_seq_len"):
@@ -146,6 +136,7 @@ def check(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Plan:
             f"argument --eval-seq-len: {args.eval_seq_len} tokens is longer than the model's context of {context}: "
             f"use at most {context}."
         )
+    _check_refining_flags(args, parser)
     _check_outputs(args, parser)
     if args.push_to_hub and not args.dry_run:
         _check_push(parser)
@@ -253,12 +244,48 @@ def _tokenizer_for_checks(args: argparse.Namespace):
         return None
 
 
+# A flag that only refines another (the one named) is refused without it: one rule for every such flag.
+REFINES = {
+    "recover_dataset": "recover_steps",
+    "recover_lr": "recover_steps",
+    "recover_batch_size": "recover_steps",
+    "recover_seq_len": "recover_steps",
+    "recover_lora": "recover_steps",
+    "recover_eval_windows": "recover_steps",
+    "recover_loss": "recover_steps",
+    "recover_schedule": "recover_steps",
+    "eval_split": "eval",
+    "eval_text_column": "eval",
+    "eval_seq_len": "eval",
+    "eval_windows": "eval",
+    "eval_limit": "eval_tasks",
+    "eval_batch_size": "eval_tasks",
+    "eval_task_data": "eval_tasks",
+    "eval_include": "eval_tasks",
+    "private": "push_to_hub",
+    "overwrite": "output",
+}
+WHAT_IT_SETS_UP = {
+    "recover_steps": "it sets up recovery training; add --recover-steps N.",
+    "eval": "it sets up the perplexity evaluation; add --eval TEXT.",
+    "eval_tasks": "it sets up zero-shot tasks; add --eval-tasks TASK[,TASK...].",
+    "push_to_hub": "it makes the --push-to-hub repository private; add --push-to-hub REPO.",
+    "output": "it lets --output replace a non-empty folder; add --output DIR.",
+}
+
+
+def _check_refining_flags(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    """Refuse a flag given without the flag it refines (it would be ignored)."""
+    for name, needed in REFINES.items():
+        if getattr(args, name) != parser.get_default(name) and not getattr(args, needed):
+            parser.error(f"argument {flag(name)}: {WHAT_IT_SETS_UP[needed]}")
+    if args.eval_tasks is not None and not [name for name in args.eval_tasks.split(",") if name.strip()]:
+        parser.error("argument --eval-tasks: names no task: give TASK[,TASK...], e.g. hellaswag_local.")
+
+
 def _check_tasks(args: argparse.Namespace, parser: argparse.ArgumentParser) -> ZeroShotTasks | None:
     """The --eval-tasks, resolved and with their data loaded (``None`` without the flag)."""
-    given = [name for name in ("eval_limit", "eval_task_data", "eval_include") if getattr(args, name) is not None]
     if not args.eval_tasks:
-        if given:
-            parser.error(f"argument {flag(given[0])}: it sets up zero-shot tasks; add --eval-tasks TASK[,TASK...].")
         return None
     if args.offload == "disk":
         parser.error("argument --eval-tasks: the tasks run on the model in memory; use --offload cpu.")
@@ -272,7 +299,9 @@ def _check_tasks(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Z
     try:
         return ZeroShotTasks(names, task_data=data, include=args.eval_include, limit=args.eval_limit)
     except (ImportError, ValueError, FileNotFoundError) as error:
-        parser.error(f"argument --eval-tasks: {error}")
+        named = {"--eval-include": args.eval_include or [], "--eval-task-data": list(data.values())}
+        culprit = next((name for name, paths in named.items() if any(str(p) in str(error) for p in paths)), None)
+        parser.error(f"argument {culprit or '--eval-tasks'}: {error}")
 
 
 def _key_value(item: str) -> tuple[str, str]:

@@ -60,6 +60,7 @@ def hellaswag_jsonl(path: str | os.PathLike, folder: Path) -> Path:
     if not path.is_file():
         raise FileNotFoundError(f"No file at {path}: the task's data file (JSON lines, or llama.cpp's HellaSwag text).")
     if path.suffix == ".jsonl":
+        _check_hellaswag_rows(path)
         return path.absolute()
     opener = bz2.open if path.suffix == ".bz2" else open
     with opener(path, "rt", encoding="utf-8") as file:
@@ -72,6 +73,55 @@ def hellaswag_jsonl(path: str | os.PathLike, folder: Path) -> Path:
             item = {"ctx": lines[start], "label": int(lines[start + 1]), "endings": lines[start + 2 : start + 6]}
             file.write(json.dumps(item) + "\n")
     return converted
+
+
+def _check_hellaswag_rows(path: Path) -> None:
+    """Each line of a HellaSwag JSON-lines file is ``{"ctx": str, "endings": [4 str], "label": 0..3}``."""
+    expected = 'one JSON object per line: {"ctx": "...", "endings": ["...", "...", "...", "..."], "label": 0-3}'
+    with open(path, encoding="utf-8", errors="replace") as file:
+        for number, line in enumerate(file, 1):
+            if not line.strip():
+                continue
+            try:
+                item = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise InputError(
+                    f"{path}: line {number} is not valid JSON ({error.msg}): expected {expected}."
+                ) from None
+            valid = (
+                isinstance(item, dict)
+                and isinstance(item.get("ctx"), str)
+                and isinstance(item.get("endings"), list)
+                and len(item["endings"]) == 4
+                and str(item.get("label")).strip() in ("0", "1", "2", "3")
+            )
+            if not valid:
+                raise InputError(f"{path}: line {number} is not a HellaSwag item: expected {expected}.")
+
+
+def _check_task_yaml(folders: list[str | os.PathLike]) -> list[str]:
+    """Parse every YAML file of the ``include`` folders (lm-eval skips a broken one without a word); return the
+    task names they define."""
+    import yaml
+
+    class _Loader(yaml.SafeLoader):  # lm-eval's YAML has tags such as !function: read them as plain values
+        pass
+
+    _Loader.add_multi_constructor("!", lambda loader, suffix, node: None)
+    names = []
+    for folder in folders:
+        files = [Path(folder)] if Path(folder).is_file() else sorted(Path(folder).rglob("*.y*ml"))
+        for file in files:
+            try:
+                document = yaml.load(file.read_text(encoding="utf-8"), Loader=_Loader)
+            except (yaml.YAMLError, UnicodeDecodeError) as error:
+                problem = " ".join(str(error).split())
+                raise InputError(
+                    f"{file} is not a valid lm-eval task YAML ({problem}): fix it or move it out of {folder}."
+                ) from None
+            if isinstance(document, dict) and isinstance(document.get("task"), str):
+                names.append(document["task"])
+    return names
 
 
 class ZeroShotTasks:
@@ -111,14 +161,17 @@ class ZeroShotTasks:
             raise InputError(
                 f"task_data for {unknown_data}: only the shipped local tasks take a data file ({', '.join(SHIPPED_TASKS)})."
             )
+        own = _check_task_yaml(include or [])
         self.manager = _task_manager(tuple(dict.fromkeys([*paths, *map(os.fspath, include or [])])))
         known = set(self.manager.all_tasks)
         for name in names:
             if name not in known:
                 close = difflib.get_close_matches(name, sorted(known), n=5)
+                yours = f" Your include folders define: {', '.join(own) or 'no task'}." if include else ""
                 raise InputError(
                     f"Unknown lm-eval task {name!r}; close matches: {', '.join(close) or 'none'}. {len(known)} tasks "
                     f"are available (list them with `lm-eval ls tasks`); shipped local tasks: {', '.join(SHIPPED_TASKS)}."
+                    + yours
                 )
         for name in names:  # load each task's data now: out of reach offline fails here, naming the task
             try:
@@ -197,14 +250,23 @@ def _scores(results: dict[str, Any]) -> list[TaskScore]:
 
 
 class _quiet:
-    """lm-eval's and datasets' informational logs off while the harness runs (progress bars stay)."""
+    """lm-eval's and datasets' informational logs off while the harness runs (progress bars stay), and its probe
+    of the current folder's git commit skipped: outside a git checkout that probe prints git's "fatal: not a git
+    repository" on stderr, and the commit of whatever folder the user runs from says nothing about the run."""
 
     def __enter__(self) -> None:
+        import lm_eval.evaluator
+
         self._levels = [(logging.getLogger(name), logging.getLogger(name).level) for name in _QUIET]
         for item, _ in self._levels:
             item.setLevel(logging.ERROR)
+        self._git_probe = lm_eval.evaluator.get_git_commit_hash
+        lm_eval.evaluator.get_git_commit_hash = lambda: None
 
     def __exit__(self, *exc: object) -> None:
+        import lm_eval.evaluator
+
+        lm_eval.evaluator.get_git_commit_hash = self._git_probe
         for item, level in self._levels:
             item.setLevel(level)
 

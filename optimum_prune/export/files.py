@@ -87,6 +87,20 @@ def read_json(path: Path) -> Any:
         raise InputError(f"{path} is not valid JSON ({error}): the file is corrupted.") from error
 
 
+@contextmanager
+def no_shard_progress_bar() -> Iterator[None]:
+    """transformers' "Writing model shards" bar off while a model is saved (it is one line of noise per save)."""
+    from transformers.utils import logging as transformers_logging
+
+    enabled = transformers_logging.is_progress_bar_enabled()
+    transformers_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            transformers_logging.enable_progress_bar()
+
+
 def write_model_files(
     folder: str | os.PathLike,
     model: nn.Module,

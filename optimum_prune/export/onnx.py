@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 from transformers import AutoTokenizer, DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
+from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from ..core.layers import is_fused_experts
 from ..errors import InputError
@@ -31,6 +32,8 @@ from .files import atomic_directory, check_writable, write_model_files
 from .metadata import METADATA_KEY, read_metadata
 
 logger = logging.getLogger(__name__)
+# transformers 5 renamed the cache argument and output field `past_key_values` to `cache` (the old name warns)
+CACHE_ARGUMENT = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
 
 ONNX_FILE = "model.onnx"
 EXTERNAL_DATA_FILE = "model.onnx_data"
@@ -60,8 +63,8 @@ class _Decoder(nn.Module):
         cache = DynamicCache(config=self.decoder.config)
         for index in range(len(past) // 2):
             cache.update(past[2 * index], past[2 * index + 1], index)
-        output = self.decoder(**inputs, past_key_values=cache, use_cache=True)
-        present = [tensor for layer in output.past_key_values.layers for tensor in (layer.keys, layer.values)]
+        output = self.decoder(**inputs, **{CACHE_ARGUMENT: cache}, use_cache=True)
+        present = [tensor for layer in getattr(output, CACHE_ARGUMENT).layers for tensor in (layer.keys, layer.values)]
         return (output.logits, *present)
 
 
@@ -132,7 +135,9 @@ def _cache_shapes(model: PreTrainedModel, input_ids: torch.Tensor) -> list[tuple
     """The per-layer key and value shapes the model's own cache produces for ``input_ids``."""
     with torch.no_grad():
         output = model(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), use_cache=True)
-    return [tuple(tensor.shape) for layer in output.past_key_values.layers for tensor in (layer.keys, layer.values)]
+    return [
+        tuple(tensor.shape) for layer in getattr(output, CACHE_ARGUMENT).layers for tensor in (layer.keys, layer.values)
+    ]
 
 
 def _example(model: PreTrainedModel, with_past: bool) -> tuple[tuple[Any, ...], list[str], list[str], tuple[Any, ...]]:

@@ -10,7 +10,7 @@ from accelerate import init_empty_weights
 from torch import nn
 from transformers import AutoModelForCausalLM, PretrainedConfig
 
-from ..core.layers import TargetLayer, find_decoder_blocks
+from ..core.layers import LINEAR_TYPES, TargetLayer, find_decoder_blocks
 from ..errors import InputError
 from .experts import EXPERTS, expert_count_fields, experts_modules
 from .groups import ATTENTION, MLP, ChannelGroup, attention_group, mlp_group
@@ -63,6 +63,16 @@ def block_groups(model: nn.Module, layers: list[list[TargetLayer]], kinds: list[
             groups[MLP] = group
         if ATTENTION in kinds:
             group = attention_group(block, block_prefix, block_layers, hidden, heads, kv_heads)
+            if group is None and attention_group(
+                block, block_prefix, _all_linear(block, block_prefix), hidden, heads, kv_heads
+            ):
+                targeted = {layer.name for layer in block_layers}
+                left_out = [layer.name for layer in _all_linear(block, block_prefix) if layer.name not in targeted]
+                raise InputError(
+                    f"structure attention= removes KV groups from the query, key, value and output projections "
+                    f"together, but targets/ignore leave out {', '.join(left_out)}: drop them from ignore (or from "
+                    "the targets), or drop attention=."
+                )
             if group is None:
                 raise InputError(
                     f"{type(model).__name__} has no separate query, key and value projections with "
@@ -72,6 +82,15 @@ def block_groups(model: nn.Module, layers: list[list[TargetLayer]], kinds: list[
             groups[ATTENTION] = group
         found.append(groups)
     return found
+
+
+def _all_linear(block: nn.Module, prefix: str) -> list[TargetLayer]:
+    """Every linear layer of a block, targeted or not."""
+    return [
+        TargetLayer(f"{prefix}.{name}", module, -1)
+        for name, module in block.named_modules()
+        if isinstance(module, LINEAR_TYPES)
+    ]
 
 
 def _kept_channels(width: int, fraction: float, align: int) -> int:
@@ -101,6 +120,11 @@ def plan_structure(model: nn.Module, structure: Structure, layers: list[list[Tar
             )
     if ATTENTION in kinds:
         keep[ATTENTION] = units[ATTENTION] - round(units[ATTENTION] * structure.attention)
+        if units[ATTENTION] == 1:
+            raise InputError(
+                "structure attention= removes KV groups, and this model has a single one (multi-query attention): "
+                "none can be removed; drop attention= and use mlp= or layers=."
+            )
         if keep[ATTENTION] in (0, units[ATTENTION]):
             raise InputError(
                 f"structure attention={structure.attention} would keep {keep[ATTENTION]} of "

@@ -69,6 +69,8 @@ def parse_structure(items: list[str]) -> dict[str, Any]:
         key, separator, text = (part.strip() for part in item.partition("="))
         if not separator or not key or not text:
             raise InputError(f"cannot read {item!r}: use KIND=FRACTION, e.g. mlp=0.25 attention=0.33 layers=0.1.")
+        if key in values:
+            raise InputError(f"{key} is given twice: give each KIND once.")
         if key == "compensate":
             if text.lower() not in ("true", "false"):
                 raise InputError(f"compensate={text!r} must be true or false.")
