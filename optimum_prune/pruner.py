@@ -21,6 +21,7 @@ from .config import PruningConfig
 from .core.layers import find_target_layers
 from .engine.activations import DISK
 from .engine.blockwise import BlockwiseEngine
+from .engine.dispatch import AccelerateDispatch, is_dispatched
 from .engine.distributed import Ranks
 from .engine.estimate import RunEstimate, estimate, estimate_run
 from .engine.offload import OFFLOAD_MODES, DiskOffload
@@ -89,6 +90,12 @@ class Pruner:
             )
         check_no_adapters(model)
         self.model = model
+        self.dispatch = AccelerateDispatch(model) if is_dispatched(model) else None
+        if self.dispatch is not None and (offload is not None or disk is not None):
+            raise InputError(
+                "The model was placed by accelerate (device_map), which already offloads it: drop offload=, or load "
+                "it without device_map and let optimum-prune offload it."
+            )
         self.config = config if config is not None else PruningConfig()
         self.tokenizer = tokenizer
         self.device = torch.device(device) if device is not None else default_device()
@@ -129,6 +136,7 @@ class Pruner:
         offload_folder: str | os.PathLike | None = None,
         max_memory: MaxMemory | None = None,
         offload_activations: bool = False,
+        device_map: str | dict[str, Any] | None = None,
         **model_kwargs: Any,
     ) -> Pruner:
         """Load a model (a Hub id, a local folder, or an already loaded model) and its tokenizer.
@@ -144,6 +152,11 @@ class Pruner:
         output); ``max_memory`` (``{0: "20GiB", "cpu": "64GiB"}``) is checked against the estimate before pruning.
         ``offload_activations=True`` keeps the calibration activations between blocks in memory-mapped files (in
         the work folder, else ``offload_folder``, else the system's temporary folder) instead of host RAM.
+
+        ``device_map`` (``"auto"``, ``"balanced"``, ``"sequential"`` or a dict) loads the model the accelerate way
+        instead: accelerate places its modules on GPUs, the CPU and disk (``max_memory`` and ``offload_folder``
+        then go to accelerate, as for ``from_pretrained``), and each block is pruned through accelerate's hooks and
+        written back where accelerate keeps it. A model already loaded with a ``device_map`` is taken as it is.
         """
         resources = {
             "offload": offload,
@@ -157,6 +170,14 @@ class Pruner:
             check_causal_lm_module(model_or_path)
             return cls(model_or_path, config, load_tokenizer(tokenizer), device, progress=progress, **resources)
         source = os.fspath(model_or_path)
+        if device_map is not None:
+            if offload is not None:
+                raise InputError(
+                    f"device_map={device_map!r} lets accelerate place and offload the model, offload={offload!r} asks "
+                    "optimum-prune to: choose one."
+                )
+            model_kwargs.update(device_map=device_map, max_memory=max_memory, offload_folder=offload_folder)
+            resources.update(max_memory=None, offload_folder=None)
         model, tokenizer, disk = load_source(
             source,
             tokenizer=tokenizer,
@@ -302,7 +323,8 @@ class Pruner:
             write_output=output_dir is not None,
             measure_time=False,  # only memory and disk are checked here
         )
-        check_max_memory(self.max_memory, planned, self.device, self.offload)
+        if self.dispatch is None:  # accelerate placed a dispatched model within its own max_memory
+            check_max_memory(self.max_memory, planned, self.device, self.offload)
         ranks = Ranks.current()
         ranks.check_same("the run (arguments, model, calibration data)", self._fingerprint(input_ids))
         work = None
@@ -310,6 +332,7 @@ class Pruner:
             folder = work_folder_path(output_dir, self.offload_folder)
             check_free_space(planned, folder, output_dir, linked=self.disk is not None)
             work = WorkFolder(folder, self._fingerprint(input_ids), resume, ranks)
+        engine = None
         try:
             engine = BlockwiseEngine(
                 self.model,
@@ -321,11 +344,20 @@ class Pruner:
                 disk=self.disk,
                 work_folder=work,
                 activations_folder=work.folder if work is not None else self.offload_folder,
+                dispatch=self.dispatch,
             )
             self.report = engine.run(input_ids)
         except BaseException:
             if work is not None and not work.has_finished_block:
                 work.remove()  # nothing to resume: leave nothing that would block the corrected command
+            finished = len(engine.masks) if engine is not None else 0
+            if finished and self.disk is None:
+                logger.error(
+                    "Pruning stopped partway: %d target layers of the model in memory are pruned and the rest are "
+                    "not, so the model is half-pruned; load it again before using it%s.",
+                    finished,
+                    " (or run again with resume=True to continue from the saved blocks)" if work is not None else "",
+                )
             raise
         self.masks = engine.masks
         self.report.structure = structure
@@ -348,6 +380,12 @@ class Pruner:
             return None
         if Ranks.current().distributed:
             raise InputError("Structured pruning runs in one process: start it without torchrun.")
+        if self.dispatch is not None:
+            raise InputError(
+                "Structured pruning changes the shapes of layers that accelerate's device map placed: load the model "
+                "without device_map (for a model larger than memory, Pruner.from_pretrained(path, offload='disk') "
+                "streams it block by block)."
+            )
         if self.disk is not None and self.config.sparsity:
             raise InputError(
                 "With offload='disk', a structure and unstructured sparsity are two runs (the second reads the "
@@ -426,6 +464,13 @@ class Pruner:
             return os.fspath(save_directory)
         if self.disk is not None:
             return self._copy_streamed(save_directory, overwrite, format, save_masks)
+        offloaded = self.dispatch is not None and any(parameter.is_meta for parameter in self.model.parameters())
+        if offloaded and (format != "dense" or save_masks):
+            raise InputError(
+                "accelerate keeps some of this model's weights offloaded (device_map), and the compressed format and "
+                "masks are built from weights in memory: save it with format='dense' and save_masks=False, then "
+                "compress that folder from a machine that holds it (optimum_prune.load_pruned / Pruner)."
+            )
         check_writable(save_directory, overwrite, inputs=self._inputs())
         masks = Masks.from_pruner(self.model, self.masks) if save_masks or format == "compressed" else None
         with atomic_directory(save_directory, overwrite) as staging:
@@ -491,6 +536,7 @@ class Pruner:
         _check_resume(resume, work_dir)
         if Ranks.current().distributed:
             raise InputError("Recovery training runs in one process: recover the saved model without torchrun.")
+        self._check_trainable()
         if self.disk is not None:
             raise InputError(
                 f"offload='disk' left the pruned model only in {self.output_dir}: load it there (it fits in memory "
@@ -570,6 +616,7 @@ class Pruner:
 
         if self.report is not None:
             raise RuntimeError("This model is already pruned; create a new Pruner to prune again.")
+        self._check_trainable()
         if self.disk is not None:
             raise InputError("Training needs the model in memory: use offload='cpu'.")
         config = self.config
@@ -604,6 +651,14 @@ class Pruner:
             work.rmdir()  # it held only the checkpoints, removed once training finished
         self._record_metadata()
         return self.report
+
+    def _check_trainable(self) -> None:
+        """Training needs every weight in memory: refuse a model whose weights accelerate offloaded."""
+        if self.dispatch is not None and any(parameter.is_meta for parameter in self.model.parameters()):
+            raise InputError(
+                "Training needs every weight in memory, and accelerate offloaded some of this model's to the CPU or "
+                "disk (device_map): save the pruned model, then load it on devices that hold it to train it."
+            )
 
     def _training_seq_len(self, seq_len: int | None) -> int:
         """``seq_len``, checked against the model's context; default: the calibration length, capped at it."""

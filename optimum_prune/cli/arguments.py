@@ -124,7 +124,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         help="cpu: weights in RAM, one block at a time on --device (default); disk: read each block from the "
         "safetensors checkpoint and stream it to --output, so about one block is ever in memory.",
     )
-    loading.add_argument("--offload-folder", metavar="DIR", help="where a run keeps its resumable state.")
+    loading.add_argument(
+        "--device-map",
+        metavar="MAP",
+        help="load the model the accelerate way instead of --offload: auto, balanced, sequential or a JSON object "
+        "of module -> device ('cpu', 'disk', 0, ...); --max-memory and --offload-folder then go to accelerate.",
+    )
+    loading.add_argument(
+        "--offload-folder",
+        metavar="DIR",
+        help="where a run keeps its resumable state (with --device-map: accelerate's offload folder).",
+    )
     loading.add_argument(
         "--offload-activations",
         action="store_true",

@@ -117,6 +117,8 @@ def check(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Plan:
             "reads the smaller blocks from the first's output): prune with --structure, then prune that --output "
             "with --sparsity."
         )
+    if args.device_map is not None:
+        _check_device_map(args, config, parser)
     if args.recover_steps and args.offload == "disk":
         parser.error("argument --recover-steps: training needs the model in memory; use --offload cpu.")
     _check_device(args.device, parser)
@@ -485,6 +487,53 @@ def _check_resume_matches(args: argparse.Namespace, config: PruningConfig, parse
             )
 
 
+DEVICE_MAP_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
+
+
+def parse_device_map(spec: str) -> str | dict[str, Any]:
+    """--device-map: one of accelerate's strategies, or a JSON object of module name -> device."""
+    if spec in DEVICE_MAP_STRATEGIES:
+        return spec
+    try:
+        value = json.loads(spec)
+    except json.JSONDecodeError:
+        value = None
+    if not isinstance(value, dict):
+        raise ValueError(
+            f"cannot read {spec!r}: use {', '.join(DEVICE_MAP_STRATEGIES)} or a JSON object such as "
+            '\'{"model.embed_tokens": "cpu", "model.layers": "disk", "lm_head": "cpu"}\'.'
+        )
+    return value
+
+
+def _check_device_map(args: argparse.Namespace, config: PruningConfig, parser: argparse.ArgumentParser) -> None:
+    """--device-map hands placement to accelerate: what cannot go with it is refused before loading."""
+    try:
+        parse_device_map(args.device_map)
+    except ValueError as error:
+        parser.error(f"argument --device-map: {error}")
+    refused = {
+        "--offload": (args.offload is not None, "accelerate offloads the model itself; drop --offload"),
+        "--structure": (
+            config.structure is not None,
+            "structured pruning changes the shapes accelerate placed; drop --device-map (--offload disk streams a "
+            "model larger than memory)",
+        ),
+        "--export compressed": (
+            "compressed" in args.export,
+            "the compressed format is built from weights in memory; save dense with --device-map and compress later",
+        ),
+        "--save-masks": (args.save_masks, "masks are read from weights in memory; save dense with --device-map"),
+        "--recover-steps": (
+            bool(args.recover_steps),
+            "training needs every weight in memory; prune with --device-map and --output, then train the saved model",
+        ),
+    }
+    for name, (given, why) in refused.items():
+        if given:
+            parser.error(f"argument --device-map: not with {name}: {why}.")
+
+
 def _parse_max_memory(spec: str | None, parser: argparse.ArgumentParser) -> dict[int | str, str] | None:
     """``"0=20GiB,cpu=64GiB"`` -> ``{0: "20GiB", "cpu": "64GiB"}`` (accelerate's ``max_memory``)."""
     if spec is None:
@@ -631,6 +680,7 @@ def load(args: argparse.Namespace, plan: Plan, dtype: Any) -> Pruner:
         offload=args.offload,
         offload_folder=args.offload_folder,
         max_memory=plan.max_memory,
+        device_map=parse_device_map(args.device_map) if args.device_map is not None else None,
         offload_activations=args.offload_activations,
         progress=Ranks.current().main,
     )
@@ -704,7 +754,7 @@ def write(args: argparse.Namespace, pruner: Pruner, scores: dict[str, Any] | Non
 
         onnx_dir = Path(args.output) / "onnx"
         print(f"exporting ONNX to {onnx_dir} ...", flush=True)
-        source = args.output if args.offload == "disk" else pruner.model
+        source = args.output if args.offload == "disk" or args.device_map is not None else pruner.model
         export_onnx(source, onnx_dir, tokenizer=pruner.tokenizer)
         print(f"ONNX model written to {onnx_dir}")
     if args.push_to_hub:
@@ -734,4 +784,5 @@ def dry_run(args: argparse.Namespace, plan: Plan, dtype: Any) -> None:
         run = f"structure {config.structure}" + (f", then {run}" if config.sparsity else "")
     print(f"dry run of {config.method} {run} on {args.model}: {estimate}")
     device = default_device() if args.device is None else torch.device(args.device)
-    check_max_memory(plan.max_memory, estimate, device, args.offload or "cpu")
+    if args.device_map is None:  # with --device-map, --max-memory is accelerate's placement budget
+        check_max_memory(plan.max_memory, estimate, device, args.offload or "cpu")

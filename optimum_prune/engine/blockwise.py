@@ -41,6 +41,7 @@ from ..methods import BlockContext, PruningMethod
 from ..report import LayerReport, PruningReport
 from .activations import ActivationStore
 from .capture import CalibrationBatch, capture_block_inputs, outside_blocks_loaded
+from .dispatch import AccelerateDispatch
 from .distributed import Ranks
 from .offload import DiskOffload
 from .work_folder import Progress, WorkFolder
@@ -157,6 +158,8 @@ class BlockwiseEngine:
         progress: show a tqdm bar per block.
         disk: read each block from the checkpoint when it is processed (the model is on the meta device).
         work_folder: save every finished block there and resume from it.
+        dispatch: the model was placed by accelerate (``device_map``): each block is loaded through its hooks
+            and written back where accelerate keeps it.
     """
 
     def __init__(
@@ -170,8 +173,10 @@ class BlockwiseEngine:
         disk: DiskOffload | None = None,
         work_folder: WorkFolder | None = None,
         activations_folder: str | os.PathLike | None = None,
+        dispatch: AccelerateDispatch | None = None,
     ) -> None:
         self.model = model
+        self.dispatch = dispatch
         self.config = config
         self.method = method
         self.device = torch.device(device)
@@ -237,12 +242,16 @@ class BlockwiseEngine:
         block = self.blocks[index]
         if self.disk is not None:
             self.disk.load(block, f"{self.blocks_name}.{self.checkpoint_blocks[index]}")
+        if self.dispatch is not None:
+            self.dispatch.load(block)
         try:
             with _on_device(block, self.device):
                 yield block
         finally:
             if self.disk is not None:
                 self.disk.release(block)
+            if self.dispatch is not None:
+                self.dispatch.release(block)
 
     @torch.no_grad()
     def run(self, input_ids: torch.Tensor | None) -> PruningReport:
@@ -263,6 +272,7 @@ class BlockwiseEngine:
                     self.config.batch_size,
                     self.device,
                     self.activations,
+                    placed=self.dispatch is not None,
                 )
         state = self.work.load() if self.work is not None else None
         if state is None:
@@ -392,7 +402,12 @@ class BlockwiseEngine:
         if self.disk is None:
             self.masks.update(self.work.load_masks(state.next_block))
             for index in range(state.next_block):
-                self.work.restore_block(self.blocks[index], index, f"{self.blocks_name}.{index}")
+                block = self.blocks[index]
+                if self.dispatch is not None:
+                    self.dispatch.load(block)
+                self.work.restore_block(block, index, f"{self.blocks_name}.{index}")
+                if self.dispatch is not None:
+                    self.dispatch.release(block)
         return self._resumed_batches(state, batches) if self.method.needs_statistics else batches
 
     def _resumed_batches(

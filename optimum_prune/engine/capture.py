@@ -52,11 +52,13 @@ def capture_block_inputs(
     batch_size: int,
     device: torch.device,
     store: ActivationStore,
+    placed: bool = False,
 ) -> list[CalibrationBatch]:
     """Run the model up to its first block for every batch of ``input_ids`` and record what the block gets.
 
     The other arguments (masks, positions, rotary embeddings) only depend on the batch shape, since
-    calibration sequences have equal length and no padding, so they are recorded once per shape.
+    calibration sequences have equal length and no padding, so they are recorded once per shape. The modules
+    before the first block run on ``device``, or where accelerate ``placed`` them (its hooks move the inputs).
     """
     batches: list[CalibrationBatch] = []
     extras: dict[torch.Size, tuple[tuple, dict]] = {}
@@ -69,7 +71,8 @@ def capture_block_inputs(
         batches.append(CalibrationBatch(store.keep(hidden), *extras[hidden.shape]))
         raise _InputsCaptured
 
-    _move_outside_blocks(model, blocks, device)
+    if not placed:
+        _move_outside_blocks(model, blocks, device)
     handle = blocks[0].register_forward_pre_hook(record, with_kwargs=True)
     try:
         for batch in input_ids.split(batch_size):
@@ -77,7 +80,8 @@ def capture_block_inputs(
                 model(input_ids=batch.to(device), use_cache=False)
     finally:
         handle.remove()
-        _move_outside_blocks(model, blocks, torch.device("cpu"))
+        if not placed:
+            _move_outside_blocks(model, blocks, torch.device("cpu"))
     return batches
 
 
