@@ -48,14 +48,15 @@ MODES = {"disk": ("disk", False), "disk-activations": ("disk", True), "cpu": ("c
 RESULTS = Path(__file__).resolve().parent / "results" / "memory.json"
 
 
-def build_model(folder: Path, layers: int, seed: int = 0) -> int:
-    """Write the random Llama with ``layers`` blocks to ``folder`` shard by shard; return its weight bytes."""
+def build_model(folder: Path, layers: int, seed: int = 0, shape: dict | None = None) -> int:
+    """Write the random Llama of ``shape`` (default `LLAMA`) with ``layers`` blocks to ``folder`` shard by shard
+    (one block in memory at a time); return its weight bytes."""
     import torch
     from accelerate import init_empty_weights
     from safetensors.torch import save_file
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(**{**LLAMA, "num_hidden_layers": layers}, dtype="float32")
+    config = LlamaConfig(**{**(shape or LLAMA), "num_hidden_layers": layers}, dtype="float32")
     with init_empty_weights():
         model = LlamaForCausalLM(config)
     shapes = {name: tensor.shape for name, tensor in model.state_dict().items()}

@@ -208,3 +208,116 @@ def test_default_recovery_lowers_held_out_perplexity(tmp_path):
     (_, before), (_, after) = report.eval_perplexity[0], report.eval_perplexity[-1]
     assert after < 0.97 * before, report.eval_perplexity
     assert report.learning_rate == 1e-3
+
+
+# 3. Gradual pruning that ends far above the dense model says so.
+def test_gradual_pruning_over_too_few_steps_warns(tmp_path, caplog):
+    pruner = Pruner.from_pretrained(
+        STORIES_260K, PruningConfig(method="magnitude", sparsity=0.8), device="cpu", progress=False
+    )
+    with caplog.at_level(logging.WARNING):
+        pruner.prune_while_training(TINYSTORIES_VAL, max_steps=4, seq_len=32, distill=False, learning_rate=1e-4)
+    assert "Pruning while training ended at" in caplog.text and "--recover-schedule one-shot" in caplog.text
+
+
+# 5. The dry run counts recovery training.
+def test_dry_run_estimates_recovery_training(capsys):
+    flags = ["--model", str(STORIES_260K), "--method", "sparsegpt", "--dataset", str(C4_SAMPLE), "--dry-run"]
+    assert run_main(*flags, "--recover-steps", "40", "--recover-seq-len", "256") == 0
+    out = capsys.readouterr().out
+    assert "recovery training: 40,960 tokens, peak memory about" in out and " min" in out
+
+
+# 6. One rule for flags that refine another; duplicated keys; an empty task list.
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--eval-windows", "3"], "argument --eval-windows: it sets up the perplexity evaluation; add --eval TEXT."),
+        (["--eval-text-column", "body"], "argument --eval-text-column: it sets up the perplexity evaluation"),
+        (["--eval-batch-size", "2"], "argument --eval-batch-size: it sets up zero-shot tasks"),
+        (["--recover-batch-size", "2"], "argument --recover-batch-size: it sets up recovery training"),
+        (["--overwrite"], "argument --overwrite: it lets --output replace a non-empty folder; add --output DIR."),
+        (["--structure", "mlp=0.2", "mlp=0.3"], "argument --structure: mlp is given twice"),
+        (["--eval-tasks", ""], "argument --eval-tasks: names no task"),
+        (["--eval-tasks", " , "], "argument --eval-tasks: names no task"),
+    ],
+)
+def test_ignored_input_is_refused(flags, message, monkeypatch, capsys):
+    _no_loading(monkeypatch)
+    assert run_main("--model", str(STORIES_260K), "--method", "magnitude", *flags) == 2
+    assert message in capsys.readouterr().err
+
+
+# 7. Messages that point the right way, and every unusable file named with what was expected.
+def test_structure_messages_point_the_right_way(tmp_path, monkeypatch, capsys):
+    single = tmp_path / "mqa"
+    model = tiny_model("llama")
+    model.config.num_key_value_heads = 1
+    AutoModelForCausalLM.from_config(model.config).save_pretrained(single)
+    _no_loading(monkeypatch)
+    flags = ["--method", "wanda", "--dataset", str(C4_SAMPLE)]
+    assert run_main("--model", str(single), *flags, "--structure", "attention=0.5") == 2
+    err = capsys.readouterr().err
+    assert "a single one (multi-query attention)" in err and "attention=1.000" not in err
+    assert run_main("--model", str(STORIES_260K), *flags, "--structure", "attention=0.5", "--ignore", "o_proj") == 2
+    assert "targets/ignore leave out model.layers.0.self_attn.o_proj" in capsys.readouterr().err
+
+
+@pytest.fixture
+def bad_files(tmp_path):
+    (tmp_path / "binary.txt").write_bytes(bytes(range(128, 256)) * 20)
+    (tmp_path / "broken.jsonl").write_text('{"text": "a"}\n{"text": broken\n')
+    (tmp_path / "columns.jsonl").write_text('{"content": "hello"}\n')
+    (tmp_path / "bad.parquet").write_text("not parquet")
+    return tmp_path
+
+
+@pytest.mark.parametrize(
+    ("name", "message"),
+    [
+        ("binary.txt", "binary.txt is not UTF-8 text (byte 0 cannot be decoded: a binary file?): expected plain"),
+        ("broken.jsonl", "broken.jsonl: line 2 is not valid JSON (Expecting value): expected one JSON object"),
+        ("columns.jsonl", "columns.jsonl: a row has no 'text' field (its fields: content)"),
+        ("bad.parquet", "bad.parquet cannot be read as Parquet"),
+    ],
+)
+@pytest.mark.parametrize("flag", ["--dataset", "--eval", "--recover-dataset"])
+def test_unreadable_text_files_are_named_with_what_was_expected(bad_files, name, message, flag, monkeypatch, capsys):
+    _no_loading(monkeypatch)
+    flags = ["--model", str(STORIES_260K), "--method", "magnitude", flag, str(bad_files / name)]
+    if flag == "--recover-dataset":
+        flags += ["--recover-steps", "2"]
+    assert run_main(*flags) == 2
+    err = capsys.readouterr().err
+    assert f"argument {flag}: " in err and message in err
+
+
+def test_broken_task_yaml_and_task_data_are_named(tmp_path, monkeypatch, capsys):
+    pytest.importorskip("lm_eval")
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    (tasks / "mine.yaml").write_text("task: mine\n  bad: [yaml\n")
+    (tmp_path / "hs.jsonl").write_text('{"ctx": "a", "endings": ["b"], "label": 0}\n')
+    _no_loading(monkeypatch)
+    flags = ["--model", str(STORIES_260K), "--method", "magnitude"]
+    assert run_main(*flags, "--eval-tasks", "mine", "--eval-include", str(tasks)) == 2
+    assert "argument --eval-include: " in (err := capsys.readouterr().err) and "mine.yaml is not a valid lm-eval task" in err
+    data = f"hellaswag_local={tmp_path / 'hs.jsonl'}"
+    assert run_main(*flags, "--eval-tasks", "hellaswag_local", "--eval-task-data", data) == 2
+    err = capsys.readouterr().err
+    assert "argument --eval-task-data: " in err and "line 1 is not a HellaSwag item: expected one JSON object" in err
+
+
+# 10. No noise from the libraries underneath.
+def test_no_library_noise_on_save_export_and_tasks(tmp_path, capfd, monkeypatch):
+    from test_zero_shot import HELLASWAG
+
+    monkeypatch.chdir(tmp_path)  # outside a git checkout, where lm-eval's git probe would print "fatal"
+    flags = ["--model", str(STORIES_260K), "--method", "magnitude", "--output", str(tmp_path / "out")]
+    flags += ["--export", "onnx", "--eval-tasks", "hellaswag_local", "--eval-limit", "2"]
+    capfd.readouterr()
+    assert run_main(*flags, "--eval-task-data", f"hellaswag_local={HELLASWAG}") == 0
+    captured = capfd.readouterr()
+    noise = captured.out + captured.err
+    for text in ("fatal: not a git repository", "are deprecated. Use `cache` instead", "Writing model shards"):
+        assert text not in noise, text

@@ -762,6 +762,25 @@ def write(args: argparse.Namespace, pruner: Pruner, scores: dict[str, Any] | Non
         print(f"pushed to {commit.commit_url}")
 
 
+def _training_estimate(args: argparse.Namespace, plan: Plan, estimate: Any, device: Any) -> str:
+    """The dry run's line for --recover-steps (one-shot or gradual)."""
+    import torch
+
+    from ..engine.estimate import matmul_flops_per_second
+    from ..recovery.train import RecoveryConfig, estimate_training
+
+    context = getattr(plan.model_config.get_text_config(), "max_position_embeddings", None) or plan.config.seq_len
+    recovery = RecoveryConfig(
+        args.recover_steps, args.recover_lr, args.recover_batch_size,
+        args.recover_seq_len or min(plan.config.seq_len, context), distill=args.recover_loss == "distill",
+        lora=args.recover_lora,
+    )  # fmt: skip
+    weight_bytes = max(1, estimate.weights_bytes // max(estimate.parameters, 1))
+    flops = matmul_flops_per_second(torch.device(device))
+    gradual = args.recover_schedule == "gradual"
+    return str(estimate_training(estimate.parameters, weight_bytes, plan.model_config, recovery, flops, gradual))
+
+
 def dry_run(args: argparse.Namespace, plan: Plan, dtype: Any) -> None:
     """Print the estimate of the run, refused as the real run would be when it exceeds --max-memory."""
     import torch
@@ -783,6 +802,8 @@ def dry_run(args: argparse.Namespace, plan: Plan, dtype: Any) -> None:
     if config.structure is not None:
         run = f"structure {config.structure}" + (f", then {run}" if config.sparsity else "")
     print(f"dry run of {config.method} {run} on {args.model}: {estimate}")
+    if args.recover_steps:
+        print(_training_estimate(args, plan, estimate, default_device() if args.device is None else args.device))
     device = default_device() if args.device is None else torch.device(args.device)
     if args.device_map is None:  # with --device-map, --max-memory is accelerate's placement budget
         check_max_memory(plan.max_memory, estimate, device, args.offload or "cpu")

@@ -89,6 +89,46 @@ def default_learning_rate(parameters: int, lora: bool) -> float:
     return min(2e-3, 10 * rate) if lora else rate
 
 
+GRADUAL_WARNING = 2.0  # pruning while training that ends above this multiple of the dense perplexity is named
+
+
+@dataclass
+class TrainingEstimate:
+    """What recovery training will need, roughly: peak memory on its device and wall time."""
+
+    memory_bytes: int
+    seconds: float
+    tokens: int
+
+    def __str__(self) -> str:
+        return (
+            f"recovery training: {self.tokens:,} tokens, peak memory about {self.memory_bytes / 2**30:.2f} GiB "
+            f"(weights, gradients, AdamW's two moments, the teacher, activations), about {self.seconds / 60:.1f} min"
+        )
+
+
+def estimate_training(
+    parameters: int, weight_bytes: int, model_config: Any, config: RecoveryConfig, flops_per_second: float,
+    gradual: bool = False,
+) -> TrainingEstimate:  # fmt: skip
+    """The memory and time of training ``parameters`` (``weight_bytes`` each) with ``config``: weights, their
+    gradients and AdamW's two float32 moments (adapters only with LoRA), the teacher's weights when distilling,
+    per token about 20 hidden-sized float32 activations per block and the logits (and the teacher's); gradual
+    pruning adds its masks and float32 saliency. Time: 6 FLOPs per parameter and token to train, 2 more for the
+    teacher, at the measured matmul throughput."""
+    text = model_config.get_text_config()
+    tokens = config.max_steps * config.batch_size * config.seq_len
+    batch_tokens = config.batch_size * config.seq_len
+    trained = 0 if config.lora else parameters
+    memory = parameters * weight_bytes + trained * (weight_bytes + 8)
+    memory += parameters * weight_bytes if config.distill else 0
+    memory += batch_tokens * text.hidden_size * 4 * 20 * text.num_hidden_layers
+    memory += batch_tokens * text.vocab_size * 4 * (3 if config.distill else 2)
+    memory += parameters * 4 + parameters // 8 if gradual else 0
+    flops = tokens * parameters * (6 + (2 if config.distill else 0))
+    return TrainingEstimate(int(memory), flops / flops_per_second, tokens)
+
+
 class TrainingDiverged(RuntimeError):
     """Recovery training left non-finite weights or losses."""
 
@@ -367,7 +407,7 @@ def recover(
         losses=losses,
         eval_perplexity=[(entry["step"], entry["eval_perplexity"]) for entry in history if "eval_perplexity" in entry],
     )
-    _warn_unless_improved(report)
+    _warn_unless_improved(report, gradual=callback is not None)
     return trained, report
 
 
@@ -383,11 +423,24 @@ def _check_finite(model: nn.Module, losses: list[tuple[int, float]], learning_ra
         )
 
 
-def _warn_unless_improved(report: RecoveryReport) -> None:
-    """Say so when the held-out perplexity did not fall: training that did not help, or hurt."""
+def _warn_unless_improved(report: RecoveryReport, gradual: bool) -> None:
+    """Say so when the held-out perplexity did not fall: training that did not help, or hurt. Gradual pruning
+    starts from the dense model, so there it says so when the end is far above the dense start."""
     if len(report.eval_perplexity) < 2:
         return
     (_, before), (_, after) = report.eval_perplexity[0], report.eval_perplexity[-1]
+    if gradual:
+        if after > GRADUAL_WARNING * before:
+            logger.warning(
+                "Pruning while training ended at %.3f held-out perplexity, %.1fx the dense model's %.3f, after %d "
+                "steps: with this few steps the schedule prunes faster than training can follow; prune one-shot and "
+                "recover (--recover-schedule one-shot), or give it more steps.",
+                after,
+                after / before,
+                before,
+                report.steps,
+            )
+        return
     if after >= before:
         advice = (
             "the learning rate is too high for this model: lower --recover-lr"
