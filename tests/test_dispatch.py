@@ -50,7 +50,9 @@ def in_memory() -> dict[str, Pruner]:
 @pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
 def test_a_dispatched_model_prunes_as_in_memory(in_memory, method, tmp_path):
     digest = _checkpoint_digest()
-    model = AutoModelForCausalLM.from_pretrained(STORIES_260K, device_map=BLOCKS_ON_DISK, offload_folder=tmp_path / "off")
+    model = AutoModelForCausalLM.from_pretrained(
+        STORIES_260K, device_map=BLOCKS_ON_DISK, offload_folder=tmp_path / "off"
+    )
     pruner = Pruner(model, _config(method), tokenizer=in_memory[method].tokenizer, device="cpu", progress=False)
     pruner.prune(C4_SAMPLE)
     reference = in_memory[method]

@@ -301,7 +301,10 @@ def test_broken_task_yaml_and_task_data_are_named(tmp_path, monkeypatch, capsys)
     _no_loading(monkeypatch)
     flags = ["--model", str(STORIES_260K), "--method", "magnitude"]
     assert run_main(*flags, "--eval-tasks", "mine", "--eval-include", str(tasks)) == 2
-    assert "argument --eval-include: " in (err := capsys.readouterr().err) and "mine.yaml is not a valid lm-eval task" in err
+    assert (
+        "argument --eval-include: " in (err := capsys.readouterr().err)
+        and "mine.yaml is not a valid lm-eval task" in err
+    )
     data = f"hellaswag_local={tmp_path / 'hs.jsonl'}"
     assert run_main(*flags, "--eval-tasks", "hellaswag_local", "--eval-task-data", data) == 2
     err = capsys.readouterr().err
