@@ -194,6 +194,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         default=[],
         help="compressed: save --output in the compressed format (docs/formats.md); onnx: also write DIR/onnx.",
     )
+    output.add_argument(
+        "--onnx-quantize",
+        choices=["int8", "int4"],
+        help="with --export onnx: int8 (dynamic, per channel) or int4 (weight-only, blocks of 32) weights through "
+        "onnxruntime's quantization tools; pruned zeros stay zero, the LM head stays float.",
+    )
     output.add_argument("--save-masks", action="store_true", help="add sparsity_masks.safetensors to --output.")
     output.add_argument(
         "--push-to-hub", metavar="REPO", help="upload the pruned model and its card (token: HF_TOKEN or hf auth login)."

@@ -281,6 +281,8 @@ def _check_refining_flags(args: argparse.Namespace, parser: argparse.ArgumentPar
     for name, needed in REFINES.items():
         if getattr(args, name) != parser.get_default(name) and not getattr(args, needed):
             parser.error(f"argument {flag(name)}: {WHAT_IT_SETS_UP[needed]}")
+    if args.onnx_quantize and "onnx" not in args.export:
+        parser.error("argument --onnx-quantize: it quantizes the ONNX export; add --export onnx.")
     if args.eval_tasks is not None and not [name for name in args.eval_tasks.split(",") if name.strip()]:
         parser.error("argument --eval-tasks: names no task: give TASK[,TASK...], e.g. hellaswag_local.")
 
@@ -662,6 +664,12 @@ def execute(args: argparse.Namespace, plan: Plan) -> None:
             print(f"perplexity on {plan.eval_name} after recovery: {after.value:.3f}")
     scores = None if before is None else {"dataset": plan.eval_name, "before": before.value, "after": after.value}
     write(args, pruner, scores)
+    if "onnx" in args.export and before is not None and main:  # the ONNX export, by the same protocol
+        exported = evaluate_perplexity(
+            Path(args.output) / "onnx", pruner.tokenizer, plan.eval_texts, eval_seq_len, args.eval_windows
+        )
+        weights = f"{args.onnx_quantize} weights" if args.onnx_quantize else "float32"
+        print(f"perplexity on {plan.eval_name} of the ONNX export ({weights}, onnxruntime): {exported.value:.3f}")
 
 
 def load(args: argparse.Namespace, plan: Plan, dtype: Any) -> Pruner:
@@ -755,8 +763,8 @@ def write(args: argparse.Namespace, pruner: Pruner, scores: dict[str, Any] | Non
         onnx_dir = Path(args.output) / "onnx"
         print(f"exporting ONNX to {onnx_dir} ...", flush=True)
         source = args.output if args.offload == "disk" or args.device_map is not None else pruner.model
-        export_onnx(source, onnx_dir, tokenizer=pruner.tokenizer)
-        print(f"ONNX model written to {onnx_dir}")
+        export_onnx(source, onnx_dir, tokenizer=pruner.tokenizer, quantize=args.onnx_quantize)
+        print(f"ONNX model{f' ({args.onnx_quantize} weights)' if args.onnx_quantize else ''} written to {onnx_dir}")
     if args.push_to_hub:
         commit = pruner.push_to_hub(args.push_to_hub, private=args.private, format=save_format, perplexity=scores)
         print(f"pushed to {commit.commit_url}")

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import PreTrainedTokenizerBase
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from ..calibration import bos_token_id
 from ..errors import InputError
@@ -32,8 +33,8 @@ class Perplexity:
 
 @torch.no_grad()
 def evaluate_perplexity(
-    model: nn.Module,
-    tokenizer: PreTrainedTokenizerBase,
+    model: nn.Module | str | os.PathLike,
+    tokenizer: PreTrainedTokenizerBase | None,
     text: str | Sequence[str],
     seq_len: int = 2048,
     max_windows: int | None = None,
@@ -41,7 +42,8 @@ def evaluate_perplexity(
     device: str | torch.device | None = None,
     bos: bool | None = None,
 ) -> Perplexity:
-    """Perplexity of ``model`` on ``text`` (a list is joined with blank lines, as in SparseGPT/Wanda).
+    """Perplexity of ``model`` on ``text`` (a list is joined with blank lines, as in SparseGPT/Wanda). ``model``
+    may be the folder of an ONNX export (run by onnxruntime; ``tokenizer=None`` reads the folder's).
 
     The text is tokenised once, without special tokens, and cut into non-overlapping windows of ``seq_len``
     tokens (the first ``max_windows`` of them); the result is ``exp`` of the mean next-token negative
@@ -49,6 +51,11 @@ def evaluate_perplexity(
     it adds a BOS token (Llama, Gemma), each window's ``seq_len`` tokens are all predicted after a BOS; when it
     adds none (GPT-2, OPT), the paper protocol predicts the last ``seq_len - 1`` tokens of each window.
     """
+    if isinstance(model, str | os.PathLike):  # an exported ONNX folder
+        from .onnx_model import OnnxCausalLM
+
+        model = OnnxCausalLM(model)
+        tokenizer = tokenizer if tokenizer is not None else AutoTokenizer.from_pretrained(model.folder)
     context = getattr(getattr(model, "config", None), "max_position_embeddings", None)
     if context is not None and seq_len > context:
         raise InputError(
@@ -81,7 +88,9 @@ def windows_perplexity(
     """``exp`` of the mean next-token negative log-likelihood over token ``windows`` ``(n, seq_len)``: every token
     but the first of each window is predicted from the ones before it, or, with ``bos_id``, every token, the
     first from that BOS token."""
-    device = torch.device(device) if device is not None else next(model.parameters()).device
+    if device is None:  # the model's own device; an ONNX model takes CPU tensors
+        device = next(model.parameters()).device if isinstance(model, nn.Module) else "cpu"
+    device = torch.device(device)
     total_nll, total_tokens = 0.0, 0
     for batch in windows.split(batch_size):
         batch = batch.to(device)
@@ -98,8 +107,8 @@ def windows_perplexity(
 
 
 def perplexity(
-    model: nn.Module,
-    tokenizer: PreTrainedTokenizerBase,
+    model: nn.Module | str | os.PathLike,
+    tokenizer: PreTrainedTokenizerBase | None,
     text: str | Sequence[str],
     seq_len: int = 2048,
     max_windows: int | None = None,

@@ -15,6 +15,7 @@ import io
 import json
 import logging
 import os
+import shutil
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -30,8 +31,10 @@ from ..core.layers import is_fused_experts
 from ..errors import InputError
 from .files import atomic_directory, check_writable, write_model_files
 from .metadata import METADATA_KEY, read_metadata
+from .quantize import check_quantization, quantize_onnx
 
 logger = logging.getLogger(__name__)
+QUANTIZATION_KEY = "optimum_prune_quantization"  # metadata_props entry of a quantized export
 # transformers 5 renamed the cache argument and output field `past_key_values` to `cache` (the old name warns)
 CACHE_ARGUMENT = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
 
@@ -222,15 +225,21 @@ def export_onnx(
     overwrite: bool = False,
     tokenizer: PreTrainedTokenizerBase | str | None = None,
     external_data: bool | None = None,
+    quantize: str | None = None,
+    quantize_head: bool = False,
 ) -> Path:
     """Export a causal LM (a loaded model or a saved folder) to ``output_dir/model.onnx``.
 
     The folder also gets ``config.json``, the generation config and the tokenizer. ``external_data=None``
     writes the weights to ``model.onnx_data`` only when they reach 2 GB. The output folder is written
-    atomically and a non-empty one is kept unless ``overwrite``.
+    atomically and a non-empty one is kept unless ``overwrite``. ``quantize="int8"`` or ``"int4"`` stores the
+    linear weights in low bits through onnxruntime's quantization tools (`optimum_prune.export.quantize`; pruned
+    zeros stay exactly zero), the language-model head in float unless ``quantize_head``; what was done is
+    recorded in ``config.json`` (``optimum_prune.onnx``) and the model's ``metadata_props``.
     """
     import onnx_ir as ir
 
+    check_quantization(quantize)
     check_writable(output_dir, overwrite)
     model, tokenizer = _load(model_or_dir, tokenizer)
     if not isinstance(model, PreTrainedModel):
@@ -272,4 +281,30 @@ def export_onnx(
         with atomic_directory(output_dir, overwrite) as staging:
             ir.save(onnx_model, staging / ONNX_FILE, external_data=EXTERNAL_DATA_FILE if external_data else None)
             write_model_files(staging, model, tokenizer)
+            if quantize is not None:
+                _quantize_in_place(staging, quantize, quantize_head, external_data)
     return Path(output_dir)
+
+
+def _quantize_in_place(folder: Path, quantize: str, quantize_head: bool, external_data: bool) -> None:
+    """Replace ``folder``'s float model by its quantized one, and record the quantization beside the pruning
+    metadata (``config.json``) and in the model's ``metadata_props``."""
+    import onnx
+
+    float_model = folder / "float" / ONNX_FILE
+    float_model.parent.mkdir()
+    for name in (ONNX_FILE, EXTERNAL_DATA_FILE):
+        if (folder / name).exists():
+            os.replace(folder / name, float_model.parent / name)
+    info = quantize_onnx(
+        float_model, folder / ONNX_FILE, quantize, quantize_head=quantize_head, external_data=external_data
+    )
+    shutil.rmtree(float_model.parent)
+    model = onnx.load(folder / ONNX_FILE, load_external_data=False)
+    onnx.helper.set_model_props(
+        model, {**{prop.key: prop.value for prop in model.metadata_props}, QUANTIZATION_KEY: json.dumps(info)}
+    )
+    onnx.save(model, folder / ONNX_FILE)  # the weights stay in the external data file, if any
+    config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    config.setdefault(METADATA_KEY, {})["onnx"] = info
+    (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")

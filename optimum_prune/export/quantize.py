@@ -1,0 +1,115 @@
+"""Low-bit weights for an exported ONNX model, through onnxruntime's own quantization tools.
+
+- ``"int8"``: `onnxruntime.quantization.quantize_dynamic`, symmetric int8 weights per output channel,
+  activations quantized on the fly (``MatMulInteger``): the path onnxruntime's CPU kernels run fastest.
+- ``"int4"``: `MatMulNBitsQuantizer`, symmetric 4-bit weights in blocks of ``block_size`` input rows with one
+  float scale each (the ``MatMulNBits`` contrib op of onnxruntime's generative-AI stack), weight-only.
+
+Both are symmetric, so a pruned weight quantizes to exactly zero (int8: 0 with zero point 0; int4: the code 8,
+the implicit zero point) and dequantizes to exactly zero. The language-model head (the last ``MatMul`` before
+the logits) stays float by default: it is where low-bit weights cost the most quality for the least size.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from ..errors import InputError
+
+QUANTIZATIONS = ("int8", "int4")
+INT4_BLOCK_SIZE = 32
+
+
+def check_quantization(quantize: str | None) -> None:
+    """Refuse, before any export, a quantization name outside our list, or one onnxruntime's tools cannot run."""
+    if quantize is None:
+        return
+    if quantize not in QUANTIZATIONS:
+        raise InputError(f"Unknown ONNX quantization {quantize!r}: choose one of {', '.join(QUANTIZATIONS)}.")
+    if importlib.util.find_spec("onnxruntime") is None:
+        raise ImportError('Quantizing ONNX weights needs onnxruntime\'s tools: pip install "optimum-prune[onnx]".')
+    if quantize == "int4" and importlib.util.find_spec("onnxruntime.quantization.matmul_nbits_quantizer") is None:
+        raise ImportError("int4 ONNX weights need onnxruntime >= 1.17 (MatMulNBitsQuantizer): upgrade onnxruntime.")
+
+
+@contextmanager
+def _no_preprocessing_advice() -> Iterator[None]:
+    """onnxruntime's quantizer logs, on the root logger, advice to run its shape pre-processing first: advice for
+    static quantization of vision models, noise here."""
+
+    def advice(record: logging.LogRecord) -> bool:
+        return "pre-processing before quantization" not in record.getMessage()
+
+    root = logging.getLogger()
+    root.addFilter(advice)
+    try:
+        yield
+    finally:
+        root.removeFilter(advice)
+
+
+def head_nodes(path: str | os.PathLike) -> list[str]:
+    """The name of the ``MatMul`` (or ``Gemm``) that computes the logits: the first one met walking back from the
+    ``logits`` output."""
+    import onnx
+
+    graph = onnx.load(os.fspath(path), load_external_data=False).graph
+    producers = {output: node for node in graph.node for output in node.output}
+    pending, seen = ["logits"], set()
+    while pending:
+        node = producers.get(pending.pop())
+        if node is None or node.name in seen:
+            continue
+        seen.add(node.name)
+        if node.op_type in ("MatMul", "Gemm"):
+            return [node.name]
+        pending.extend(node.input)
+    return []
+
+
+def quantize_onnx(
+    source: str | os.PathLike,
+    target: str | os.PathLike,
+    quantize: str,
+    *,
+    quantize_head: bool = False,
+    external_data: bool = False,
+) -> dict[str, Any]:
+    """Write ``source``'s model with ``quantize`` weights to ``target``; return what was done (for the metadata)."""
+    import onnx
+    import onnxruntime
+
+    check_quantization(quantize)
+    excluded = [] if quantize_head else head_nodes(source)
+    if quantize == "int8":
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+
+        with _no_preprocessing_advice():
+            quantize_dynamic(
+                Path(source), Path(target), per_channel=True, weight_type=QuantType.QInt8,
+                op_types_to_quantize=["MatMul"], nodes_to_exclude=excluded, use_external_data_format=external_data,
+                extra_options={"WeightSymmetric": True, "MatMulConstBOnly": True},
+            )  # fmt: skip
+        scheme = "dynamic int8, symmetric per output channel (MatMulInteger), activations quantized at run time"
+    else:
+        from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+        quantizer = MatMulNBitsQuantizer(
+            onnx.load(os.fspath(source)), bits=4, block_size=INT4_BLOCK_SIZE, is_symmetric=True,
+            nodes_to_exclude=excluded,
+        )  # fmt: skip
+        quantizer.process()
+        quantizer.model.save_model_to_file(os.fspath(target), use_external_data_format=external_data)
+        scheme = f"weight-only int4, symmetric, blocks of {INT4_BLOCK_SIZE} (MatMulNBits)"
+    return {
+        "quantize": quantize,
+        "scheme": scheme,
+        "float_nodes": excluded,
+        "onnxruntime": onnxruntime.__version__,
+    }
