@@ -675,7 +675,8 @@ class Pruner:
 
     def _record_metadata(self) -> None:
         """Write what the run did (report, recovery, zero-shot scores) into ``config.json``'s metadata."""
-        setattr(self.model.config, METADATA_KEY, build_metadata(self.config, self.report, self.recovery))
+        recovery = self.recovery.to_dict() if self.recovery is not None else None
+        setattr(self.model.config, METADATA_KEY, build_metadata(self.config, self.report, recovery))
 
     def evaluate_tasks(
         self, tasks: ZeroShotTasks, dense: list[TaskScore] | None = None, batch_size: int = 8

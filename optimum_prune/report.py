@@ -42,6 +42,7 @@ class PruningReport:
     left_dense_parameters: int = 0  # matrices inside the blocks that no target layer holds (routers, ignored)
     expert_tokens: dict[str, list[int]] = field(default_factory=dict)  # experts module -> tokens routed to each
     zero_shot: dict[str, Any] | None = None  # lm-eval tasks, dense beside pruned (evaluation.harness.compare)
+    speed: dict[str, Any] | None = None  # tokens/s beside the dense model (evaluation.speed.SpeedReport.to_dict)
 
     @property
     def global_sparsity(self) -> float:
@@ -117,8 +118,6 @@ class PruningReport:
         if self.left_dense_parameters:
             lines.append(f"left dense inside the blocks (not target layers): {self.left_dense_parameters:,} parameters")
         if self.zero_shot:
-            from .evaluation.harness import comparison_table
-
             lines.append(comparison_table(self.zero_shot["rows"]))
         if self.expert_tokens:
             counts = sorted(count for tokens in self.expert_tokens.values() for count in tokens)
@@ -148,3 +147,21 @@ def _structure_line(structure: dict[str, Any]) -> str:
         f"structured: {', '.join(parts)}; {parameters['original'] / 1e6:.2f}M -> {parameters['kept'] / 1e6:.2f}M "
         "parameters"
     )
+
+
+def comparison_table(rows: list[dict[str, Any]]) -> str:
+    """``task  metric  dense  pruned  delta`` (values with their standard errors), as printed by the CLI."""
+    lines = [f"{'task':<24} {'metric':<10} {'dense':>16} {'pruned':>16} {'delta':>8}"]
+    for row in rows:
+        dense = format_score(row.get("dense_value"), row.get("dense_stderr"))
+        pruned = format_score(row["pruned_value"], row["pruned_stderr"])
+        delta = f"{row['pruned_value'] - row['dense_value']:+.4f}" if "dense_value" in row else "-"
+        lines.append(f"{row['task']:<24} {row['metric']:<10} {dense:>16} {pruned:>16} {delta:>8}")
+    return "\n".join(lines)
+
+
+def format_score(value: float | None, stderr: float | None) -> str:
+    """``0.4123 ± 0.0110`` (``-`` for no value)."""
+    if value is None:
+        return "-"
+    return f"{value:.4f}" + (f" ± {stderr:.4f}" if stderr is not None else "")

@@ -205,6 +205,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         "--push-to-hub", metavar="REPO", help="upload the pruned model and its card (token: HF_TOKEN or hf auth login)."
     )
     output.add_argument("--private", action="store_true", help="create the --push-to-hub repository as private.")
+    output.add_argument(
+        "--benchmark",
+        action="store_true",
+        help="after saving, time the output (its ONNX export when there is one) against --model: `optimum-prune "
+        "bench` with its defaults; the result goes into the metadata and card.",
+    )
     output.add_argument("--verbose", action="store_true", help="info logs, and a traceback on failure.")
     return parser
 
@@ -243,3 +249,21 @@ def _add_recovery_arguments(parser: argparse.ArgumentParser) -> None:
         default="distill",
         help="distill: KL to the dense model (default); lm: the plain language-model loss.",
     )
+
+
+def add_bench_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The flags of ``optimum-prune bench``: prefill and decode tokens/s of a saved model beside the dense one."""
+    parser.description = (
+        "Time prefill and decode tokens/s of a saved model (an ONNX folder on onnxruntime, a safetensors folder on "
+        "transformers) and of the dense model on the same engine, interleaved; print the table and a verdict and "
+        "write them into the folder's metadata and model card."
+    )
+    parser.add_argument("output", metavar="OUTPUT", help="the saved model folder (or its onnx/ subfolder).")
+    parser.add_argument("--against", metavar="DENSE", help="the dense model folder to compare with.")
+    parser.add_argument("--device", default="cpu", help="transformers' device for safetensors folders (default cpu).")
+    parser.add_argument("--threads", type=int, help="threads of the engine (default: its own).")
+    parser.add_argument("--prompt-len", type=int, default=512, help="prompt tokens (default 512).")
+    parser.add_argument("--new-tokens", type=int, default=128, help="greedy decode steps (default 128).")
+    parser.add_argument("--repeats", type=int, default=3, help="interleaved runs per model (default 3).")
+    parser.add_argument("--no-record", action="store_true", help="print only; leave the folder as it is.")
+    return parser

@@ -281,6 +281,8 @@ def _check_refining_flags(args: argparse.Namespace, parser: argparse.ArgumentPar
     for name, needed in REFINES.items():
         if getattr(args, name) != parser.get_default(name) and not getattr(args, needed):
             parser.error(f"argument {flag(name)}: {WHAT_IT_SETS_UP[needed]}")
+    if args.benchmark and not args.output:
+        parser.error("argument --benchmark: it times the saved output; add --output DIR.")
     if args.onnx_quantize and "onnx" not in args.export:
         parser.error("argument --onnx-quantize: it quantizes the ONNX export; add --export onnx.")
     if args.eval_tasks is not None and not [name for name in args.eval_tasks.split(",") if name.strip()]:
@@ -664,6 +666,11 @@ def execute(args: argparse.Namespace, plan: Plan) -> None:
             print(f"perplexity on {plan.eval_name} after recovery: {after.value:.3f}")
     scores = None if before is None else {"dataset": plan.eval_name, "before": before.value, "after": after.value}
     write(args, pruner, scores)
+    if args.benchmark and main:
+        from .bench import benchmark
+
+        pruner.report.speed = benchmark(args.output, args.model if os.path.isdir(args.model) else None)
+        pruner._record_metadata()
     if "onnx" in args.export and before is not None and main:  # the ONNX export, by the same protocol
         exported = evaluate_perplexity(
             Path(args.output) / "onnx", pruner.tokenizer, plan.eval_texts, eval_seq_len, args.eval_windows

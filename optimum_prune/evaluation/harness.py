@@ -299,21 +299,3 @@ def compare(dense: list[TaskScore], pruned: list[TaskScore]) -> list[dict[str, A
             row.update({"dense_value": match.value, "dense_stderr": match.stderr})
         rows.append(row)
     return rows
-
-
-def comparison_table(rows: list[dict[str, Any]]) -> str:
-    """``task  metric  dense  pruned  delta`` (values with their standard errors), as printed by the CLI."""
-    lines = [f"{'task':<24} {'metric':<10} {'dense':>16} {'pruned':>16} {'delta':>8}"]
-    for row in rows:
-        dense = format_score(row.get("dense_value"), row.get("dense_stderr"))
-        pruned = format_score(row["pruned_value"], row["pruned_stderr"])
-        delta = f"{row['pruned_value'] - row['dense_value']:+.4f}" if "dense_value" in row else "-"
-        lines.append(f"{row['task']:<24} {row['metric']:<10} {dense:>16} {pruned:>16} {delta:>8}")
-    return "\n".join(lines)
-
-
-def format_score(value: float | None, stderr: float | None) -> str:
-    """``0.4123 ± 0.0110`` (``-`` for no value)."""
-    if value is None:
-        return "-"
-    return f"{value:.4f}" + (f" ± {stderr:.4f}" if stderr is not None else "")

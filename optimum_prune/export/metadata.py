@@ -4,16 +4,13 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from transformers import PretrainedConfig
 
 from ..config import PruningConfig
-from ..report import PruningReport
-
-if TYPE_CHECKING:
-    from ..recovery import RecoveryReport
 from ..errors import InputError
+from ..report import PruningReport
 from .files import read_json
 
 METADATA_KEY = "optimum_prune"
@@ -22,10 +19,10 @@ REQUIRED_KEYS = ("version", "method", "pattern", "target_sparsity", "global_spar
 
 
 def build_metadata(
-    config: PruningConfig, report: PruningReport, recovery: RecoveryReport | None = None
+    config: PruningConfig, report: PruningReport, recovery: dict[str, Any] | None = None
 ) -> dict[str, Any]:
     """The metadata of a pruned model: recipe, calibration, achieved sparsity of every layer, structure and
-    recovery training when there were any."""
+    recovery training (``RecoveryReport.to_dict()``) when there were any."""
     from ..version import __version__
 
     return {
@@ -56,7 +53,8 @@ def build_metadata(
         "left_dense_parameters": report.left_dense_parameters,
         "expert_tokens": report.expert_tokens or None,
         "zero_shot": report.zero_shot,
-        "recovery": {key: value for key, value in recovery.to_dict().items() if key != "losses"} if recovery else None,
+        "speed": report.speed,
+        "recovery": {key: value for key, value in recovery.items() if key != "losses"} if recovery else None,
         "config": config.to_dict(),
     }
 

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import json
 import os
+from pathlib import Path
 from typing import Any
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from ..config import PruningConfig
 from ..errors import InputError
-from ..evaluation.harness import format_score
-from ..report import PruningReport
+from ..export.metadata import METADATA_KEY
+from ..report import PruningReport, format_score
 
 _PERPLEXITY_KEYS = {"dataset", "before", "after", "dataset_name", "split", "seq_len"}
 
@@ -165,6 +167,41 @@ def _zero_shot_section(zero_shot: dict[str, Any]) -> str:
     )
 
 
+def speed_section(speed: dict[str, Any]) -> str:
+    """The card's Speed section from a `SpeedReport.to_dict`: the engine, the settings, and tokens/s."""
+    rows = [
+        [name, f"{values['prefill_tokens_per_second']:.1f}", f"{values['decode_tokens_per_second']:.1f}"]
+        for name, values in (("this model", speed["output"]), ("dense base model", speed.get("dense")))
+        if values
+    ]
+    return (
+        f"## Speed\n\nMeasured with `optimum-prune bench` on {speed['engine']} ({speed['device']}, {speed['dtype']}, "
+        f"{speed['threads'] or 'default'} threads; {speed['hardware']}), batch {speed['batch']}, a "
+        f"{speed['prompt_len']}-token prompt and {speed['new_tokens']} new tokens, median of {speed['repeats']} "
+        f"interleaved runs:\n\n"
+        + _markdown_table(["model", "prefill tokens/s", "decode tokens/s"], rows)
+        + f"\n\nVerdict: {speed['verdict']}."
+    )
+
+
+def record_speed(folder: str | os.PathLike, speed: dict[str, Any]) -> None:
+    """Write a `SpeedReport.to_dict` into a saved ``folder``'s metadata (``config.json``, ``optimum_prune.speed``)
+    and the Speed section of its model card (``README.md``), when it has one."""
+    folder = Path(folder)
+    config_path = folder / "config.json"
+    config = json.loads(config_path.read_text(encoding="utf-8"))
+    config.setdefault(METADATA_KEY, {})["speed"] = speed
+    temporary = config_path.with_suffix(".json.tmp")
+    temporary.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    os.replace(temporary, config_path)
+    card = folder / "README.md"
+    if card.is_file():  # the Speed section replaced, or added at the end
+        head, _, rest = card.read_text(encoding="utf-8").partition("\n## Speed\n")
+        _, _, tail = rest.partition("\n## ")
+        after = f"\n\n## {tail}" if tail else "\n"
+        card.write_text(head.rstrip() + "\n\n" + speed_section(speed) + after, encoding="utf-8")
+
+
 def _markdown_table(headers: list[str], rows: list[list[Any]]) -> str:
     lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
     return "\n".join(lines + ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows])
@@ -225,6 +262,8 @@ def build_model_card(
         sections.append(_perplexity_section(perplexity))
     if report.zero_shot:
         sections.append(_zero_shot_section(report.zero_shot))
+    if report.speed:
+        sections.append(speed_section(report.speed))
     if plot:
         sections.append(f"## Sparsity per block\n\n![Achieved sparsity per block and layer kind]({plot})")
     sections.append("## How to load\n\n" + _load_snippet(repo_id, format))

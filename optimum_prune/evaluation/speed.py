@@ -1,0 +1,241 @@
+"""How fast a saved model runs where the user runs it: prefill and decode tokens/s at batch 1, beside the dense
+model on the same engine, interleaved repeats, median and spread, and a plain verdict.
+
+Engines: onnxruntime (CPU) for an ONNX folder (``model.onnx``), transformers on ``device`` for a safetensors
+folder. Prefill is one forward of ``prompt_len`` tokens with an empty cache; decode is ``new_tokens`` greedy steps,
+each one token over the growing KV cache. A dense model given as a safetensors folder beside an ONNX output is
+exported to ONNX (float32) first, so that both run on the same engine.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..errors import InputError
+from ..export.onnx import CACHE_ARGUMENT, ONNX_FILE
+
+FASTER = 1.1  # a speed ratio below this is "no faster"
+
+
+@dataclass
+class Timing:
+    """One model's tokens/s over the repeats: median, lowest and highest."""
+
+    prefill: list[float] = field(default_factory=list)
+    decode: list[float] = field(default_factory=list)
+
+    def summary(self) -> dict[str, float]:
+        return {
+            f"{kind}_tokens_per_second{suffix}": function(values)
+            for kind, values in (("prefill", self.prefill), ("decode", self.decode))
+            for suffix, function in (("", statistics.median), ("_min", min), ("_max", max))
+        }
+
+
+@dataclass
+class SpeedReport:
+    """What `measure_speed` measured, and how."""
+
+    engine: str
+    device: str
+    dtype: str
+    threads: int | None
+    batch: int
+    prompt_len: int
+    new_tokens: int
+    repeats: int
+    hardware: str
+    output: dict[str, float]
+    dense: dict[str, float] | None
+
+    @property
+    def ratios(self) -> tuple[float, float] | None:
+        """Prefill and decode speed of the output over the dense model's (medians)."""
+        if self.dense is None:
+            return None
+        return tuple(
+            self.output[f"{kind}_tokens_per_second"] / self.dense[f"{kind}_tokens_per_second"]
+            for kind in ("prefill", "decode")
+        )
+
+    @property
+    def verdict(self) -> str:
+        if self.ratios is None:
+            return "no dense model to compare with (--against DENSE)"
+        prefill, decode = self.ratios
+        if max(prefill, decode) < FASTER:
+            advice = "structured pruning would be" if "int4" in self.dtype else "structured pruning or int4 ONNX would be"
+            return f"{decode:.2f}x decode, {prefill:.2f}x prefill: no faster on this runtime; {advice}"
+        return f"{decode:.2f}x decode, {prefill:.2f}x prefill: faster than the dense model on this runtime"
+
+    def table(self) -> str:
+        rows = [("output", self.output)] + ([("dense", self.dense)] if self.dense else [])
+        lines = [
+            f"speed on {self.engine} ({self.device}, {self.dtype}, {self.threads or 'default'} threads, batch "
+            f"{self.batch}, {self.prompt_len}-token prompt, {self.new_tokens} new tokens, median of {self.repeats} "
+            f"interleaved runs [lowest-highest]; {self.hardware})",
+            f"{'model':<8} {'prefill tokens/s':>28} {'decode tokens/s':>26}",
+        ]
+        for name, values in rows:
+            cells = [
+                f"{values[f'{kind}_tokens_per_second']:.1f} [{values[f'{kind}_tokens_per_second_min']:.1f}-"
+                f"{values[f'{kind}_tokens_per_second_max']:.1f}]"
+                for kind in ("prefill", "decode")
+            ]
+            lines.append(f"{name:<8} {cells[0]:>28} {cells[1]:>26}")
+        lines.append(f"verdict: {self.verdict}")
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "verdict": self.verdict}
+
+
+def is_onnx_folder(folder: Path) -> bool:
+    return (folder / ONNX_FILE).is_file()
+
+
+def _onnx_runner(folder: Path, threads: int | None) -> Callable[[np.ndarray, int], tuple[float, float]]:
+    import onnxruntime
+
+    options = onnxruntime.SessionOptions()
+    if threads is not None:
+        options.intra_op_num_threads = threads
+    session = onnxruntime.InferenceSession(str(folder / ONNX_FILE), options, providers=["CPUExecutionProvider"])
+    inputs = {value.name: value for value in session.get_inputs()}
+    past_names = [name for name in inputs if name.startswith("past_key_values.")]
+    if not past_names:
+        raise InputError(
+            f"{folder / ONNX_FILE} has no KV-cache inputs: export it with with_past=True to time decoding."
+        )
+    outputs = [value.name for value in session.get_outputs()]
+
+    def run(prompt: np.ndarray, new_tokens: int) -> tuple[float, float]:
+        length = prompt.shape[1]
+        feed = {
+            "input_ids": prompt,
+            "attention_mask": np.ones_like(prompt),
+            "position_ids": np.arange(length, dtype=np.int64)[None],
+        }
+        for name in past_names:
+            feed[name] = np.zeros((1, inputs[name].shape[1], 0, inputs[name].shape[3]), dtype=np.float32)
+        start = time.perf_counter()
+        logits, *present = session.run(outputs, feed)
+        prefill = time.perf_counter() - start
+        start = time.perf_counter()
+        for _ in range(new_tokens):
+            token = logits[:, -1].argmax(-1)[:, None].astype(np.int64)
+            length += 1
+            feed = {
+                "input_ids": token,
+                "attention_mask": np.ones((1, length), dtype=np.int64),
+                "position_ids": np.array([[length - 1]], dtype=np.int64),
+                **dict(zip(past_names, present, strict=True)),
+            }
+            logits, *present = session.run(outputs, feed)
+        return prefill, time.perf_counter() - start
+
+    return run
+
+
+def _torch_runner(folder: Path, device: torch.device) -> Callable[[np.ndarray, int], tuple[float, float]]:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(folder, use_safetensors=True).to(device).eval()
+
+    def synchronize() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    @torch.no_grad()
+    def run(prompt: np.ndarray, new_tokens: int) -> tuple[float, float]:
+        ids = torch.from_numpy(prompt).to(device)
+        synchronize()
+        start = time.perf_counter()
+        output = model(input_ids=ids, use_cache=True)
+        synchronize()
+        prefill = time.perf_counter() - start
+        start = time.perf_counter()
+        for _ in range(new_tokens):
+            token = output.logits[:, -1].argmax(-1, keepdim=True)
+            output = model(input_ids=token, use_cache=True, **{CACHE_ARGUMENT: getattr(output, CACHE_ARGUMENT)})
+        synchronize()
+        return prefill, time.perf_counter() - start
+
+    return run
+
+
+def _dtype(folder: Path) -> str:
+    if is_onnx_folder(folder):
+        info = json.loads((folder / "config.json").read_text(encoding="utf-8")).get("optimum_prune", {}).get("onnx")
+        return f"{info['quantize']} weights" if info else "float32"
+    return str(json.loads((folder / "config.json").read_text(encoding="utf-8")).get("dtype", "float32"))
+
+
+def measure_speed(
+    output: str | os.PathLike,
+    against: str | os.PathLike | None = None,
+    *,
+    device: str | torch.device = "cpu",
+    threads: int | None = None,
+    prompt_len: int = 512,
+    new_tokens: int = 128,
+    repeats: int = 3,
+) -> SpeedReport:
+    """Prefill and decode tokens/s of the saved model ``output`` and, beside it on the same engine, of the
+    dense model ``against``; runs alternate between the two, ``repeats`` times each after one warm-up."""
+    output = Path(output)
+    if not (output / "config.json").is_file():
+        raise InputError(f"No saved model in {output}: pass a folder written by save_pretrained or export_onnx.")
+    onnx = is_onnx_folder(output)
+    if threads is not None:
+        torch.set_num_threads(threads)
+    with tempfile.TemporaryDirectory(prefix="optimum-prune-bench-") as scratch:
+        dense = Path(against) if against is not None else None
+        if dense is not None and onnx and not is_onnx_folder(dense):
+            from ..export.onnx import export_onnx
+
+            dense = export_onnx(dense, Path(scratch) / "dense")
+        make = (
+            (lambda folder: _onnx_runner(folder, threads))
+            if onnx
+            else (lambda f: _torch_runner(f, torch.device(device)))
+        )
+        runners = {"output": make(output)} | ({"dense": make(dense)} if dense is not None else {})
+        vocab = json.loads((output / "config.json").read_text(encoding="utf-8")).get("vocab_size", 1000)
+        prompt = np.random.default_rng(0).integers(0, vocab, (1, prompt_len)).astype(np.int64)
+        timings = {name: Timing() for name in runners}
+        for run in runners.values():
+            run(prompt[:, : min(prompt_len, 16)], 2)  # warm-up
+        for _ in range(repeats):
+            for name, run in runners.items():
+                prefill, decode = run(prompt, new_tokens)
+                timings[name].prefill.append(prompt_len / prefill)
+                timings[name].decode.append(new_tokens / decode)
+    return SpeedReport(
+        engine=f"onnxruntime {__import__('onnxruntime').__version__}"
+        if onnx
+        else f"transformers {__import__('transformers').__version__}",
+        device="cpu" if onnx else str(device),
+        dtype=_dtype(output),
+        threads=threads,
+        batch=1,
+        prompt_len=prompt_len,
+        new_tokens=new_tokens,
+        repeats=repeats,
+        hardware=f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs"
+        + (f", {torch.cuda.get_device_name(torch.device(device))}" if torch.device(device).type == "cuda" else ""),
+        output=timings["output"].summary(),
+        dense=timings["dense"].summary() if "dense" in timings else None,
+    )
