@@ -117,6 +117,17 @@ def random_ids(num_samples: int = 8, seq_len: int = 32, vocab: int = 512, seed: 
     return torch.randint(0, vocab, (num_samples, seq_len), generator=torch.Generator().manual_seed(seed))
 
 
+@pytest.fixture(scope="module")
+def magnitude_stories():
+    """stories260K pruned to 50% by magnitude (no calibration), once per test module."""
+    from optimum_prune import Pruner, PruningConfig
+
+    pruner = Pruner.from_pretrained(STORIES_260K, PruningConfig(method="magnitude", sparsity=0.5), device="cpu")
+    pruner.progress = False
+    pruner.prune()
+    return pruner
+
+
 @pytest.fixture(scope="session")
 def assets() -> Path:
     if not ASSETS.is_dir():

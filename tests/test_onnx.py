@@ -11,7 +11,7 @@ import onnxruntime as ort
 import pytest
 import torch
 from accelerate import cpu_offload
-from conftest import STORIES_260K, tiny_model
+from conftest import tiny_model
 from onnx import numpy_helper
 from torch.nn import Linear
 
@@ -20,11 +20,8 @@ from optimum_prune.export.onnx import EXTERNAL_DATA_FILE, ONNX_FILE
 
 
 @pytest.fixture(scope="module")
-def pruned() -> Pruner:
-    pruner = Pruner.from_pretrained(STORIES_260K, PruningConfig(method="magnitude", sparsity=0.5), device="cpu")
-    pruner.progress = False
-    pruner.prune()
-    return pruner
+def pruned(magnitude_stories: Pruner) -> Pruner:
+    return magnitude_stories
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ from onnx import numpy_helper
 from test_cli import run_main
 from test_onnx import Session
 
-from optimum_prune import Pruner, PruningConfig, export_onnx, perplexity
+from optimum_prune import Pruner, export_onnx, perplexity
 from optimum_prune.errors import InputError
 from optimum_prune.export.onnx import ONNX_FILE
 from optimum_prune.export.quantize import INT4_BLOCK_SIZE
@@ -24,11 +24,8 @@ TEXT = TINYSTORIES_VAL.read_text(encoding="utf-8")
 
 
 @pytest.fixture(scope="module")
-def pruned() -> Pruner:
-    pruner = Pruner.from_pretrained(STORIES_260K, PruningConfig(method="magnitude", sparsity=0.5), device="cpu")
-    pruner.progress = False
-    pruner.prune()
-    return pruner
+def pruned(magnitude_stories: Pruner) -> Pruner:
+    return magnitude_stories
 
 
 @pytest.fixture(scope="module")
