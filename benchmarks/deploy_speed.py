@@ -1,0 +1,131 @@
+"""One table to choose an output by: SmolLM2-135M as ONNX on the CPU, dense and pruned, float32, int8 and int4
+weights; perplexity, prefill and decode tokens/s against the dense float32 export, and file size.
+
+Each row: prune (or not) in memory, export to ONNX with ``export_onnx(quantize=...)``, WikiText-2 perplexity of
+the ONNX folder in onnxruntime (the quality protocol: 64 x 512 C4 calibration, 40 x 512 evaluation windows, no
+BOS; ``--eval-windows`` lowers it), then `measure_speed` against the dense float32 export on the same engine
+(batch 1, 512-token prompt, 128 new tokens, interleaved repeats) at each ``--threads``. Rows go to
+``benchmarks/results/deploy-speed.json`` as they finish and to the ``deploy-speed`` section of docs/benchmarks.md.
+
+    python benchmarks/deploy_speed.py --rows "dense fp32" "dense int8" "dense int4" --threads 1 2
+    python benchmarks/deploy_speed.py --rows "structured -30% int4" "unstructured 50% fp32"
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.markdown import table, write_section  # noqa: E402
+from benchmarks.models import calibration_token_ids, load_model  # noqa: E402
+from benchmarks.quality import eval_text  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results" / "deploy-speed.json"
+MODEL = "smollm2-135m"
+PRUNING = {  # what each row prunes (None: the dense model)
+    "dense": None,
+    "unstructured 50%": {"method": "sparsegpt", "sparsity": 0.5},
+    "unstructured 70%": {"method": "sparsegpt", "sparsity": 0.7},
+    "structured -30%": {"method": "sparsegpt", "structure": {"mlp": 0.45, "attention": 0.34}},
+    "structured -50%": {"method": "sparsegpt", "structure": {"mlp": 0.7, "attention": 0.67}},
+}
+WEIGHTS = {"fp32": None, "int8": "int8", "int4": "int4"}
+ROWS = [f"{pruning} {weights}" for pruning in PRUNING for weights in WEIGHTS]
+
+
+def export_row(row: str, folder: Path, samples: int) -> tuple[Path, float]:
+    """The ONNX folder of ``row`` and the parameter count of the model it holds."""
+    from optimum_prune import Pruner, PruningConfig, export_onnx
+
+    pruning, weights = row.rsplit(" ", 1)
+    model, tokenizer = load_model(MODEL)
+    if PRUNING[pruning] is not None:
+        config = PruningConfig(num_samples=samples, seq_len=512, **PRUNING[pruning])
+        pruner = Pruner(model, config, tokenizer, device="cpu", progress=False)
+        pruner.prune(calibration_token_ids(tokenizer, samples, 512, 0))
+        model = pruner.model
+    parameters = sum(parameter.numel() for parameter in model.parameters())
+    return export_onnx(model, folder, tokenizer=tokenizer, quantize=WEIGHTS[weights]), parameters
+
+
+def measure(row: str, threads: list[int], samples: int, eval_windows: int, scratch: Path) -> dict:
+    from optimum_prune.evaluation import evaluate_perplexity
+    from optimum_prune.evaluation.speed import measure_speed
+
+    dense = scratch / "dense fp32"
+    if not dense.is_dir():
+        export_row("dense fp32", dense, samples)
+    folder, parameters = export_row(row, scratch / row, samples) if row != "dense fp32" else (dense, None)
+    text, _ = eval_text(MODEL)
+    ppl = evaluate_perplexity(folder, None, text, seq_len=512, max_windows=eval_windows, bos=False)
+    result = {
+        "row": row,
+        "parameters": parameters,
+        "perplexity": ppl.value,
+        "eval_windows": ppl.windows,
+        "bytes": sum(path.stat().st_size for path in folder.iterdir() if path.name.startswith("model.onnx")),
+        "date": datetime.date.today().isoformat(),
+        "speed": {},
+    }
+    for count in threads:
+        report = measure_speed(folder, dense, threads=count)
+        result["speed"][str(count)] = report.to_dict()
+    return result
+
+
+def render(results: dict[str, dict]) -> str:
+    rows = []
+    for name in [row for row in ROWS if row in results]:
+        result = results[name]
+        for threads, speed in result["speed"].items():
+            prefill, decode = (
+                speed["output"][f"{kind}_tokens_per_second"] / speed["dense"][f"{kind}_tokens_per_second"]
+                for kind in ("prefill", "decode")
+            )
+            parameters = f"{result['parameters'] / 1e6:.1f}M" if result["parameters"] else "dense"
+            rows.append([
+                name, parameters, threads, f"{result['perplexity']:.2f}", f"{result['bytes'] / 2**20:.0f}",
+                f"{speed['output']['prefill_tokens_per_second']:.0f}", f"{speed['output']['decode_tokens_per_second']:.1f}",
+                f"{prefill:.2f}x", f"{decode:.2f}x",
+            ])  # fmt: skip
+    headers = ["output", "parameters", "threads", "WikiText-2 ppl", "MiB", "prefill tok/s", "decode tok/s",
+               "prefill vs dense fp32", "decode vs dense fp32"]  # fmt: skip
+    dates = sorted({result["date"] for result in results.values()})
+    return "\n".join([
+        "## Deployment: SmolLM2-135M in onnxruntime, float32, int8 and int4",
+        "",
+        "Each output exported with `export_onnx(quantize=...)` (int8: dynamic, symmetric per channel; int4: "
+        "MatMulNBits, blocks of 32; the LM head float), its WikiText-2 perplexity measured on the ONNX folder in "
+        "onnxruntime (no BOS), and its speed by `measure_speed` against the dense float32 export in the same "
+        "process: batch 1, 512-token prompt, 128 new tokens, median of 3 interleaved runs. Command: "
+        "`python benchmarks/deploy_speed.py --rows ... --threads 1 2`; 2-core CPU shared with other jobs, "
+        f"{', '.join(dates)}.",
+        "",
+        table(headers, rows),
+    ])  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", nargs="+", choices=ROWS, default=["dense fp32", "dense int8", "dense int4"])
+    parser.add_argument("--threads", nargs="+", type=int, default=[1, 2])
+    parser.add_argument("--samples", type=int, default=64, help="calibration sequences of 512 tokens")
+    parser.add_argument("--eval-windows", type=int, default=40)
+    args = parser.parse_args()
+    results = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
+    with tempfile.TemporaryDirectory(prefix="optimum-prune-deploy-") as scratch:
+        for row in args.rows:
+            results[row] = measure(row, args.threads, args.samples, args.eval_windows, Path(scratch))
+            RESULTS.write_text(json.dumps(results, indent=1) + "\n")
+            write_section("deploy-speed", render(results))
+            print(json.dumps({key: value for key, value in results[row].items() if key != "speed"}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
