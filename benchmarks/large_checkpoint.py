@@ -154,7 +154,7 @@ def render(result: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--workdir", required=True, type=Path, help="where the checkpoints and outputs go (~60 GB)")
+    parser.add_argument("--workdir", type=Path, help="where the checkpoints and outputs go (~60 GB; required)")
     parser.add_argument("--keep", action="store_true", help="keep the checkpoints and outputs afterwards")
     parser.add_argument("--render-only", action="store_true")
     parser.add_argument("--worker", nargs=3, help=argparse.SUPPRESS)
@@ -165,6 +165,8 @@ def main() -> None:
     if args.render_only:
         write_section("large-checkpoint", render(json.loads(RESULTS.read_text())))
         return
+    if args.workdir is None:
+        parser.error("--workdir is required: a folder with about 60 GB free.")
     workdir = args.workdir
     workdir.mkdir(parents=True, exist_ok=True)
     try:

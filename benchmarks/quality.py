@@ -60,8 +60,8 @@ NOTES = {  # what the tables cannot say on their own: why rows are missing
 EVAL_DATA = {"smollm2-135m": "wikitext2"}  # every other model is evaluated on TinyStories val
 SECTIONS = {"quality-smollm2": ["smollm2-135m"], "quality-tiny": ["stories260k", "tinystories-656k"]}
 SECTION_GRIDS = {  # the grids each section's command runs
-    "quality-smollm2": "issue2 owl sparsellm owl-sweep-80",
-    "quality-tiny": "issue2 owl sparsellm owl-sweep",
+    "quality-smollm2": "issue2 owl sparsellm owl-sweep-80 alps",
+    "quality-tiny": "issue2 owl sparsellm owl-sweep alps",
 }
 SPARSITIES = {"50%": (0.5, "unstructured"), "2:4": (0.5, "2:4"), "60%": (0.6, "unstructured")}
 SPARSITIES |= {"70%": (0.7, "unstructured"), "80%": (0.8, "unstructured"), "4:8": (0.5, "4:8")}
@@ -316,6 +316,8 @@ def model_tables(model: str, settings: tuple[int, int, int]) -> str:
         sweep_rows.sort(key=lambda row: (row[0], row[1]))
         out += [table(["method", "sparsity", "allocation", "setting", "perplexity"], sweep_rows), ""]
 
+    out += alps_table(model, results)
+
     sparsellm_rows, sparsellm_pairs = [], []
     for sparsity in ("70%", "80%"):
         base, other = get(Row(model, "sparsegpt", sparsity).key), get(Row(model, "sparsellm", sparsity).key)
@@ -327,6 +329,54 @@ def model_tables(model: str, settings: tuple[int, int, int]) -> str:
     out += ["SparseLLM vs SparseGPT (uniform):", ""]
     out += [table(sparsellm_headers, sparsellm_rows), "", ratio_note(sparsellm_pairs, "SparseLLM", "SparseGPT"), ""]
     return "\n".join(out)
+
+
+ALPS_TARGETS = {"50%": 1.0, "70%": 0.75, "80%": 0.6, "2:4": 0.93}  # alps / sparsegpt perplexity, issue 27
+
+
+def alps_table(model: str, results: dict[str, dict]) -> list[str]:
+    """ALPS against SparseGPT and Wanda + refit against Wanda, per sparsity, uniform and OWL: perplexity, the
+    ratio beside issue 27's target, prune seconds (the grid's rows run one after another)."""
+    get = results.get
+    rows = []
+    for allocation, sparsities in (("uniform", ALPS_SPARSITIES), ("owl", ("70%", "80%"))):
+        for sparsity in sparsities:
+            base, alps = (
+                get(Row(model, "sparsegpt", sparsity, allocation).key),
+                get(Row(model, "alps", sparsity, allocation).key),
+            )
+            wanda, refit = (
+                get(Row(model, "wanda", sparsity, allocation).key),
+                get(Row(model, "wanda" + REFIT, sparsity, allocation).key),
+            )
+            if not any((alps, refit)):
+                continue
+            ratio = _ratio(alps, base)
+            target = ALPS_TARGETS.get(sparsity) if allocation == "uniform" else None
+            seconds = [cells(r)[2] for r in (base, alps)]
+            rows.append([
+                sparsity, allocation, cells(base)[0], cells(alps)[0],
+                f"{ratio:.2f}" + (f" (target <= {target:g})" if target else "") if ratio else "—",
+                " / ".join(seconds), cells(wanda)[0], cells(refit)[0],
+                f"{_ratio(refit, wanda):.2f}" if _ratio(refit, wanda) else "—",
+            ])  # fmt: skip
+    if not rows:
+        return []
+    headers = ["sparsity", "allocation", "SparseGPT", "ALPS", "ALPS / SparseGPT", "prune s (SparseGPT / ALPS)",
+               "Wanda", "Wanda + refit", "refit / Wanda"]  # fmt: skip
+    return [
+        "ALPS against SparseGPT, and Wanda's masks with their kept weights refitted (`refit=True`), on the same "
+        "calibration (`--grids alps`; rows run one at a time, in the order sparsity by sparsity):",
+        "",
+        table(headers, rows),
+        "",
+    ]
+
+
+def _ratio(result: dict | None, base: dict | None) -> float | None:
+    if not result or not base or "error" in result or "error" in base:
+        return None
+    return result["perplexity"] / base["perplexity"]
 
 
 def render(section: str) -> None:

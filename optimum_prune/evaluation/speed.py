@@ -76,7 +76,9 @@ class SpeedReport:
             return "no dense model to compare with (--against DENSE)"
         prefill, decode = self.ratios
         if max(prefill, decode) < FASTER:
-            advice = "structured pruning would be" if "int4" in self.dtype else "structured pruning or int4 ONNX would be"
+            advice = (
+                "structured pruning would be" if "int4" in self.dtype else "structured pruning or int4 ONNX would be"
+            )
             return f"{decode:.2f}x decode, {prefill:.2f}x prefill: no faster on this runtime; {advice}"
         return f"{decode:.2f}x decode, {prefill:.2f}x prefill: faster than the dense model on this runtime"
 

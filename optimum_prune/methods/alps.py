@@ -40,9 +40,9 @@ def alps_admm(
     rho: float,
     max_iterations: int,
     update_every: int,
-) -> tuple[torch.Tensor, int]:
+) -> torch.Tensor:
     """The ADMM phase on a float32 ``(out, in)`` ``weight``, updated in place to the projected solution; returns
-    the mask of pruned weights and the number of iterations run."""
+    the mask of pruned weights."""
     count = prune_count(weight.numel(), sparsity) if pattern is None else 0
     kept = weight.numel() - (count if pattern is None else weight.numel() * (pattern.m - pattern.n) // pattern.m)
     dense = weight * scaled.scale.unsqueeze(0)
@@ -53,7 +53,6 @@ def alps_admm(
     support = first_mask
     inverse = scaled.shifted_inverse(rho)
     penalty_grown = False
-    iteration = 0
     for iteration in range(1, max_iterations + 1):
         solution = (target - dual + rho * split) @ inverse
         mask = _project(solution + dual / rho, count, pattern)
@@ -84,7 +83,7 @@ def alps_admm(
             break
     mask = _project(solution, count, pattern)
     weight.copy_(solution.masked_fill_(mask, 0.0) / scaled.scale.unsqueeze(0))
-    return mask, iteration
+    return mask
 
 
 class ALPSPruning(PruningMethod):
@@ -112,7 +111,6 @@ class ALPSPruning(PruningMethod):
     ) -> torch.Tensor:
         settings = self.settings
         scaled = ScaledHessian.of(statistic, settings.dampening)
-        mask, _ = alps_admm(
+        return alps_admm(
             weight, scaled, sparsity, pattern, settings.rho, settings.max_iterations, settings.update_every
         )
-        return mask
