@@ -26,6 +26,7 @@ if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from benchmarks.markdown import table, write_section
 from benchmarks.models import ASSETS, C4_SAMPLE
 from optimum_prune.calibration import calibration_ids, load_texts
 from optimum_prune.core.layers import find_target_layers
@@ -116,7 +117,29 @@ def main(argv: list[str] | None = None) -> None:
         results["layers"][layer.name] = row
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(results, indent=1) + "\n", encoding="utf-8")
+    write_section("alps-reference", render(results))
     print(f"written to {RESULTS}")
+
+
+def render(results: dict) -> str:
+    """The docs section: every layer and setting, the reference beside optimum-prune's methods."""
+    methods = ["reference", "alps", "sparsegpt", "wanda", "wanda+refit"]
+    rows = [
+        [name.split(".", 3)[-1], label, *(f"{errors[method]:.5f}" for method in methods),
+         f"{errors['alps'] / errors['reference'] - 1:+.2%}"]
+        for name, settings in results["layers"].items()
+        for label, errors in settings.items()
+    ]  # fmt: skip
+    return "\n".join([
+        "## ALPS against its reference implementation, layer by layer",
+        "",
+        f"Relative reconstruction error `||X(W_hat - W)||^2 / ||X W||^2` (on the dampened, scaled Hessian) of every "
+        f"layer of block {results['block']} of {results['model']}, each solver on the same Hessian from the dense "
+        f"model's inputs ({results['calibration']}). `reference`: the authors' `alps.py` (mazumder-lab/ALPS) run on "
+        "the CPU. Command: `python benchmarks/alps_reference.py --reference PATH/alps.py`.",
+        "",
+        table(["layer", "setting", "reference ALPS", "alps", "sparsegpt", "wanda", "wanda + refit", "alps vs reference"], rows),
+    ])  # fmt: skip
 
 
 if __name__ == "__main__":
