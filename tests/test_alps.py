@@ -144,3 +144,18 @@ def test_resumed_run_equals_an_uninterrupted_one(tmp_path, arguments):
     assert [layer.refit_error for layer in resumed.report.layers] == [
         layer.refit_error for layer in reference.report.layers
     ]
+
+
+def test_alps_prunes_fused_experts_and_a_structure_then_sparsity():
+    """Every path the other methods take: the experts of a mixture of experts, and a structure (removed by OBS, as
+    SparseGPT removes units) followed by ALPS sparsity on the smaller model."""
+    config = PruningConfig(method="alps", sparsity=0.5, num_samples=8, seq_len=32, batch_size=4)
+    report = Pruner.from_pretrained(tiny_model("qwen3_moe"), config, progress=False, device="cpu").prune(random_ids())
+    experts = [layer for layer in report.layers if layer.expert is not None]
+    assert experts and all(layer.sparsity == pytest.approx(0.5, abs=1e-3) for layer in report.layers)
+    assert all(layer.refit_error is not None for layer in experts)
+    structured = PruningConfig(method="alps", sparsity=0.5, structure={"mlp": 0.25}, num_samples=8, seq_len=32)
+    pruner = Pruner.from_pretrained(tiny_model("llama"), structured, progress=False, device="cpu")
+    report = pruner.prune(random_ids())
+    assert report.structure["mlp"]["kept"] < report.structure["mlp"]["original"]
+    assert report.global_sparsity == pytest.approx(0.5, abs=1e-3)

@@ -18,6 +18,7 @@ from conftest import random_ids, tiny_model
 from transformers import AutoModelForCausalLM
 
 from optimum_prune import Pruner, PruningConfig
+from optimum_prune.core.masks import unpack_mask
 from optimum_prune.engine.distributed import Ranks
 
 RUNS = {  # name -> architecture, PruningConfig arguments
@@ -28,8 +29,14 @@ RUNS = {  # name -> architecture, PruningConfig arguments
     "wanda-owl": ("llama", {"method": "wanda", "sparsity": 0.5, "allocation": "owl", "owl_lambda": 0.1}),
     "sparsegpt-moe": ("qwen3_moe", {"method": "sparsegpt", "sparsity": 0.5}),
     "sparsellm": ("llama", {"method": "sparsellm", "sparsity": 0.5, "settings": {"iterations": 2}}),
+    "alps-2:4": ("llama", {"method": "alps", "pattern": "2:4"}),
+    "wanda-refit": ("llama", {"method": "wanda", "sparsity": 0.5, "refit": True}),
 }
 SAMPLES = 7  # odd: the ranks get 4 and 3 samples
+# Iterative solvers (ALPS's ADMM, the conjugate-gradient refit) amplify the float32 rounding of statistics summed in
+# another order: their masks agree to 99% (measured: 99.2% for ALPS 2:4, all of them for Wanda + refit) and the
+# reconstruction errors they report to 5%, instead of bit for bit.
+ITERATIVE = {"alps-2:4", "wanda-refit"}
 
 
 def _free_port() -> int:
@@ -55,9 +62,9 @@ def _rank(rank: int, world: int, port: int, names: list[str], folder: str) -> No
     capture = blockwise.capture_block_inputs
     seen: list[int] = []  # the calibration samples this rank runs through the model
 
-    def capture_shard(model, blocks, input_ids, *args):
+    def capture_shard(model, blocks, input_ids, *args, **kwargs):
         seen.append(input_ids.shape[0])
-        return capture(model, blocks, input_ids, *args)
+        return capture(model, blocks, input_ids, *args, **kwargs)
 
     blockwise.capture_block_inputs = capture_shard
     try:
@@ -90,12 +97,23 @@ def test_two_ranks_prune_as_one_process(two_ranks, name):
         calibrated = single.config.needs_calibration  # uniform magnitude pruning reads no samples
         assert result["ranks"] == Ranks(rank, 2) and result["samples"] == ((4, 3)[rank] if calibrated else None)
         assert result["masks"].keys() == single.masks.keys()
+        assert result["report"]["global_sparsity"] == single.report.global_sparsity
+        if name in ITERATIVE:
+            bits = [(unpack(result["masks"][layer]) == unpack(mask)) for layer, mask in single.masks.items()]
+            assert sum(int(b.sum()) for b in bits) / sum(b.numel() for b in bits) >= 0.99
+            errors = [layer["refit_error"] for layer in result["report"]["layers"]]
+            for got, want in zip(errors, [layer.refit_error for layer in single.report.layers], strict=True):
+                assert got is not None and got == pytest.approx(want, rel=0.05)  # every rank knows them
+            continue
         for layer, bits in single.masks.items():
             assert torch.equal(result["masks"][layer], bits), f"rank {rank}: {layer}"
         for parameter, value in single.model.named_parameters():
             torch.testing.assert_close(result["state"][parameter], value, rtol=1e-4, atol=1e-6, msg=parameter)
-        assert result["report"]["global_sparsity"] == single.report.global_sparsity
         assert result["report"]["expert_tokens"] == single.report.expert_tokens
+
+
+def unpack(packed: torch.Tensor) -> torch.Tensor:
+    return unpack_mask(packed, (packed.numel() * 8,))
 
 
 def test_shards_and_owners():

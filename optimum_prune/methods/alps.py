@@ -16,7 +16,7 @@ import torch
 
 from ..core.layers import TargetLayer
 from ..core.masks import NMPattern, lowest_mask, nm_mask, prune_count
-from ..core.statistics import Hessian
+from ..core.statistics import Hessian, InputGram
 from ..method_settings import ALPSSettings
 from .base import PruningMethod
 from .refit import ScaledHessian
@@ -102,6 +102,11 @@ class ALPSPruning(PruningMethod):
         iterations = self.settings.max_iterations / 3  # the support is usually stable well before the limit
         updates = iterations / self.settings.update_every
         return 2.0 * cols * cols * tokens + 10.0 * cols**3 + iterations * 2 * rows * cols * cols + updates * 2 * cols**3
+
+    def unit_scores(
+        self, consumer: torch.Tensor, producers: list[tuple[torch.Tensor, int]], columns: int, gram: InputGram
+    ) -> None:
+        return None  # structure: units removed by Optimal Brain Surgeon on the consumer's Hessian, as SparseGPT's
 
     def make_statistic(self, layer: TargetLayer, device: torch.device) -> Hessian:
         return Hessian(layer.in_features, device)

@@ -26,7 +26,7 @@ import torch
 
 from ..core.layers import TargetLayer
 from ..core.masks import NMPattern
-from ..core.statistics import Hessian, LayerStatistic, RankGroup
+from ..core.statistics import Hessian, InputGram, LayerStatistic, RankGroup
 from ..errors import InputError
 from .base import BlockContext, PruningMethod
 
@@ -194,6 +194,11 @@ class Refitted(PruningMethod):
             + accumulate
             + 2.0 * rows * cols * cols * (self.iterations + 3)
         )
+
+    def unit_scores(
+        self, consumer: torch.Tensor, producers: list[tuple[torch.Tensor, int]], columns: int, gram: InputGram
+    ) -> torch.Tensor | None:
+        return self.method.unit_scores(consumer, producers, columns, gram)  # structure: the method's own scores
 
     def make_statistic(self, layer: TargetLayer, device: torch.device) -> LayerStatistic:
         own = self.method.make_statistic(layer, device) if self.method.needs_statistics else None
