@@ -2,9 +2,12 @@
 
 The ONNX graph has optimum's decoder I/O (``input_ids``, ``attention_mask``, ``position_ids``,
 ``past_key_values.{i}.key/value`` in; ``logits``, ``present.{i}.key/value`` out). Greedy decoding with the
-KV cache in onnxruntime must give the same tokens as PyTorch's ``generate``:
+KV cache in onnxruntime must give the same tokens as PyTorch's ``generate``. With ``--quantize int8`` or
+``int4`` the model is exported a second time with low-bit weights (onnxruntime's quantization tools, pruned zeros
+kept), and the perplexity of both exports on TinyStories is printed, measured in onnxruntime:
 
     python examples/export_onnx.py --output out/stories260K-onnx
+    python examples/export_onnx.py --output out/stories260K-onnx --quantize int4
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import onnxruntime as ort
 import torch
 from common import ASSETS, add_common_arguments, load_model
 
-from optimum_prune import Pruner, PruningConfig, export_onnx
+from optimum_prune import Pruner, PruningConfig, export_onnx, perplexity
 
 
 def ort_greedy(session: ort.InferenceSession, input_ids: np.ndarray, new_tokens: int) -> list[int]:
@@ -47,6 +50,7 @@ def main() -> None:
     parser.add_argument("--prompt", default="Once upon a time")
     parser.add_argument("--new-tokens", type=int, default=20)
     parser.add_argument("--output", required=True, help="folder for model.onnx, its config and tokenizer")
+    parser.add_argument("--quantize", choices=["int8", "int4"], help="also export with low-bit weights to OUTPUT-Q")
     args = parser.parse_args()
 
     model, tokenizer = load_model(args.model)
@@ -67,6 +71,13 @@ def main() -> None:
     if onnx_tokens != torch_tokens:
         raise SystemExit("onnxruntime and PyTorch disagree on the greedy tokens")
     print("onnxruntime and PyTorch generate the same tokens")
+    if args.quantize:
+        quantized = export_onnx(
+            pruner.model, f"{args.output}-{args.quantize}", tokenizer=tokenizer, quantize=args.quantize
+        )
+        text = (ASSETS / "data" / "tinystories" / "tinystories_val.txt").read_text(encoding="utf-8")
+        for name, path in (("float32", folder), (args.quantize, quantized)):
+            print(f"perplexity of the {name} export in onnxruntime: {perplexity(path, None, text, 256, 10):.3f}")
 
 
 if __name__ == "__main__":

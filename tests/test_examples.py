@@ -63,9 +63,11 @@ def test_owl_example() -> None:
 
 
 def test_onnx_example(tmp_path) -> None:
-    output = example("export_onnx.py", "--num-samples", "8", "--seq-len", "128", "--output", str(tmp_path / "onnx"))
+    flags = ("--num-samples", "8", "--seq-len", "128", "--output", str(tmp_path / "onnx"), "--quantize", "int4")
+    output = example("export_onnx.py", *flags)
     assert "onnxruntime and PyTorch generate the same tokens" in output
-    assert (tmp_path / "onnx" / "model.onnx").is_file()
+    assert (tmp_path / "onnx" / "model.onnx").is_file() and (tmp_path / "onnx-int4" / "model.onnx").is_file()
+    assert "perplexity of the float32 export in onnxruntime: " in output and "of the int4 export" in output
 
 
 def test_push_example_to_a_local_hub() -> None:
