@@ -152,3 +152,20 @@ def test_a_model_dispatched_on_the_gpu_and_disk_prunes_as_in_memory(in_memory, t
     agree = sum(int((pruner.masks[n] == in_memory["wanda"].masks[n]).sum()) for n in pruner.masks)
     total = sum(in_memory["wanda"].masks[n].numel() for n in pruner.masks)
     assert agree / total > 0.999  # CPU and GPU float sums differ in the last bits: rare ties flip
+
+
+def test_cpu_offload_and_a_whole_model_hook(in_memory):
+    """accelerate's cpu_offload hooks every leaf module: pruned as in memory. A hook that holds the whole model's
+    weights (place_submodules above the blocks) leaves no block to load alone: refused."""
+    from accelerate import cpu_offload
+    from accelerate.hooks import AlignDevicesHook, add_hook_to_module
+
+    model = AutoModelForCausalLM.from_pretrained(STORIES_260K)
+    cpu_offload(model, execution_device=torch.device("cpu"))
+    pruner = Pruner(model, _config("wanda"), tokenizer=in_memory["wanda"].tokenizer, device="cpu", progress=False)
+    pruner.prune(C4_SAMPLE)
+    assert all(torch.equal(pruner.masks[n], mask) for n, mask in in_memory["wanda"].masks.items())
+    whole = AutoModelForCausalLM.from_pretrained(STORIES_260K)
+    add_hook_to_module(whole, AlignDevicesHook(execution_device="cpu", offload=True, place_submodules=True))
+    with pytest.raises(InputError, match="offloads this model as a whole"):
+        Pruner(whole, _config("wanda"), tokenizer=in_memory["wanda"].tokenizer)

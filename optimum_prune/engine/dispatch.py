@@ -22,6 +22,7 @@ from accelerate.utils import has_offloaded_params, named_module_tensors, offload
 from accelerate.utils.offload import OffloadedWeightsLoader, PrefixedDataset
 from torch import nn
 
+from ..core.layers import find_decoder_blocks
 from ..errors import InputError
 
 
@@ -45,6 +46,16 @@ class AccelerateDispatch:
     def __init__(self, model: nn.Module) -> None:
         self.model = model
         self._held: list[_Held] = []
+        _, blocks = find_decoder_blocks(model)
+        inside = set(blocks.modules())
+        for module in model.modules():
+            whole = module not in inside and has_offloaded_params(module) and module._hf_hook.place_submodules
+            if whole and any(block in set(module.modules()) for block in blocks):
+                raise InputError(
+                    "accelerate offloads this model as a whole (cpu_offload or disk_offload), so no block can be "
+                    "loaded on its own: load it with a device_map (per-module placement), or let optimum-prune "
+                    "offload it (Pruner.from_pretrained(path, offload='disk'))."
+                )
         for module in model.modules():
             if has_offloaded_params(module):
                 dataset = _dataset(module)
@@ -63,7 +74,8 @@ class AccelerateDispatch:
                 continue
             held = _Held(module, hook)
             offloaded = has_offloaded_params(module)
-            for name, tensor in named_module_tensors(module, include_buffers=True, recurse=False):
+            recurse = bool(getattr(hook, "place_submodules", False))  # the hook holds its submodules' tensors too
+            for name, tensor in named_module_tensors(module, include_buffers=True, recurse=recurse):
                 held.devices[name] = tensor.device
                 if offloaded and tensor.is_meta and name in hook.weights_map:
                     set_module_tensor_to_device(module, name, "cpu", value=hook.weights_map[name])
@@ -77,8 +89,9 @@ class AccelerateDispatch:
             module, hook = held.module, held.hook
             module._hf_hook = hook
             offloaded = has_offloaded_params(module)
+            tensors = dict(named_module_tensors(module, include_buffers=True, recurse=True))
             for name, device in held.devices.items():
-                tensor = getattr(module, name)
+                tensor = tensors[name]
                 if offloaded and name in hook.weights_map:
                     _write_back(hook.weights_map, name, tensor.detach())
                 set_module_tensor_to_device(module, name, device, value=None if device.type == "meta" else tensor)
