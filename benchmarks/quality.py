@@ -54,7 +54,11 @@ NOTES = {  # what the tables cannot say on their own: why rows are missing
     ),
     "quality-tiny": (
         "TinyStories-656K has only two blocks of equal size, so OWL's linear spread always puts them at exactly "
-        "target - lambda and target + lambda: owl_m changes nothing there (identical rows in its sweep)."
+        "target - lambda and target + lambda: owl_m changes nothing there (identical rows in its sweep). "
+        "stories260K's down_proj takes 172 inputs, which no group of 8 divides: its 4:8 rows are refused by the "
+        'pattern check ("failed"), as any 4:8 run on it is. The ALPS grid\'s rows ran on 2026-12-07 while two to '
+        "four other benchmark processes shared the two cores; the SparseGPT and Wanda rows beside them are older "
+        "measurements at the same settings, so the prune seconds of one row do not compare with another's."
     ),
 }
 EVAL_DATA = {"smollm2-135m": "wikitext2"}  # every other model is evaluated on TinyStories val
