@@ -105,8 +105,9 @@ def render(results: dict[str, dict]) -> str:
         "Why these defaults: the rate used to be 2e-5 (what 7B recipes use) for every model, and 40 steps of it left "
         "TinyStories-656K's held-out perplexity unchanged (48.09 -> 48.10, research notes); 1e-3 lowered it to "
         "44.20. Small models need and bear far larger rates than large ones, so the default scales as "
-        "`1e-3 * (parameters / 1e6) ** -0.5` (capped at 1e-3): 1e-3 below about a million parameters, 8.6e-5 for "
-        "SmolLM2-135M (the 1e-4 its 250-step recovery rows used), 1.2e-5 for a 7B model.",
+        "`1e-3 * (parameters / 1e6) ** -0.5` (capped at 1e-3): 1e-3 below about a million parameters, 7.8e-5 for "
+        "SmolLM2-135M as loaded here (162.8M parameters with its untied head; its 250-step recovery rows used 1e-4), "
+        "1.2e-5 for a 7B model.",
     ])  # fmt: skip
 
 
