@@ -51,6 +51,11 @@ NOTES = {  # what the tables cannot say on their own: why rows are missing
         "again after SparseLLM began choosing its iterate on held-out chunks (before: 2769, because its refits "
         "overfit the 4,096 calibration tokens). Rows measured before 2026-11-29 04:00 UTC ran while three or "
         "four benchmark processes shared the two cores."
+        " ALPS grid (2026-12-06/07): its rows ran while two to four other benchmark processes shared the two cores, "
+        "so their prune seconds are inflated unevenly; SparseGPT 70% was measured again right after (444 s, "
+        "perplexity 405.88 where the 2026-11-24 row had 419.00) to set a time beside ALPS's 611 s. ALPS at N:M runs "
+        "most of its 300 iterations (2,561 s for 2:4 under that load). Not measured on SmolLM2 yet: 50%, 60%, 4:8, "
+        "Wanda + refit at 2:4 and the OWL rows of the grid."
     ),
     "quality-tiny": (
         "TinyStories-656K has only two blocks of equal size, so OWL's linear spread always puts them at exactly "
