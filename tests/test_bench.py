@@ -11,7 +11,7 @@ from conftest import STORIES_260K
 from test_cli import run_main
 
 from optimum_prune import Pruner, PruningConfig, export_onnx
-from optimum_prune.evaluation.speed import measure_speed
+from optimum_prune.evaluation.speed import SpeedReport, measure_speed
 from optimum_prune.hub.model_card import record_speed
 
 FAST = {"prompt_len": 32, "new_tokens": 4, "repeats": 2}
@@ -41,8 +41,14 @@ def test_speed_beside_the_dense_model_on_the_same_engine(saved: Path, engine: st
     assert "interleaved runs" in report.table() and "verdict: " in report.table()
 
 
-def test_the_result_goes_into_the_metadata_and_the_card(saved: Path, tmp_path: Path) -> None:
-    report = measure_speed(saved / "onnx", STORIES_260K, **FAST).to_dict()
+def test_the_result_goes_into_the_metadata_and_the_card(tmp_path: Path) -> None:
+    timing = {f"{kind}_tokens_per_second{suffix}": value for kind, value in (("prefill", 900.0), ("decode", 40.0))
+              for suffix in ("", "_min", "_max")}  # fmt: skip
+    report = SpeedReport(
+        "onnxruntime 1.32.0", "cpu", "int4 weights", 2, 1, 512, 128, 3, "x86_64, 2 CPUs", timing,
+        {**timing, "decode_tokens_per_second": 20.0},
+    ).to_dict()  # fmt: skip
+    assert report["verdict"] == "2.00x decode, 1.00x prefill: faster than the dense model on this runtime"
     folder = tmp_path / "copy"
     folder.mkdir()
     (folder / "config.json").write_text(json.dumps({"optimum_prune": {"method": "magnitude"}}))
