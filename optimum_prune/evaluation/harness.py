@@ -104,8 +104,8 @@ def _check_task_yaml(folders: list[str | os.PathLike]) -> list[str]:
     task names they define."""
     import yaml
 
-    class _Loader(yaml.SafeLoader):  # lm-eval's YAML has tags such as !function: read them as plain values
-        pass
+    class _Loader(yaml.SafeLoader):
+        """A safe loader that reads lm-eval's own tags (``!function ...``) as ``None``: only names matter here."""
 
     _Loader.add_multi_constructor("!", lambda loader, suffix, node: None)
     names = []
