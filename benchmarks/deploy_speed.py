@@ -104,8 +104,9 @@ def render(results: dict[str, dict]) -> str:
         "MatMulNBits, blocks of 32; the LM head float), its WikiText-2 perplexity measured on the ONNX folder in "
         "onnxruntime (no BOS), and its speed by `measure_speed` against the dense float32 export in the same "
         "process: batch 1, 512-token prompt, 128 new tokens, median of 3 interleaved runs. Command: "
-        "`python benchmarks/deploy_speed.py --rows ... --threads 1 2`; 2-core CPU shared with other jobs, "
-        f"{', '.join(dates)}.",
+        "`python benchmarks/deploy_speed.py --rows \"dense fp32\" \"dense int8\" \"dense int4\" --threads 1 2 "
+        "--eval-windows 10` (the other rows of the issue's table are not measured yet); 2-core CPU, nothing else "
+        f"running, {', '.join(dates)}. The dense-vs-dense rows give the noise of the interleaved timing (3-7%).",
         "",
         table(headers, rows),
     ])  # fmt: skip
