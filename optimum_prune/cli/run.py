@@ -212,18 +212,19 @@ def _check_recovery(
 def _check_lora_layers(
     config: PruningConfig, model_config: PretrainedConfig, trust_remote_code: bool, parser: argparse.ArgumentParser
 ) -> None:
-    """--recover-lora trains adapters on linear layers: refused when a target is a fused expert or a Conv1D."""
-    from ..core.layers import LINEAR_TYPES, find_target_layers
+    """--recover-lora: the check recovery makes of its LoRA targets, on a meta-device model, before loading."""
+    from ..core.layers import find_target_layers
+    from ..recovery.train import lora_targets
 
     model = _meta_model(model_config, trust_remote_code)
-    for block in find_target_layers(model, config.targets, config.ignore):
-        for layer in block:
-            if layer.expert is not None or not isinstance(layer.module, LINEAR_TYPES[:1]):
-                kind = "one expert of a fused experts parameter" if layer.expert is not None else "not an nn.Linear"
-                parser.error(
-                    f"argument --recover-lora: LoRA adapts nn.Linear layers, and {layer.name} is {kind}: recover "
-                    "without --recover-lora (full fine-tuning keeps the masks), or leave those layers out with --ignore."
-                )
+    names = [layer.name for block in find_target_layers(model, config.targets, config.ignore) for layer in block]
+    try:
+        lora_targets(model, {}, names)
+    except ValueError as error:
+        parser.error(
+            f"argument --recover-lora: LoRA adapts nn.Linear layers ({error}): recover without --recover-lora (full "
+            "fine-tuning keeps the masks), or leave those layers out with --ignore."
+        )
 
 
 def _meta_model(model_config: PretrainedConfig, trust_remote_code: bool):

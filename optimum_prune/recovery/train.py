@@ -274,7 +274,8 @@ def record(state: Any, step: int, perplexity: float) -> None:
     state.log_history.append({"step": step, "eval_perplexity": perplexity})
 
 
-def _lora_targets(model: nn.Module, masks: Mapping[str, torch.Tensor], layers: list[str]) -> list[str]:
+def lora_targets(model: nn.Module, masks: Mapping[str, torch.Tensor], layers: list[str]) -> list[str]:
+    """The modules LoRA adapts: the masked weights' layers (else ``layers``), each refused unless an nn.Linear."""
     names = {name.removesuffix(".weight") for name in masks} or set(layers)
     modules = dict(model.named_modules())
     missing = [name for name in names if not isinstance(modules.get(name), nn.Linear)]
@@ -358,7 +359,7 @@ def recover(
                 'LoRA recovery needs PEFT: pip install "optimum-prune[recovery]" (or pip install peft).'
             ) from None
 
-        targets = _lora_targets(model, masks, target_layers or [])
+        targets = lora_targets(model, masks, target_layers or [])
         lora = LoraConfig(r=config.lora_rank, lora_alpha=2 * config.lora_rank, target_modules=targets, lora_dropout=0.0)
         with warnings.catch_warnings():  # PEFT calls a transformers API that transformers deprecates
             warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
