@@ -7,7 +7,7 @@ BOS; ``--eval-windows`` lowers it), then `measure_speed` against the dense float
 (batch 1, 512-token prompt, 128 new tokens, interleaved repeats) at each ``--threads``. Rows go to
 ``benchmarks/results/deploy-speed.json`` as they finish and to the ``deploy-speed`` section of docs/benchmarks.md.
 
-    python benchmarks/deploy_speed.py --rows "dense fp32" "dense int8" "dense int4" --threads 1 2
+    python benchmarks/deploy_speed.py --threads 1 2 --eval-windows 10
     python benchmarks/deploy_speed.py --rows "structured -30% int4" "unstructured 50% fp32"
 """
 
@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import math
 import sys
 import tempfile
 from pathlib import Path
@@ -35,23 +36,59 @@ PRUNING = {  # what each row prunes (None: the dense model)
     "structured -30%": {"method": "sparsegpt", "structure": {"mlp": 0.45, "attention": 0.34}},
     "structured -50%": {"method": "sparsegpt", "structure": {"mlp": 0.7, "attention": 0.67}},
 }
-WEIGHTS = {"fp32": None, "int8": "int8", "int4": "int4"}
+WEIGHTS = {  # export_onnx(quantize=..., quantize_head=...) of each weights column
+    "fp32": (None, False),
+    "int8": ("int8", False),
+    "int4": ("int4", False),
+    "int4+head": ("int4", True),
+    "int8-dynamic": ("int8-dynamic", False),
+}
 ROWS = [f"{pruning} {weights}" for pruning in PRUNING for weights in WEIGHTS]
+NOTE = (  # what the table cannot say on its own
+    "The dense int8-dynamic row was measured on 2026-12-07 with nothing else running; the other rows of that "
+    "date ran while a quality benchmark shared the two cores (the interleaved ratios hold, the spreads widen)."
+)
 
 
-def export_row(row: str, folder: Path, samples: int) -> tuple[Path, float]:
-    """The ONNX folder of ``row`` and the parameter count of the model it holds."""
-    from optimum_prune import Pruner, PruningConfig, export_onnx
+def pruned_folder(pruning: str, scratch: Path, samples: int) -> Path | None:
+    """The saved model of ``pruning`` (pruned once per run, then exported with each weights column), or ``None``
+    for the dense model."""
+    from optimum_prune import Pruner, PruningConfig
 
-    pruning, weights = row.rsplit(" ", 1)
-    model, tokenizer = load_model(MODEL)
-    if PRUNING[pruning] is not None:
+    if PRUNING[pruning] is None:
+        return None
+    folder = scratch / f"pruned {pruning}"
+    if not folder.is_dir():
+        model, tokenizer = load_model(MODEL)
         config = PruningConfig(num_samples=samples, seq_len=512, **PRUNING[pruning])
         pruner = Pruner(model, config, tokenizer, device="cpu", progress=False)
         pruner.prune(calibration_token_ids(tokenizer, samples, 512, 0))
-        model = pruner.model
-    parameters = sum(parameter.numel() for parameter in model.parameters())
-    return export_onnx(model, folder, tokenizer=tokenizer, quantize=WEIGHTS[weights]), parameters
+        pruner.save_pretrained(folder)
+    return folder
+
+
+def export_row(row: str, scratch: Path, samples: int) -> tuple[Path, float]:
+    """The ONNX folder of ``row`` and the parameter count of the model it holds."""
+    from optimum_prune import export_onnx
+
+    pruning, weights = row.rsplit(" ", 1)
+    source = pruned_folder(pruning, scratch, samples)
+    model, tokenizer = load_model(MODEL) if source is None else (str(source), str(source))
+    parameters = None if source is None else _parameters(source)
+    quantize, quantize_head = WEIGHTS[weights]
+    folder = export_onnx(model, scratch / row, tokenizer=tokenizer, quantize=quantize, quantize_head=quantize_head)
+    return folder, parameters
+
+
+def _parameters(folder: Path) -> int:
+    """The parameters stored in a saved model's safetensors files (tied weights once)."""
+    from safetensors import safe_open
+
+    count = 0
+    for path in folder.glob("*.safetensors"):
+        with safe_open(path, "pt") as tensors:
+            count += sum(math.prod(tensors.get_slice(name).get_shape()) for name in tensors.keys())  # noqa: SIM118 (not iterable)
+    return count
 
 
 def measure(row: str, threads: list[int], samples: int, eval_windows: int, scratch: Path) -> dict:
@@ -60,8 +97,8 @@ def measure(row: str, threads: list[int], samples: int, eval_windows: int, scrat
 
     dense = scratch / "dense fp32"
     if not dense.is_dir():
-        export_row("dense fp32", dense, samples)
-    folder, parameters = export_row(row, scratch / row, samples) if row != "dense fp32" else (dense, None)
+        export_row("dense fp32", scratch, samples)
+    folder, parameters = export_row(row, scratch, samples) if row != "dense fp32" else (dense, None)
     text, _ = eval_text(MODEL)
     ppl = evaluate_perplexity(folder, None, text, seq_len=512, max_windows=eval_windows, bos=False)
     result = {
@@ -98,15 +135,16 @@ def render(results: dict[str, dict]) -> str:
                "prefill vs dense fp32", "decode vs dense fp32"]  # fmt: skip
     dates = sorted({result["date"] for result in results.values()})
     return "\n".join([
-        "## Deployment: SmolLM2-135M in onnxruntime, float32, int8 and int4",
+        "## Deployment: SmolLM2-135M in onnxruntime, float32, int8 and int4 weights",
         "",
-        "Each output exported with `export_onnx(quantize=...)` (int8: dynamic, symmetric per channel; int4: "
-        "MatMulNBits, blocks of 32; the LM head float), its WikiText-2 perplexity measured on the ONNX folder in "
+        "Each output exported with `export_onnx(quantize=..., quantize_head=...)` (int8 and int4: weight-only "
+        "MatMulNBits, symmetric, blocks of 32, int8 activations per block (accuracy_level 4); int8-dynamic: "
+        "MatMulInteger, weights per channel, activations per tensor; the LM head float except in +head rows), its WikiText-2 perplexity measured on the ONNX folder in "
         "onnxruntime (no BOS), and its speed by `measure_speed` against the dense float32 export in the same "
         "process: batch 1, 512-token prompt, 128 new tokens, median of 3 interleaved runs. Command: "
-        "`python benchmarks/deploy_speed.py --rows \"dense fp32\" \"dense int8\" \"dense int4\" --threads 1 2 "
-        "--eval-windows 10` (the other rows of the issue's table are not measured yet); 2-core CPU, nothing else "
-        f"running, {', '.join(dates)}. The dense-vs-dense rows give the noise of the interleaved timing (3-7%).",
+        "`python benchmarks/deploy_speed.py --threads 1 2 --eval-windows 10` (every row; `--rows` picks some); "
+        f"2-core CPU, {', '.join(dates)}. The dense-vs-dense rows give the noise of the interleaved timing. "
+        f"{NOTE}",
         "",
         table(headers, rows),
     ])  # fmt: skip
@@ -114,7 +152,7 @@ def render(results: dict[str, dict]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rows", nargs="+", choices=ROWS, default=["dense fp32", "dense int8", "dense int4"])
+    parser.add_argument("--rows", nargs="+", choices=ROWS, default=ROWS)
     parser.add_argument("--threads", nargs="+", type=int, default=[1, 2])
     parser.add_argument("--samples", type=int, default=64, help="calibration sequences of 512 tokens")
     parser.add_argument("--eval-windows", type=int, default=40)

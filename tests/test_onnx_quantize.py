@@ -1,4 +1,4 @@
-"""Quantized ONNX exports (int8 and int4 through onnxruntime's tools): pruned zeros exact after dequantization,
+"""Quantized ONNX exports (int8, int4 and int8-dynamic through onnxruntime's tools): pruned zeros exact after dequantization,
 the head left float, what was done recorded, decoding close to the float export's, perplexity of ONNX folders by
 the same protocol as models, and bad input refused before any export."""
 
@@ -18,7 +18,7 @@ from test_onnx import Session
 from optimum_prune import Pruner, export_onnx, perplexity
 from optimum_prune.errors import InputError
 from optimum_prune.export.onnx import ONNX_FILE
-from optimum_prune.export.quantize import INT4_BLOCK_SIZE
+from optimum_prune.export.quantize import BLOCK_SIZE, QUANTIZATIONS
 
 TEXT = TINYSTORIES_VAL.read_text(encoding="utf-8")
 
@@ -33,7 +33,7 @@ def exports(pruned: Pruner, tmp_path_factory) -> dict[str, Path]:
     folder = tmp_path_factory.mktemp("quantized")
     return {
         name: export_onnx(pruned.model, folder / name, tokenizer=pruned.tokenizer, quantize=quantize)
-        for name, quantize in (("fp32", None), ("int8", "int8"), ("int4", "int4"))
+        for name, quantize in (("fp32", None), *((name, name) for name in QUANTIZATIONS))
     }
 
 
@@ -42,30 +42,35 @@ def _initializers(folder: Path) -> dict[str, np.ndarray]:
     return {init.name: numpy_helper.to_array(init) for init in model.graph.initializer}
 
 
-def _int4_weight(packed: np.ndarray, scales: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """MatMulNBits' ``(N, blocks, 16)`` bytes (low nibble first, implicit zero point 8) as codes and ``(N, K)``
-    floats."""
-    codes = np.stack([packed & 0x0F, packed >> 4], axis=-1).reshape(packed.shape[0], -1)
-    values = (codes.astype(np.float32) - 8) * np.repeat(scales, INT4_BLOCK_SIZE, axis=1)
-    return codes, values
+def _nbits_weight(packed: np.ndarray, scales: np.ndarray, bits: int, columns: int) -> tuple[np.ndarray, np.ndarray]:
+    """MatMulNBits' ``(N, blocks, BLOCK_SIZE * bits / 8)`` bytes (int4: low nibble first; implicit zero point
+    ``2**(bits - 1)``) as ``(N, K)`` codes and dequantized floats."""
+    codes = np.stack([packed & 0x0F, packed >> 4], axis=-1) if bits == 4 else packed
+    codes = codes.reshape(packed.shape[0], -1)
+    values = (codes.astype(np.float32) - 2 ** (bits - 1)) * np.repeat(scales, BLOCK_SIZE, axis=1)
+    return codes[:, :columns], values[:, :columns]
 
 
-def test_pruned_zeros_are_exact_after_int8_and_int4(exports: dict[str, Path], pruned: Pruner) -> None:
-    int8, int4 = _initializers(exports["int8"]), _initializers(exports["int4"])
+def test_pruned_zeros_are_exact_after_quantization(exports: dict[str, Path], pruned: Pruner) -> None:
+    dynamic = _initializers(exports["int8-dynamic"])
     for layer in pruned.report.layers:
         weight = pruned.model.get_submodule(layer.name).weight.detach().numpy()  # (out, in)
         zeros = weight == 0
         assert zeros.sum() == round(layer.sparsity * weight.size) > 0
-        quantized = int8[f"{layer.name}.weight_quantized"]  # (in, out), symmetric: zero point 0
-        assert not int8[f"{layer.name}.weight_zero_point"].any()
+        quantized = dynamic[f"{layer.name}.weight_quantized"]  # (in, out), symmetric: zero point 0
+        assert not dynamic[f"{layer.name}.weight_zero_point"].any()
         assert (quantized.T[zeros] == 0).all()
-        codes, values = _int4_weight(int4[f"{layer.name}.weight_Q4"], int4[f"{layer.name}.weight_scales"])
-        assert (codes[:, : weight.shape[1]][zeros] == 8).all() and (values[:, : weight.shape[1]][zeros] == 0).all()
-        assert np.abs(values[:, : weight.shape[1]] - weight).max() <= np.abs(weight).max() / 7 + 1e-6
+        for bits in (8, 4):
+            stored = _initializers(exports[f"int{bits}"])
+            packed, scales = stored[f"{layer.name}.weight_Q{bits}"], stored[f"{layer.name}.weight_scales"]
+            codes, values = _nbits_weight(packed, scales, bits, weight.shape[1])
+            assert (codes[zeros] == 2 ** (bits - 1)).all() and (values[zeros] == 0).all()
+            largest_code = 2 ** (bits - 1) - 1
+            assert np.abs(values - weight).max() <= np.abs(weight).max() / largest_code + 1e-6
 
 
 def test_the_head_stays_float_and_the_quantization_is_recorded(exports: dict[str, Path]) -> None:
-    for name in ("int8", "int4"):
+    for name in QUANTIZATIONS:
         model = onnx.load(exports[name] / ONNX_FILE, load_external_data=False)
         props = {prop.key: prop.value for prop in model.metadata_props}
         info = json.loads(props["optimum_prune_quantization"])
@@ -76,12 +81,10 @@ def test_the_head_stays_float_and_the_quantization_is_recorded(exports: dict[str
         assert config["optimum_prune"]["onnx"] == info and config["optimum_prune"]["method"] == "magnitude"
 
 
-def test_int8_decoding_with_the_cache_stays_within_its_tolerance(exports: dict[str, Path]) -> None:
-    """Greedy decoding with the KV cache, 12 steps from 3 prompts, the int8 export fed the float export's tokens:
-    on stories260K (a 260K-parameter model whose activations int8's per-tensor dynamic quantization rounds
-    coarsely) its logits stay within 5% of the logit range on average and 30% at worst, and it picks the float
-    export's token at least 60% of the time (measured: 3.6%, 22% and 72%)."""
-    sessions = {name: Session(exports[name]) for name in ("fp32", "int8")}
+def _decoded_logits(exports: dict[str, Path], name: str) -> tuple[np.ndarray, np.ndarray]:
+    """Greedy decoding with the KV cache, 12 steps from 3 prompts, ``name``'s export fed the float export's
+    tokens: the last-position logits of both at every step."""
+    sessions = {"fp32": Session(exports["fp32"]), name: Session(exports[name])}
     ids = np.array([[1, 400, 35], [1, 17, 260], [1, 90, 91]], dtype=np.int64)
     step_logits = {name: [] for name in sessions}
     past = {}
@@ -95,19 +98,34 @@ def test_int8_decoding_with_the_cache_stays_within_its_tolerance(exports: dict[s
             mask, positions = np.ones((3, length), dtype=np.int64), np.full((3, 1), length - 1)
             logits, past[name] = session.run(token, mask, positions, past[name])
             step_logits[name].append(logits[:, -1])
-    fp32, int8 = np.stack(step_logits["fp32"]), np.stack(step_logits["int8"])
+    return np.stack(step_logits["fp32"]), np.stack(step_logits[name])
+
+
+@pytest.mark.parametrize(
+    ("name", "mean", "worst", "agreement"),
+    [("int8", 0.01, 0.05, 0.95), ("int4", 0.05, 0.25, 0.75), ("int8-dynamic", 0.05, 0.30, 0.6)],
+)
+def test_quantized_decoding_with_the_cache_stays_within_its_tolerance(
+    exports: dict[str, Path], name: str, mean: float, worst: float, agreement: float
+) -> None:
+    """On stories260K (260K parameters, whose activations int8-dynamic's per-tensor scales round coarsely) the
+    quantized export's logits stay within ``mean`` of the float export's logit range on average and ``worst`` at
+    worst, and it picks the float export's token at least ``agreement`` of the time (measured, mean / worst / agreement:
+    int8 0.2% / 1.9% / 97%, int4 1.9% / 13% / 90%, int8-dynamic 3.9% / 19% / 72%)."""
+    fp32, quantized = _decoded_logits(exports, name)
     spread = np.ptp(fp32, axis=-1, keepdims=True)
-    assert (np.abs(fp32 - int8) / spread).mean() <= 0.05
-    assert (np.abs(fp32 - int8) / spread).max() <= 0.30
-    assert (fp32.argmax(-1) == int8.argmax(-1)).mean() >= 0.6
+    error = np.abs(fp32 - quantized) / spread
+    assert error.mean() <= mean and error.max() <= worst
+    assert (fp32.argmax(-1) == quantized.argmax(-1)).mean() >= agreement
 
 
 def test_perplexity_of_onnx_folders_by_the_same_protocol(exports: dict[str, Path], pruned: Pruner) -> None:
     torch_value = perplexity(pruned.model, pruned.tokenizer, TEXT, seq_len=256, max_windows=6)
     values = {name: perplexity(folder, None, TEXT, seq_len=256, max_windows=6) for name, folder in exports.items()}
     assert values["fp32"] == pytest.approx(torch_value, rel=1e-4)
-    assert values["int8"] <= 1.05 * values["fp32"]
+    assert values["int8"] <= 1.01 * values["fp32"]
     assert values["int4"] <= 1.15 * values["fp32"]
+    assert values["int8-dynamic"] <= 1.05 * values["fp32"]
 
 
 def test_bad_quantization_input_is_refused_before_export(pruned: Pruner, tmp_path: Path, monkeypatch, capsys) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 
+from ..export.quantize import QUANTIZATIONS
 from ..method_settings import all_settings_fields
 
 DESCRIPTION = (
@@ -196,9 +197,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     )
     output.add_argument(
         "--onnx-quantize",
-        choices=["int8", "int4"],
-        help="with --export onnx: int8 (dynamic, per channel) or int4 (weight-only, blocks of 32) weights through "
-        "onnxruntime's quantization tools; pruned zeros stay zero, the LM head stays float.",
+        choices=QUANTIZATIONS,
+        help="with --export onnx: int8 or int4 (weight-only, blocks of 32, MatMulNBits) or int8-dynamic (activations "
+        "too, per tensor: fastest prefill, breaks models with activation outliers) weights through onnxruntime's "
+        "quantization tools; pruned zeros stay zero.",
+    )
+    output.add_argument(
+        "--onnx-quantize-head",
+        action="store_true",
+        help="with --onnx-quantize: quantize the LM head too (smaller, faster decode, some quality; default float).",
     )
     output.add_argument("--save-masks", action="store_true", help="add sparsity_masks.safetensors to --output.")
     output.add_argument(

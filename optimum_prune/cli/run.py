@@ -263,6 +263,7 @@ REFINES = {
     "eval_windows": "eval",
     "eval_limit": "eval_tasks",
     "eval_batch_size": "eval_tasks",
+    "onnx_quantize_head": "onnx_quantize",
     "eval_task_data": "eval_tasks",
     "eval_include": "eval_tasks",
     "private": "push_to_hub",
@@ -274,6 +275,7 @@ WHAT_IT_SETS_UP = {
     "eval_tasks": "it sets up zero-shot tasks; add --eval-tasks TASK[,TASK...].",
     "push_to_hub": "it makes the --push-to-hub repository private; add --push-to-hub REPO.",
     "output": "it lets --output replace a non-empty folder; add --output DIR.",
+    "onnx_quantize": "it quantizes the LM head of the ONNX export too; add --onnx-quantize int8|int4.",
 }
 
 
@@ -771,7 +773,13 @@ def write(args: argparse.Namespace, pruner: Pruner, scores: dict[str, Any] | Non
         onnx_dir = Path(args.output) / "onnx"
         print(f"exporting ONNX to {onnx_dir} ...", flush=True)
         source = args.output if args.offload == "disk" or args.device_map is not None else pruner.model
-        export_onnx(source, onnx_dir, tokenizer=pruner.tokenizer, quantize=args.onnx_quantize)
+        export_onnx(
+            source,
+            onnx_dir,
+            tokenizer=pruner.tokenizer,
+            quantize=args.onnx_quantize,
+            quantize_head=args.onnx_quantize_head,
+        )
         print(f"ONNX model{f' ({args.onnx_quantize} weights)' if args.onnx_quantize else ''} written to {onnx_dir}")
     if args.push_to_hub:
         commit = pruner.push_to_hub(args.push_to_hub, private=args.private, format=save_format, perplexity=scores)

@@ -232,9 +232,9 @@ def export_onnx(
 
     The folder also gets ``config.json``, the generation config and the tokenizer. ``external_data=None``
     writes the weights to ``model.onnx_data`` only when they reach 2 GB. The output folder is written
-    atomically and a non-empty one is kept unless ``overwrite``. ``quantize="int8"`` or ``"int4"`` stores the
-    linear weights in low bits through onnxruntime's quantization tools (`optimum_prune.export.quantize`; pruned
-    zeros stay exactly zero), the language-model head in float unless ``quantize_head``; what was done is
+    atomically and a non-empty one is kept unless ``overwrite``. ``quantize="int8"``, ``"int4"`` (weight-only) or
+    ``"int8-dynamic"`` stores the linear weights in low bits through onnxruntime's quantization tools
+    (`optimum_prune.export.quantize`; pruned zeros stay exactly zero), the language-model head in float unless ``quantize_head``; what was done is
     recorded in ``config.json`` (``optimum_prune.onnx``) and the model's ``metadata_props``.
     """
     import onnx_ir as ir

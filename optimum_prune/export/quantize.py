@@ -1,13 +1,16 @@
 """Low-bit weights for an exported ONNX model, through onnxruntime's own quantization tools.
 
-- ``"int8"``: `onnxruntime.quantization.quantize_dynamic`, symmetric int8 weights per output channel,
-  activations quantized on the fly (``MatMulInteger``): the path onnxruntime's CPU kernels run fastest.
-- ``"int4"``: `MatMulNBitsQuantizer`, symmetric 4-bit weights in blocks of ``block_size`` input rows with one
-  float scale each (the ``MatMulNBits`` contrib op of onnxruntime's generative-AI stack), weight-only.
+- ``"int8"`` and ``"int4"``: `MatMulNBitsQuantizer`, symmetric 8- or 4-bit weights in blocks of ``BLOCK_SIZE``
+  input rows with one float scale each (the ``MatMulNBits`` contrib op of onnxruntime's generative-AI stack),
+  weight-only, run with ``accuracy_level=4`` as onnxruntime-genai builds CPU models: each block of activations is
+  rounded to int8 at run time with its own scale, so activation outliers stay local to their block.
+- ``"int8-dynamic"``: `onnxruntime.quantization.quantize_dynamic`, symmetric int8 weights per output channel and
+  activations quantized on the fly with one scale per tensor (``MatMulInteger``): the fastest prefill, but a model
+  with massive activation outliers loses its quality (it warns).
 
-Both are symmetric, so a pruned weight quantizes to exactly zero (int8: 0 with zero point 0; int4: the code 8,
-the implicit zero point) and dequantizes to exactly zero. The language-model head (the last ``MatMul`` before
-the logits) stays float by default: it is where low-bit weights cost the most quality for the least size.
+All are symmetric, so a pruned weight quantizes to exactly the implicit zero point (int8-dynamic: 0; ``MatMulNBits``:
+``2**(bits - 1)``) and dequantizes to exactly zero. The language-model head (the last ``MatMul`` before the
+logits) stays float by default: it is where low-bit weights cost the most quality for the least size.
 """
 
 from __future__ import annotations
@@ -23,8 +26,9 @@ from typing import Any
 from ..errors import InputError
 
 logger = logging.getLogger(__name__)
-QUANTIZATIONS = ("int8", "int4")
-INT4_BLOCK_SIZE = 32
+QUANTIZATIONS = ("int8", "int4", "int8-dynamic")
+BLOCK_SIZE = 32  # input rows per scale of MatMulNBits weights
+ACCURACY_LEVEL = 4  # MatMulNBits computes with int8 activations, one scale per block
 
 
 def check_quantization(quantize: str | None) -> None:
@@ -35,8 +39,11 @@ def check_quantization(quantize: str | None) -> None:
         raise InputError(f"Unknown ONNX quantization {quantize!r}: choose one of {', '.join(QUANTIZATIONS)}.")
     if importlib.util.find_spec("onnxruntime") is None:
         raise ImportError('Quantizing ONNX weights needs onnxruntime\'s tools: pip install "optimum-prune[onnx]".')
-    if quantize == "int4" and importlib.util.find_spec("onnxruntime.quantization.matmul_nbits_quantizer") is None:
-        raise ImportError("int4 ONNX weights need onnxruntime >= 1.17 (MatMulNBitsQuantizer): upgrade onnxruntime.")
+    if (
+        quantize != "int8-dynamic"
+        and importlib.util.find_spec("onnxruntime.quantization.matmul_nbits_quantizer") is None
+    ):
+        raise ImportError(f"{quantize} ONNX weights need onnxruntime's MatMulNBitsQuantizer: upgrade onnxruntime.")
 
 
 @contextmanager
@@ -53,6 +60,22 @@ def _no_preprocessing_advice() -> Iterator[None]:
         yield
     finally:
         root.removeFilter(advice)
+
+
+def _nbits_quantizer_class() -> type:
+    """`MatMulNBitsQuantizer`, imported without the side effects of its module: it calls ``logging.basicConfig`` at
+    INFO on the root logger (then logs every node it visits); the root logger is put back as it was, and the
+    module's own logger keeps to warnings."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    from onnxruntime.quantization import matmul_nbits_quantizer
+
+    for handler in root.handlers[:]:
+        if handler not in handlers:
+            root.removeHandler(handler)
+    root.setLevel(level)
+    logging.getLogger(matmul_nbits_quantizer.__name__).setLevel(logging.WARNING)
+    return matmul_nbits_quantizer.MatMulNBitsQuantizer
 
 
 def head_nodes(path: str | os.PathLike) -> list[str]:
@@ -88,32 +111,33 @@ def quantize_onnx(
 
     check_quantization(quantize)
     excluded = [] if quantize_head else head_nodes(source)
-    if quantize == "int8":
+    if quantize == "int8-dynamic":
         from onnxruntime.quantization import QuantType, quantize_dynamic
 
         logger.warning(
-            "int8 quantizes activations too, one scale per tensor at run time: a model with massive activation "
-            "outliers loses its quality (SmolLM2-135M: WikiText-2 perplexity 34.1 -> 3.4 million). Measure the "
-            "export (--eval, or perplexity(folder, ...)), or use int4, which quantizes weights only."
+            "int8-dynamic quantizes activations with one scale per tensor at run time: a model with massive "
+            "activation outliers loses its quality (SmolLM2-135M: WikiText-2 perplexity 34.1 -> 3.4 million). "
+            "Measure the export (--eval, or perplexity(folder, ...)), or use int8, which keeps them local."
         )
-
         with _no_preprocessing_advice():
             quantize_dynamic(
                 Path(source), Path(target), per_channel=True, weight_type=QuantType.QInt8,
                 op_types_to_quantize=["MatMul"], nodes_to_exclude=excluded, use_external_data_format=external_data,
                 extra_options={"WeightSymmetric": True, "MatMulConstBOnly": True},
             )  # fmt: skip
-        scheme = "dynamic int8, symmetric per output channel (MatMulInteger), activations quantized at run time"
+        scheme = "dynamic int8, symmetric per output channel (MatMulInteger), activations per tensor at run time"
     else:
-        from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
-
-        quantizer = MatMulNBitsQuantizer(
-            onnx.load(os.fspath(source)), bits=4, block_size=INT4_BLOCK_SIZE, is_symmetric=True,
-            nodes_to_exclude=excluded,
+        bits = int(quantize.removeprefix("int"))
+        quantizer = _nbits_quantizer_class()(
+            onnx.load(os.fspath(source)), bits=bits, block_size=BLOCK_SIZE, is_symmetric=True,
+            accuracy_level=ACCURACY_LEVEL, nodes_to_exclude=excluded,
         )  # fmt: skip
         quantizer.process()
         quantizer.model.save_model_to_file(os.fspath(target), use_external_data_format=external_data)
-        scheme = f"weight-only int4, symmetric, blocks of {INT4_BLOCK_SIZE} (MatMulNBits)"
+        scheme = (
+            f"weight-only {quantize}, symmetric, blocks of {BLOCK_SIZE} (MatMulNBits, int8 activations per block: "
+            f"accuracy_level {ACCURACY_LEVEL})"
+        )
     return {
         "quantize": quantize,
         "scheme": scheme,
