@@ -20,6 +20,7 @@ import torch
 from common import ASSETS, add_common_arguments, load_model
 
 from optimum_prune import Pruner, PruningConfig, export_onnx, perplexity
+from optimum_prune.export.quantize import QUANTIZATIONS
 
 
 def ort_greedy(session: ort.InferenceSession, input_ids: np.ndarray, new_tokens: int) -> list[int]:
@@ -50,7 +51,7 @@ def main() -> None:
     parser.add_argument("--prompt", default="Once upon a time")
     parser.add_argument("--new-tokens", type=int, default=20)
     parser.add_argument("--output", required=True, help="folder for model.onnx, its config and tokenizer")
-    parser.add_argument("--quantize", choices=["int8", "int4"], help="also export with low-bit weights to OUTPUT-Q")
+    parser.add_argument("--quantize", choices=QUANTIZATIONS, help="also export with low-bit weights to OUTPUT-Q")
     args = parser.parse_args()
 
     model, tokenizer = load_model(args.model)
