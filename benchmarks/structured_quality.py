@@ -27,6 +27,7 @@ from benchmarks.markdown import table, write_section  # noqa: E402
 from benchmarks.quality import eval_text, results_lock  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
+CRITERIA = {"influence": "Block Influence", "loss": "loss"}  # how block rows choose their blocks
 # (method, compensate, label): ours first, then the baselines.
 METHODS = [
     ("sparsegpt", True, "OBS + refit (sparsegpt)"),
@@ -49,18 +50,25 @@ def rows(model: str) -> list[tuple[str, dict]]:
     removed = next(k for k in range(1, groups) if config["hidden_size"] % ((groups - k) * heads // groups) == 0)
     attention = {"attention": removed / groups}
 
-    def layers(fraction: float) -> dict:
-        return {"layers": max(round(blocks * fraction), 1) / blocks}
+    def layers(prefix: str, fraction: float) -> list[tuple[str, dict]]:
+        count = max(round(blocks * fraction), 1)
+        return [
+            (
+                f"{prefix}blocks -{count} of {blocks} by {label}",
+                {"layers": count / blocks, "layer_criterion": criterion},
+            )
+            for criterion, label in CRITERIA.items()
+        ]
 
     rows = [
         ("MLP -25%", {"mlp": 0.25}),
         ("MLP -50%", {"mlp": 0.5}),
         (f"attention -{removed} of {groups} KV groups", attention),
-        (f"blocks -{max(round(blocks * 0.1), 1)} of {blocks}", layers(0.1)),
-        (f"blocks -{max(round(blocks * 0.2), 1)} of {blocks}", layers(0.2)),
+        *layers("", 0.1),
+        *layers("", 0.2),
         ("budget -15%: attention + MLP", {**attention, "mlp": 0.15}),
         ("budget -30%: attention + MLP", {**attention, "mlp": 0.375}),
-        (f"budget -30%: blocks -{max(round(blocks * 0.367), 1)} of {blocks}", layers(0.367)),
+        *layers("budget -30%: ", 0.367),
     ]
     return list(dict(rows).items())  # a small model may give two fractions the same number of blocks
 
@@ -129,7 +137,8 @@ def render() -> None:
         "Commands: the docstring of `benchmarks/structured_quality.py`. Calibration: C4 sample, seed 0, no BOS, "
         "`samples x seq_len` tokens as each heading says; perplexity: the first windows of 512 tokens (WikiText-2 raw "
         "test for SmolLM2, TinyStories val for the asset models), no BOS. Each cell: perplexity (parameters kept). "
-        "Blocks are chosen by Block Influence (ShortGPT), so the block rows have one method.",
+        "Block rows have one method (blocks are removed whole; nothing is refitted) and two criteria: Block "
+        'Influence (ShortGPT) and the calibration loss, one block at a time (SLEB, `layer_criterion="loss"`).',
     ]
     for model in MODELS:
         for path in sorted(RESULTS.glob(f"structured-{model}-*x*.json"), key=_samples):

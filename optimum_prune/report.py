@@ -143,10 +143,18 @@ def _structure_line(structure: dict[str, Any]) -> str:
         original = structure["layers"]["original"]
         parts.append(f"{original} -> {original - len(structure['layers']['removed'])} blocks")
     parameters = structure["parameters"]
-    return (
+    line = (
         f"structured: {', '.join(parts)}; {parameters['original'] / 1e6:.2f}M -> {parameters['kept'] / 1e6:.2f}M "
         "parameters"
     )
+    layers = structure.get("layers", {})
+    if "removal_order" in layers:
+        removals = zip(layers["removal_order"], layers["loss_after_removal"], strict=True)
+        steps = ", ".join(f"{block} -> {loss:.4f}" for block, loss in removals)
+        line += f"\nblocks removed by calibration loss (dense {layers['dense_loss']:.4f}), in order: {steps}"
+    elif "block_influence" in layers:
+        line += f"\nblocks removed by Block Influence (lowest first): {', '.join(map(str, layers['removed']))}"
+    return line
 
 
 def comparison_table(rows: list[dict[str, Any]]) -> str:

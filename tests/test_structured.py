@@ -2,13 +2,23 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import itertools
 
 import pytest
 import torch
-from conftest import ARCHITECTURES, C4_SAMPLE, STORIES_260K, killed_at_block, random_ids, tiny_model
+from conftest import (
+    ARCHITECTURES,
+    C4_SAMPLE,
+    STORIES_260K,
+    TINYSTORIES_VAL,
+    killed_at_block,
+    random_ids,
+    tiny_model,
+)
 from test_cli import run_main
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from optimum_prune import Pruner, PruningConfig
 from optimum_prune.core.layers import find_target_layers
@@ -65,7 +75,8 @@ def test_sizes_and_config_follow_the_plan():
     assert (config.num_attention_heads, config.num_key_value_heads, config.head_dim) == (2, 1, 16)
     structure = pruner.report.structure
     assert structure["mlp"] == {"original": 128, "kept": 64} and structure["attention"] == {"original": 2, "kept": 1}
-    assert len(structure["layers"]["removed"]) == 1 and len(structure["block_influence"]) == 2
+    layers = structure["layers"]
+    assert len(layers["removed"]) == 1 and layers["criterion"] == "loss" and len(layers["loss_after_removal"]) == 1
     block = pruner.model.model.layers[0]
     assert block.mlp.down_proj.weight.shape == (64, 64) and block.self_attn.q_proj.weight.shape == (32, 64)
     assert block.self_attn.layer_idx == 0
@@ -318,3 +329,46 @@ def test_cli_resumes_an_interrupted_structure(tmp_path, capsys):
     assert run_main(*flags, "--resume") == 0
     assert AutoModelForCausalLM.from_pretrained(output).config.intermediate_size == 128
     assert not (tmp_path / "small.partial-structure").exists()
+
+
+def _loss_without(model: torch.nn.Module, removed: list[int], ids: torch.Tensor) -> float:
+    """The mean next-token loss of ``model`` with the blocks ``removed`` deleted, by full forwards of a copy."""
+    smaller = copy.deepcopy(model)
+    for index in sorted(removed, reverse=True):
+        del smaller.model.layers[index]
+    for index, block in enumerate(smaller.model.layers):
+        block.self_attn.layer_idx = index
+    smaller.config.num_hidden_layers = len(smaller.model.layers)
+    with torch.no_grad():
+        return sum(float(smaller(row, labels=row).loss) for row in ids.split(1)) / len(ids)
+
+
+def test_blocks_chosen_by_loss_equal_a_search_by_full_forwards():
+    """stories260K (5 blocks), 2 removed by loss: each step's choice and loss equal those of trying every block by
+    a full forward of the smaller model, and the pair equals the best of all ten pairs."""
+    model = AutoModelForCausalLM.from_pretrained(STORIES_260K).eval()
+    text = TINYSTORIES_VAL.read_text(encoding="utf-8")[:20000]
+    ids = AutoTokenizer.from_pretrained(STORIES_260K)(text, return_tensors="pt").input_ids[0, : 8 * 64].view(8, 64)
+    dense = copy.deepcopy(model)
+    pruner = Pruner.from_pretrained(model, _config({"layers": 0.4}), device="cpu", progress=False)
+    pruner.prune(ids)
+    layers = pruner.report.structure["layers"]
+    removed: list[int] = []
+    for step in range(2):
+        losses = {j: _loss_without(dense, removed + [j], ids) for j in range(5) if j not in removed}
+        best = min(losses, key=losses.__getitem__)
+        assert layers["removal_order"][step] == best
+        assert layers["loss_after_removal"][step] == pytest.approx(losses[best], rel=1e-4)
+        removed.append(best)
+    assert layers["dense_loss"] == pytest.approx(_loss_without(dense, [], ids), rel=1e-4)
+    pairs = {pair: _loss_without(dense, list(pair), ids) for pair in itertools.combinations(range(5), 2)}
+    assert min(pairs, key=pairs.__getitem__) == tuple(layers["removed"])
+    assert pruner.model.config.num_hidden_layers == 3
+
+
+def test_blocks_by_influence_on_request():
+    pruner = _prune("llama", {"layers": 0.5, "layer_criterion": "influence"})
+    layers = pruner.report.structure["layers"]
+    assert layers["criterion"] == "influence" and len(layers["block_influence"]) == 2
+    removed = layers["removed"][0]
+    assert layers["block_influence"][removed] == min(layers["block_influence"])

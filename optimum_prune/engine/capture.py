@@ -3,7 +3,7 @@ the `ActivationStore` says) and the other arguments the model passes it."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 
@@ -86,9 +86,11 @@ def capture_block_inputs(
 
 
 @contextmanager
-def outside_blocks_loaded(model: nn.Module, blocks: nn.ModuleList, disk: DiskOffload | None) -> Iterator[None]:
+def outside_blocks_loaded(
+    model: nn.Module, blocks: nn.ModuleList, disk: DiskOffload | None, head: bool = False
+) -> Iterator[None]:
     """Read the weights outside the blocks that may run before the first block (all but the output
-    embedding) from disk, and empty them again afterwards; a no-op for in-memory models."""
+    embedding, unless ``head``) from disk, and empty them again afterwards; a no-op for in-memory models."""
     if disk is None:
         yield
         return
@@ -96,10 +98,62 @@ def outside_blocks_loaded(model: nn.Module, blocks: nn.ModuleList, disk: DiskOff
     output = model.get_output_embeddings()
     skip = set() if output is None else set(output.modules())
     modules = [(name, m) for name, m in model.named_modules() if m not in inside and m not in skip]
+    tied = dict(getattr(model, "all_tied_weights_keys", None) or {})  # target -> source, left out of checkpoints
+    heads = [(name, m) for name, m in model.named_modules() if m in skip] if head else []
     try:
         for name, module in modules:
             disk.load(module, name, recurse=False)
+        for name, module in heads:
+            if f"{name}.weight" in tied:  # the head is the input embedding: share it, as transformers ties it
+                module.weight = model.get_parameter(tied[f"{name}.weight"])
+            else:
+                disk.load(module, name, recurse=False)
         yield
     finally:
-        for _, module in modules:
+        for _, module in modules + heads:
             disk.release(module, recurse=False)
+
+
+class _Replay(nn.Module):
+    """Stands in for all the decoder blocks: returns the given hidden states, whatever it is called with."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.hidden: torch.Tensor | None = None
+
+    def forward(self, *args: object, **kwargs: object) -> torch.Tensor:
+        return self.hidden
+
+
+@contextmanager
+def loss_after_blocks(
+    model: nn.Module, blocks: nn.ModuleList, device: torch.device, disk: DiskOffload | None, placed: bool = False
+) -> Iterator[Callable[[list[torch.Tensor], torch.Tensor], float]]:
+    """A function giving the model's own mean next-token loss on ``input_ids`` (one row per sequence) when its
+    last block outputs the given hidden states (a list of ``(batch, seq, hidden)`` tensors covering the rows in
+    order). What comes after the blocks (final norm, head, the loss) runs in the model's own code: while inside,
+    the blocks are replaced by one stand-in that returns those hidden states."""
+    replay = _Replay()
+    saved = blocks._modules
+    blocks._modules = {"0": replay}
+    try:
+        with outside_blocks_loaded(model, blocks, disk, head=True):
+            if not placed:
+                _move_outside_blocks(model, blocks, device)
+
+            def loss(hidden: list[torch.Tensor], input_ids: torch.Tensor) -> float:
+                rows = [row for batch in hidden for row in batch.split(1)]
+                total = 0.0
+                for row, ids in zip(rows, input_ids.split(1), strict=True):  # one sequence: logits stay small
+                    replay.hidden = row.to(device)
+                    output = model(input_ids=ids.to(device), labels=ids.to(device), use_cache=False)
+                    total += float(output.loss)
+                return total / len(rows)
+
+            try:
+                yield loss
+            finally:
+                if not placed:
+                    _move_outside_blocks(model, blocks, torch.device("cpu"))
+    finally:
+        blocks._modules = saved

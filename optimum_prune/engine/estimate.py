@@ -164,13 +164,17 @@ def estimate_run(
     passes = (2 if calibrated else 0) * (2 if config.allocation == "owl" else 1)
     flops = chain_flops
     routed = getattr(model.config.get_text_config(), "num_experts_per_tok", 1)
+    block_forwards = []
     for block_layers in layers:  # an expert sees its share of the tokens
         linear = sum(
             layer.shape[0] * layer.shape[1] * (1 if layer.expert is None else routed / layer.weight.shape[0])
             for layer in block_layers
         )
-        flops += passes * (2 * linear * tokens + 4 * tokens * config.seq_len * hidden)
+        block_forwards.append(2 * linear * tokens + 4 * tokens * config.seq_len * hidden)
+        flops += passes * block_forwards[-1]
         flops += sum(method.pruning_flops(*layer.shape, tokens) for layer in block_layers)
+    if config.structure is not None and config.structure.layers and config.structure.layer_criterion == "loss":
+        flops += _blocks_by_loss_flops(model, config, sum(block_forwards) / len(block_forwards), tokens)
     traffic = (weights if offload == "disk" else 0) + disk
     traffic += activations * len(blocks) * (int(write_output) + 2 * int(on_disk))
     seconds = math.nan
@@ -192,6 +196,23 @@ def estimate_run(
         disk_bytes=disk,
         seconds=seconds,
     )
+
+
+def _blocks_by_loss_flops(model: nn.Module, config: PruningConfig, block_flops: float, tokens: int) -> float:
+    """Choosing blocks by loss (`StructuredEngine._blocks_by_loss`): per removal, every remaining block applied to
+    the hidden states of each candidate that reaches it, and the head for every candidate, on its sequences."""
+    from .structured import LOSS_SEQUENCES
+
+    share = min(LOSS_SEQUENCES, config.num_samples) / config.num_samples
+    num_blocks = len(find_decoder_blocks(model)[1])
+    vocab = model.config.get_text_config().vocab_size
+    hidden = model.config.get_text_config().hidden_size
+    total = 0.0
+    for step in range(round(num_blocks * config.structure.layers)):
+        remaining = num_blocks - step
+        applications = remaining + remaining * (remaining - 1) / 2
+        total += share * (applications * block_flops + remaining * 2 * hidden * vocab * tokens)
+    return total
 
 
 def estimate(

@@ -33,12 +33,13 @@ from ..structured.groups import ATTENTION, MLP, ChannelGroup
 from ..structured.plan import StructurePlan, apply_new_config, block_groups
 from ..structured.prune import prune_group, shrink_group
 from .blockwise import BlockwiseEngine
-from .capture import CalibrationBatch, capture_block_inputs, outside_blocks_loaded
+from .capture import CalibrationBatch, capture_block_inputs, loss_after_blocks, outside_blocks_loaded
 from .offload import DiskOffload
 from .streaming import tied_names
 from .work_folder import Progress, WorkFolder
 
 HELD_OUT_EVERY = 8  # every 8th calibration sequence judges whether compensation generalises
+LOSS_SEQUENCES = 8  # calibration sequences on which blocks are chosen by loss (whole batches, at least this many)
 
 
 class StructuredEngine(BlockwiseEngine):
@@ -77,8 +78,8 @@ class StructuredEngine(BlockwiseEngine):
                 )
         state = self.work.load() if self.work is not None else None
         if state is None:
-            removed, influence = self._remove_blocks(batches) if self.plan.remove_blocks else ([], [])
-            structure = {"removed": removed, "influence": influence, "kept": [], "dropped": {}}
+            removal = self._remove_blocks(batches, input_ids) if self.plan.remove_blocks else {"removed": []}
+            structure = {**removal, "kept": [], "dropped": {}}
             state = Progress(0, [], [], [], 0.0, structure=structure)
         else:
             self._delete_blocks(state.structure["removed"])
@@ -106,8 +107,14 @@ class StructuredEngine(BlockwiseEngine):
         if state.structure["dropped"]:
             structure[EXPERTS]["removed"] = state.structure["dropped"]
         if removed:
-            structure["layers"] = {"original": len(self.blocks) + len(removed), "removed": removed}
-            structure["block_influence"] = [round(value, 6) for value in state.structure["influence"]]
+            structure["layers"] = {
+                "original": len(self.blocks) + len(removed),
+                "removed": removed,
+                "criterion": self.config.structure.layer_criterion,
+            }
+            for key in ("block_influence", "removal_order", "loss_after_removal", "dense_loss"):
+                if key in state.structure:
+                    structure["layers"][key] = state.structure[key]
         return PruningReport(
             method=self.config.method,
             pattern="structured",
@@ -189,8 +196,17 @@ class StructuredEngine(BlockwiseEngine):
             drop_experts(parent, record.module, keep)
         return kept, dropped
 
-    def _remove_blocks(self, batches: list[CalibrationBatch]) -> tuple[list[int], list[float]]:
-        """Measure every block's Block Influence on the dense model and remove the least influential."""
+    def _remove_blocks(self, batches: list[CalibrationBatch], input_ids: torch.Tensor) -> dict:
+        """Choose the blocks to remove by the structure's criterion, delete them, and say what was measured."""
+        if self.config.structure.layer_criterion == "loss":
+            removal = self._blocks_by_loss(batches, input_ids)
+        else:
+            removal = self._blocks_by_influence(batches)
+        self._delete_blocks(removal["removed"])
+        return removal
+
+    def _blocks_by_influence(self, batches: list[CalibrationBatch]) -> dict:
+        """The blocks with the lowest Block Influence on the dense model (``1 - cos(h_in, h_out)``)."""
         influence = []
         current = batches
         bar = tqdm(range(len(self.blocks)), desc="Block influence", unit="block", disable=not self.progress)
@@ -204,8 +220,54 @@ class StructuredEngine(BlockwiseEngine):
             influence.append(1.0 - sum(similarity) / len(similarity))
             current = outputs
         removed = sorted(sorted(range(len(self.blocks)), key=influence.__getitem__)[: self.plan.remove_blocks])
-        self._delete_blocks(removed)
-        return removed, influence
+        return {"removed": removed, "block_influence": [round(value, 6) for value in influence]}
+
+    def _blocks_by_loss(self, batches: list[CalibrationBatch], input_ids: torch.Tensor) -> dict:
+        """SLEB (Song et al., 2024): remove one block at a time, each time the one whose removal gives the lowest
+        calibration loss, measured again after every removal on the first `LOSS_SEQUENCES` calibration
+        sequences. Each removal step is one pass over the blocks: the hidden states that skip block ``j`` run
+        through the blocks after ``j`` only, every candidate advancing through a block while it is loaded."""
+        scoring, count = [], 0
+        for batch in batches:
+            if count >= LOSS_SEQUENCES:
+                break
+            scoring.append(batch)
+            count += batch.hidden.shape[0]
+        ids = input_ids[:count]
+        kept, order, losses = list(range(len(self.blocks))), [], []
+        bar = tqdm(total=self.plan.remove_blocks, desc="Blocks by loss", unit="block", disable=not self.progress)
+        dense_loss = None
+        for _ in range(self.plan.remove_blocks):
+            base = [batch.hidden for batch in scoring]
+            skipping: list[list[torch.Tensor]] = []  # skipping[p]: the hidden states with block kept[p] skipped
+            for index in kept:
+                with self._block(index) as block:
+                    skipping = [self._through(block, scoring, hidden) for hidden in skipping]
+                    skipping.append(base)
+                    base = self._through(block, scoring, base)
+            with loss_after_blocks(self.model, self.blocks, self.device, self.disk, self.dispatch is not None) as loss:
+                dense_loss = loss(base, ids) if dense_loss is None else dense_loss
+                candidates = [loss(hidden, ids) for hidden in skipping]
+            best = min(range(len(kept)), key=candidates.__getitem__)
+            order.append(kept.pop(best))
+            losses.append(round(candidates[best], 6))
+            bar.update()
+        bar.close()
+        return {
+            "removed": sorted(order),
+            "removal_order": order,
+            "loss_after_removal": losses,
+            "dense_loss": round(dense_loss, 6),
+        }
+
+    def _through(
+        self, block: nn.Module, batches: list[CalibrationBatch], hidden: list[torch.Tensor]
+    ) -> list[torch.Tensor]:
+        """``hidden`` (one tensor per batch of ``batches``, whose other arguments it takes) run through ``block``."""
+        return [
+            CalibrationBatch(states, batch.args, batch.kwargs).run(block, self.device)
+            for batch, states in zip(batches, hidden, strict=True)
+        ]
 
     def _parameter_count(self) -> int:
         """The model's parameters, a tied weight once (a disk-offloaded model's meta tensors are not tied)."""

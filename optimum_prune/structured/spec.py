@@ -10,16 +10,20 @@ from typing import Any
 from ..errors import InputError
 
 KINDS = ("mlp", "attention", "layers", "experts")
+LAYER_CRITERIA = ("loss", "influence")
+DEFAULT_LAYER_CRITERION = "loss"
 
 
 @dataclass
 class Structure:
     """Fractions removed in every block: ``mlp`` of the MLP channels (rounded so that the kept width is a
     multiple of ``align``), ``attention`` of the attention heads (in whole KV groups: a removed group takes
-    its query heads with it), ``layers`` of the decoder blocks (those with the lowest Block Influence) and
-    ``experts`` of the routed experts of a mixture of experts (those contributing least to the output).
-    ``compensate`` refits the kept weights of the consuming layers by least squares (second-order methods do
-    it as they remove)."""
+    its query heads with it), ``layers`` of the decoder blocks and ``experts`` of the routed experts of a mixture
+    of experts (those contributing least to the output). ``layer_criterion`` chooses the blocks: ``"loss"``
+    removes them one at a time, each time the one whose removal raises the calibration loss least (SLEB);
+    ``"influence"`` removes those that change their input least (Block Influence, ShortGPT). ``compensate``
+    refits the kept weights of the consuming layers by least squares (second-order methods do it as they
+    remove)."""
 
     mlp: float = 0.0
     attention: float = 0.0
@@ -27,6 +31,7 @@ class Structure:
     experts: float = 0.0
     align: int = 32
     compensate: bool = True
+    layer_criterion: str = DEFAULT_LAYER_CRITERION
 
     def __post_init__(self) -> None:
         for kind in KINDS:
@@ -44,10 +49,17 @@ class Structure:
             raise InputError(f"structure align={self.align!r} must be a positive integer (channels).")
         if not isinstance(self.compensate, bool):
             raise InputError(f"structure compensate={self.compensate!r} must be true or false.")
+        if self.layer_criterion not in LAYER_CRITERIA:
+            raise InputError(
+                f"structure layer_criterion={self.layer_criterion!r}: choose one of {', '.join(LAYER_CRITERIA)}."
+            )
 
     def __str__(self) -> str:
         """``mlp=0.25 layers=0.1`` (what is removed), as ``--structure`` takes it."""
-        return " ".join(f"{kind}={getattr(self, kind):g}" for kind in KINDS if getattr(self, kind))
+        removed = [f"{kind}={getattr(self, kind):g}" for kind in KINDS if getattr(self, kind)]
+        if self.layers and self.layer_criterion != DEFAULT_LAYER_CRITERION:
+            removed.append(f"layer_criterion={self.layer_criterion}")
+        return " ".join(removed)
 
     @classmethod
     def from_value(cls, value: Structure | dict[str, Any]) -> Structure:
@@ -71,6 +83,9 @@ def parse_structure(items: list[str]) -> dict[str, Any]:
             raise InputError(f"cannot read {item!r}: use KIND=FRACTION, e.g. mlp=0.25 attention=0.33 layers=0.1.")
         if key in values:
             raise InputError(f"{key} is given twice: give each KIND once.")
+        if key == "layer_criterion":
+            values[key] = text
+            continue
         if key == "compensate":
             if text.lower() not in ("true", "false"):
                 raise InputError(f"compensate={text!r} must be true or false.")
