@@ -12,14 +12,17 @@ import torch
 from torch import nn
 from transformers import (
     AutoConfig,
-    AutoModelForCausalLM,
     AutoTokenizer,
     PretrainedConfig,
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
-from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+from transformers.models.auto.modeling_auto import (
+    MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+    MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES,
+)
 
+from .core.auto import auto_model_class, is_vision_language
 from .core.safetensors import read_header
 from .engine.offload import DiskOffload, load_empty_model
 from .errors import InputError
@@ -37,13 +40,20 @@ def looks_like_path(source: str | os.PathLike) -> bool:
 
 
 def _is_causal_lm_class(name: str) -> bool:
-    return name in set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values()) or name.endswith(("ForCausalLM", "LMHeadModel"))
+    """A decoder-only causal LM class, or a vision-language model's (its decoder generates the text)."""
+    generative = set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values()) | set(
+        MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES.values()
+    )
+    return name in generative or name.endswith(("ForCausalLM", "LMHeadModel"))
 
 
 def check_causal_lm(config: PretrainedConfig, source: str) -> None:
-    """Refuse a config that is not a decoder-only causal LM (an encoder such as ``BertModel``, a seq2seq model)."""
+    """Refuse a config that is not a decoder-only causal LM or a vision-language model around one (an encoder
+    such as ``BertModel``, a seq2seq model)."""
     architectures = getattr(config, "architectures", None) or []
-    if architectures:
+    if is_vision_language(config):
+        causal = True
+    elif architectures:
         causal = any(_is_causal_lm_class(name) for name in architectures)
     else:
         causal = config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and not config.is_encoder_decoder
@@ -51,7 +61,8 @@ def check_causal_lm(config: PretrainedConfig, source: str) -> None:
         kind = ", ".join(architectures) or config.model_type
         raise InputError(
             f"{source} is a {kind} model, not a causal language model: optimum-prune prunes decoder-only models "
-            "that AutoModelForCausalLM loads (Llama, Mistral, Qwen2, Gemma, Phi, OPT, GPT-NeoX, GPT-2...)."
+            "that AutoModelForCausalLM loads (Llama, Mistral, Qwen2, Gemma, Phi, OPT, GPT-NeoX, GPT-2...) and the "
+            "language models of vision-language models (AutoModelForImageTextToText: Qwen2-VL, Gemma 3, LLaVA...)."
         )
 
 
@@ -149,7 +160,7 @@ def dequantized_gguf_model(model: PreTrainedModel) -> PreTrainedModel:
         return model
     state_dict = model.state_dict()
     del config.quantization_config
-    plain = AutoModelForCausalLM.from_config(config, dtype=next(iter(state_dict.values())).dtype)
+    plain = auto_model_class(config).from_config(config, dtype=next(iter(state_dict.values())).dtype)
     plain.load_state_dict(state_dict)
     plain.generation_config = model.generation_config
     return plain.eval()
@@ -171,7 +182,7 @@ def load_source(
     meta device and the returned `DiskOffload` fills it block by block."""
     hub = {"revision": revision, "token": token, "trust_remote_code": trust_remote_code}
     gguf_file = model_kwargs.get("gguf_file")
-    load_model_config(source, **hub, gguf_file=gguf_file)
+    config = load_model_config(source, **hub, gguf_file=gguf_file)
     if os.path.isdir(source) and gguf_file is None:
         check_local_weights(source, allow_unsafe_weights)
     tokenizer_kwargs = dict(hub)
@@ -179,7 +190,8 @@ def load_source(
         tokenizer_kwargs["gguf_file"] = gguf_file
     tokenizer = load_tokenizer(source if tokenizer is None else tokenizer, **tokenizer_kwargs)
     if offload != "disk":
-        return _load_model(source, dtype, allow_unsafe_weights, hub, model_kwargs), tokenizer, None
+        model_class = auto_model_class(config)
+        return _load_model(source, model_class, dtype, allow_unsafe_weights, hub, model_kwargs), tokenizer, None
     if model_kwargs:
         raise InputError(f"offload='disk' reads safetensors checkpoints only; drop {', '.join(model_kwargs)}.")
     model, disk = load_empty_model(local_snapshot(source, revision, token), dtype, trust_remote_code)
@@ -187,14 +199,19 @@ def load_source(
 
 
 def _load_model(
-    source: str, dtype: str | torch.dtype, allow_unsafe_weights: bool, hub: dict[str, Any], model_kwargs: dict[str, Any]
+    source: str,
+    model_class: type,
+    dtype: str | torch.dtype,
+    allow_unsafe_weights: bool,
+    hub: dict[str, Any],
+    model_kwargs: dict[str, Any],
 ) -> PreTrainedModel:
-    """The model of a checked source, in eval mode (GGUF weights dequantized into a plain model)."""
+    """The model of a checked source by ``model_class`` (an auto class), in eval mode (GGUF weights dequantized into a plain model)."""
     load_kwargs = dict(hub)
     if not allow_unsafe_weights and "gguf_file" not in model_kwargs:
         load_kwargs["use_safetensors"] = True
     try:
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **load_kwargs, **model_kwargs)
+        model = model_class.from_pretrained(source, dtype=dtype, **load_kwargs, **model_kwargs)
     except OSError as error:
         pickled_only = "safetensors" in str(error).replace(source, "").lower() and not os.path.isdir(source)
         hint = (
@@ -244,7 +261,8 @@ def load_teacher(source: str, like: torch.Tensor) -> PreTrainedModel:
     """The dense model of ``source`` (safetensors only) in the dtype and on the device of ``like``: the teacher
     of distillation, placed beside its student."""
     try:
-        teacher = AutoModelForCausalLM.from_pretrained(source, dtype=like.dtype, use_safetensors=True)
+        teacher_class = auto_model_class(AutoConfig.from_pretrained(source))
+        teacher = teacher_class.from_pretrained(source, dtype=like.dtype, use_safetensors=True)
         return teacher.to(like.device).eval()
     except torch.OutOfMemoryError as error:
         raise RuntimeError(

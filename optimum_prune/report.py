@@ -40,6 +40,7 @@ class PruningReport:
     peak_memory_bytes: int = 0
     structure: dict[str, Any] | None = None  # structured pruning: original -> kept sizes, parameters, blocks
     left_dense_parameters: int = 0  # matrices inside the blocks that no target layer holds (routers, ignored)
+    vision_parameters: int = 0  # a vision-language model's vision tower and projector, left dense
     expert_tokens: dict[str, list[int]] = field(default_factory=dict)  # experts module -> tokens routed to each
     zero_shot: dict[str, Any] | None = None  # lm-eval tasks, dense beside pruned (evaluation.harness.compare)
     speed: dict[str, Any] | None = None  # tokens/s beside the dense model (evaluation.speed.SpeedReport.to_dict)
@@ -117,6 +118,11 @@ class PruningReport:
             )
         if self.left_dense_parameters:
             lines.append(f"left dense inside the blocks (not target layers): {self.left_dense_parameters:,} parameters")
+        if self.vision_parameters:
+            lines.append(
+                f"left dense outside the language model: {self.vision_parameters:,} parameters of the vision tower "
+                "and projector (only the language model's blocks are pruned)"
+            )
         if self.zero_shot:
             lines.append(comparison_table(self.zero_shot["rows"]))
         if self.expert_tokens:

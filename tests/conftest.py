@@ -87,6 +87,49 @@ MOE_ARCHITECTURES = {
 }
 
 
+_MROPE = {"rope_scaling": {"type": "mrope", "mrope_section": [2, 3, 3]}}
+_VISION = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2}
+_QWEN_VISION = {"patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2}
+# Vision-language models as AutoModelForImageTextToText builds them: a language model and a smaller vision tower.
+VLM_ARCHITECTURES = {
+    "qwen2_vl": lambda: transformers.Qwen2VLConfig(
+        text_config={**_LLAMA_LIKE, **_MROPE},
+        vision_config={"depth": 2, "embed_dim": 32, "hidden_size": 64, "num_heads": 2, **_QWEN_VISION},
+    ),
+    "qwen2_5_vl": lambda: transformers.Qwen2_5_VLConfig(
+        text_config={**_LLAMA_LIKE, **_MROPE},
+        vision_config={
+            "depth": 2,
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_heads": 2,
+            "out_hidden_size": 64,
+            "fullatt_block_indexes": [1],
+            **_QWEN_VISION,
+        },
+    ),  # fmt: skip
+    "gemma3": lambda: transformers.Gemma3Config(
+        text_config={**_LLAMA_LIKE, "head_dim": 16},
+        vision_config={**_VISION, "image_size": 28, "patch_size": 14},
+        mm_tokens_per_image=4,
+    ),
+    "llava": lambda: transformers.LlavaConfig(
+        text_config={"model_type": "llama", **_LLAMA_LIKE},
+        vision_config={"model_type": "clip_vision_model", **_VISION, "image_size": 28, "patch_size": 14},
+    ),
+    "mistral3": lambda: transformers.Mistral3Config(
+        text_config={"model_type": "mistral", **_LLAMA_LIKE},
+        vision_config={"model_type": "pixtral", **_VISION, "image_size": 28, "patch_size": 14},
+    ),
+}
+
+
+def tiny_vlm(architecture: str, seed: int = 0) -> transformers.PreTrainedModel:
+    """A random-init vision-language model of ``architecture`` (`VLM_ARCHITECTURES`), in eval mode."""
+    torch.manual_seed(seed)
+    return transformers.AutoModelForImageTextToText.from_config(VLM_ARCHITECTURES[architecture]()).eval()
+
+
 def tiny_model(architecture: str, seed: int = 0) -> transformers.PreTrainedModel:
     """A random-init causal LM of ``architecture`` (dense or mixture of experts) with a 512-token vocabulary,
     in eval mode."""

@@ -230,10 +230,11 @@ def _check_lora_layers(
 def _meta_model(model_config: PretrainedConfig, trust_remote_code: bool):
     """A model of ``model_config`` on the meta device: its structure, no weights."""
     from accelerate import init_empty_weights
-    from transformers import AutoModelForCausalLM
+
+    from ..core.auto import auto_model_class
 
     with init_empty_weights():
-        return AutoModelForCausalLM.from_config(model_config, trust_remote_code=trust_remote_code)
+        return auto_model_class(model_config).from_config(model_config, trust_remote_code=trust_remote_code)
 
 
 def _tokenizer_for_checks(args: argparse.Namespace):

@@ -132,19 +132,51 @@ def target_layer(model: nn.Module, name: str) -> TargetLayer:
     return TargetLayer(name, model.get_submodule(name), -1)
 
 
+def _language_model(model: nn.Module) -> tuple[str, nn.Module]:
+    """The module holding the language model's blocks and its name: ``model.get_decoder()`` where the model
+    names one (a vision-language model's ``language_model``, so its vision tower is never taken for it), else
+    the model itself."""
+    get_decoder = getattr(model, "get_decoder", None)
+    try:
+        decoder = get_decoder() if callable(get_decoder) else None
+    except (AttributeError, NotImplementedError):
+        decoder = None
+    if isinstance(decoder, nn.Module) and decoder is not model:
+        name = next((name for name, module in model.named_modules() if module is decoder), None)
+        if name is not None:
+            return name, decoder
+    return "", model
+
+
+def outside_language_model(model: nn.Module) -> int:
+    """The parameters of a vision-language model outside its language model and head (vision tower, projector);
+    0 for a causal LM."""
+    _, language_model = _language_model(model)
+    if language_model is model:
+        return 0
+    inside = {id(p) for p in language_model.parameters()}
+    head = model.get_output_embeddings()
+    inside |= {id(p) for p in head.parameters()} if head is not None else set()
+    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values() if id(p) not in inside)
+
+
 def find_decoder_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
-    """Return the name and the list of decoder blocks: the largest list of identical modules."""
+    """Return the name and the list of decoder blocks: the largest list of identical modules of the language
+    model."""
     best: tuple[int, str, nn.ModuleList] | None = None
-    for name, module in model.named_modules():
-        if not isinstance(module, nn.ModuleList) or len(module) == 0:
-            continue
-        if any(type(block) is not type(module[0]) for block in module):
-            continue
-        if not any(isinstance(m, LINEAR_TYPES) for m in module[0].modules()):
-            continue
-        size = sum(p.numel() for p in module.parameters())
-        if best is None or size > best[0]:
-            best = (size, name, module)
+    for scope, root in dict.fromkeys([_language_model(model), ("", model)]):
+        for name, module in root.named_modules():
+            if not isinstance(module, nn.ModuleList) or len(module) == 0:
+                continue
+            if any(type(block) is not type(module[0]) for block in module):
+                continue
+            if not any(isinstance(m, LINEAR_TYPES) for m in module[0].modules()):
+                continue
+            size = sum(p.numel() for p in module.parameters())
+            if best is None or size > best[0]:
+                best = (size, f"{scope}.{name}" if scope else name, module)
+        if best is not None:
+            break
     if best is None:
         raise ValueError(
             f"{type(model).__name__} has no list of decoder blocks with linear layers: optimum-prune prunes "

@@ -31,6 +31,7 @@ from ..core.layers import (
     find_decoder_blocks,
     find_target_layers,
     group_experts,
+    outside_language_model,
     untargeted_matrices,
 )
 from ..core.masks import pack_mask
@@ -302,6 +303,7 @@ class BlockwiseEngine:
             total_seconds=time.perf_counter() - start,
             peak_memory_bytes=peak_memory(self.device),
             left_dense_parameters=sum(self.left_dense.values()),
+            vision_parameters=outside_language_model(self.model),
             expert_tokens=state.expert_tokens,
         )
 

@@ -231,7 +231,9 @@ def estimate(
     Raises the errors a run would raise before starting (missing shards, an unknown dtype, no blocks).
     """
     from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
+
+    from ..core.auto import auto_model_class
 
     folder = Path(model_or_path)
     if not (folder / "config.json").is_file():
@@ -240,7 +242,9 @@ def estimate(
     checkpoint = SafetensorsCheckpoint(folder)
     resolved = resolve_dtype(dtype, getattr(model_config, "dtype", None), checkpoint)
     with init_empty_weights():
-        model = AutoModelForCausalLM.from_config(model_config, dtype=resolved, trust_remote_code=trust_remote_code)
+        model = auto_model_class(model_config).from_config(
+            model_config, dtype=resolved, trust_remote_code=trust_remote_code
+        )
     device = (
         torch.device(device) if device is not None else torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
     )

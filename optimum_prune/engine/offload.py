@@ -170,12 +170,14 @@ def load_empty_model(
 ) -> tuple[nn.Module, DiskOffload]:
     """A causal LM built from ``folder``'s config.json on the meta device, and the offload that fills it."""
     from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
+
+    from ..core.auto import auto_model_class
 
     checkpoint = SafetensorsCheckpoint(folder)
     config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
     resolved = resolve_dtype(dtype, getattr(config, "dtype", None), checkpoint)
     with init_empty_weights():
-        model = AutoModelForCausalLM.from_config(config, dtype=resolved, trust_remote_code=trust_remote_code)
+        model = auto_model_class(config).from_config(config, dtype=resolved, trust_remote_code=trust_remote_code)
     model.config.name_or_path = os.fspath(folder)
     return model.eval(), DiskOffload(checkpoint, model)

@@ -23,7 +23,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..config import PruningConfig
-from ..core.layers import TargetLayer, find_target_layers
+from ..core.layers import TargetLayer, find_target_layers, outside_language_model
 from ..core.memory import map_large_allocations, peak_memory
 from ..core.statistics import InputGram
 from ..methods import PruningMethod
@@ -125,6 +125,7 @@ class StructuredEngine(BlockwiseEngine):
             total_seconds=time.perf_counter() - start,
             peak_memory_bytes=peak_memory(self.device),
             structure=structure,
+            vision_parameters=outside_language_model(self.model),
         )
 
     def _prune_block_structure(

@@ -152,9 +152,12 @@ def _onnx_runner(folder: Path, threads: int | None) -> Callable[[np.ndarray, int
 
 
 def _torch_runner(folder: Path, device: torch.device) -> Callable[[np.ndarray, int], tuple[float, float]]:
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig
 
-    model = AutoModelForCausalLM.from_pretrained(folder, use_safetensors=True).to(device).eval()
+    from ..core.auto import auto_model_class
+
+    model_class = auto_model_class(AutoConfig.from_pretrained(folder))
+    model = model_class.from_pretrained(folder, use_safetensors=True).to(device).eval()
 
     def synchronize() -> None:
         if device.type == "cuda":

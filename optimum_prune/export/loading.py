@@ -7,9 +7,10 @@ import os
 from pathlib import Path
 from typing import Any
 
-from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig, PreTrainedModel
-from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+from transformers import AutoConfig, GenerationConfig, PreTrainedModel
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING, MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING
 
+from ..core.auto import auto_model_class, is_vision_language
 from ..errors import InputError
 from .compressed import INDEX_NAME, is_compressed, load_compressed_state_dict, read_compressed_masks
 from .masks import MASKS_NAME, Masks, read_masks
@@ -40,13 +41,16 @@ def load_pruned(
     folder = _local_folder(path)
     if read_metadata(folder) is None:
         logger.warning("%s has no optimum-prune metadata in its config.json: loading it as a plain model.", folder)
+    trust_remote_code = from_pretrained_kwargs.pop("trust_remote_code", False)
+    config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
     if not is_compressed(folder):
         if not allow_unsafe_weights:
             from_pretrained_kwargs.setdefault("use_safetensors", True)
-        return AutoModelForCausalLM.from_pretrained(folder, **from_pretrained_kwargs)
-    trust_remote_code = from_pretrained_kwargs.pop("trust_remote_code", False)
-    config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
-    model_class = MODEL_FOR_CAUSAL_LM_MAPPING.get(type(config), None)
+        return auto_model_class(config).from_pretrained(
+            folder, trust_remote_code=trust_remote_code, **from_pretrained_kwargs
+        )
+    mapping = MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING if is_vision_language(config) else MODEL_FOR_CAUSAL_LM_MAPPING
+    model_class = mapping.get(type(config), None)
     if model_class is None:
         raise InputError(
             f"{folder} holds a {type(config).__name__}, which is not a built-in transformers causal LM: write it "

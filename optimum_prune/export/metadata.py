@@ -51,6 +51,7 @@ def build_metadata(
         else None,
         "structure": report.structure,
         "left_dense_parameters": report.left_dense_parameters,
+        "vision_parameters": report.vision_parameters,
         "expert_tokens": report.expert_tokens or None,
         "zero_shot": report.zero_shot,
         "speed": report.speed,

@@ -8,8 +8,9 @@ from dataclasses import dataclass, field
 
 from accelerate import init_empty_weights
 from torch import nn
-from transformers import AutoModelForCausalLM, PretrainedConfig
+from transformers import PretrainedConfig
 
+from ..core.auto import auto_model_class
 from ..core.layers import LINEAR_TYPES, TargetLayer, find_decoder_blocks
 from ..errors import InputError
 from .experts import EXPERTS, expert_count_fields, experts_modules
@@ -231,8 +232,12 @@ def _check_buildable(
         raise InputError(
             f"{type(config).__name__} cannot hold the pruned sizes {plan.updates}: {error}{hint}"
         ) from error
+    whole = target
+    if config is not model.config:  # a vision-language model: the new text config inside a copy of its own
+        whole = copy.deepcopy(model.config)
+        whole.text_config = target
     with init_empty_weights():
-        meta = AutoModelForCausalLM.from_config(target)
+        meta = auto_model_class(whole).from_config(whole)
     prefix, _ = find_decoder_blocks(model)
     if EXPERTS in plan.keep:
         _, meta_blocks = find_decoder_blocks(meta)
