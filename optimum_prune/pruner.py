@@ -33,7 +33,7 @@ from .errors import InputError
 from .evaluation.harness import TaskScore, ZeroShotTasks, compare
 from .export import METADATA_KEY, atomic_directory, build_metadata
 from .export.compressed import check_format, save_compressed
-from .export.files import check_writable, no_shard_progress_bar, write_model_files
+from .export.files import check_writable, copy_processor_files, no_shard_progress_bar, write_model_files
 from .export.masks import Masks, write_masks
 from .export.plots import PLOT_NAME, write_sparsity_plot
 from .methods import get_method
@@ -436,6 +436,7 @@ class Pruner:
                 staging, self.model, self.disk.checkpoint, work, engine.blocks_name, len(engine.blocks)
             )
             write_model_files(staging, self.model, self.tokenizer, self.config)
+            copy_processor_files(self.source, staging)
             write_sparsity_plot(self.report, staging / PLOT_NAME)
         self.output_dir = os.fspath(output_dir)
 
@@ -485,6 +486,7 @@ class Pruner:
                 write_masks(masks, staging)
             if self.tokenizer is not None:
                 self.tokenizer.save_pretrained(staging)
+            copy_processor_files(self.source, staging)
             self.config.save_pretrained(staging)
             write_sparsity_plot(self.report, staging / PLOT_NAME)
         return os.fspath(save_directory)

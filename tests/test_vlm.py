@@ -3,6 +3,8 @@ model's, the vision tower and projector are left as they were, and the output lo
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 import transformers
@@ -38,6 +40,8 @@ def test_the_language_model_is_pruned_and_the_rest_kept_through_save_and_reload(
     assert saved.keys() == pruner.model.state_dict().keys()
     assert all(torch.equal(saved[name], value) for name, value in pruner.model.state_dict().items())
     assert read_metadata(tmp_path / "out")["vision_parameters"] == report.vision_parameters
+    card = str(pruner.model_card("me/pruned-vlm"))
+    assert "AutoModelForImageTextToText.from_pretrained" in card and "image-text-to-text" in card
 
 
 @pytest.mark.parametrize("architecture", ["llava", "mistral3", "gemma3"])
@@ -88,13 +92,17 @@ def test_structured_pruning_updates_the_nested_text_config(architecture, tmp_pat
 
 
 def test_cli_prunes_a_saved_vision_language_model(tmp_path, capsys):
+    """The output keeps the processor's files of the input folder."""
     tiny_vlm("llava").save_pretrained(tmp_path / "llava")
+    processor = {"image_processor_type": "CLIPImageProcessor", "size": {"shortest_edge": 28}}
+    (tmp_path / "llava" / "preprocessor_config.json").write_text(json.dumps(processor))
     flags = ["--model", str(tmp_path / "llava"), "--method", "magnitude", "--output", str(tmp_path / "out")]
     assert run_main(*flags) == 0
     assert "left dense outside the language model" in capsys.readouterr().out
     reloaded = transformers.AutoModelForImageTextToText.from_pretrained(tmp_path / "out")
     layer = reloaded.model.language_model.layers[0].mlp.down_proj.weight
     assert (layer == 0).float().mean() == pytest.approx(0.5)
+    assert json.loads((tmp_path / "out" / "preprocessor_config.json").read_text()) == processor
 
 
 def test_an_encoder_is_still_refused():

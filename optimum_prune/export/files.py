@@ -101,6 +101,25 @@ def no_shard_progress_bar() -> Iterator[None]:
             transformers_logging.enable_progress_bar()
 
 
+PROCESSOR_FILES = (  # what a vision-language model's processor reads beside the tokenizer
+    "preprocessor_config.json",
+    "processor_config.json",
+    "video_preprocessor_config.json",
+    "chat_template.json",
+    "chat_template.jinja",
+)
+
+
+def copy_processor_files(source: str | os.PathLike | None, folder: str | os.PathLike) -> None:
+    """Copy the processor's files of a local model folder ``source`` (those of `PROCESSOR_FILES` it has) into
+    ``folder``, so that ``AutoProcessor`` loads from the output as from the original."""
+    if source is None or not os.path.isdir(source):
+        return
+    for name in PROCESSOR_FILES:
+        if (Path(source) / name).is_file() and not (Path(folder) / name).exists():
+            shutil.copy2(Path(source) / name, Path(folder) / name)
+
+
 def write_model_files(
     folder: str | os.PathLike,
     model: nn.Module,

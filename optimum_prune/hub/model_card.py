@@ -109,7 +109,7 @@ def _recipe(config: PruningConfig, report: PruningReport) -> list[tuple[str, Any
     return rows
 
 
-def _load_snippet(repo_id: str, format: str) -> str:
+def _load_snippet(repo_id: str, format: str, vision_language: bool) -> str:
     if format == "compressed":
         return (
             "```python\nfrom optimum_prune import load_pruned\nfrom transformers import AutoTokenizer\n\n"
@@ -117,10 +117,15 @@ def _load_snippet(repo_id: str, format: str) -> str:
             "The weights are stored compressed (kept values plus a bitmask); `load_pruned` needs "
             "`pip install optimum-prune` and returns an ordinary dense transformers model."
         )
+    model_class, processor_class = (
+        ("AutoModelForImageTextToText", "AutoProcessor")
+        if vision_language
+        else ("AutoModelForCausalLM", "AutoTokenizer")
+    )
     return (
-        "```python\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
-        f'model = AutoModelForCausalLM.from_pretrained("{repo_id}")\n'
-        f'tokenizer = AutoTokenizer.from_pretrained("{repo_id}")\n```\n\n'
+        f"```python\nfrom transformers import {model_class}, {processor_class}\n\n"
+        f'model = {model_class}.from_pretrained("{repo_id}")\n'
+        f'{"processor" if vision_language else "tokenizer"} = {processor_class}.from_pretrained("{repo_id}")\n```\n\n'
         "The weights are ordinary dense safetensors with exact zeros where weights were pruned; no extra package "
         "is needed. The recipe is in `pruning_config.json` and the sparsity metadata in `config.json` under "
         '`"optimum_prune"`.'
@@ -233,7 +238,7 @@ def build_model_card(
     data = ModelCardData(
         base_model=base_model,
         library_name="transformers",
-        pipeline_tag="text-generation",
+        pipeline_tag="image-text-to-text" if report.vision_parameters else "text-generation",
         tags=list(dict.fromkeys(tags)),
         model_name=name,
         eval_results=(_eval_results(perplexity) if perplexity else [])
@@ -266,7 +271,7 @@ def build_model_card(
         sections.append(speed_section(report.speed))
     if plot:
         sections.append(f"## Sparsity per block\n\n![Achieved sparsity per block and layer kind]({plot})")
-    sections.append("## How to load\n\n" + _load_snippet(repo_id, format))
+    sections.append("## How to load\n\n" + _load_snippet(repo_id, format, report.vision_parameters > 0))
     layer_rows = [
         [f"`{name}`", shape, f"{target:.3f}", f"{achieved:.4f}"] for name, _, shape, target, achieved in report.rows()
     ]
