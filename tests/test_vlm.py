@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 import transformers
-from conftest import VLM_ARCHITECTURES, random_ids, tiny_vlm
+from conftest import STORIES_260K, TINYSTORIES_VAL, VLM_ARCHITECTURES, random_ids, tiny_vlm
 from test_cli import run_main
 
 from optimum_prune import Pruner, PruningConfig
@@ -113,3 +113,22 @@ def test_an_encoder_is_still_refused():
             ),
             PruningConfig(method="magnitude"),
         )
+
+
+def test_recovery_keeps_the_zeros_and_leaves_the_vision_tower_frozen():
+    """Language-model training on text (the stories260K tokenizer shares the tiny models' 512-token vocabulary)."""
+    model = tiny_vlm("llava")
+    tokenizer = transformers.AutoTokenizer.from_pretrained(STORIES_260K)
+    pruner = Pruner.from_pretrained(
+        model, PruningConfig(method="wanda", **CALIBRATION), tokenizer=tokenizer, device="cpu", progress=False
+    )
+    pruner.prune(random_ids(8, 32))
+    vision = {name: value.clone() for name, value in model.state_dict().items() if "language_model" not in name}
+    language = {name: value.clone() for name, value in model.state_dict().items() if "language_model" in name}
+    pruner.recover(str(TINYSTORIES_VAL), max_steps=3, distill=False, seq_len=32, learning_rate=1e-2)
+    trained = pruner.model.state_dict()
+    assert any(not torch.equal(trained[name], value) for name, value in language.items())
+    assert all(torch.equal(trained[name], value) for name, value in vision.items() if not name.startswith("lm_head"))
+    assert all(parameter.requires_grad for parameter in pruner.model.parameters())
+    for layer in pruner.report.layers:
+        assert (pruner.model.get_submodule(layer.name).weight == 0).float().mean() == pytest.approx(0.5)

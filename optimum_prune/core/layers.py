@@ -148,16 +148,16 @@ def _language_model(model: nn.Module) -> tuple[str, nn.Module]:
     return "", model
 
 
-def outside_language_model(model: nn.Module) -> int:
+def outside_language_model(model: nn.Module) -> list[nn.Parameter]:
     """The parameters of a vision-language model outside its language model and head (vision tower, projector);
-    0 for a causal LM."""
+    none for a causal LM."""
     _, language_model = _language_model(model)
     if language_model is model:
-        return 0
+        return []
     inside = {id(p) for p in language_model.parameters()}
     head = model.get_output_embeddings()
     inside |= {id(p) for p in head.parameters()} if head is not None else set()
-    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values() if id(p) not in inside)
+    return [p for p in {id(p): p for p in model.parameters()}.values() if id(p) not in inside]
 
 
 def find_decoder_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:

@@ -303,7 +303,7 @@ class BlockwiseEngine:
             total_seconds=time.perf_counter() - start,
             peak_memory_bytes=peak_memory(self.device),
             left_dense_parameters=sum(self.left_dense.values()),
-            vision_parameters=outside_language_model(self.model),
+            vision_parameters=sum(p.numel() for p in outside_language_model(self.model)),
             expert_tokens=state.expert_tokens,
         )
 

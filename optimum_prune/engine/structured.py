@@ -125,7 +125,7 @@ class StructuredEngine(BlockwiseEngine):
             total_seconds=time.perf_counter() - start,
             peak_memory_bytes=peak_memory(self.device),
             structure=structure,
-            vision_parameters=outside_language_model(self.model),
+            vision_parameters=sum(p.numel() for p in outside_language_model(self.model)),
         )
 
     def _prune_block_structure(

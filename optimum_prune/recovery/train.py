@@ -29,6 +29,7 @@ from transformers import PreTrainedTokenizerBase, Trainer, TrainerCallback, Trai
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from ..calibration import calibration_ids, load_texts
+from ..core.layers import outside_language_model
 from ..errors import InputError
 from ..evaluation.perplexity import windows_perplexity
 from .callback import SparsityCallback, check_masks_hold
@@ -382,7 +383,14 @@ def recover(
         trainer.add_callback(_Progress)
     checkpoints = sorted(Path(work_dir).glob("checkpoint-*")) if resume else []
     start = time.perf_counter()
-    trainer.train(resume_from_checkpoint=str(checkpoints[-1]) if checkpoints else None)
+    frozen = [parameter for parameter in outside_language_model(model) if parameter.requires_grad]
+    for parameter in frozen:  # a vision-language model's vision tower and projector are not trained
+        parameter.requires_grad_(False)
+    try:
+        trainer.train(resume_from_checkpoint=str(checkpoints[-1]) if checkpoints else None)
+    finally:
+        for parameter in frozen:
+            parameter.requires_grad_(True)
     seconds = time.perf_counter() - start
     for checkpoint in Path(work_dir).glob("checkpoint-*"):  # only an interrupted run needs them
         shutil.rmtree(checkpoint, ignore_errors=True)
