@@ -53,7 +53,8 @@ class PruningConfig:
         dataset: name of the calibration data, recorded in the metadata (set by `Pruner.prune`).
         batch_size: calibration sequences per forward pass.
         structure: structured pruning, ``{"mlp": 0.25, "attention": 0.33, "layers": 0.1}`` (fractions removed;
-            also ``align`` and ``compensate``, see `optimum_prune.structured.spec.Structure`): the model gets
+            also ``align``, ``compensate`` and ``layer_criterion``, or a budget ``{"params": 0.7}`` (the share of
+            parameters kept, the mix searched), see `optimum_prune.structured.spec.Structure`): the model gets
             smaller, and ``method`` chooses what to remove. With a structure, ``sparsity`` defaults to 0 (an
             unstructured sparsity or pattern given beside it prunes the smaller model afterwards).
         settings: the method's own settings, a dict or its settings object (``{"dampening": 0.02}`` for
@@ -177,7 +178,8 @@ class PruningConfig:
         if method_class(self.method).needs_statistics or self.allocation != "uniform" or self.refit:
             return True
         structure = self.structure
-        return structure is not None and (structure.compensate or structure.layers > 0 or structure.experts > 0)
+        removes_by_data = structure is not None and (structure.layers or structure.experts or structure.params)
+        return structure is not None and (structure.compensate or bool(removes_by_data))
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

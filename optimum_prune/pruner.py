@@ -21,6 +21,7 @@ from .config import PruningConfig
 from .core.layers import find_target_layers
 from .engine.activations import DISK
 from .engine.blockwise import BlockwiseEngine
+from .engine.budget import candidate_mixes, search_budget
 from .engine.dispatch import AccelerateDispatch, is_dispatched
 from .engine.distributed import Ranks
 from .engine.estimate import RunEstimate, estimate, estimate_run
@@ -42,6 +43,7 @@ from .recovery import RecoveryConfig, RecoveryReport, recover
 from .recovery.train import TrainingDiverged
 from .report import PruningReport
 from .structured.plan import StructurePlan, plan_structure
+from .structured.spec import Structure
 
 logger = logging.getLogger(__name__)
 
@@ -117,6 +119,7 @@ class Pruner:
         self.output_dir: str | None = None
         self.recovery: RecoveryReport | None = None
         self._calibration_source: Any = None  # what prune() calibrated on: recovery's default data
+        self._budget_mixes: list[tuple[Structure, int]] = []  # a params= budget's candidates, checked up front
 
     @classmethod
     def from_pretrained(
@@ -289,7 +292,19 @@ class Pruner:
         if output_dir is not None:
             folder = work_folder_path(output_dir, self.offload_folder, structure=True)
             work = WorkFolder(folder, self._fingerprint(input_ids), resume)
+        budget = None
+        if self.config.structure.params:  # the mix with the lowest held-out loss, then its plan
+            method = get_method(self.config.method, self.config.settings)
+            budget = search_budget(
+                self.model, self.config, method, self._budget_mixes, input_ids, self.device, self.progress
+            )
+            chosen = dataclasses.replace(budget.chosen, layer_criterion=self.config.structure.layer_criterion)
+            plan = plan_structure(
+                self.model, chosen, find_target_layers(self.model, self.config.targets, self.config.ignore)
+            )
         structured, engine = self._prune_structure(plan, input_ids, work)
+        if budget is not None:
+            structured.structure["budget"] = budget.to_dict()
         if self.config.sparsity:  # then unstructured sparsity on the smaller model
             self._prune_blockwise(input_ids, output_dir, overwrite, resume, structured.structure)
         else:
@@ -391,6 +406,15 @@ class Pruner:
                 "With offload='disk', a structure and unstructured sparsity are two runs (the second reads the "
                 "smaller blocks from the first's output): prune the structure, then the saved model with sparsity."
             )
+        if self.config.structure.params:
+            if self.disk is not None:
+                raise InputError(
+                    "structure params= searches on copies of the model in memory: use offload='cpu', or give the "
+                    "fractions (mlp=, attention=, layers=) with offload='disk'."
+                )
+            self._budget_mixes = candidate_mixes(self.model, self.config)  # compared once calibrated
+            layers = find_target_layers(self.model, self.config.targets, self.config.ignore)
+            return plan_structure(self.model, self._budget_mixes[0][0], layers)
         layers = find_target_layers(self.model, self.config.targets, self.config.ignore)
         return plan_structure(self.model, self.config.structure, layers)
 

@@ -23,6 +23,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from optimum_prune import Pruner, PruningConfig
 from optimum_prune.core.layers import find_target_layers
 from optimum_prune.core.statistics import InputGram
+from optimum_prune.errors import InputError
 from optimum_prune.export import read_metadata
 from optimum_prune.methods import get_method
 from optimum_prune.structured.groups import MLP, mlp_group
@@ -372,3 +373,38 @@ def test_blocks_by_influence_on_request():
     assert layers["criterion"] == "influence" and len(layers["block_influence"]) == 2
     removed = layers["removed"][0]
     assert layers["block_influence"][removed] == min(layers["block_influence"])
+
+
+def test_a_parameter_budget_searches_the_mix_and_meets_the_budget(tmp_path):
+    """stories260K kept to 85% of its parameters: every candidate is within the budget, the chosen one has the
+    lowest held-out loss, and the saved model holds exactly the parameters counted for it."""
+    config = PruningConfig(method="sparsegpt", structure={"params": 0.85}, num_samples=32, seq_len=64)
+    pruner = Pruner.from_pretrained(STORIES_260K, config, progress=False)
+    original = sum(p.numel() for p in pruner.model.parameters())
+    pruner.prune(C4_SAMPLE)
+    budget = pruner.report.structure["budget"]
+    assert len(budget["candidates"]) >= 2
+    assert all(0.97 * 0.85 * original <= c["parameters"] <= 0.85 * original for c in budget["candidates"])
+    best = min(budget["candidates"], key=lambda candidate: candidate["loss"])
+    assert budget["chosen"] == best["structure"]
+    pruner.save_pretrained(tmp_path / "out")
+    saved = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    assert (
+        sum(p.numel() for p in saved.parameters())
+        == best["parameters"]
+        == pruner.report.structure["parameters"]["kept"]
+    )
+    assert f"budget params=0.85: chose {best['structure']}" in str(pruner.report)
+
+
+@pytest.mark.parametrize(
+    ("structure", "message"),
+    [
+        ({"params": 0.7, "mlp": 0.2}, "params= chooses the mix itself: drop mlp="),
+        ({"params": 1.5}, "must be in \\(0, 1\\)"),
+        ({"params": 0.01}, "No mix of MLP width, KV groups and blocks keeps at most params=0.01"),
+    ],
+)
+def test_bad_budgets_fail_before_any_work(structure, message):
+    with pytest.raises(InputError, match=message):
+        Pruner.from_pretrained(STORIES_260K, PruningConfig(structure=structure), progress=False).prune(C4_SAMPLE)

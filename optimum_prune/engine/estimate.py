@@ -173,6 +173,11 @@ def estimate_run(
         block_forwards.append(2 * linear * tokens + 4 * tokens * config.seq_len * hidden)
         flops += passes * block_forwards[-1]
         flops += sum(method.pruning_flops(*layer.shape, tokens) for layer in block_layers)
+    if config.structure is not None and config.structure.params:  # every mix pruned on a share of the calibration
+        from ..structured.budget import MAX_MIXES
+        from .budget import SEARCH_SEQUENCES
+
+        flops *= 1 + MAX_MIXES * min(SEARCH_SEQUENCES, config.num_samples) / config.num_samples
     if config.structure is not None and config.structure.layers and config.structure.layer_criterion == "loss":
         flops += _blocks_by_loss_flops(model, config, sum(block_forwards) / len(block_forwards), tokens)
     traffic = (weights if offload == "disk" else 0) + disk

@@ -92,6 +92,14 @@ def _recipe(config: PruningConfig, report: PruningReport) -> list[tuple[str, Any
             rows.append(("decoder blocks", f"{original} -> {original - len(structure['layers']['removed'])}"))
         parameters = structure["parameters"]
         rows.append(("parameters", f"{parameters['original']:,} -> {parameters['kept']:,}"))
+        if "budget" in structure:
+            budget = structure["budget"]
+            rows.append(
+                (
+                    "parameter budget",
+                    f"{budget['params']:g}: {budget['chosen']} chosen of {len(budget['candidates'])} mixes",
+                )
+            )
     rows += [
         ("method", config.method),
         ("target sparsity", config.sparsity),

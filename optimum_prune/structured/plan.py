@@ -220,10 +220,9 @@ def apply_new_config(model: nn.Module, updates: dict[str, object], removed_block
             setattr(config, name, value)
 
 
-def _check_buildable(
-    model: nn.Module, plan: StructurePlan, groups: dict[str, ChannelGroup], structure: Structure
-) -> None:
-    """Build the new config and a meta-device model of it; compare the group layers' shapes with the plan."""
+def _meta_model(model: nn.Module, plan: StructurePlan) -> nn.Module:
+    """A meta-device model of the config the plan writes (refused, naming the nearest valid setting, when the
+    config class rejects the new sizes)."""
     config = text_config(model)
     try:
         target = new_config(config, plan.updates, list(range(plan.remove_blocks)))
@@ -237,7 +236,21 @@ def _check_buildable(
         whole = copy.deepcopy(model.config)
         whole.text_config = target
     with init_empty_weights():
-        meta = auto_model_class(whole).from_config(whole)
+        return auto_model_class(whole).from_config(whole)
+
+
+def kept_parameters(model: nn.Module, plan: StructurePlan) -> int:
+    """The parameters of the model the plan makes (a tied weight once), as its saved checkpoint holds them."""
+    meta = _meta_model(model, plan)
+    tied = set(getattr(meta, "all_tied_weights_keys", None) or {})  # not tied on the meta device: counted once
+    return sum(parameter.numel() for name, parameter in meta.named_parameters() if name not in tied)
+
+
+def _check_buildable(
+    model: nn.Module, plan: StructurePlan, groups: dict[str, ChannelGroup], structure: Structure
+) -> None:
+    """Build the new config and a meta-device model of it; compare the group layers' shapes with the plan."""
+    meta = _meta_model(model, plan)
     prefix, _ = find_decoder_blocks(model)
     if EXPERTS in plan.keep:
         _, meta_blocks = find_decoder_blocks(meta)

@@ -23,7 +23,8 @@ class Structure:
     removes them one at a time, each time the one whose removal raises the calibration loss least (SLEB);
     ``"influence"`` removes those that change their input least (Block Influence, ShortGPT). ``compensate``
     refits the kept weights of the consuming layers by least squares (second-order methods do it as they
-    remove)."""
+    remove). ``params`` is a budget instead of fractions: the share of the parameters to keep, the mix of MLP
+    width, KV groups and blocks chosen by a search (`engine.budget`)."""
 
     mlp: float = 0.0
     attention: float = 0.0
@@ -32,6 +33,7 @@ class Structure:
     align: int = 32
     compensate: bool = True
     layer_criterion: str = DEFAULT_LAYER_CRITERION
+    params: float = 0.0
 
     def __post_init__(self) -> None:
         for kind in KINDS:
@@ -43,8 +45,16 @@ class Structure:
                     f"structure {kind}={value} must be in [0, 1): it is the fraction removed (1 would remove all)."
                 )
             setattr(self, kind, float(value))
-        if not any(getattr(self, kind) for kind in KINDS):
-            raise InputError(f"structure removes nothing: give a fraction for one of {', '.join(KINDS)}.")
+        if isinstance(self.params, bool) or not isinstance(self.params, (int, float)) or not 0 <= self.params < 1:
+            raise InputError(f"structure params={self.params!r} must be in (0, 1): the share of parameters kept.")
+        self.params = float(self.params)
+        if self.params and any(getattr(self, kind) for kind in KINDS):
+            given = ", ".join(f"{kind}=" for kind in KINDS if getattr(self, kind))
+            raise InputError(f"structure params= chooses the mix itself: drop {given} (or drop params=).")
+        if not self.params and not any(getattr(self, kind) for kind in KINDS):
+            raise InputError(
+                f"structure removes nothing: give a fraction for one of {', '.join(KINDS)}, or a budget params=."
+            )
         if isinstance(self.align, bool) or not isinstance(self.align, int) or self.align < 1:
             raise InputError(f"structure align={self.align!r} must be a positive integer (channels).")
         if not isinstance(self.compensate, bool):
@@ -57,7 +67,8 @@ class Structure:
     def __str__(self) -> str:
         """``mlp=0.25 layers=0.1`` (what is removed), as ``--structure`` takes it."""
         removed = [f"{kind}={getattr(self, kind):g}" for kind in KINDS if getattr(self, kind)]
-        if self.layers and self.layer_criterion != DEFAULT_LAYER_CRITERION:
+        removed += [f"params={self.params:g}"] if self.params else []
+        if (self.layers or self.params) and self.layer_criterion != DEFAULT_LAYER_CRITERION:
             removed.append(f"layer_criterion={self.layer_criterion}")
         return " ".join(removed)
 

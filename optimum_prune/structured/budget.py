@@ -1,0 +1,81 @@
+"""A parameter budget instead of fractions: the mixes of KV groups, blocks and MLP width that keep at most a
+share of the model's parameters (the search among them is `engine.budget`)."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from ..core.layers import TargetLayer
+from ..errors import InputError
+from .groups import ATTENTION, MLP
+from .plan import block_groups, kept_parameters, plan_structure
+from .spec import Structure
+
+BLOCK_SHARES = (0.0, 0.1, 0.2)  # shares of the blocks a mix may remove before the MLP makes up the rest
+MAX_MIXES = 2 * len(BLOCK_SHARES) + 1  # no or one KV group removed at each block share, and the blocks alone
+CLOSE_ENOUGH = 0.97  # a mix keeping less than this share of the budget removes more than asked: not compared
+
+
+def budget_mixes(model: nn.Module, budget: Structure, layers: list[list[TargetLayer]]) -> list[tuple[Structure, int]]:
+    """``(structure, kept parameters)`` of every mix that meets ``budget.params`` (and keeps at least
+    `CLOSE_ENOUGH` of it): for no KV group and one KV
+    group removed (where the config allows it), and a tenth or a fifth of the blocks or none removed, the widest
+    MLP (a multiple of ``align``) that brings the model within the budget; and the blocks alone. Checked like any
+    structure (a meta-device model of each), counted exactly as the saved model's parameters."""
+    total = sum(parameter.numel() for parameter in {id(p): p for p in model.parameters()}.values())
+    target = budget.params * total
+    groups = block_groups(model, layers, [MLP, ATTENTION])[0] if layers else {}
+    common = {"align": budget.align, "compensate": budget.compensate, "layer_criterion": budget.layer_criterion}
+    blocks, found = len(layers), {}
+    removals = [(kv, round(blocks * share)) for kv in (0, 1) for share in BLOCK_SHARES]
+    for kv, removed in removals:
+        base = {"layers": removed / blocks, **common}
+        if kv:
+            if ATTENTION not in groups or groups[ATTENTION].units < 2:
+                continue
+            base["attention"] = kv / groups[ATTENTION].units
+        mix = _with_mlp(model, base, target, groups[MLP].units if MLP in groups else 0, layers)
+        if mix is not None:
+            found[str(mix[0])] = mix
+    for removed in range(1, blocks):  # the blocks alone: the fewest that meet the budget
+        mix = _counted(model, {"layers": removed / blocks, **common}, layers)
+        if mix is not None and mix[1] <= target:
+            found[str(mix[0])] = mix
+            break
+    found = {name: mix for name, mix in found.items() if mix[1] >= CLOSE_ENOUGH * target}
+    if not found:
+        raise InputError(
+            f"No mix of MLP width, KV groups and blocks keeps at most params={budget.params:g} of "
+            f"{type(model).__name__}'s {total:,} parameters: give a larger budget."
+        )
+    return list(found.values())
+
+
+def _counted(model: nn.Module, values: dict, layers: list[list[TargetLayer]]) -> tuple[Structure, int] | None:
+    """The structure of ``values`` and its kept parameters, or ``None`` when it is not a valid structure."""
+    try:
+        structure = Structure(**values)
+        return structure, kept_parameters(model, plan_structure(model, structure, layers))
+    except InputError:
+        return None
+
+
+def _with_mlp(
+    model: nn.Module, base: dict, target: float, width: int, layers: list[list[TargetLayer]]
+) -> tuple[Structure, int] | None:
+    """``base`` with the widest MLP (kept channels a multiple of ``align``) that meets ``target``: a binary
+    search, as the kept parameters grow with the width."""
+    without = _counted(model, base, layers) if base["layers"] or base.get("attention") else None
+    if without is not None and without[1] <= target:
+        return without
+    align = base["align"] if width >= base["align"] else 1
+    widths = list(range(align, width, align))  # kept channels, every one removing at least one
+    best, low, high = None, 0, len(widths) - 1
+    while low <= high:
+        middle = (low + high) // 2
+        mix = _counted(model, {**base, "mlp": 1 - widths[middle] / width}, layers)
+        if mix is not None and mix[1] <= target:
+            best, low = mix, middle + 1
+        else:
+            high = middle - 1
+    return best
