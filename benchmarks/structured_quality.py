@@ -69,8 +69,15 @@ def rows(model: str) -> list[tuple[str, dict]]:
         ("budget -15%: attention + MLP", {**attention, "mlp": 0.15}),
         ("budget -30%: attention + MLP", {**attention, "mlp": 0.375}),
         *layers("budget -30%: ", 0.367),
+        ("budget -15%: searched mix", {"params": 0.85}),
+        ("budget -30%: searched mix", {"params": 0.7}),
     ]
     return list(dict(rows).items())  # a small model may give two fractions the same number of blocks
+
+
+def _every_method(structure: dict) -> bool:
+    """Width rows run every method; block rows and searched budgets run ours only."""
+    return "layers" not in structure and "params" not in structure
 
 
 def run_row(model_name: str, structure: dict, method: str, compensate: bool, args: argparse.Namespace) -> dict:
@@ -154,7 +161,7 @@ def render() -> None:
             body = []
             for name, structure in rows(model):
                 cells = []
-                for method, compensate, _ in METHODS if "layers" not in structure else METHODS[:1]:
+                for method, compensate, _ in METHODS if _every_method(structure) else METHODS[:1]:
                     result = results.get(f"{name} | {method} | {compensate}")
                     cells.append(
                         f"{result['perplexity']:.2f} ({result['parameters'] / 1e6:.2f}M)" if result else "not run"
@@ -181,7 +188,7 @@ def main(argv: list[str] | None = None) -> None:
     for model in [] if args.render_only else args.models:
         work = [("dense", {}, "dense", False)]
         for name, structure in rows(model):
-            for method, compensate, _ in METHODS if "layers" not in structure else METHODS[:1]:
+            for method, compensate, _ in METHODS if _every_method(structure) else METHODS[:1]:
                 if args.rows in name:
                     work.append((name, structure, method, compensate))
         if len(work) == 1:
