@@ -384,7 +384,8 @@ def test_a_parameter_budget_searches_the_mix_and_meets_the_budget(tmp_path):
     pruner.prune(C4_SAMPLE)
     budget = pruner.report.structure["budget"]
     assert len(budget["candidates"]) >= 2
-    assert all(0.97 * 0.85 * original <= c["parameters"] <= 0.85 * original for c in budget["candidates"])
+    kept = [candidate["parameters"] for candidate in budget["candidates"]]
+    assert max(kept) <= 0.85 * original and min(kept) >= max(kept) - 0.03 * original
     best = min(budget["candidates"], key=lambda candidate: candidate["loss"])
     assert budget["chosen"] == best["structure"]
     pruner.save_pretrained(tmp_path / "out")

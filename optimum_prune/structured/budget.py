@@ -13,12 +13,12 @@ from .spec import Structure
 
 BLOCK_SHARES = (0.0, 0.1, 0.2)  # shares of the blocks a mix may remove before the MLP makes up the rest
 MAX_MIXES = 2 * len(BLOCK_SHARES) + 1  # no or one KV group removed at each block share, and the blocks alone
-CLOSE_ENOUGH = 0.97  # a mix keeping less than this share of the budget removes more than asked: not compared
+COMPARABLE = 0.03  # mixes keeping this share of the model less than the fullest one remove more: not compared
 
 
 def budget_mixes(model: nn.Module, budget: Structure, layers: list[list[TargetLayer]]) -> list[tuple[Structure, int]]:
-    """``(structure, kept parameters)`` of every mix that meets ``budget.params`` (and keeps at least
-    `CLOSE_ENOUGH` of it): for no KV group and one KV
+    """``(structure, kept parameters)`` of every mix that meets ``budget.params`` (and keeps no less than the
+    fullest such mix minus `COMPARABLE` of the model): for no KV group and one KV
     group removed (where the config allows it), and a tenth or a fifth of the blocks or none removed, the widest
     MLP (a multiple of ``align``) that brings the model within the budget; and the blocks alone. Checked like any
     structure (a meta-device model of each), counted exactly as the saved model's parameters."""
@@ -42,7 +42,8 @@ def budget_mixes(model: nn.Module, budget: Structure, layers: list[list[TargetLa
         if mix is not None and mix[1] <= target:
             found[str(mix[0])] = mix
             break
-    found = {name: mix for name, mix in found.items() if mix[1] >= CLOSE_ENOUGH * target}
+    fullest = max((mix[1] for mix in found.values()), default=0)
+    found = {name: mix for name, mix in found.items() if mix[1] >= fullest - COMPARABLE * total}
     if not found:
         raise InputError(
             f"No mix of MLP width, KV groups and blocks keeps at most params={budget.params:g} of "
