@@ -53,9 +53,11 @@ NOTES = {  # what the tables cannot say on their own: why rows are missing
         "four benchmark processes shared the two cores."
         " ALPS grid (2026-12-06/07): its rows ran while two to four other benchmark processes shared the two cores, "
         "so their prune seconds are inflated unevenly; SparseGPT 70% was measured again right after (444 s, "
-        "perplexity 405.88 where the 2026-11-24 row had 419.00) to set a time beside ALPS's 611 s. ALPS at N:M runs "
-        "most of its 300 iterations (2,561 s for 2:4 under that load). Not measured on SmolLM2 yet: 50%, 60%, 4:8, "
-        "Wanda + refit at 2:4 and the OWL rows of the grid."
+        "perplexity 405.88 where the 2026-11-24 row had 419.00) to set a time beside ALPS's 611 s. The 50% and 60% "
+        "pairs ran one after the other on 2026-12-07 (SparseGPT, then ALPS, under the same two or three other "
+        "processes); from the 60% pair on, rows also record the CPU seconds of all their threads, which other load "
+        "inflates far less than wall time: ALPS 1,349 against SparseGPT 568 at 60% (2.4x). ALPS 2:4 took 2,561 s "
+        "under four processes. Rows marked not run were not reached in the time the session had."
     ),
     "quality-tiny": (
         "TinyStories-656K has only two blocks of equal size, so OWL's linear spread always puts them at exactly "
@@ -363,7 +365,7 @@ def alps_table(model: str, results: dict[str, dict]) -> list[str]:
                 continue
             ratio = _ratio(alps, base)
             target = ALPS_TARGETS.get(sparsity) if allocation == "uniform" else None
-            seconds = [cells(r)[2] for r in (base, alps)]
+            seconds = [_seconds(r) for r in (base, alps)]
             rows.append([
                 sparsity, allocation, cells(base)[0], cells(alps)[0],
                 f"{ratio:.2f}" + (f" (target <= {target:g})" if target else "") if ratio else "—",
@@ -381,6 +383,13 @@ def alps_table(model: str, results: dict[str, dict]) -> list[str]:
         table(headers, rows),
         "",
     ]
+
+
+def _seconds(result: dict | None) -> str:
+    """Prune seconds, with the CPU seconds of all threads where recorded (less sensitive to other load)."""
+    cell = cells(result)[2]
+    cpu = (result or {}).get("prune_cpu_seconds")
+    return f"{cell} (CPU {cpu:.0f})" if cpu is not None else cell
 
 
 def _ratio(result: dict | None, base: dict | None) -> float | None:
