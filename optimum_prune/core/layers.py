@@ -136,14 +136,10 @@ def _language_model(model: nn.Module) -> tuple[str, nn.Module]:
     """The module holding the language model's blocks and its name: ``model.get_decoder()`` where the model
     names one (a vision-language model's ``language_model``, so its vision tower is never taken for it), else
     the model itself."""
-    get_decoder = getattr(model, "get_decoder", None)
-    try:
-        decoder = get_decoder() if callable(get_decoder) else None
-    except (AttributeError, NotImplementedError):
-        decoder = None
-    if isinstance(decoder, nn.Module) and decoder is not model:
-        name = next((name for name, module in model.named_modules() if module is decoder), None)
-        if name is not None:
+    get_decoder = getattr(model, "get_decoder", None)  # transformers' models have it; it returns a base model itself
+    decoder = get_decoder() if callable(get_decoder) else model
+    for name, module in model.named_modules():
+        if module is decoder and module is not model:
             return name, decoder
     return "", model
 
@@ -164,19 +160,17 @@ def find_decoder_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
     """Return the name and the list of decoder blocks: the largest list of identical modules of the language
     model."""
     best: tuple[int, str, nn.ModuleList] | None = None
-    for scope, root in dict.fromkeys([_language_model(model), ("", model)]):
-        for name, module in root.named_modules():
-            if not isinstance(module, nn.ModuleList) or len(module) == 0:
-                continue
-            if any(type(block) is not type(module[0]) for block in module):
-                continue
-            if not any(isinstance(m, LINEAR_TYPES) for m in module[0].modules()):
-                continue
-            size = sum(p.numel() for p in module.parameters())
-            if best is None or size > best[0]:
-                best = (size, f"{scope}.{name}" if scope else name, module)
-        if best is not None:
-            break
+    scope, language_model = _language_model(model)
+    for name, module in language_model.named_modules():
+        if not isinstance(module, nn.ModuleList) or len(module) == 0:
+            continue
+        if any(type(block) is not type(module[0]) for block in module):
+            continue
+        if not any(isinstance(m, LINEAR_TYPES) for m in module[0].modules()):
+            continue
+        size = sum(p.numel() for p in module.parameters())
+        if best is None or size > best[0]:
+            best = (size, f"{scope}.{name}" if scope else name, module)
     if best is None:
         raise ValueError(
             f"{type(model).__name__} has no list of decoder blocks with linear layers: optimum-prune prunes "

@@ -53,9 +53,9 @@ def search_budget(
     device: torch.device,
     progress: bool = True,
 ) -> BudgetSearch:
-    """Prune a copy of ``model`` with each of ``mixes`` (`candidate_mixes`) on the first `SEARCH_SEQUENCES` calibration sequences (blocks
-    chosen by Block Influence, the cheap criterion) and measure the model's loss on the next
-    `HELD_OUT_SEQUENCES` (on the first ones when there are no others); the lowest wins."""
+    """Prune a copy of ``model`` with each of ``mixes`` (`candidate_mixes`) on the first `SEARCH_SEQUENCES`
+    calibration sequences (blocks chosen by Block Influence, the cheap criterion) and measure the model's loss
+    on the next `HELD_OUT_SEQUENCES` (on the first ones when there are no others); the lowest wins."""
     start = time.perf_counter()
     fit = input_ids[:SEARCH_SEQUENCES]
     held_out = input_ids[SEARCH_SEQUENCES : SEARCH_SEQUENCES + HELD_OUT_SEQUENCES]
@@ -71,6 +71,5 @@ def search_budget(
         place = next(candidate.parameters()).device
         loss = sum(float(candidate(row.to(place), labels=row.to(place)).loss) for row in held_out.split(1))
         candidates.append({"structure": str(mix), "parameters": kept, "loss": round(loss / len(held_out), 6)})
-        del candidate
     best = min(range(len(mixes)), key=lambda index: candidates[index]["loss"])
     return BudgetSearch(config.structure.params, mixes[best][0], candidates, time.perf_counter() - start)
