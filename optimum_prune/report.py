@@ -166,7 +166,7 @@ def _structure_line(structure: dict[str, Any]) -> str:
         steps = ", ".join(f"{block} -> {loss:.4f}" for block, loss in removals)
         line += f"\nblocks removed by calibration loss (dense {layers['dense_loss']:.4f}), in order: {steps}"
     elif "block_influence" in layers:
-        line += f"\nblocks removed by Block Influence (lowest first): {', '.join(map(str, layers['removed']))}"
+        line += f"\nblocks removed by Block Influence (the least influential): {', '.join(map(str, layers['removed']))}"
     return line
 
 
