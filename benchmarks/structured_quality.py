@@ -11,6 +11,8 @@ every row. Several processes may share the work: ``--shard 0/2`` and ``--shard 1
     OMP_NUM_THREADS=1 python benchmarks/structured_quality.py --models smollm2-135m --samples 8 --eval-windows 10
     OMP_NUM_THREADS=1 python benchmarks/structured_quality.py --models smollm2-135m --samples 64 --eval-windows 10 --rows MLP
     OMP_NUM_THREADS=1 python benchmarks/structured_quality.py --models stories260k tinystories-656k --samples 64 --eval-windows 40
+    OMP_NUM_THREADS=1 python benchmarks/structured_quality.py --models smollm2-135m --samples 8 --eval-windows 10 --rows blocks --force
+    python benchmarks/structured_quality.py --models smollm2-135m --samples 8 --eval-windows 10 --rows "budget -30%: searched"
 """
 
 from __future__ import annotations
