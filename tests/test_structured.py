@@ -28,6 +28,7 @@ from optimum_prune.export import read_metadata
 from optimum_prune.methods import get_method
 from optimum_prune.structured.groups import MLP, mlp_group
 from optimum_prune.structured.prune import prune_group
+from optimum_prune.structured.select import obs_remove
 
 SEPARATE_QKV = ("llama", "mistral", "qwen2", "gemma", "phi")  # the others fuse q/k/v or size heads from hidden
 
@@ -139,6 +140,32 @@ def test_compensation_lowers_the_reconstruction_error(method):
         with torch.no_grad():
             errors[compensate] = ((mlp(inputs) - dense).norm() / dense.norm()).item()
     assert errors[True] < 0.9 * errors[False], errors
+
+
+def test_obs_removal_is_exact_and_finite_on_a_wide_range_rank_deficient_hessian():
+    """OBS on a Hessian of 24 tokens for 512 inputs, with massive and dead inputs (SmolLM2's kind): exactly the
+    asked units go, their columns are zero, the weights are finite and the output error is below plain zeroing."""
+    torch.manual_seed(0)
+    units, columns = 64, 8
+    inputs = torch.randn(24, units * columns)
+    inputs[:, :2] *= 1e4
+    inputs[:, 10:20] = 0.0
+    weight = torch.randn(16, units * columns)
+    removed_weight, removed = obs_remove(weight, inputs.T @ inputs, columns, units, 40, dampening=0.01)
+    assert len(set(removed)) == 40 and removed_weight.dtype == weight.dtype
+    gone = torch.tensor([unit * columns + c for unit in removed for c in range(columns)])
+    assert torch.isfinite(removed_weight).all() and (removed_weight[:, gone] == 0).all()
+    zeroed = weight.clone()
+    zeroed[:, gone] = 0.0
+    dense = inputs @ weight.T
+    assert (inputs @ removed_weight.T - dense).norm() < (inputs @ zeroed.T - dense).norm()
+
+
+def test_a_non_finite_hessian_is_refused_with_the_cause():
+    hessian = torch.eye(8)
+    hessian[2, 3] = float("nan")
+    with pytest.raises(ValueError, match="NaN or inf.*--dtype float32"):
+        obs_remove(torch.randn(4, 8), hessian, 1, 8, 2, dampening=0.01)
 
 
 def test_structure_then_sparsity_on_the_smaller_model():

@@ -129,12 +129,23 @@ def mirror_upper(matrix: torch.Tensor, panel: int) -> None:
         matrix[stop:, start:stop] = matrix[start:stop, stop:].T
 
 
+def require_finite(hessian: torch.Tensor) -> None:
+    """Refuse a calibration statistic that holds NaN or inf: no solver can recover from it, and LAPACK's own
+    error for it ("pivots given to lu_solve must all be >= 1", "not positive definite") names no cause."""
+    if not torch.isfinite(hessian).all():
+        raise ValueError(
+            "The calibration Hessian holds NaN or inf values: the model's activations overflow on the "
+            "calibration text (try float32 weights, --dtype float32)."
+        )
+
+
 def inverse_hessian_cholesky(hessian: torch.Tensor, dampening: float, *, in_place: bool = False) -> torch.Tensor:
     """Upper Cholesky factor of the dampened inverse Hessian; dampening grows until it is positive definite.
 
     ``in_place=True`` uses ``hessian`` as the working matrix (it is overwritten), so that at most two more
     matrices of its size are allocated.
     """
+    require_finite(hessian)
     work = hessian if in_place else hessian.clone()
     diagonal = work.diagonal()
     diagonal[diagonal == 0] = 1.0  # inputs that are always zero

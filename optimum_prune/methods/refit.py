@@ -26,7 +26,7 @@ import torch
 
 from ..core.layers import TargetLayer
 from ..core.masks import NMPattern
-from ..core.statistics import Hessian, InputGram, LayerStatistic, RankGroup
+from ..core.statistics import Hessian, InputGram, LayerStatistic, RankGroup, require_finite
 from ..errors import InputError
 from .base import BlockContext, PruningMethod
 
@@ -57,11 +57,7 @@ class ScaledHessian:
     @classmethod
     def from_matrix(cls, hessian: torch.Tensor, dampening: float) -> ScaledHessian:
         matrix = hessian.detach().to(torch.float32).clone()
-        if not torch.isfinite(matrix).all():
-            raise InputError(
-                "The calibration Hessian holds NaN or inf values: the model's activations overflow on the "
-                "calibration text (try float32 weights, --dtype float32)."
-            )
+        require_finite(matrix)
         diagonal = matrix.diagonal()
         mean = float(diagonal.clamp_min(0).mean())
         if mean <= 0.0:

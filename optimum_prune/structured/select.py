@@ -19,6 +19,8 @@ import math
 
 import torch
 
+from ..core.statistics import require_finite
+
 ROUNDS = 16  # OBS removes about 1/16 of what it must remove per round, re-scoring in between
 
 
@@ -37,9 +39,11 @@ def obs_remove(
 ) -> tuple[torch.Tensor, list[int]]:
     """Remove ``remove`` of the first ``units x columns`` columns of ``consumer`` (``(out, in[+1])``; a last bias
     column is never removed) by Optimal Brain Surgeon on ``hessian``; return the updated weight and the
-    removed units."""
-    weight = consumer.clone()
-    inverse = torch.cholesky_inverse(torch.linalg.cholesky(_dampened(hessian, dampening)))
+    removed units. The inverse Hessian is downdated in float64: in float32 its rounding, over many rounds on
+    the wide dynamic range of a model with massive activations, can leave a kept unit's block singular."""
+    require_finite(hessian)
+    weight = consumer.to(torch.float64)
+    inverse = torch.cholesky_inverse(torch.linalg.cholesky(_dampened(hessian.to(torch.float64), dampening)))
     removed: list[int] = []
     step = max(1, math.ceil(remove / ROUNDS))
     blocks = torch.arange(units * columns, device=weight.device).view(units, columns)
@@ -55,9 +59,9 @@ def obs_remove(
         pivot = torch.linalg.inv(inverse[cols][:, cols])
         weight -= weight[:, cols] @ pivot @ inverse[cols]
         inverse -= inverse[:, cols] @ pivot @ inverse[cols]
-        weight[:, cols] = 0.0
         removed += chosen
-    return weight, sorted(removed)
+        weight[:, blocks[removed].reshape(-1)] = 0.0  # rounding leaves earlier rounds' columns near, not at, zero
+    return weight.to(consumer.dtype), sorted(removed)
 
 
 def least_squares_refit(
