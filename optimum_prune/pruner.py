@@ -14,14 +14,16 @@ from typing import Any
 import torch
 from huggingface_hub import CommitInfo, ModelCard
 from torch import nn
-from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainerCallback
+from transformers import AutoProcessor, PreTrainedModel, PreTrainedTokenizerBase, TrainerCallback
 
-from .calibration import calibration_tokens
+from .calibration import calibration_tokens, has_images, image_text_inputs, load_pairs
 from .config import PruningConfig
+from .core.auto import is_vision_language
 from .core.layers import find_target_layers
 from .engine.activations import DISK
 from .engine.blockwise import BlockwiseEngine
 from .engine.budget import candidate_mixes, search_budget
+from .engine.capture import CalibrationInputs
 from .engine.dispatch import AccelerateDispatch, is_dispatched
 from .engine.distributed import Ranks
 from .engine.estimate import RunEstimate, estimate, estimate_run
@@ -29,7 +31,7 @@ from .engine.offload import OFFLOAD_MODES, DiskOffload
 from .engine.resources import MaxMemory, check_free_space, check_max_memory
 from .engine.streaming import write_streamed_weights
 from .engine.structured import StructuredEngine
-from .engine.work_folder import WorkFolder, tensor_digest, work_folder_path
+from .engine.work_folder import WorkFolder, calibration_digest, work_folder_path
 from .errors import InputError
 from .evaluation.harness import TaskScore, ZeroShotTasks, compare
 from .export import METADATA_KEY, atomic_directory, build_metadata
@@ -78,6 +80,7 @@ class Pruner:
         offload_folder: str | os.PathLike | None = None,
         max_memory: MaxMemory | None = None,
         offload_activations: bool = False,
+        processor: Any = None,
     ) -> None:
         if offload not in (None, *OFFLOAD_MODES):
             raise InputError(f"Unknown offload {offload!r}: choose None, {', '.join(map(repr, OFFLOAD_MODES))}.")
@@ -100,6 +103,7 @@ class Pruner:
             )
         self.config = config if config is not None else PruningConfig()
         self.tokenizer = tokenizer
+        self.processor = processor  # a vision-language model's processor (or its folder), for image calibration
         self.device = torch.device(device) if device is not None else default_device()
         self.offload = "disk" if disk is not None else "cpu"
         self.disk = disk
@@ -140,6 +144,7 @@ class Pruner:
         max_memory: MaxMemory | None = None,
         offload_activations: bool = False,
         device_map: str | dict[str, Any] | None = None,
+        processor: Any = None,
         **model_kwargs: Any,
     ) -> Pruner:
         """Load a model (a Hub id, a local folder, or an already loaded model) and its tokenizer.
@@ -160,12 +165,16 @@ class Pruner:
         instead: accelerate places its modules on GPUs, the CPU and disk (``max_memory`` and ``offload_folder``
         then go to accelerate, as for ``from_pretrained``), and each block is pruned through accelerate's hooks and
         written back where accelerate keeps it. A model already loaded with a ``device_map`` is taken as it is.
+
+        ``processor`` (a vision-language model's processor, or the folder or Hub id it loads from; default: the
+        model's own) turns image + text calibration data into model inputs (docs/vision-language.md).
         """
         resources = {
             "offload": offload,
             "offload_folder": offload_folder,
             "max_memory": max_memory,
             "offload_activations": offload_activations,
+            "processor": processor,
         }
         if isinstance(model_or_path, nn.Module):
             if offload == "disk":
@@ -239,11 +248,35 @@ class Pruner:
         logger.warning("Calibration seq_len=%d capped at the model's context, %d tokens.", length, context)
         self.config = dataclasses.replace(self.config, seq_len=context)
 
-    def _calibration(self, dataset: Any, text_column: str, split: str) -> tuple[torch.Tensor, str]:
+    def _calibration(self, dataset: Any, text_column: str, split: str) -> tuple[CalibrationInputs, str]:
         config = self.config
+        if has_images(dataset):
+            pairs, name = load_pairs(dataset, text_column)
+            processor = self._processor()
+            return image_text_inputs(pairs, processor, config.num_samples, config.seq_len, config.seed), name
         return calibration_tokens(
             dataset, self.tokenizer, config.num_samples, config.seq_len, config.seed, text_column, split
         )
+
+    def _processor(self) -> Any:
+        """The processor that turns image + text calibration pairs into model inputs: the one given to
+        `from_pretrained`, else the model folder's; refused for models without a vision tower."""
+        if not is_vision_language(self.model.config):
+            raise InputError(
+                f"The calibration data pairs texts with images, but {type(self.model).__name__} takes no images: "
+                "calibrate it on text (rows without an 'image' field)."
+            )
+        if self.processor is not None and not isinstance(self.processor, (str, os.PathLike)):
+            return self.processor
+        where = self.processor if self.processor is not None else self.source
+        try:
+            return AutoProcessor.from_pretrained(where)
+        except (OSError, ValueError, TypeError) as error:
+            raise InputError(
+                f"Image + text calibration needs the model's processor, which could not be loaded from {where!s} "
+                f"({error}): pass processor= to Pruner.from_pretrained (--processor), a folder with its "
+                "preprocessor_config.json and tokenizer."
+            ) from None
 
     def prune(
         self,
@@ -282,10 +315,18 @@ class Pruner:
                     "pruner.prune('path/to/c4_sample.jsonl') or a list of strings."
                 )
             self._cap_seq_len(dataset)
+            if plan is not None and has_images(dataset):
+                raise InputError(
+                    "Structured pruning calibrates on text (it measures the language model's loss on the calibration "
+                    "tokens): give text data, or prune the structure on text and then prune with images."
+                )
             input_ids, name = self._calibration(dataset, text_column, split)
             self._calibration_source = None if isinstance(dataset, torch.Tensor) else (dataset, text_column, split)
-            samples, seq_len = input_ids.shape  # the recipe records what was run: a tensor sets its own shape
-            self.config = dataclasses.replace(self.config, num_samples=samples, seq_len=seq_len, dataset=name)
+            # the recipe records what was run: a tensor sets its own shape, image + text samples their count
+            samples, seq_len = input_ids.shape if isinstance(input_ids, torch.Tensor) else (len(input_ids), None)
+            self.config = dataclasses.replace(
+                self.config, num_samples=samples, seq_len=seq_len or self.config.seq_len, dataset=name
+            )
         if plan is None:
             return self._prune_blockwise(input_ids, output_dir, overwrite, resume, None)
         work = None
@@ -321,7 +362,7 @@ class Pruner:
 
     def _prune_blockwise(
         self,
-        input_ids: torch.Tensor | None,
+        input_ids: CalibrationInputs | None,
         output_dir: str | os.PathLike | None,
         overwrite: bool,
         resume: bool,
@@ -419,7 +460,7 @@ class Pruner:
         return plan_structure(self.model, self.config.structure, layers)
 
     def _prune_structure(
-        self, plan: StructurePlan, input_ids: torch.Tensor | None, work: WorkFolder | None
+        self, plan: StructurePlan, input_ids: CalibrationInputs | None, work: WorkFolder | None
     ) -> tuple[PruningReport, StructuredEngine]:
         """The structured pass; with ``work``, every finished block is saved there and a rerun resumes."""
         method = get_method(self.config.method, self.config.settings)
@@ -438,7 +479,7 @@ class Pruner:
         """The local folders this run reads, which no output may replace."""
         return (self.source,) if self.source is not None and os.path.isdir(self.source) else ()
 
-    def _fingerprint(self, input_ids: torch.Tensor | None) -> dict[str, Any]:
+    def _fingerprint(self, input_ids: CalibrationInputs | None) -> dict[str, Any]:
         """What must match for a run to resume from another's work folder."""
         config = self.config.to_dict()
         return {
@@ -447,7 +488,7 @@ class Pruner:
             "architecture": type(self.model).__name__,
             "dtype": str(next(self.model.parameters()).dtype),
             "device": self.device.type,
-            "calibration": tensor_digest(input_ids) if input_ids is not None else None,
+            "calibration": calibration_digest(input_ids) if input_ids is not None else None,
             "processes": Ranks.current().world,  # each rank keeps its own activations file
         }
 

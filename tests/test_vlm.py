@@ -132,3 +132,115 @@ def test_recovery_keeps_the_zeros_and_leaves_the_vision_tower_frozen():
     assert all(parameter.requires_grad for parameter in pruner.model.parameters())
     for layer in pruner.report.layers:
         assert (pruner.model.get_submodule(layer.name).weight == 0).float().mean() == pytest.approx(0.5)
+
+
+def _llava_with_processor(folder):
+    """A tiny LLaVA saved with a working processor: the stories260K tokenizer plus an ``<image>`` token, a CLIP
+    image processor of the tower's 28 x 28 input (4 patches, so 4 image tokens per image)."""
+    tokenizer = transformers.AutoTokenizer.from_pretrained(STORIES_260K)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    image_processor = transformers.CLIPImageProcessor(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28})
+    processor = transformers.LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=14,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+    )
+    config = VLM_ARCHITECTURES["llava"]()
+    config.text_config.vocab_size = len(tokenizer)
+    config.image_token_id = tokenizer.convert_tokens_to_ids("<image>")
+    torch.manual_seed(0)
+    transformers.AutoModelForImageTextToText.from_config(config).save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return processor
+
+
+def _image_text_file(folder, count=4):
+    """``count`` rows of TinyStories text, each with its own random 28 x 28 PNG."""
+    from PIL import Image
+
+    generator = torch.Generator().manual_seed(0)
+    stories = TINYSTORIES_VAL.read_text(encoding="utf-8").split("\n\n")
+    rows = []
+    for index in range(count):
+        pixels = torch.randint(0, 256, (28, 28, 3), generator=generator, dtype=torch.uint8).numpy()
+        Image.fromarray(pixels).save(folder / f"image{index}.png")
+        rows.append({"text": stories[index], "image": f"image{index}.png"})
+    path = folder / "pairs.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    return path
+
+
+def test_image_text_calibration_runs_the_images_through_the_model(tmp_path):
+    """Calibration on image + text pairs (the model folder's processor): block 0's Wanda masks equal a reference
+    taken from the dense model's own forward on the processor's inputs, and differ from text-only calibration."""
+    processor = _llava_with_processor(tmp_path / "llava")
+    pairs = _image_text_file(tmp_path)
+    config = PruningConfig(method="wanda", num_samples=4, seq_len=24)
+    pruner = Pruner.from_pretrained(tmp_path / "llava", config, device="cpu", progress=False)
+    dense = {name: value.clone() for name, value in pruner.model.state_dict().items()}
+    report = pruner.prune(pairs)
+    assert report.global_sparsity == pytest.approx(0.5) and pruner.config.num_samples == 4
+    assert pruner.config.dataset == "pairs.jsonl"
+    for name, value in _outside_language_model(pruner.model).items():
+        assert torch.equal(value, dense[name]), name
+
+    reference = transformers.AutoModelForImageTextToText.from_pretrained(tmp_path / "llava").eval()
+    layer = reference.model.language_model.layers[0].self_attn.q_proj
+    squares = []
+    handle = layer.register_forward_pre_hook(lambda module, args: squares.append(args[0].pow(2).sum((0, 1))))
+    rows = [json.loads(line) for line in pairs.read_text().splitlines()]
+    from PIL import Image
+
+    with torch.no_grad():
+        for row in rows:
+            ids = processor.tokenizer(row["text"], add_special_tokens=False)["input_ids"][:24]
+            text = processor.image_token + processor.tokenizer.decode(ids)
+            image = Image.open(tmp_path / row["image"]).convert("RGB")
+            inputs = processor(text=[text], images=[[image]], return_tensors="pt")
+            assert (inputs["input_ids"] == reference.config.image_token_id).sum() == 4
+            reference(**inputs)
+    handle.remove()
+    scores = layer.weight.abs() * torch.stack(squares).sum(0).sqrt()
+    expected = torch.zeros_like(scores, dtype=torch.bool).scatter_(
+        1, scores.argsort(1)[:, : scores.shape[1] // 2], True
+    )
+    pruned = pruner.model.model.language_model.layers[0].self_attn.q_proj.weight == 0
+    assert torch.equal(pruned, expected)
+
+    text_only = Pruner.from_pretrained(tmp_path / "llava", config, device="cpu", progress=False)
+    text_only.prune([row["text"] for row in rows])
+    assert not torch.equal(text_only.model.model.language_model.layers[0].self_attn.q_proj.weight == 0, pruned)
+
+
+def test_bad_image_calibration_fails_before_any_work(tmp_path):
+    pairs = _image_text_file(tmp_path, count=2)
+    config = PruningConfig(method="wanda", num_samples=2, seq_len=16)
+    tiny_vlm("llava").save_pretrained(tmp_path / "no-processor")
+    with pytest.raises(InputError, match="needs the model's processor.*processor="):
+        Pruner.from_pretrained(tmp_path / "no-processor", config, progress=False).prune(pairs)
+    text_model = Pruner.from_pretrained(STORIES_260K, config, progress=False)
+    with pytest.raises(InputError, match="takes no images"):
+        text_model.prune(pairs)
+    _llava_with_processor(tmp_path / "llava")
+    structured = PruningConfig(method="wanda", sparsity=0.0, structure={"mlp": 0.5}, num_samples=2, seq_len=16)
+    with pytest.raises(InputError, match="Structured pruning calibrates on text"):
+        Pruner.from_pretrained(tmp_path / "llava", structured, progress=False).prune(pairs)
+    (tmp_path / "image1.png").unlink()
+    with pytest.raises(InputError, match="row 2 names images that do not exist"):
+        Pruner.from_pretrained(tmp_path / "llava", config, progress=False).prune(pairs)
+
+
+def test_cli_calibrates_on_image_text_pairs(tmp_path, capsys):
+    processor = _llava_with_processor(tmp_path / "processor")
+    model = transformers.AutoModelForImageTextToText.from_pretrained(tmp_path / "processor")
+    model.save_pretrained(tmp_path / "llava")  # a tokenizer but no processor files: --processor gives them
+    processor.tokenizer.save_pretrained(tmp_path / "llava")
+    pairs = _image_text_file(tmp_path, count=2)
+    flags = ["--model", str(tmp_path / "llava"), "--method", "wanda", "--dataset", str(pairs), "--num-samples", "2"]
+    flags += ["--seq-len", "16", "--output", str(tmp_path / "out")]
+    assert run_main(*flags) == 2
+    assert "needs the model's processor" in capsys.readouterr().err
+    assert run_main(*flags, "--processor", str(tmp_path / "processor")) == 0
+    assert read_metadata(tmp_path / "out")["config"]["dataset"] == "pairs.jsonl"

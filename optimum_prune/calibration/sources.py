@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -13,10 +13,11 @@ from ..errors import InputError
 LOCAL_FORMATS = (".txt", ".jsonl", ".json", ".parquet")
 
 
-def _read_local(path: Path, text_column: str) -> list[str]:
-    """The texts of a local file; a file that cannot be read as its suffix says is named, with what was expected."""
+def read_local(path: Path, text_column: str, reader: Callable[[Path, str], list] | None = None) -> list:
+    """The texts of a local file (or what ``reader`` makes of it); a file that cannot be read as its suffix says
+    is named, with what was expected."""
     try:
-        return _read_local_rows(path, text_column)
+        return (reader or _read_local_rows)(path, text_column)
     except UnicodeDecodeError as error:
         raise InputError(
             f"{path} is not UTF-8 text (byte {error.start} cannot be decoded: a binary file?): expected "
@@ -37,10 +38,9 @@ _EXPECTED = {
 }
 
 
-def _read_local_rows(path: Path, text_column: str) -> list[str]:
+def json_rows(path: Path, text_column: str) -> list[Any]:
+    """The rows of a ``.jsonl`` (one JSON value per line) or ``.json`` (a JSON list) file."""
     suffix = path.suffix.lower()
-    if suffix == ".txt":
-        return [path.read_text(encoding="utf-8")]
     if suffix == ".jsonl":
         rows = []
         with path.open(encoding="utf-8") as f:
@@ -52,10 +52,19 @@ def _read_local_rows(path: Path, text_column: str) -> list[str]:
                         raise InputError(
                             f"{path}: line {number} is not valid JSON ({error.msg}): expected {_EXPECTED[suffix]}."
                         ) from None
-    elif suffix == ".json":
-        rows = json.loads(path.read_text(encoding="utf-8"))
-        if not isinstance(rows, list):
-            raise InputError(f"{path} must hold a JSON list of strings or of objects with a {text_column!r} field.")
+        return rows
+    rows = json.loads(path.read_text(encoding="utf-8"))
+    if not isinstance(rows, list):
+        raise InputError(f"{path} must hold a JSON list of strings or of objects with a {text_column!r} field.")
+    return rows
+
+
+def _read_local_rows(path: Path, text_column: str) -> list[str]:
+    suffix = path.suffix.lower()
+    if suffix == ".txt":
+        return [path.read_text(encoding="utf-8")]
+    if suffix in (".jsonl", ".json"):
+        rows = json_rows(path, text_column)
     elif suffix == ".parquet":
         import pyarrow.parquet as pq
 
@@ -113,7 +122,7 @@ def load_texts(source: Any, *, text_column: str = "text", split: str = "train") 
     if isinstance(source, (str, os.PathLike)):
         path = Path(source)
         if path.is_file():
-            texts, name = _read_local(path, text_column), path.name
+            texts, name = read_local(path, text_column), path.name
         elif path.is_dir():
             raise InputError(f"{path} is a folder: pass one {'/'.join(LOCAL_FORMATS)} file from it.")
         elif path.suffix.lower() in LOCAL_FORMATS:

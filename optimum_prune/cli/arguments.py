@@ -116,6 +116,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     loading.add_argument(
         "--tokenizer", metavar="PATH", help="tokenizer folder or Hub id, when --model has none (default: --model)."
     )
+    loading.add_argument(
+        "--processor",
+        metavar="PATH",
+        help="a vision-language model's processor folder or Hub id, for --dataset rows with images (default: --model).",
+    )
     loading.add_argument("--trust-remote-code", action="store_true", help="run the model repository's own code.")
     loading.add_argument(
         "--allow-unsafe-weights", action="store_true", help="accept pickled (non-safetensors) weights you trust."

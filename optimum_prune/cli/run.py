@@ -339,6 +339,8 @@ def _check_model(args: argparse.Namespace, parser: argparse.ArgumentParser) -> P
 
     if args.tokenizer and looks_like_path(args.tokenizer) and not os.path.isdir(args.tokenizer):
         parser.error(f"argument --tokenizer: no tokenizer folder at {args.tokenizer}.")
+    if args.processor and looks_like_path(args.processor) and not os.path.isdir(args.processor):
+        parser.error(f"argument --processor: no processor folder at {args.processor}.")
     try:
         model_config = load_model_config(args.model, trust_remote_code=args.trust_remote_code)
         if os.path.isdir(args.model):
@@ -692,6 +694,7 @@ def load(args: argparse.Namespace, plan: Plan, dtype: Any) -> Pruner:
         args.model,
         plan.config,
         tokenizer=args.tokenizer,
+        processor=args.processor,
         device=args.device,
         dtype=dtype,
         trust_remote_code=args.trust_remote_code,

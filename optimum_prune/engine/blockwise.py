@@ -41,7 +41,7 @@ from ..errors import InputError
 from ..methods import BlockContext, PruningMethod
 from ..report import LayerReport, PruningReport
 from .activations import ActivationStore
-from .capture import CalibrationBatch, capture_block_inputs, outside_blocks_loaded
+from .capture import CalibrationBatch, CalibrationInputs, capture_block_inputs, outside_blocks_loaded
 from .dispatch import AccelerateDispatch
 from .distributed import Ranks
 from .offload import DiskOffload
@@ -255,9 +255,9 @@ class BlockwiseEngine:
                 self.dispatch.release(block)
 
     @torch.no_grad()
-    def run(self, input_ids: torch.Tensor | None) -> PruningReport:
-        """Prune every block; ``input_ids`` is ``(num_samples, seq_len)`` calibration tokens (``None`` for
-        methods that need no calibration). Returns the per-layer report; masks are kept in `masks` (packed),
+    def run(self, input_ids: CalibrationInputs | None) -> PruningReport:
+        """Prune every block; ``input_ids`` is ``(num_samples, seq_len)`` calibration tokens or one dict of model
+        inputs per sample (``None`` for methods that need no calibration). Returns the per-layer report; masks are kept in `masks` (packed),
         except with disk offload, where only the work folder holds them."""
         start = time.perf_counter()
         map_large_allocations()

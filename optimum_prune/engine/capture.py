@@ -45,39 +45,54 @@ def _move_outside_blocks(model: nn.Module, blocks: nn.ModuleList, device: torch.
                 module._buffers[name] = buffer.to(device)
 
 
+CalibrationInputs = torch.Tensor | list[dict[str, torch.Tensor]]
+"""``(num_samples, seq_len)`` token ids, or one dict of model inputs per sample (a processor's, for images)."""
+
+
+def _model_inputs(inputs: dict[str, torch.Tensor], device: torch.device, dtype: torch.dtype) -> dict:
+    """``inputs`` on ``device``; pixel values and other floating inputs in the model's ``dtype``."""
+    return {key: value.to(device, dtype if value.is_floating_point() else None) for key, value in inputs.items()}
+
+
 def capture_block_inputs(
     model: nn.Module,
     blocks: nn.ModuleList,
-    input_ids: torch.Tensor,
+    inputs: CalibrationInputs,
     batch_size: int,
     device: torch.device,
     store: ActivationStore,
     placed: bool = False,
 ) -> list[CalibrationBatch]:
-    """Run the model up to its first block for every batch of ``input_ids`` and record what the block gets.
+    """Run the model up to its first block for every batch of ``inputs`` and record what the block gets.
 
-    The other arguments (masks, positions, rotary embeddings) only depend on the batch shape, since
-    calibration sequences have equal length and no padding, so they are recorded once per shape. The modules
-    before the first block run on ``device``, or where accelerate ``placed`` them (its hooks move the inputs).
+    For token ids, the other arguments (masks, positions, rotary embeddings) only depend on the batch shape,
+    since calibration sequences have equal length and no padding, so they are recorded once per shape; samples
+    given as model inputs (images: positions follow where they sit) are one batch each, with their own. The
+    modules before the first block run on ``device``, or where accelerate ``placed`` them (its hooks move the
+    inputs).
     """
     batches: list[CalibrationBatch] = []
-    extras: dict[torch.Size, tuple[tuple, dict]] = {}
+    extras: dict[object, tuple[tuple, dict]] = {}
+    per_shape = isinstance(inputs, torch.Tensor)
 
     def record(module: nn.Module, args: tuple, kwargs: dict) -> None:
         kwargs = dict(kwargs)
         hidden = args[0] if args else kwargs.pop("hidden_states")
-        if hidden.shape not in extras:
-            extras[hidden.shape] = (args[1:], kwargs)
-        batches.append(CalibrationBatch(store.keep(hidden), *extras[hidden.shape]))
+        key = hidden.shape if per_shape else len(batches)
+        if key not in extras:
+            extras[key] = (args[1:], kwargs)
+        batches.append(CalibrationBatch(store.keep(hidden), *extras[key]))
         raise _InputsCaptured
 
     if not placed:
         _move_outside_blocks(model, blocks, device)
     handle = blocks[0].register_forward_pre_hook(record, with_kwargs=True)
+    samples = [{"input_ids": batch} for batch in inputs.split(batch_size)] if per_shape else inputs
+    dtype = next(blocks.parameters()).dtype
     try:
-        for batch in input_ids.split(batch_size):
+        for sample in samples:
             with suppress(_InputsCaptured):
-                model(input_ids=batch.to(device), use_cache=False)
+                model(**_model_inputs(sample, device, dtype), use_cache=False)
     finally:
         handle.remove()
         if not placed:

@@ -47,14 +47,16 @@ class Ranks:
         """Whether this rank writes outputs, reports and uploads (rank 0)."""
         return self.rank == 0
 
-    def shard(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """This rank's calibration samples: contiguous, as even as the count allows."""
-        if self.world > input_ids.shape[0]:
+    def shard(self, samples: torch.Tensor | list) -> torch.Tensor | list:
+        """This rank's calibration samples (rows of token ids, or a list): contiguous, as even as the count allows."""
+        if self.world > len(samples):
             raise InputError(
-                f"{self.world} ranks but only {input_ids.shape[0]} calibration samples: every rank needs at least one; "
+                f"{self.world} ranks but only {len(samples)} calibration samples: every rank needs at least one; "
                 f"use --num-samples {self.world} or more, or fewer processes."
             )
-        return torch.tensor_split(input_ids, self.world)[self.rank]
+        if isinstance(samples, torch.Tensor):
+            return torch.tensor_split(samples, self.world)[self.rank]
+        return [samples[i] for i in torch.tensor_split(torch.arange(len(samples)), self.world)[self.rank].tolist()]
 
     def all_reduce(self, tensor: torch.Tensor) -> None:
         """Sum ``tensor`` over the ranks, in place."""

@@ -48,9 +48,17 @@ def work_folder_paths(output_dir: str | os.PathLike, offload_folder: str | os.Pa
     return [work_folder_path(output_dir, offload_folder, structure) for structure in (True, False)]
 
 
-def tensor_digest(tensor: torch.Tensor) -> str:
-    """A SHA-256 of a tensor's values, to recognise the same calibration tokens on resume."""
-    return hashlib.sha256(tensor.detach().cpu().contiguous().numpy().tobytes()).hexdigest()
+def calibration_digest(inputs: torch.Tensor | list[dict[str, torch.Tensor]]) -> str:
+    """A SHA-256 of the calibration tokens' values (or every tensor of image + text samples), to recognise the
+    same calibration on resume."""
+    digest = hashlib.sha256()
+    if isinstance(inputs, torch.Tensor):
+        inputs = [{"": inputs}]
+    for sample in inputs:
+        for key in sorted(sample):
+            digest.update(key.encode())
+            digest.update(sample[key].detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
