@@ -244,3 +244,19 @@ def test_cli_calibrates_on_image_text_pairs(tmp_path, capsys):
     assert "needs the model's processor" in capsys.readouterr().err
     assert run_main(*flags, "--processor", str(tmp_path / "processor")) == 0
     assert read_metadata(tmp_path / "out")["config"]["dataset"] == "pairs.jsonl"
+
+
+@pytest.mark.parametrize("architecture", list(VLM_ARCHITECTURES))
+def test_disk_offload_writes_the_model_pruned_in_memory(architecture, tmp_path):
+    """LLaVA, Gemma 3 and Mistral 3 checkpoints keep the blocks under transformers' saved names
+    (``language_model.model.layers``): the streamed output holds the pruned blocks, not the source's dense ones."""
+    tiny_vlm(architecture).save_pretrained(tmp_path / "model")
+    config = PruningConfig(method="sparsegpt", **CALIBRATION)
+    in_memory = Pruner.from_pretrained(tmp_path / "model", config, device="cpu", progress=False)
+    in_memory.prune(random_ids(8, 32))
+    streamed = Pruner.from_pretrained(tmp_path / "model", config, device="cpu", progress=False, offload="disk")
+    streamed.prune(random_ids(8, 32), output_dir=tmp_path / "out")
+    saved = transformers.AutoModelForImageTextToText.from_pretrained(tmp_path / "out").state_dict()
+    expected = in_memory.model.state_dict()
+    assert saved.keys() == expected.keys()
+    assert all(torch.equal(saved[name], value) for name, value in expected.items())

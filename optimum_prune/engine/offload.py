@@ -135,6 +135,23 @@ def _saved_layout(
     ]
 
 
+def saved_block_prefixes(model: nn.Module, blocks_name: str) -> tuple[str, ...]:
+    """The key prefixes under which a checkpoint of ``model`` may hold its decoder blocks: ``blocks_name.`` and
+    the prefix transformers' ``save_pretrained`` renames it to (LLaVA, Gemma 3 and Mistral 3 store
+    ``model.language_model.layers`` as ``language_model.model.layers``), found by reverting the model's weight
+    conversion on meta probes of block 0's tensors."""
+    from transformers.core_model_loading import revert_weight_conversion
+
+    first = f"{blocks_name}.0."
+    probe = {
+        name: torch.empty(tensor.shape, dtype=tensor.dtype, device="meta")
+        for name, tensor in model.state_dict(keep_vars=True).items()
+        if name.startswith(first)
+    }
+    saved = {key.partition(".0.")[0] + "." for key in revert_weight_conversion(model, probe) if ".0." in key}
+    return tuple(sorted({blocks_name + ".", *saved}))
+
+
 def _expert_key(key: str, expert: int) -> str:
     """The checkpoint key of ``expert`` from the key of expert 0 (its last ``.0.`` component)."""
     head, _, tail = key.rpartition(".0.")

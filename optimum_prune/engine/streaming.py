@@ -15,6 +15,7 @@ from pathlib import Path
 from torch import nn
 
 from ..core.safetensors import INDEX_FILE, SafetensorsCheckpoint, read_header, write_safetensors
+from .offload import saved_block_prefixes
 from .work_folder import WorkFolder
 
 
@@ -35,15 +36,16 @@ def write_streamed_weights(
 ) -> None:
     """Write the sharded safetensors weights and their index into ``staging``.
 
-    The tensors outside the blocks are copied from the source checkpoint under its own names (transformers
-    may rename some on load, e.g. GPT-NeoX's ``embed_out``), without the tied copies ``save_pretrained``
+    The tensors outside the blocks (wherever the checkpoint keeps the blocks: `saved_block_prefixes`) are
+    copied from the source checkpoint under its own names (transformers may rename some on load, e.g.
+    GPT-NeoX's ``embed_out``), without the tied copies ``save_pretrained``
     drops, floating-point ones in the dtype the model declares, as an in-memory save would write them.
     """
     declared = {name: tensor.dtype for name, tensor in model.state_dict(keep_vars=True).items()}
     default = next(model.parameters()).dtype
     tied = tied_names(model)
-    prefix = blocks_name + "."
-    outside = [name for name in source.tensors if name not in tied and not name.startswith(prefix)]
+    blocks = saved_block_prefixes(model, blocks_name)
+    outside = [name for name in source.tensors if name not in tied and not name.startswith(blocks)]
     groups = _groups(outside, source)
     shards = len(groups) + num_blocks
     names = [f"model-{index:05d}-of-{shards:05d}.safetensors" for index in range(1, shards + 1)]
