@@ -246,12 +246,16 @@ def test_cli_calibrates_on_image_text_pairs(tmp_path, capsys):
     assert read_metadata(tmp_path / "out")["config"]["dataset"] == "pairs.jsonl"
 
 
-@pytest.mark.parametrize("architecture", list(VLM_ARCHITECTURES))
-def test_disk_offload_writes_the_model_pruned_in_memory(architecture, tmp_path):
+@pytest.mark.parametrize(
+    ("architecture", "structure"),
+    [(architecture, None) for architecture in VLM_ARCHITECTURES] + [("llava", {"mlp": 0.25, "layers": 0.5})],
+)
+def test_disk_offload_writes_the_model_pruned_in_memory(architecture, structure, tmp_path):
     """LLaVA, Gemma 3 and Mistral 3 checkpoints keep the blocks under transformers' saved names
-    (``language_model.model.layers``): the streamed output holds the pruned blocks, not the source's dense ones."""
+    (``language_model.model.layers``): the streamed output holds the pruned blocks, not the source's dense ones
+    (nor, after a structure removed a block, the removed one)."""
     tiny_vlm(architecture).save_pretrained(tmp_path / "model")
-    config = PruningConfig(method="sparsegpt", **CALIBRATION)
+    config = PruningConfig(method="sparsegpt", structure=structure, **CALIBRATION)
     in_memory = Pruner.from_pretrained(tmp_path / "model", config, device="cpu", progress=False)
     in_memory.prune(random_ids(8, 32))
     streamed = Pruner.from_pretrained(tmp_path / "model", config, device="cpu", progress=False, offload="disk")
