@@ -264,3 +264,15 @@ def test_disk_offload_writes_the_model_pruned_in_memory(architecture, structure,
     expected = in_memory.model.state_dict()
     assert saved.keys() == expected.keys()
     assert all(torch.equal(saved[name], value) for name, value in expected.items())
+
+
+def test_onnx_export_of_a_vision_language_model_is_refused_with_the_way_to_deploy_it(tmp_path, capsys):
+    from optimum_prune.export.onnx import export_onnx
+
+    with pytest.raises(InputError, match="vision-language model needs its vision encoder.*onnxruntime-genai"):
+        export_onnx(tiny_vlm("llava"), tmp_path / "onnx")
+    tiny_vlm("qwen2_vl").save_pretrained(tmp_path / "qwen2_vl")
+    flags = ["--model", str(tmp_path / "qwen2_vl"), "--method", "magnitude", "--output", str(tmp_path / "out")]
+    assert run_main(*flags, "--export", "onnx") == 2
+    assert "argument --export onnx: ONNX export writes a text causal LM" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

@@ -130,6 +130,12 @@ def check(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Plan:
     if args.recover_eval_windows < 0:
         parser.error(f"argument --recover-eval-windows: must be 0 or more, got {args.recover_eval_windows}.")
     model_config = _check_model(args, parser)
+    if "onnx" in args.export:
+        from ..core.auto import is_vision_language
+        from ..export.onnx import VISION_LANGUAGE_REFUSAL
+
+        if is_vision_language(model_config):
+            parser.error(f"argument --export onnx: {VISION_LANGUAGE_REFUSAL}")
     if config.structure is not None:
         _check_structure(config, model_config, args.trust_remote_code, parser)
     context = getattr(model_config, "max_position_embeddings", None)

@@ -27,6 +27,7 @@ from torch import nn
 from transformers import AutoTokenizer, DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from ..core.auto import is_vision_language
 from ..core.layers import is_fused_experts
 from ..errors import InputError
 from .files import atomic_directory, check_writable, write_model_files
@@ -119,8 +120,18 @@ def _quiet_exporter() -> Iterator[None]:
             item.setLevel(level)
 
 
+VISION_LANGUAGE_REFUSAL = (
+    "ONNX export writes a text causal LM's graph: a vision-language model needs its vision encoder, embedding and "
+    "decoder graphs (as onnxruntime-genai builds them), which optimum-prune does not export. Save it as "
+    "safetensors (or --export compressed) and convert that folder with onnxruntime-genai's model builder."
+)
+
+
 def check_exportable(model: nn.Module) -> None:
-    """Refuse a model whose weights are not all materialized on one device (accelerate offload, meta tensors)."""
+    """Refuse a vision-language model (`VISION_LANGUAGE_REFUSAL`) and a model whose weights are not all
+    materialized on one device (accelerate offload, meta tensors)."""
+    if is_vision_language(model.config):
+        raise InputError(VISION_LANGUAGE_REFUSAL)
     if any(hasattr(module, "_hf_hook") for module in model.modules()):
         raise InputError(
             "The model carries accelerate offload hooks (it was loaded with device_map or offload): ONNX export "
