@@ -117,6 +117,25 @@ VLM_ARCHITECTURES = {
         text_config={"model_type": "llama", **_LLAMA_LIKE},
         vision_config={"model_type": "clip_vision_model", **_VISION, "image_size": 28, "patch_size": 14},
     ),
+    "qwen3_vl_moe": lambda: transformers.Qwen3VLMoeConfig(  # a mixture-of-experts language model
+        text_config={
+            **_LLAMA_LIKE,
+            "moe_intermediate_size": 32,
+            "num_experts": 4,
+            "num_experts_per_tok": 2,
+            "head_dim": 16,
+            "rope_scaling": {"rope_type": "default", "mrope_section": [2, 3, 3], "mrope_interleaved": True},
+        },
+        vision_config={
+            "depth": 2,
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_heads": 2,
+            "out_hidden_size": 64,
+            "deepstack_visual_indexes": [1],
+            **_QWEN_VISION,
+        },
+    ),  # fmt: skip
     "mistral3": lambda: transformers.Mistral3Config(
         text_config={"model_type": "mistral", **_LLAMA_LIKE},
         vision_config={"model_type": "pixtral", **_VISION, "image_size": 28, "patch_size": 14},

@@ -70,11 +70,18 @@ def test_masks_equal_those_of_the_same_decoder_pruned_as_a_text_model(architectu
         assert torch.equal(mask, pruned["text"][name]), name
 
 
-@pytest.mark.parametrize("architecture", ["qwen2_vl", "gemma3"])
-def test_structured_pruning_updates_the_nested_text_config(architecture, tmp_path):
+@pytest.mark.parametrize(
+    ("architecture", "structure", "sizes"),
+    [
+        ("qwen2_vl", {"mlp": 0.5, "layers": 0.5}, {"intermediate_size": 64, "num_hidden_layers": 1}),
+        ("gemma3", {"mlp": 0.5, "layers": 0.5}, {"intermediate_size": 64, "num_hidden_layers": 1}),
+        ("qwen3_vl_moe", {"experts": 0.5, "layers": 0.5}, {"num_experts": 2, "num_hidden_layers": 1}),
+    ],
+)
+def test_structured_pruning_updates_the_nested_text_config(architecture, structure, sizes, tmp_path):
     pruner = Pruner.from_pretrained(
         tiny_vlm(architecture),
-        PruningConfig(method="sparsegpt", structure={"mlp": 0.5, "layers": 0.5}, **CALIBRATION),
+        PruningConfig(method="sparsegpt", structure=structure, **CALIBRATION),
         device="cpu",
         progress=False,
     )
@@ -83,7 +90,7 @@ def test_structured_pruning_updates_the_nested_text_config(architecture, tmp_pat
     pruner.save_pretrained(tmp_path / "out")
     reloaded = transformers.AutoModelForImageTextToText.from_pretrained(tmp_path / "out").eval()
     text_config = reloaded.config.get_text_config()
-    assert (text_config.intermediate_size, text_config.num_hidden_layers) == (64, 1)
+    assert {name: getattr(text_config, name) for name in sizes} == sizes
     ids = random_ids(2, 16, seed=4)
     with torch.no_grad():
         torch.testing.assert_close(reloaded(input_ids=ids).logits, pruner.model(input_ids=ids).logits)
@@ -208,6 +215,14 @@ def test_image_text_calibration_runs_the_images_through_the_model(tmp_path):
     )
     pruned = pruner.model.model.language_model.layers[0].self_attn.q_proj.weight == 0
     assert torch.equal(pruned, expected)
+
+    pruner.save_pretrained(tmp_path / "out")  # stock classes load it and its processor, same logits on image + text
+    reloaded = transformers.AutoModelForImageTextToText.from_pretrained(tmp_path / "out").eval()
+    inputs = transformers.AutoProcessor.from_pretrained(tmp_path / "out")(
+        text=[processor.image_token + "Once upon a time"], images=[[image]], return_tensors="pt"
+    )
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(**inputs).logits, pruner.model(**inputs).logits, rtol=0, atol=0)
 
     text_only = Pruner.from_pretrained(tmp_path / "llava", config, device="cpu", progress=False)
     text_only.prune([row["text"] for row in rows])
