@@ -291,3 +291,29 @@ def test_onnx_export_of_a_vision_language_model_is_refused_with_the_way_to_deplo
     assert run_main(*flags, "--export", "onnx") == 2
     assert "argument --export onnx: ONNX export writes a text causal LM" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_an_interrupted_image_text_run_resumes_to_the_same_model(tmp_path):
+    """Killed after block 0 of a disk-offloaded run calibrated on image + text pairs; resumed, the output equals
+    the uninterrupted run's (the work folder recognises the same processor inputs)."""
+    from conftest import killed_at_block
+
+    from optimum_prune.engine.blockwise import BlockwiseEngine
+
+    _llava_with_processor(tmp_path / "llava")
+    pairs = _image_text_file(tmp_path)
+    config = PruningConfig(method="sparsegpt", num_samples=4, seq_len=24)
+
+    def run(output, resume=False):
+        pruner = Pruner.from_pretrained(tmp_path / "llava", config, device="cpu", progress=False, offload="disk")
+        pruner.prune(pairs, output_dir=output, resume=resume)
+
+    run(tmp_path / "whole")
+    with killed_at_block(BlockwiseEngine, "_prune_block", 1), pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "resumed")
+    run(tmp_path / "resumed", resume=True)
+    whole, resumed = (
+        transformers.AutoModelForImageTextToText.from_pretrained(tmp_path / name).state_dict()
+        for name in ("whole", "resumed")
+    )
+    assert all(torch.equal(resumed[name], value) for name, value in whole.items())
