@@ -14,6 +14,7 @@ from test_cli import run_main
 from optimum_prune import Pruner, PruningConfig
 from optimum_prune.errors import InputError
 from optimum_prune.export import read_metadata
+from optimum_prune.export.loading import load_pruned
 
 CALIBRATION = {"num_samples": 8, "seq_len": 32, "batch_size": 4}
 
@@ -40,6 +41,9 @@ def test_the_language_model_is_pruned_and_the_rest_kept_through_save_and_reload(
     assert saved.keys() == pruner.model.state_dict().keys()
     assert all(torch.equal(saved[name], value) for name, value in pruner.model.state_dict().items())
     assert read_metadata(tmp_path / "out")["vision_parameters"] == report.vision_parameters
+    pruner.save_pretrained(tmp_path / "compressed", format="compressed")
+    compressed = load_pruned(tmp_path / "compressed").state_dict()
+    assert all(torch.equal(compressed[name], value) for name, value in pruner.model.state_dict().items())
     card = str(pruner.model_card("me/pruned-vlm"))
     assert "AutoModelForImageTextToText.from_pretrained" in card and "image-text-to-text" in card
 
@@ -110,6 +114,17 @@ def test_cli_prunes_a_saved_vision_language_model(tmp_path, capsys):
     layer = reloaded.model.language_model.layers[0].mlp.down_proj.weight
     assert (layer == 0).float().mean() == pytest.approx(0.5)
     assert json.loads((tmp_path / "out" / "preprocessor_config.json").read_text()) == processor
+
+
+def test_a_language_model_without_blocks_and_a_structure_its_config_cannot_express_are_refused():
+    model = tiny_vlm("llava")
+    model.model.language_model.layers = torch.nn.ModuleList()
+    pruner = Pruner(model, PruningConfig(method="magnitude"), device="cpu", progress=False)
+    with pytest.raises(ValueError, match="no list of decoder blocks.*in its language model .model.language_model"):
+        pruner.prune()
+    config = PruningConfig(method="wanda", structure={"attention": 0.5}, **CALIBRATION)
+    with pytest.raises(InputError, match="cannot express structure attention=0.5.*other kinds of structure"):
+        Pruner.from_pretrained(tiny_vlm("qwen2_vl"), config, device="cpu", progress=False).prune(random_ids(8, 32))
 
 
 def test_an_encoder_is_still_refused():

@@ -172,9 +172,11 @@ def find_decoder_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
         if best is None or size > best[0]:
             best = (size, f"{scope}.{name}" if scope else name, module)
     if best is None:
+        where = f" in its language model ({scope}, what get_decoder() returns)" if scope else ""
         raise ValueError(
-            f"{type(model).__name__} has no list of decoder blocks with linear layers: optimum-prune prunes "
-            "transformer causal LMs (AutoModelForCausalLM) block by block."
+            f"{type(model).__name__} has no list of decoder blocks with linear layers{where}: optimum-prune prunes "
+            "transformer causal LMs (AutoModelForCausalLM) and the language models of vision-language models "
+            "(AutoModelForImageTextToText) block by block."
         )
     return best[1], best[2]
 
