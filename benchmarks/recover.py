@@ -1,9 +1,9 @@
 """Recovery after pruning: eval perplexity against training tokens, one-shot + recovery against gradual pruning,
 and the training throughput with `SparsityCallback` against a plain Trainer.
 
-For each pruned model (Wanda 50%, SparseGPT 2:4, structured MLP -25% by SparseGPT) and each way of training
-(distillation or plain language-model loss, full or LoRA), one run of ``--steps`` steps is evaluated at a few
-points along the way; gradual pruning to Wanda's 50% runs at each of those budgets. Training text and evaluation
+For each pruned model (Wanda 50%, SparseGPT 2:4, structured MLP -25% by SparseGPT, the mix a -30% parameter
+budget searches) and each way of training (distillation or plain language-model loss, full or LoRA), one run of
+``--steps`` steps is evaluated at a few points along the way; gradual pruning to Wanda's 50% runs at each of those budgets. Training text and evaluation
 text never overlap: for the asset models, TinyStories val is split (evaluation: its first characters; training:
 the rest); for SmolLM2, C4 trains and WikiText-2 evaluates. Results go to ``benchmarks/results/recover-<model>.json``,
 the ``recovery`` section of docs/benchmarks.md and a plot, ``docs/recovery-<model>.png``.
@@ -13,6 +13,8 @@ the ``recovery`` section of docs/benchmarks.md and a plot, ``docs/recovery-<mode
     python benchmarks/recover.py --models smollm2-135m --steps 250 --lr 1e-4 --pruned "sparsegpt 50%" \
         "sparsegpt 2:4" --training "distill, full" --no-gradual --no-throughput
     python benchmarks/recover.py --models smollm2-135m --steps 250 --lr 1e-4 --throughput-only --throughput-steps 30
+    python benchmarks/recover.py --models smollm2-135m --steps 250 --lr 1e-4 --pruned "budget -30% params (sparsegpt)" \
+        --training "distill, full" --no-gradual --no-throughput
 
 Rows accumulate in the results file (a rerun replaces the rows it runs; other settings start it afresh), so a
 slow model can be measured a few rows at a time.
@@ -40,6 +42,7 @@ PRUNED = {
     "sparsegpt 50%": {"method": "sparsegpt", "sparsity": 0.5},
     "sparsegpt 2:4": {"method": "sparsegpt", "pattern": "2:4"},
     "structured MLP -25% (sparsegpt)": {"method": "sparsegpt", "structure": {"mlp": 0.25}},
+    "budget -30% params (sparsegpt)": {"method": "sparsegpt", "structure": {"params": 0.7}},  # the searched mix
 }
 TRAINING = {"distill, full": (True, False), "lm, full": (False, False), "distill, LoRA": (True, True)}
 

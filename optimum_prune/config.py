@@ -178,7 +178,7 @@ class PruningConfig:
         if method_class(self.method).needs_statistics or self.allocation != "uniform" or self.refit:
             return True
         structure = self.structure
-        removes_by_data = structure is not None and (structure.layers or structure.experts or structure.params)
+        removes_by_data = structure is not None and (structure.layers or structure.experts or structure.is_budget)
         return structure is not None and (structure.compensate or bool(removes_by_data))
 
     def to_dict(self) -> dict[str, Any]:

@@ -123,7 +123,7 @@ class Pruner:
         self.output_dir: str | None = None
         self.recovery: RecoveryReport | None = None
         self._calibration_source: Any = None  # what prune() calibrated on: recovery's default data
-        self._budget_mixes: list[tuple[Structure, int]] = []  # a params= budget's candidates, checked up front
+        self._budget_mixes: list[tuple[Structure, int]] = []  # a budget's candidates (params=, size=), checked up front
 
     @classmethod
     def from_pretrained(
@@ -334,7 +334,7 @@ class Pruner:
             folder = work_folder_path(output_dir, self.offload_folder, structure=True)
             work = WorkFolder(folder, self._fingerprint(input_ids), resume)
         budget = None
-        if self.config.structure.params:  # the mix with the lowest held-out loss, then its plan
+        if self.config.structure.is_budget:  # the mix with the lowest held-out loss, then its plan
             method = get_method(self.config.method, self.config.settings)
             budget = search_budget(
                 self.model, self.config, method, self._budget_mixes, input_ids, self.device, self.progress
@@ -447,10 +447,10 @@ class Pruner:
                 "With offload='disk', a structure and unstructured sparsity are two runs (the second reads the "
                 "smaller blocks from the first's output): prune the structure, then the saved model with sparsity."
             )
-        if self.config.structure.params:
+        if self.config.structure.is_budget:
             if self.disk is not None:
                 raise InputError(
-                    "structure params= searches on copies of the model in memory: use offload='cpu', or give the "
+                    "a structure budget (params=, size=) searches on copies of the model in memory: use offload='cpu', or give the "
                     "fractions (mlp=, attention=, layers=) with offload='disk'."
                 )
             self._budget_mixes = candidate_mixes(self.model, self.config)  # compared once calibrated

@@ -159,7 +159,7 @@ def _structure_line(structure: dict[str, Any]) -> str:
             f"{candidate['structure']}: {candidate['parameters'] / 1e6:.2f}M, loss {candidate['loss']:.4f}"
             for candidate in budget["candidates"]
         )
-        line += f"\nbudget params={budget['params']:g}: chose {budget['chosen']} among {tried}"
+        line += f"\nbudget {budget['budget']}: chose {budget['chosen']} among {tried}"
     layers = structure.get("layers", {})
     if "removal_order" in layers:
         removals = zip(layers["removal_order"], layers["loss_after_removal"], strict=True)

@@ -423,6 +423,19 @@ def test_a_parameter_budget_searches_the_mix_and_meets_the_budget(tmp_path):
         == pruner.report.structure["parameters"]["kept"]
     )
     assert f"budget params=0.85: chose {best['structure']}" in str(pruner.report)
+    assert f"| budget | params=0.85: {best['structure']} chosen of " in str(pruner.model_card("me/small"))
+
+
+def test_a_budget_in_bytes_keeps_the_saved_weights_within_it(tmp_path, capsys):
+    """``--structure size=0.85MB`` on stories260K (1,040,128 bytes of float32 weights): the saved safetensors hold
+    at most 850,000 bytes of tensors, and the report and metadata name the budget."""
+    output = tmp_path / "out"
+    flags = ["--model", str(STORIES_260K), "--method", "sparsegpt", "--dataset", str(C4_SAMPLE), "--num-samples"]
+    assert run_main(*flags, "32", "--seq-len", "64", "--structure", "size=0.85MB", "--output", str(output)) == 0
+    assert "budget size=850000: chose" in capsys.readouterr().out
+    saved = AutoModelForCausalLM.from_pretrained(output)
+    assert 0.8 * 850_000 < sum(p.numel() * p.element_size() for p in saved.parameters()) <= 850_000
+    assert read_metadata(output)["structure"]["budget"]["budget"] == "size=850000"
 
 
 @pytest.mark.parametrize(
@@ -431,6 +444,10 @@ def test_a_parameter_budget_searches_the_mix_and_meets_the_budget(tmp_path):
         ({"params": 0.7, "mlp": 0.2}, "params= chooses the mix itself: drop mlp="),
         ({"params": 1.5}, "must be in \\(0, 1\\)"),
         ({"params": 0.01}, "No mix of MLP width, KV groups and blocks keeps at most params=0.01"),
+        ({"size": "5MB"}, "size=5,000,000 bytes is no smaller than LlamaForCausalLM's 1,040,128 bytes"),
+        ({"size": "lots"}, "size='lots' must be a size in bytes, e.g. 250MB"),
+        ({"size": "1MB", "params": 0.7}, "params= and size= are two budgets"),
+        ({"size": "1MB", "layers": 0.2}, "size= chooses the mix itself: drop layers="),
     ],
 )
 def test_bad_budgets_fail_before_any_work(structure, message):

@@ -1,4 +1,4 @@
-"""The search behind a parameter budget (``structure={"params": 0.7}``): every mix of `structured.budget` is
+"""The search behind a parameter budget (``structure={"params": 0.7}``, or ``{"size": "250MB"}``): every mix of `structured.budget` is
 pruned on a copy of the model with a share of the calibration sequences, and the one whose held-out calibration
 loss is lowest is the structure the run prunes."""
 
@@ -28,13 +28,13 @@ HELD_OUT_SEQUENCES = 8  # the next ones, on which the candidates are compared
 class BudgetSearch:
     """What the search chose and what it tried: each mix with its kept parameters and held-out loss."""
 
-    budget: float
+    budget: str
     chosen: Structure
     candidates: list[dict]
     seconds: float
 
     def to_dict(self) -> dict:
-        return {"params": self.budget, "chosen": str(self.chosen), "candidates": self.candidates,
+        return {"budget": self.budget, "chosen": str(self.chosen), "candidates": self.candidates,
                 "seconds": round(self.seconds, 1)}  # fmt: skip
 
 
@@ -72,4 +72,4 @@ def search_budget(
         loss = sum(float(candidate(row.to(place), labels=row.to(place)).loss) for row in held_out.split(1))
         candidates.append({"structure": str(mix), "parameters": kept, "loss": round(loss / len(held_out), 6)})
     best = min(range(len(mixes)), key=lambda index: candidates[index]["loss"])
-    return BudgetSearch(config.structure.params, mixes[best][0], candidates, time.perf_counter() - start)
+    return BudgetSearch(config.structure.budget, mixes[best][0], candidates, time.perf_counter() - start)

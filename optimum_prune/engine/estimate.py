@@ -173,7 +173,7 @@ def estimate_run(
         block_forwards.append(2 * linear * tokens + 4 * tokens * config.seq_len * hidden)
         flops += passes * block_forwards[-1]
         flops += sum(method.pruning_flops(*layer.shape, tokens) for layer in block_layers)
-    if config.structure is not None and config.structure.params:  # every mix pruned on a share of the calibration
+    if config.structure is not None and config.structure.is_budget:  # every mix pruned on a share of the calibration
         from ..structured.budget import MAX_MIXES
         from .budget import SEARCH_SEQUENCES
 

@@ -96,8 +96,8 @@ def _recipe(config: PruningConfig, report: PruningReport) -> list[tuple[str, Any
             budget = structure["budget"]
             rows.append(
                 (
-                    "parameter budget",
-                    f"{budget['params']:g}: {budget['chosen']} chosen of {len(budget['candidates'])} mixes",
+                    "budget",
+                    f"{budget['budget']}: {budget['chosen']} chosen of {len(budget['candidates'])} mixes",
                 )
             )
     rows += [

@@ -1,5 +1,5 @@
 """A parameter budget instead of fractions: the mixes of KV groups, blocks and MLP width that keep at most a
-share of the model's parameters (the search among them is `engine.budget`)."""
+share of the model's parameters, or at most a size in bytes (the search among them is `engine.budget`)."""
 
 from __future__ import annotations
 
@@ -17,13 +17,13 @@ COMPARABLE = 0.03  # mixes keeping this share of the model less than the fullest
 
 
 def budget_mixes(model: nn.Module, budget: Structure, layers: list[list[TargetLayer]]) -> list[tuple[Structure, int]]:
-    """``(structure, kept parameters)`` of every mix that meets ``budget.params`` (and keeps no less than the
+    """``(structure, kept parameters)`` of every mix that meets the budget (`budget_parameters`; and keeps no less than the
     fullest such mix minus `COMPARABLE` of the model): for no KV group and one KV
     group removed (where the config allows it), and a tenth or a fifth of the blocks or none removed, the widest
     MLP (a multiple of ``align``) that brings the model within the budget; and the blocks alone. Checked like any
     structure (a meta-device model of each), counted exactly as the saved model's parameters."""
     total = sum(parameter.numel() for parameter in {id(p): p for p in model.parameters()}.values())
-    target = budget.params * total
+    target = budget_parameters(model, budget, total)
     groups = block_groups(model, layers, [MLP, ATTENTION])[0] if layers else {}
     common = {"align": budget.align, "compensate": budget.compensate, "layer_criterion": budget.layer_criterion}
     blocks, found = len(layers), {}
@@ -46,10 +46,24 @@ def budget_mixes(model: nn.Module, budget: Structure, layers: list[list[TargetLa
     found = {name: mix for name, mix in found.items() if mix[1] >= fullest - COMPARABLE * total}
     if not found:
         raise InputError(
-            f"No mix of MLP width, KV groups and blocks keeps at most params={budget.params:g} of "
+            f"No mix of MLP width, KV groups and blocks keeps at most {budget.budget} of "
             f"{type(model).__name__}'s {total:,} parameters: give a larger budget."
         )
     return list(found.values())
+
+
+def budget_parameters(model: nn.Module, budget: Structure, total: int) -> float:
+    """The parameters a budget keeps at most: ``params`` of ``total``, or ``size`` bytes over the bytes of one
+    weight in the model's dtype (what the saved safetensors take); a size the model already fits is refused."""
+    if budget.params:
+        return budget.params * total
+    itemsize = next(model.parameters()).element_size()
+    if budget.size >= total * itemsize:
+        raise InputError(
+            f"structure size={budget.size:,} bytes is no smaller than {type(model).__name__}'s {total * itemsize:,} "
+            f"bytes ({total:,} parameters of {itemsize} bytes): give a smaller size."
+        )
+    return budget.size / itemsize
 
 
 def _counted(model: nn.Module, values: dict, layers: list[list[TargetLayer]]) -> tuple[Structure, int] | None:
