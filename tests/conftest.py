@@ -90,6 +90,7 @@ MOE_ARCHITECTURES = {
 _MROPE = {"rope_scaling": {"type": "mrope", "mrope_section": [2, 3, 3]}}
 _VISION = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2}
 _QWEN_VISION = {"patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2}
+_QWEN_MERGER = {"depth": 2, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2, "out_hidden_size": 64}
 # Vision-language models as AutoModelForImageTextToText builds them: a language model and a smaller vision tower.
 VLM_ARCHITECTURES = {
     "qwen2_vl": lambda: transformers.Qwen2VLConfig(
@@ -98,16 +99,8 @@ VLM_ARCHITECTURES = {
     ),
     "qwen2_5_vl": lambda: transformers.Qwen2_5_VLConfig(
         text_config={**_LLAMA_LIKE, **_MROPE},
-        vision_config={
-            "depth": 2,
-            "hidden_size": 32,
-            "intermediate_size": 64,
-            "num_heads": 2,
-            "out_hidden_size": 64,
-            "fullatt_block_indexes": [1],
-            **_QWEN_VISION,
-        },
-    ),  # fmt: skip
+        vision_config={**_QWEN_MERGER, "fullatt_block_indexes": [1], **_QWEN_VISION},
+    ),
     "gemma3": lambda: transformers.Gemma3Config(
         text_config={**_LLAMA_LIKE, "head_dim": 16},
         vision_config={**_VISION, "image_size": 28, "patch_size": 14},
@@ -126,16 +119,8 @@ VLM_ARCHITECTURES = {
             "head_dim": 16,
             "rope_scaling": {"rope_type": "default", "mrope_section": [2, 3, 3], "mrope_interleaved": True},
         },
-        vision_config={
-            "depth": 2,
-            "hidden_size": 32,
-            "intermediate_size": 64,
-            "num_heads": 2,
-            "out_hidden_size": 64,
-            "deepstack_visual_indexes": [1],
-            **_QWEN_VISION,
-        },
-    ),  # fmt: skip
+        vision_config={**_QWEN_MERGER, "deepstack_visual_indexes": [1], **_QWEN_VISION},
+    ),
     "mistral3": lambda: transformers.Mistral3Config(
         text_config={"model_type": "mistral", **_LLAMA_LIKE},
         vision_config={"model_type": "pixtral", **_VISION, "image_size": 28, "patch_size": 14},
