@@ -3,6 +3,7 @@ the verdict, and the result in the folder's metadata and card."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 
@@ -11,6 +12,7 @@ from conftest import STORIES_260K
 from test_cli import run_main
 
 from optimum_prune import Pruner, PruningConfig, export_onnx
+from optimum_prune.errors import InputError
 from optimum_prune.evaluation.speed import SpeedReport, measure_speed
 from optimum_prune.hub.model_card import record_speed
 
@@ -39,6 +41,19 @@ def test_speed_beside_the_dense_model_on_the_same_engine(saved: Path, engine: st
     assert decode == pytest.approx(report.output["decode_tokens_per_second"] / report.dense["decode_tokens_per_second"])
     assert report.verdict.startswith(f"{decode:.2f}x decode, {prefill:.2f}x prefill: ")
     assert "interleaved runs" in report.table() and "verdict: " in report.table()
+
+
+def test_an_engine_that_cannot_time_the_folder_is_refused_before_any_work(saved: Path) -> None:
+    """DeepSparse itself is exercised outside CI (it pins numpy<2 and onnx<1.15): docs/benchmarks.md, Deployment."""
+    with pytest.raises(InputError, match="deepsparse times ONNX folders"):
+        measure_speed(saved, engine="deepsparse")
+    with pytest.raises(InputError, match="transformers times safetensors folders"):
+        measure_speed(saved / "onnx", engine="transformers")
+    with pytest.raises(InputError, match="Unknown engine 'tensorrt'"):
+        measure_speed(saved / "onnx", engine="tensorrt")
+    if importlib.util.find_spec("deepsparse") is None:
+        with pytest.raises(InputError, match="DeepSparse is not installed: it pins numpy<2"):
+            measure_speed(saved / "onnx", engine="deepsparse")
 
 
 def test_the_result_goes_into_the_metadata_and_the_card(tmp_path: Path) -> None:

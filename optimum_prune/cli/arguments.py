@@ -273,6 +273,12 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     parser.add_argument("output", metavar="OUTPUT", help="the saved model folder (or its onnx/ subfolder).")
     parser.add_argument("--against", metavar="DENSE", help="the dense model folder to compare with.")
     parser.add_argument("--device", default="cpu", help="transformers' device for safetensors folders (default cpu).")
+    parser.add_argument(
+        "--engine",
+        choices=("onnxruntime", "transformers", "deepsparse"),
+        help="default: onnxruntime for an ONNX folder, transformers for a safetensors one; deepsparse for an ONNX "
+        "folder where DeepSparse 1.8 is installed.",
+    )
     parser.add_argument("--threads", type=int, help="threads of the engine (default: its own).")
     parser.add_argument("--prompt-len", type=int, default=512, help="prompt tokens (default 512).")
     parser.add_argument("--new-tokens", type=int, default=128, help="greedy decode steps (default 128).")

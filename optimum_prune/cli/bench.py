@@ -42,7 +42,7 @@ def run_bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     try:
         benchmark(
             args.output, args.against, record=not args.no_record, device=args.device, threads=args.threads,
-            prompt_len=args.prompt_len, new_tokens=args.new_tokens, repeats=args.repeats,
+            prompt_len=args.prompt_len, new_tokens=args.new_tokens, repeats=args.repeats, engine=args.engine,
         )  # fmt: skip
     except (InputError, ImportError) as error:
         print(f"{parser.prog}: error: {error}", file=sys.stderr)

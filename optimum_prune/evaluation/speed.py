@@ -2,13 +2,19 @@
 model on the same engine, interleaved repeats, median and spread, and a plain verdict.
 
 Engines: onnxruntime (CPU) for an ONNX folder (``model.onnx``), transformers on ``device`` for a safetensors
-folder. Prefill is one forward of ``prompt_len`` tokens with an empty cache; decode is ``new_tokens`` greedy steps,
-each one token over the growing KV cache. A dense model given as a safetensors folder beside an ONNX output is
-exported to ONNX (float32) first, so that both run on the same engine.
+folder, and, on request (``engine="deepsparse"``), DeepSparse for an ONNX folder, the engine that reads the zeros of
+unstructured sparsity. Prefill is one forward of ``prompt_len`` tokens with an empty cache; decode is
+``new_tokens`` greedy steps, each one token over the growing KV cache. DeepSparse compiles static shapes and takes
+no empty cache: its prefill runs over a one-slot cache that the attention mask hides, and each of its decode steps
+is one token over a cache of ``prompt_len`` positions (a step's cost at that length, the cache not growing). A
+dense model given as a safetensors folder beside an ONNX output is exported to ONNX (float32) first, so that both
+run on the same engine.
 """
 
 from __future__ import annotations
 
+import importlib.metadata
+import importlib.util
 import json
 import os
 import platform
@@ -27,6 +33,12 @@ from ..errors import InputError
 from ..export.onnx import CACHE_ARGUMENT, ONNX_FILE
 
 FASTER = 1.1  # a speed ratio below this is "no faster"
+ENGINES = ("onnxruntime", "transformers", "deepsparse")
+DEEPSPARSE_INSTALL = (
+    "DeepSparse is not installed: it pins numpy<2 and onnx<1.15, so give it its own environment (python3.11 -m "
+    "venv ds, ds/bin/pip install deepsparse==1.8.0, then optimum-prune with numpy<2 and onnx==1.14.1 as "
+    "constraints) and run its optimum-prune bench on ONNX folders exported here (docs/formats.md)."
+)
 
 
 @dataclass
@@ -151,6 +163,69 @@ def _onnx_runner(folder: Path, threads: int | None) -> Callable[[np.ndarray, int
     return run
 
 
+def _deepsparse_runner(
+    folder: Path, threads: int | None, prompt_len: int
+) -> Callable[[np.ndarray, int], tuple[float, float]]:
+    """DeepSparse engines of the two static shapes of the module docstring, on copies of the folder (DeepSparse
+    rewrites the file it compiles)."""
+    import shutil
+
+    import onnx
+    from deepsparse import Engine
+
+    graph = onnx.load(str(folder / ONNX_FILE), load_external_data=False).graph
+    past = {
+        value.name: [dimension.dim_value for dimension in value.type.tensor_type.shape.dim]
+        for value in graph.input
+        if value.name.startswith("past_key_values.")
+    }
+    if not past:
+        raise InputError(
+            f"{folder / ONNX_FILE} has no KV-cache inputs: export it with with_past=True to time decoding."
+        )
+    names = [value.name for value in graph.input]
+
+    def feed(tokens: np.ndarray, cached: int, hidden: int) -> list[np.ndarray]:
+        """Inputs in the graph's order: ``tokens`` after ``cached`` positions, the first ``hidden`` of them masked."""
+        length = tokens.shape[1]
+        mask = np.ones((1, cached + length), dtype=np.int64)
+        mask[:, :hidden] = 0
+        arrays = {
+            "input_ids": tokens,
+            "attention_mask": mask,
+            "position_ids": np.arange(cached - hidden, cached - hidden + length, dtype=np.int64)[None],
+        }
+        for name, (_, heads, _, width) in past.items():
+            arrays[name] = np.zeros((1, heads, cached, width), dtype=np.float32)
+        return [arrays[name] for name in names]
+
+    def engine(inputs: list[np.ndarray], copy: Path) -> Callable[[list[np.ndarray]], list[np.ndarray]]:
+        shutil.copytree(folder, copy)
+        return Engine(
+            str(copy / ONNX_FILE), batch_size=1, num_cores=threads, input_shapes=[list(a.shape) for a in inputs]
+        ).run
+
+    scratch = Path(tempfile.mkdtemp(prefix="optimum-prune-deepsparse-"))
+    prompt = np.zeros((1, prompt_len), dtype=np.int64)
+    prefill_run = engine(feed(prompt, 1, 1), scratch / "prefill")
+    decode_run = engine(feed(prompt[:, :1], prompt_len, 0), scratch / "decode")
+    shutil.rmtree(scratch, ignore_errors=True)  # the engines hold what they compiled
+
+    def run(tokens: np.ndarray, new_tokens: int) -> tuple[float, float]:
+        if tokens.shape[1] != prompt_len:  # the warm-up's shorter prompt: the compiled shapes instead
+            tokens = np.resize(tokens, (1, prompt_len))
+        start = time.perf_counter()
+        logits = prefill_run(feed(tokens, 1, 1))[0]
+        prefill = time.perf_counter() - start
+        start = time.perf_counter()
+        for _ in range(new_tokens):
+            token = logits[:, -1].argmax(-1)[:, None].astype(np.int64)
+            logits = decode_run(feed(token, prompt_len, 0))[0]
+        return prefill, time.perf_counter() - start
+
+    return run
+
+
 def _torch_runner(folder: Path, device: torch.device) -> Callable[[np.ndarray, int], tuple[float, float]]:
     from transformers import AutoConfig
 
@@ -188,6 +263,19 @@ def _dtype(folder: Path) -> str:
     return str(json.loads((folder / "config.json").read_text(encoding="utf-8")).get("dtype", "float32"))
 
 
+def _check_engine(engine: str | None, onnx: bool, output: Path) -> str:
+    """The engine that times ``output``, refused before any work when it cannot."""
+    engine = engine or ("onnxruntime" if onnx else "transformers")
+    if engine not in ENGINES:
+        raise InputError(f"Unknown engine {engine!r}: choose one of {', '.join(ENGINES)}.")
+    if (engine == "transformers") == onnx:
+        kind = "safetensors folders (save_pretrained)" if engine == "transformers" else "ONNX folders (--export onnx)"
+        raise InputError(f"{engine} times {kind}; {output} is not one: give the other engine or the other folder.")
+    if importlib.util.find_spec(engine) is None:
+        raise InputError(DEEPSPARSE_INSTALL if engine == "deepsparse" else f"{engine} is not installed.")
+    return engine
+
+
 def measure_speed(
     output: str | os.PathLike,
     against: str | os.PathLike | None = None,
@@ -197,13 +285,16 @@ def measure_speed(
     prompt_len: int = 512,
     new_tokens: int = 128,
     repeats: int = 3,
+    engine: str | None = None,
 ) -> SpeedReport:
     """Prefill and decode tokens/s of the saved model ``output`` and, beside it on the same engine, of the
-    dense model ``against``; runs alternate between the two, ``repeats`` times each after one warm-up."""
+    dense model ``against``; runs alternate between the two, ``repeats`` times each after one warm-up.
+    ``engine`` (`ENGINES`; default: onnxruntime for an ONNX folder, transformers for a safetensors one)."""
     output = Path(output)
     if not (output / "config.json").is_file():
         raise InputError(f"No saved model in {output}: pass a folder written by save_pretrained or export_onnx.")
     onnx = is_onnx_folder(output)
+    engine = _check_engine(engine, onnx, output)
     if threads is not None:
         torch.set_num_threads(threads)
     with tempfile.TemporaryDirectory(prefix="optimum-prune-bench-") as scratch:
@@ -212,11 +303,12 @@ def measure_speed(
             from ..export.onnx import export_onnx
 
             dense = export_onnx(dense, Path(scratch) / "dense")
-        make = (
-            (lambda folder: _onnx_runner(folder, threads))
-            if onnx
-            else (lambda f: _torch_runner(f, torch.device(device)))
-        )
+        makers = {
+            "onnxruntime": lambda folder: _onnx_runner(folder, threads),
+            "deepsparse": lambda folder: _deepsparse_runner(folder, threads, prompt_len),
+            "transformers": lambda folder: _torch_runner(folder, torch.device(device)),
+        }
+        make = makers[engine]
         runners = {"output": make(output)} | ({"dense": make(dense)} if dense is not None else {})
         vocab = json.loads((output / "config.json").read_text(encoding="utf-8")).get("vocab_size", 1000)
         prompt = np.random.default_rng(0).integers(0, vocab, (1, prompt_len)).astype(np.int64)
@@ -229,9 +321,7 @@ def measure_speed(
                 timings[name].prefill.append(prompt_len / prefill)
                 timings[name].decode.append(new_tokens / decode)
     return SpeedReport(
-        engine=f"onnxruntime {__import__('onnxruntime').__version__}"
-        if onnx
-        else f"transformers {__import__('transformers').__version__}",
+        engine=f"{engine} {importlib.metadata.version(engine)}",
         device="cpu" if onnx else str(device),
         dtype=_dtype(output),
         threads=threads,
