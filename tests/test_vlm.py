@@ -239,6 +239,14 @@ def test_image_text_calibration_runs_the_images_through_the_model(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(reloaded(**inputs).logits, pruner.model(**inputs).logits, rtol=0, atol=0)
 
+    import datasets
+
+    pairs_with_images = [{"text": row["text"], "image": Image.open(tmp_path / row["image"])} for row in rows]
+    dataset = datasets.Dataset.from_list(pairs_with_images)
+    from_dataset = Pruner.from_pretrained(tmp_path / "llava", config, device="cpu", progress=False)
+    from_dataset.prune(dataset)  # the same pairs as a datasets.Dataset with an image column
+    assert torch.equal(from_dataset.model.model.language_model.layers[0].self_attn.q_proj.weight == 0, pruned)
+
     text_only = Pruner.from_pretrained(tmp_path / "llava", config, device="cpu", progress=False)
     text_only.prune([row["text"] for row in rows])
     assert not torch.equal(text_only.model.model.language_model.layers[0].self_attn.q_proj.weight == 0, pruned)

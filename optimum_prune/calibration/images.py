@@ -2,7 +2,7 @@
 ``.json`` file or a list of dicts, turned into the model's own inputs by its processor.
 
 A row is ``{"text": "...", "image": "photo.jpg"}`` (or ``"images": [...]``); image paths are relative to the
-file's folder, and a list of dicts may hold ``PIL.Image`` objects instead. Each sample is one pair: its text cut to
+file's folder, and a list of dicts or a ``datasets.Dataset`` may hold ``PIL.Image`` objects instead. Each sample is one pair: its text cut to
 ``seq_len`` tokens, with the model's image placeholders put in by the processor's chat template (or, without
 one, its image token before the text), then ``processor(text=..., images=...)``. Samples differ in length (the
 image token count follows the image), so they run one per batch.
@@ -43,7 +43,9 @@ def _image_field(row: Any) -> str | None:
 
 def has_images(source: Any) -> bool:
     """Whether calibration data pairs texts with images: a local ``.jsonl``/``.json`` file or a list whose first
-    row has an ``image`` or ``images`` field."""
+    row has an ``image`` or ``images`` field, or a ``datasets.Dataset`` with such a column."""
+    if hasattr(source, "column_names"):
+        return any(field in source.column_names for field in IMAGE_FIELDS)
     if isinstance(source, (str, os.PathLike)):
         path = Path(source)
         if not path.is_file() or path.suffix.lower() not in (".jsonl", ".json"):
@@ -69,7 +71,7 @@ def load_pairs(source: Any, text_column: str = "text") -> tuple[list[ImageTextPa
         path = Path(source)
         rows, name, folder = read_local(path, text_column, json_rows), path.name, path.parent
     else:
-        rows, name = list(source), "custom image + text pairs"
+        rows, name = list(source), "custom image + text pairs"  # a list of dicts, or a datasets.Dataset's rows
     pairs = []
     for number, row in enumerate(rows, 1):
         field = _image_field(row)
