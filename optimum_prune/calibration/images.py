@@ -128,7 +128,7 @@ def image_text_inputs(
         pair = pairs[index]
         ids = tokenizer(pair.text, add_special_tokens=False, verbose=False)["input_ids"][:seq_len]
         images = [
-            Image.open(image).convert("RGB") if isinstance(image, (str, Path)) else image for image in pair.images
+            (Image.open(image) if isinstance(image, (str, Path)) else image).convert("RGB") for image in pair.images
         ]
         encoded = processor(
             text=[_prompt(processor, tokenizer.decode(ids), len(images))], images=[images], return_tensors="pt"
