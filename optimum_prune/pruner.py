@@ -38,7 +38,7 @@ from .export import METADATA_KEY, atomic_directory, build_metadata
 from .export.compressed import check_format, save_compressed
 from .export.files import check_writable, copy_processor_files, no_shard_progress_bar, write_model_files
 from .export.masks import Masks, write_masks
-from .export.plots import PLOT_NAME, write_sparsity_plot
+from .export.plots import PLOT_NAME, RECOVERY_PLOT_NAME, write_recovery_plot, write_sparsity_plot
 from .methods import get_method
 from .model_source import check_causal_lm_module, check_no_adapters, load_source, load_teacher, load_tokenizer
 from .recovery import RecoveryConfig, RecoveryReport, recover
@@ -554,6 +554,8 @@ class Pruner:
             copy_processor_files(self.source, staging)
             self.config.save_pretrained(staging)
             write_sparsity_plot(self.report, staging / PLOT_NAME)
+            if self.recovery is not None:
+                write_recovery_plot(self.recovery.to_dict(), staging / RECOVERY_PLOT_NAME)
         return os.fspath(save_directory)
 
     def _copy_streamed(self, save_directory: str | os.PathLike, overwrite: bool, format: str, save_masks: bool) -> str:
@@ -770,6 +772,7 @@ class Pruner:
         perplexity: dict[str, Any] | None = None,
         base_model: str | None = None,
         plot: str | None = None,
+        recovery_plot: str | None = None,
     ) -> ModelCard:
         """The Hub model card of the pruned model (see `optimum_prune.hub.build_model_card`)."""
         from .hub.model_card import build_model_card, hub_base_model
@@ -787,6 +790,7 @@ class Pruner:
             perplexity=perplexity,
             recovery=recovery,
             plot=plot,
+            recovery_plot=recovery_plot,
         )
 
     def push_to_hub(
@@ -821,8 +825,13 @@ class Pruner:
         with tempfile.TemporaryDirectory(prefix="optimum-prune-push-") as tmp:
             folder = Path(tmp) / "model"
             self.save_pretrained(folder, format=format)
-            plot = PLOT_NAME if (folder / PLOT_NAME).is_file() else None
-            card = self.model_card(repo_id, format=format, perplexity=perplexity, base_model=base_model, plot=plot)
+            plot, recovery_plot = (
+                name if (folder / name).is_file() else None for name in (PLOT_NAME, RECOVERY_PLOT_NAME)
+            )
+            card = self.model_card(
+                repo_id, format=format, perplexity=perplexity, base_model=base_model, plot=plot,
+                recovery_plot=recovery_plot,
+            )  # fmt: skip
             card.save(folder / "README.md")
             try:
                 return push_folder(folder, repo_id, token=token, private=private, commit_message=message)

@@ -244,6 +244,29 @@ def test_cli_recovers_after_pruning(tmp_path, capsys):
     assert read_metadata(tmp_path / "out")["recovery"]["steps"] == 4
 
 
+def test_one_command_from_a_dense_model_to_a_smaller_recovered_one(tmp_path, capsys):
+    """``--structure params=0.7 --recover-steps N``: the searched mix, then distillation from the dense model; the
+    output holds the smaller model, the curve in its metadata and ``recovery.png``, which the card shows."""
+    from test_cli import run_main
+
+    from optimum_prune.export import read_metadata
+    from optimum_prune.hub.model_card import _recovery_section
+
+    output = tmp_path / "out"
+    flags = ["--model", str(STORIES_260K), "--method", "sparsegpt", "--structure", "params=0.7", "--dataset"]
+    flags += [str(C4_SAMPLE), "--num-samples", "16", "--seq-len", "64", "--output", str(output)]
+    flags += ["--recover-steps", "4", "--recover-dataset", str(TINYSTORIES_VAL), "--recover-seq-len", "64"]
+    assert run_main(*flags) == 0
+    out = capsys.readouterr().out
+    assert "budget params=0.7: chose" in out and "distillation (KL to the dense model)" in out
+    metadata = read_metadata(output)
+    assert metadata["structure"]["parameters"]["kept"] <= 0.7 * metadata["structure"]["parameters"]["original"]
+    assert [step for step, _ in metadata["recovery"]["eval_perplexity"]] == [0, 1, 2, 3, 4]
+    assert (output / "recovery.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    section = _recovery_section(metadata["recovery"], "recovery.png")  # the card's, as push_to_hub writes it
+    assert "![Held-out perplexity against training tokens](recovery.png)" in section
+
+
 def test_cubic_schedule():
     from optimum_prune.recovery.gradual import cubic_sparsity
 
@@ -373,9 +396,28 @@ def test_pruning_while_training_resumes_after_a_kill(recipe, tmp_path):
         )
 
 
-def test_cli_resumes_gradual_pruning(tmp_path, capsys, monkeypatch):
-    """Ctrl-C during gradual pruning names --resume; a rerun without it is refused (nothing is overwritten);
-    with it, the saved model equals that of a run never stopped."""
+RESUMED_RECIPES = {  # the pruning flags of each schedule whose training the CLI resumes
+    "gradual": ("--method", "magnitude", "--sparsity", "0.5", "--recover-schedule", "gradual", "--recover-loss", "lm"),
+    "one-shot budget, distilled": (
+        "--method",
+        "sparsegpt",
+        "--structure",
+        "params=0.7",
+        "--dataset",
+        str(C4_SAMPLE),
+        "--num-samples",
+        "16",
+        "--seq-len",
+        "32",
+    ),  # fmt: skip
+}
+
+
+@pytest.mark.parametrize("recipe", list(RESUMED_RECIPES))
+def test_cli_resumes_training(recipe, tmp_path, capsys, monkeypatch):
+    """Ctrl-C during training (gradual pruning's, or distillation after a searched budget) names --resume; a rerun
+    without it is refused (nothing is overwritten); with it, the saved model equals that of a run never
+    stopped."""
     from safetensors.torch import load_file
     from test_cli import run_main
 
@@ -383,10 +425,9 @@ def test_cli_resumes_gradual_pruning(tmp_path, capsys, monkeypatch):
 
     def command(output):
         return (
-            "--model", str(STORIES_260K), "--method", "magnitude", "--sparsity", "0.5", "--output", str(output),
-            "--recover-steps", "8", "--recover-schedule", "gradual", "--recover-dataset", str(TINYSTORIES_VAL),
-            "--recover-seq-len", "32", "--recover-batch-size", "2", "--recover-loss", "lm",
-            "--recover-eval-windows", "0",
+            "--model", str(STORIES_260K), *RESUMED_RECIPES[recipe], "--output", str(output),
+            "--recover-steps", "8", "--recover-dataset", str(TINYSTORIES_VAL),
+            "--recover-seq-len", "32", "--recover-batch-size", "2", "--recover-eval-windows", "0",
         )  # fmt: skip
 
     assert run_main(*command(tmp_path / "straight")) == 0

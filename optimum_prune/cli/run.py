@@ -383,7 +383,7 @@ def _check_push(parser: argparse.ArgumentParser) -> None:
 
 def _resume_hint(args: argparse.Namespace) -> str:
     """After Ctrl-C: how to continue a run whose finished blocks (or gradual pruning's checkpoints) were kept."""
-    if _resumes_training(args) and _training_checkpoints(args):
+    if _training_checkpoints(args):
         return (
             f"; training checkpoints are kept in {_training_work_dir(args)}: run the same command with --resume to "
             "continue"
@@ -391,8 +391,8 @@ def _resume_hint(args: argparse.Namespace) -> str:
     kept = _training_work_dir(args) / "pruned" if _training_work_dir(args) is not None else None
     if kept is not None and kept.is_dir():
         return (
-            f"; the pruned model (before training) is kept in {kept}: train it further from Python "
-            f"(optimum_prune.recovery), or delete {kept.parent} and run the command again to start over"
+            f"; the pruned model (before training) is kept in {kept}: run the same command with --resume to train "
+            f"it, or delete {kept.parent} to start over"
         )
     if not streams_output(args):
         return ""
@@ -411,8 +411,9 @@ def streams_output(args: argparse.Namespace) -> bool:
 
 
 def _resumes_training(args: argparse.Namespace) -> bool:
-    """Whether --resume continues training: gradual pruning's (a one-shot run with recovery starts over)."""
-    return bool(args.output) and bool(args.recover_steps) and args.recover_schedule == "gradual"
+    """Whether --resume continues training: gradual pruning's, or recovery after one-shot pruning (the pruning,
+    deterministic, runs again and training goes on from the last checkpoint)."""
+    return bool(args.output) and bool(args.recover_steps)
 
 
 def _training_work_dir(args: argparse.Namespace) -> Path | None:
@@ -448,9 +449,8 @@ def _check_outputs(args: argparse.Namespace, parser: argparse.ArgumentParser) ->
                 )
     if args.resume and not streams_output(args) and not _resumes_training(args):
         parser.error(
-            "argument --resume: resuming writes dense safetensors block by block, or continues gradual pruning's "
-            "training; drop --export compressed, --save-masks and --recover-steps (one-shot pruning with recovery "
-            "training starts over)."
+            "argument --resume: resuming writes dense safetensors block by block, or continues recovery training "
+            "(--recover-steps); drop --export compressed and --save-masks."
         )
     if _training_checkpoints(args) and not (args.resume and _resumes_training(args)):
         parser.error(
@@ -750,13 +750,15 @@ def prune(args: argparse.Namespace, pruner: Pruner) -> PruningReport:
         split=args.dataset_split,
         output_dir=args.output if streams_output(args) else None,
         overwrite=args.overwrite,
-        resume=args.resume,
+        resume=args.resume and streams_output(args),  # else --resume continues the training after this prune
     )
 
 
 def recover(args: argparse.Namespace, pruner: Pruner) -> None:
     """Train after pruning, keeping the masks, and print what the training did."""
-    recovery = pruner.recover(args.recover_dataset or args.dataset, lora=args.recover_lora, **_training(args))
+    recovery = pruner.recover(
+        args.recover_dataset or args.dataset, lora=args.recover_lora, resume=args.resume, **_training(args)
+    )
     print(
         f"recovery: {recovery.steps} steps, {recovery.tokens:,} tokens of {recovery.dataset}, {recovery.loss} "
         f"{recovery.first_loss:.4f} -> {recovery.final_loss:.4f}, {recovery.seconds:.1f} s; pruned weights still zero"

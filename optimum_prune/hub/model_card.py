@@ -140,7 +140,7 @@ def _load_snippet(repo_id: str, format: str, vision_language: bool) -> str:
     )
 
 
-def _recovery_section(recovery: dict[str, Any]) -> str:
+def _recovery_section(recovery: dict[str, Any], plot: str | None) -> str:
     rows = [
         ["steps", recovery["steps"]],
         ["training tokens", f"{recovery['tokens']:,} of {recovery['dataset']}"],
@@ -152,9 +152,10 @@ def _recovery_section(recovery: dict[str, Any]) -> str:
     if points:
         curve = " -> ".join(f"{value:.2f} (step {step})" for step, value in points)
         rows.append(["held-out perplexity (windows of the training text)", curve])
+    picture = f"\n\n![Held-out perplexity against training tokens]({plot})" if plot else ""
     return (
         "## Recovery training\n\nAfter pruning, the model was trained with every pruned weight held at "
-        "exactly zero (checked before saving):\n\n" + _markdown_table(["setting", "value"], rows)
+        "exactly zero (checked before saving):\n\n" + _markdown_table(["setting", "value"], rows) + picture
     )
 
 
@@ -230,10 +231,11 @@ def build_model_card(
     perplexity: dict[str, Any] | None = None,
     recovery: dict[str, Any] | None = None,
     plot: str | None = None,
+    recovery_plot: str | None = None,
 ) -> ModelCard:
     """The card of a model pruned with ``config`` (``report`` is what the run achieved, zero-shot scores
     included; ``recovery``, the `RecoveryReport.to_dict` of training after pruning; ``plot``, the file name of
-    the sparsity picture beside the card)."""
+    the sparsity picture beside the card; ``recovery_plot``, that of the recovery curve)."""
     from ..version import __version__
 
     perplexity = check_perplexity(perplexity)
@@ -270,7 +272,7 @@ def build_model_card(
         "## Pruning recipe\n\n" + _markdown_table(["setting", "value"], [list(row) for row in _recipe(config, report)]),
     ]
     if recovery is not None:
-        sections.append(_recovery_section(recovery))
+        sections.append(_recovery_section(recovery, recovery_plot))
     if perplexity:
         sections.append(_perplexity_section(perplexity))
     if report.zero_shot:
