@@ -48,11 +48,26 @@ def test_the_language_model_is_pruned_and_the_rest_kept_through_save_and_reload(
     assert "AutoModelForImageTextToText.from_pretrained" in card and "image-text-to-text" in card
 
 
-@pytest.mark.parametrize("architecture", ["llava", "mistral3", "gemma3"])
+def _text_twin(model: torch.nn.Module) -> torch.nn.Module:
+    """The text model class of ``model``'s language model: its config's own, or for Qwen2-VL and Qwen2.5-VL a
+    Qwen2 with the same sizes (on text alone their multimodal rotary positions are the plain 1-D ones)."""
+    text_config = model.config.get_text_config()
+    if model.config.model_type not in ("qwen2_vl", "qwen2_5_vl"):
+        return transformers.AutoModelForCausalLM.from_config(text_config).eval()
+    sizes = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+    qwen2 = transformers.Qwen2Config(
+        **{name: getattr(text_config, name) for name in (*sizes, "num_key_value_heads", "rms_norm_eps")},
+        tie_word_embeddings=model.config.tie_word_embeddings,
+        rope_parameters={"rope_type": "default", "rope_theta": text_config.rope_parameters["rope_theta"]},
+    )
+    return transformers.Qwen2ForCausalLM(qwen2).eval()
+
+
+@pytest.mark.parametrize("architecture", ["llava", "mistral3", "gemma3", "qwen2_vl", "qwen2_5_vl"])
 def test_masks_equal_those_of_the_same_decoder_pruned_as_a_text_model(architecture):
     """The language model and head copied into the text model class of its config, pruned on the same ids."""
     model = tiny_vlm(architecture)
-    text = transformers.AutoModelForCausalLM.from_config(model.config.get_text_config()).eval()
+    text = _text_twin(model)
     state = {
         name.replace("model.language_model.", "model."): value
         for name, value in model.state_dict().items()
