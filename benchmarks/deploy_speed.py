@@ -159,10 +159,12 @@ def main() -> None:
     parser.add_argument("--threads", nargs="+", type=int, default=[1, 2])
     parser.add_argument("--samples", type=int, default=64, help="calibration sequences of 512 tokens")
     parser.add_argument("--eval-windows", type=int, default=40)
+    parser.add_argument("--render-only", action="store_true", help="rewrite the docs section from the results")
     args = parser.parse_args()
     results = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
+    write_section("deploy-speed", render(results))
     with tempfile.TemporaryDirectory(prefix="optimum-prune-deploy-") as scratch:
-        for row in args.rows:
+        for row in [] if args.render_only else args.rows:
             results[row] = measure(row, args.threads, args.samples, args.eval_windows, Path(scratch))
             RESULTS.write_text(json.dumps(results, indent=1) + "\n")
             write_section("deploy-speed", render(results))
