@@ -355,3 +355,23 @@ def test_an_interrupted_image_text_run_resumes_to_the_same_model(tmp_path):
         for name in ("whole", "resumed")
     )
     assert all(torch.equal(resumed[name], value) for name, value in whole.items())
+
+
+@pytest.mark.parametrize(
+    ("architecture", "settings"),
+    [("qwen2_5_vl", {"method": "sparsegpt", "pattern": "2:4"}), ("gemma3", {"method": "wanda", "allocation": "owl"})],
+)
+def test_n_m_patterns_and_owl_on_the_language_model(architecture, settings):
+    pruner = Pruner.from_pretrained(
+        tiny_vlm(architecture), PruningConfig(**settings, **CALIBRATION), device="cpu", progress=False
+    )
+    report = pruner.prune(random_ids(8, 32))
+    assert report.global_sparsity == pytest.approx(0.5, abs=0.01) and report.allocation == settings.get(
+        "allocation", "uniform"
+    )
+    for layer in report.layers:
+        weight = pruner.model.get_submodule(layer.name).weight
+        if "pattern" in settings:
+            assert ((weight.reshape(weight.shape[0], -1, 4) != 0).sum(-1) <= 2).all(), layer.name
+    if "allocation" in settings:
+        assert len(set(report.block_sparsities)) > 1  # OWL spreads the sparsity over the blocks
