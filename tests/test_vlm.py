@@ -11,7 +11,7 @@ import transformers
 from conftest import STORIES_260K, TINYSTORIES_VAL, VLM_ARCHITECTURES, random_ids, tiny_vlm
 from test_cli import run_main
 
-from optimum_prune import Pruner, PruningConfig
+from optimum_prune import Pruner, PruningConfig, perplexity
 from optimum_prune.errors import InputError
 from optimum_prune.export import read_metadata
 from optimum_prune.export.loading import load_pruned
@@ -87,6 +87,9 @@ def test_masks_equal_those_of_the_same_decoder_pruned_as_a_text_model(architectu
     assert pruned["vlm"].keys() == pruned["text"].keys()
     for name, mask in pruned["vlm"].items():
         assert torch.equal(mask, pruned["text"][name]), name
+    tokenizer = transformers.AutoTokenizer.from_pretrained(STORIES_260K)  # the tiny models' 512-token vocabulary
+    text_perplexity = [perplexity(m, tokenizer, TINYSTORIES_VAL.read_text()[:20_000], 32, 4) for m in (model, text)]
+    assert text_perplexity[0] == pytest.approx(text_perplexity[1], rel=1e-5)  # evaluation runs the language model
 
 
 @pytest.mark.parametrize(
