@@ -56,8 +56,10 @@ NOTES = {  # what the tables cannot say on their own: why rows are missing
         "perplexity 405.88 where the 2026-11-24 row had 419.00) to set a time beside ALPS's 611 s. The 50% and 60% "
         "pairs ran one after the other on 2026-12-07 (SparseGPT, then ALPS, under the same two or three other "
         "processes); from the 60% pair on, rows also record the CPU seconds of all their threads, which other load "
-        "inflates far less than wall time: ALPS 1,349 against SparseGPT 568 at 60% (2.4x). ALPS 2:4 took 2,561 s "
-        "under four processes. Rows marked not run were not reached in the time the session had."
+        "inflates far less than wall time: ALPS 1,349 against SparseGPT 568 at 60% (2.4x). The 2:4 and 4:8 pairs "
+        "ran one after the other too (2:4 measured again on 2026-12-07: SparseGPT beside one other benchmark, ALPS "
+        "alone, so compare their CPU seconds, 830 against 508, 1.6x); the OWL rows' SparseGPT times are from the "
+        "OWL grid's earlier runs. Wanda + refit 80% with OWL: 1454 against Wanda's 3.888e+04."
     ),
     "quality-tiny": (
         "TinyStories-656K has only two blocks of equal size, so OWL's linear spread always puts them at exactly "
