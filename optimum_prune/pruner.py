@@ -251,6 +251,11 @@ class Pruner:
     def _calibration(self, dataset: Any, text_column: str, split: str) -> tuple[CalibrationInputs, str]:
         config = self.config
         if has_images(dataset):
+            if config.structure is not None:
+                raise InputError(
+                    "Structured pruning calibrates on text (it measures the language model's loss on the calibration "
+                    "tokens): give text data, or prune the structure on text and then prune with images."
+                )
             pairs, name = load_pairs(dataset, text_column)
             processor = self._processor()
             return image_text_inputs(pairs, processor, config.num_samples, config.seq_len, config.seed), name
@@ -315,11 +320,6 @@ class Pruner:
                     "pruner.prune('path/to/c4_sample.jsonl') or a list of strings."
                 )
             self._cap_seq_len(dataset)
-            if plan is not None and has_images(dataset):
-                raise InputError(
-                    "Structured pruning calibrates on text (it measures the language model's loss on the calibration "
-                    "tokens): give text data, or prune the structure on text and then prune with images."
-                )
             input_ids, name = self._calibration(dataset, text_column, split)
             self._calibration_source = None if isinstance(dataset, torch.Tensor) else (dataset, text_column, split)
             # the recipe records what was run: a tensor sets its own shape, image + text samples their count

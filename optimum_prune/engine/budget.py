@@ -71,5 +71,6 @@ def search_budget(
         place = next(candidate.parameters()).device
         loss = sum(float(candidate(row.to(place), labels=row.to(place)).loss) for row in held_out.split(1))
         candidates.append({"structure": str(mix), "parameters": kept, "loss": round(loss / len(held_out), 6)})
+        del candidate  # else the next deepcopy runs beside it: three copies of the model at once
     best = min(range(len(mixes)), key=lambda index: candidates[index]["loss"])
     return BudgetSearch(config.structure.budget, mixes[best][0], candidates, time.perf_counter() - start)

@@ -84,7 +84,8 @@ def prune_group(
     if scores is None:  # second order: OBS chooses the units
         hessian = total.augmented(with_bias=with_bias)
         _, removed = obs_remove(full, hessian, group.columns, group.units, group.units - keep, dampening)
-        kept = [unit for unit in range(group.units) if unit not in set(removed)]
+        gone = set(removed)
+        kept = [unit for unit in range(group.units) if unit not in gone]
     else:
         kept = sorted(scores.argsort(descending=True)[:keep].tolist())
     columns = _kept_columns(group, kept, full, with_bias)

@@ -48,7 +48,8 @@ def obs_remove(
     step = max(1, math.ceil(remove / ROUNDS))
     blocks = torch.arange(units * columns, device=weight.device).view(units, columns)
     while len(removed) < remove:
-        alive = [unit for unit in range(units) if unit not in set(removed)]
+        gone = set(removed)
+        alive = [unit for unit in range(units) if unit not in gone]
         index = blocks[alive]  # (alive, columns)
         block_inverse = inverse[index.unsqueeze(-1), index.unsqueeze(-2)]  # (alive, columns, columns)
         unit_weights = weight[:, index]  # (out, alive, columns)
@@ -60,7 +61,7 @@ def obs_remove(
         weight -= weight[:, cols] @ pivot @ inverse[cols]
         inverse -= inverse[:, cols] @ pivot @ inverse[cols]
         removed += chosen
-        weight[:, blocks[removed].reshape(-1)] = 0.0  # rounding leaves earlier rounds' columns near, not at, zero
+    weight[:, blocks[removed].reshape(-1)] = 0.0  # the updates leave removed columns near, not at, zero
     return weight.to(consumer.dtype), sorted(removed)
 
 
