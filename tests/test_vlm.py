@@ -378,3 +378,16 @@ def test_n_m_patterns_and_owl_on_the_language_model(architecture, settings):
             assert ((weight.reshape(weight.shape[0], -1, 4) != 0).sum(-1) <= 2).all(), layer.name
     if "allocation" in settings:
         assert len(set(report.block_sparsities)) > 1  # OWL spreads the sparsity over the blocks
+
+
+def test_image_calibration_without_pillow_names_the_extra(tmp_path, monkeypatch):
+    import importlib.util
+
+    pairs = _image_text_file(tmp_path, count=1)
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *args: None if name == "PIL" else find_spec(name, *args)
+    )
+    config = PruningConfig(method="wanda", num_samples=1, seq_len=16)
+    with pytest.raises(InputError, match=r"reads images with Pillow: pip install 'optimum-prune\[vision\]'"):
+        Pruner.from_pretrained(tiny_vlm("llava"), config, progress=False).prune(pairs)

@@ -10,6 +10,7 @@ image token count follows the image), so they run one per batch.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import warnings
 from collections.abc import Sequence
@@ -66,6 +67,8 @@ def _first_row(path: Path) -> Any:
 def load_pairs(source: Any, text_column: str = "text") -> tuple[list[ImageTextPair], str]:
     """The pairs of ``source`` (see the module docstring) and a short name for it; every image file is checked
     to exist before any work."""
+    if importlib.util.find_spec("PIL") is None:
+        raise InputError("Image + text calibration reads images with Pillow: pip install 'optimum-prune[vision]'.")
     folder = None
     if isinstance(source, (str, os.PathLike)):
         path = Path(source)
