@@ -263,6 +263,11 @@ class Pruner:
             dataset, self.tokenizer, config.num_samples, config.seq_len, config.seed, text_column, split
         )
 
+    @property
+    def _processor_folder(self) -> str | os.PathLike | None:
+        """Where the processor's files are: the ``processor=`` folder when one was given, else the model's."""
+        return self.processor if isinstance(self.processor, (str, os.PathLike)) else self.source
+
     def _processor(self) -> Any:
         """The processor that turns image + text calibration pairs into model inputs: the one given to
         `from_pretrained`, else the model folder's; refused for models without a vision tower."""
@@ -273,7 +278,7 @@ class Pruner:
             )
         if self.processor is not None and not isinstance(self.processor, (str, os.PathLike)):
             return self.processor
-        where = self.processor if self.processor is not None else self.source
+        where = self._processor_folder
         try:
             return AutoProcessor.from_pretrained(where)
         except (OSError, ValueError, TypeError) as error:
@@ -501,7 +506,7 @@ class Pruner:
                 staging, self.model, self.disk.checkpoint, work, engine.blocks_name, len(engine.blocks)
             )
             write_model_files(staging, self.model, self.tokenizer, self.config)
-            copy_processor_files(self.source, staging)
+            copy_processor_files(self._processor_folder, staging)
             write_sparsity_plot(self.report, staging / PLOT_NAME)
         self.output_dir = os.fspath(output_dir)
 
@@ -551,7 +556,7 @@ class Pruner:
                 write_masks(masks, staging)
             if self.tokenizer is not None:
                 self.tokenizer.save_pretrained(staging)
-            copy_processor_files(self.source, staging)
+            copy_processor_files(self._processor_folder, staging)
             self.config.save_pretrained(staging)
             write_sparsity_plot(self.report, staging / PLOT_NAME)
             if self.recovery is not None:

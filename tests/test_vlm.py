@@ -300,6 +300,7 @@ def test_cli_calibrates_on_image_text_pairs(tmp_path, capsys):
     assert "needs the model's processor" in capsys.readouterr().err
     assert run_main(*flags, "--processor", str(tmp_path / "processor")) == 0
     assert read_metadata(tmp_path / "out")["config"]["dataset"] == "pairs.jsonl"
+    transformers.AutoProcessor.from_pretrained(tmp_path / "out")  # the --processor folder's files came along
 
 
 @pytest.mark.parametrize(
