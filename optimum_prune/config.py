@@ -12,7 +12,7 @@ from typing import Any
 from .core.experts import EXPERT_CALIBRATIONS
 from .core.masks import NMPattern
 from .errors import InputError
-from .methods import MethodSettings, method_class
+from .methods import GPTQ_BITS, MethodSettings, method_class
 from .structured.spec import Structure
 
 CONFIG_NAME = "pruning_config.json"
@@ -68,6 +68,11 @@ class PruningConfig:
         refit: after each layer's mask is chosen, solve its kept weights for the least reconstruction error on
             the calibration inputs (conjugate gradients on the fixed support, as ALPS does); the report gives
             each layer's error before and after. Any method that prunes layers one by one (``alps`` always does).
+        gptq: ``"int4"`` or ``"int8"``: after each layer's mask (and refit), round its kept weights by GPTQ onto
+            the grid of `export_onnx(quantize=...)` with the same name, each rounding error compensated on the
+            calibration inputs (`optimum_prune.methods.gptq`): the saved model stays float, its ONNX export
+            quantizes to exactly these weights and loses less quality than rounding each weight on its own. With
+            a structure, the smaller model is rounded after it is pruned. Any per-layer method.
     """
 
     method: str = "sparsegpt"
@@ -88,6 +93,7 @@ class PruningConfig:
     expert_calibration: str = "routed"
     min_expert_tokens: int = 64
     refit: bool = False
+    gptq: str | None = None
 
     def __post_init__(self) -> None:
         self.method = str(self.method).lower()
@@ -161,6 +167,16 @@ class PruningConfig:
                 f"refit=True re-solves each layer's kept weights on its own, but method {self.method!r} prunes the "
                 "layers of a block jointly and fits them itself: drop refit, or choose a per-layer method."
             )
+        if self.gptq is not None and self.gptq not in GPTQ_BITS:
+            raise InputError(
+                f"gptq={self.gptq!r}: choose one of {', '.join(GPTQ_BITS)} (the --onnx-quantize weights it rounds "
+                "onto), or leave it unset."
+            )
+        if self.gptq and method_class(self.method).joint:
+            raise InputError(
+                f"gptq={self.gptq!r} rounds each layer's kept weights on its own, but method {self.method!r} prunes "
+                "the layers of a block jointly: drop gptq, or choose a per-layer method."
+            )
         if isinstance(self.targets, str) or isinstance(self.ignore, str):
             raise TypeError("targets and ignore are lists of glob patterns, e.g. ['*.mlp.*'].")
         self.ignore = list(self.ignore)
@@ -175,7 +191,7 @@ class PruningConfig:
     @property
     def needs_calibration(self) -> bool:
         """Whether the run needs calibration data (all but uniform magnitude pruning do)."""
-        if method_class(self.method).needs_statistics or self.allocation != "uniform" or self.refit:
+        if method_class(self.method).needs_statistics or self.allocation != "uniform" or self.refit or self.gptq:
             return True
         structure = self.structure
         removes_by_data = structure is not None and (structure.layers or structure.experts or structure.is_budget)

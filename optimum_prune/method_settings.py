@@ -13,6 +13,10 @@ if TYPE_CHECKING:
     from .core.masks import NMPattern
 
 
+GPTQ_BITS = {"int4": 4, "int8": 8}  # the ONNX quantizations GPTQ rounds onto (`methods.gptq`): their bits
+NBITS_BLOCK = 32  # input rows per scale of MatMulNBits weights: the ONNX export's blocks, GPTQ's groups
+
+
 @dataclass
 class MethodSettings:
     """A method's own settings. Subclasses add fields with a ``metadata={"help": ...}`` (the CLI offers a flag for

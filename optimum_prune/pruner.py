@@ -351,7 +351,7 @@ class Pruner:
         structured, engine = self._prune_structure(plan, input_ids, work)
         if budget is not None:
             structured.structure["budget"] = budget.to_dict()
-        if self.config.sparsity:  # then unstructured sparsity on the smaller model
+        if self.config.sparsity or self.config.gptq:  # then unstructured sparsity (or GPTQ) on the smaller model
             self._prune_blockwise(input_ids, output_dir, overwrite, resume, structured.structure)
         else:
             self.report = structured
@@ -398,7 +398,7 @@ class Pruner:
             engine = BlockwiseEngine(
                 self.model,
                 self.config,
-                get_method(self.config.method, self.config.settings, self.config.refit),
+                get_method(self.config.method, self.config.settings, self.config.refit, self.config.gptq),
                 device=self.device,
                 activations_device=self.activations_device,
                 progress=self.progress,

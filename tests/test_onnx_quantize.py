@@ -18,7 +18,8 @@ from test_onnx import Session
 from optimum_prune import Pruner, export_onnx, perplexity
 from optimum_prune.errors import InputError
 from optimum_prune.export.onnx import ONNX_FILE
-from optimum_prune.export.quantize import BLOCK_SIZE, QUANTIZATIONS
+from optimum_prune.export.quantize import QUANTIZATIONS
+from optimum_prune.method_settings import NBITS_BLOCK
 
 TEXT = TINYSTORIES_VAL.read_text(encoding="utf-8")
 
@@ -43,11 +44,11 @@ def _initializers(folder: Path) -> dict[str, np.ndarray]:
 
 
 def _nbits_weight(packed: np.ndarray, scales: np.ndarray, bits: int, columns: int) -> tuple[np.ndarray, np.ndarray]:
-    """MatMulNBits' ``(N, blocks, BLOCK_SIZE * bits / 8)`` bytes (int4: low nibble first; implicit zero point
+    """MatMulNBits' ``(N, blocks, NBITS_BLOCK * bits / 8)`` bytes (int4: low nibble first; implicit zero point
     ``2**(bits - 1)``) as ``(N, K)`` codes and dequantized floats."""
     codes = np.stack([packed & 0x0F, packed >> 4], axis=-1) if bits == 4 else packed
     codes = codes.reshape(packed.shape[0], -1)
-    values = (codes.astype(np.float32) - 2 ** (bits - 1)) * np.repeat(scales, BLOCK_SIZE, axis=1)
+    values = (codes.astype(np.float32) - 2 ** (bits - 1)) * np.repeat(scales, NBITS_BLOCK, axis=1)
     return codes[:, :columns], values[:, :columns]
 
 

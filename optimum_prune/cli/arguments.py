@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 
 from ..export.quantize import QUANTIZATIONS
-from ..method_settings import all_settings_fields
+from ..method_settings import GPTQ_BITS, all_settings_fields
 
 DESCRIPTION = (
     "Prune a Hugging Face causal LM block by block (magnitude, Wanda, SparseGPT, SparseLLM, ALPS; unstructured or N:M, "
@@ -31,6 +31,7 @@ CONFIG_FIELDS = (
     "expert_calibration",
     "min_expert_tokens",
     "refit",
+    "gptq",
     "num_samples",
     "seq_len",
     "seed",
@@ -88,6 +89,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         default=None,
         help="after each layer's mask is chosen, solve its kept weights for the least reconstruction error on the "
         "calibration inputs (conjugate gradients, as ALPS does); the report gives each layer's error before and after.",
+    )
+    pruning.add_argument(
+        "--gptq",
+        choices=tuple(GPTQ_BITS),
+        help="then round each layer's kept weights by GPTQ onto the grid of --onnx-quantize int4|int8 (the saved "
+        "weights stay float; the ONNX export quantizes to exactly them and loses less quality).",
     )
 
     settings = parser.add_argument_group("method settings (defaults: the method's own)")

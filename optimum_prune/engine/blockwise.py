@@ -211,7 +211,10 @@ class BlockwiseEngine:
         )
 
     def _warn_sparser_than_asked(self, state: Progress) -> None:
-        """Say so when the weights hold more zeros than asked: the model was sparse before (pruned already)."""
+        """Say so when the weights hold more zeros than asked: the model was sparse before (pruned already).
+        GPTQ rounds some kept weights to zero: expected, not said."""
+        if self.config.gptq:
+            return
         sparser = [layer for layer in state.layers if layer.sparsity > layer.target_sparsity + 0.005]
         if sparser:
             worst = max(sparser, key=lambda layer: layer.sparsity - layer.target_sparsity)

@@ -133,7 +133,7 @@ def estimate_run(
     batch_tokens = min(config.batch_size, config.num_samples) * config.seq_len if calibrated else 0
     forward = batch_tokens * (6 * hidden + 3 * widest) * 4 + 2 * batch_tokens * config.seq_len * heads * 4
 
-    method = get_method(config.method, config.settings, config.refit)
+    method = get_method(config.method, config.settings, config.refit, config.gptq)
     statistics = max((_statistics_bytes(method, block) for block in layers if block), default=0) if calibrated else 0
     if config.structure is not None and calibrated:  # one consumer's Gram matrices while its group is pruned
         widest_input = max(layer.in_features for block in layers for layer in block)

@@ -41,6 +41,7 @@ def build_metadata(
             if layer.refit_error is not None
         }
         or None,  # relative reconstruction error of each refitted layer, before and after the refit
+        "gptq": config.gptq,  # the ONNX quantization the kept weights were rounded onto
         "calibration": {
             "dataset": config.dataset,
             "num_samples": config.num_samples,

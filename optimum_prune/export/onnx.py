@@ -311,11 +311,21 @@ def _quantize_in_place(folder: Path, quantize: str, quantize_head: bool, externa
         float_model, folder / ONNX_FILE, quantize, quantize_head=quantize_head, external_data=external_data
     )
     shutil.rmtree(float_model.parent)
+    config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    rounded = config.get(METADATA_KEY, {}).get("gptq")
+    if rounded and rounded != quantize:
+        logger.warning(
+            "The weights were rounded by GPTQ onto the %s grid, but the export quantizes them to %s: each weight is "
+            "rounded again on its own. Prune with gptq=%r for this export.",
+            rounded,
+            quantize,
+            quantize,
+        )
+    info["gptq"] = rounded == quantize  # the weights already lie on this grid: quantized to exactly them
     model = onnx.load(folder / ONNX_FILE, load_external_data=False)
     onnx.helper.set_model_props(
         model, {**{prop.key: prop.value for prop in model.metadata_props}, QUANTIZATION_KEY: json.dumps(info)}
     )
     onnx.save(model, folder / ONNX_FILE)  # the weights stay in the external data file, if any
-    config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
     config.setdefault(METADATA_KEY, {})["onnx"] = info
     (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")

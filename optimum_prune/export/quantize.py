@@ -1,6 +1,6 @@
 """Low-bit weights for an exported ONNX model, through onnxruntime's own quantization tools.
 
-- ``"int8"`` and ``"int4"``: `MatMulNBitsQuantizer`, symmetric 8- or 4-bit weights in blocks of ``BLOCK_SIZE``
+- ``"int8"`` and ``"int4"``: `MatMulNBitsQuantizer`, symmetric 8- or 4-bit weights in blocks of ``NBITS_BLOCK``
   input rows with one float scale each (the ``MatMulNBits`` contrib op of onnxruntime's generative-AI stack),
   weight-only, run with ``accuracy_level=4`` as onnxruntime-genai builds CPU models: each block of activations is
   rounded to int8 at run time with its own scale, so activation outliers stay local to their block.
@@ -24,10 +24,10 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import InputError
+from ..method_settings import NBITS_BLOCK
 
 logger = logging.getLogger(__name__)
 QUANTIZATIONS = ("int8", "int4", "int8-dynamic")
-BLOCK_SIZE = 32  # input rows per scale of MatMulNBits weights
 ACCURACY_LEVEL = 4  # MatMulNBits computes with int8 activations, one scale per block
 
 
@@ -129,13 +129,13 @@ def quantize_onnx(
     else:
         bits = int(quantize.removeprefix("int"))
         quantizer = _nbits_quantizer_class()(
-            onnx.load(os.fspath(source)), bits=bits, block_size=BLOCK_SIZE, is_symmetric=True,
+            onnx.load(os.fspath(source)), bits=bits, block_size=NBITS_BLOCK, is_symmetric=True,
             accuracy_level=ACCURACY_LEVEL, nodes_to_exclude=excluded,
         )  # fmt: skip
         quantizer.process()
         quantizer.model.save_model_to_file(os.fspath(target), use_external_data_format=external_data)
         scheme = (
-            f"weight-only {quantize}, symmetric, blocks of {BLOCK_SIZE} (MatMulNBits, int8 activations per block: "
+            f"weight-only {quantize}, symmetric, blocks of {NBITS_BLOCK} (MatMulNBits, int8 activations per block: "
             f"accuracy_level {ACCURACY_LEVEL})"
         )
     return {

@@ -6,6 +6,7 @@ from ..errors import InputError
 from ..method_settings import MethodSettings
 from .alps import ALPSPruning
 from .base import BlockContext, PruningMethod
+from .gptq import GPTQ_BITS, GPTQRounded
 from .magnitude import MagnitudePruning
 from .refit import Refitted
 from .sparsegpt import SparseGPTPruning
@@ -24,16 +25,21 @@ def method_class(name: str) -> type[PruningMethod]:
     return METHODS[name]
 
 
-def get_method(name: str, settings: MethodSettings | None = None, refit: bool = False) -> PruningMethod:
+def get_method(
+    name: str, settings: MethodSettings | None = None, refit: bool = False, gptq: str | None = None
+) -> PruningMethod:
     """An instance of the method called ``name``, with ``settings`` (default: the method's defaults); with
-    ``refit`` (always for a method that `always_refits`), its kept weights refitted after each mask."""
+    ``refit`` (always for a method that `always_refits`), its kept weights refitted after each mask; with
+    ``gptq`` (``"int4"``, ``"int8"``), then rounded onto that ONNX grid (`GPTQRounded`)."""
     method = method_class(name)(settings)
-    if not (refit or method.always_refits):
-        return method
-    options = {
-        key: getattr(method.settings, key) for key in ("dampening", "refit_iterations") if hasattr(method.settings, key)
-    }
-    return Refitted(method, **options)
+    if refit or method.always_refits:
+        options = {
+            key: getattr(method.settings, key)
+            for key in ("dampening", "refit_iterations")
+            if hasattr(method.settings, key)
+        }
+        method = Refitted(method, **options)
+    return GPTQRounded(method, gptq) if gptq else method
 
 
-__all__ = ["METHODS", "BlockContext", "MethodSettings", "PruningMethod", "get_method", "method_class"]
+__all__ = ["GPTQ_BITS", "METHODS", "BlockContext", "MethodSettings", "PruningMethod", "get_method", "method_class"]

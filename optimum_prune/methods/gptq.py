@@ -1,0 +1,125 @@
+"""GPTQ (Frantar et al., 2022, arXiv 2210.17323) onto the grid of an int4 or int8 ONNX export.
+
+`export_onnx(quantize="int4" | "int8")` quantizes weights with onnxruntime's ``MatMulNBits`` rounding: for each
+output channel, blocks of `NBITS_BLOCK` consecutive inputs share one scale, ``scale = v / -2**(bits - 1)`` where ``v``
+is the block's weight of largest magnitude, and each weight becomes ``clamp(round(w / scale), -2**(bits - 1),
+2**(bits - 1) - 1) * scale``. Rounding every weight to its nearest grid point on its own (what the export does to
+a float model) ignores the calibration inputs; GPTQ instead rounds the input columns one by one and compensates
+each column's rounding error on the columns not yet rounded, through the layer's inverse Hessian (the same
+Optimal Brain Surgeon step SparseGPT takes for pruned weights; the SparseGPT paper does both in one pass).
+
+The result stays a float model whose weights already lie on that grid: each block keeps its scale-defining weight
+at ``-2**(bits - 1)`` steps, so that onnxruntime's quantizer finds the same scale and reproduces every weight
+exactly (tested), and a pruned weight stays exactly zero. `GPTQRounded` wraps any per-layer pruning method: the
+method chooses the mask, then the kept weights are rounded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from ..core.layers import TargetLayer
+from ..core.masks import NMPattern
+from ..core.statistics import Hessian, LayerStatistic
+from ..errors import InputError
+from ..method_settings import GPTQ_BITS, NBITS_BLOCK
+from .base import BlockContext, PruningMethod
+from .refit import WithHessian, _probe_layer
+
+GPTQ_DAMPENING = 0.01  # of the mean Hessian diagonal (GPTQ's percdamp), when the method does not invert it itself
+PANEL = 128  # columns whose errors reach the later columns in one matrix product (GPTQ's lazy batch)
+
+
+def gptq_round(weight: torch.Tensor, hessian_inverse: torch.Tensor, pruned: torch.Tensor, bits: int) -> None:
+    """Round a float32 ``(out, in)`` ``weight`` in place onto the ``bits``-bit grid of `NBITS_BLOCK` inputs per scale,
+    column by column, each column's error compensated on the later ones through the upper Cholesky factor of
+    ``H^-1``; weights where ``pruned`` stay exactly zero (their drift is rounded to zero like any error)."""
+    low, high = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    columns = weight.T.contiguous()  # one input column per row: contiguous
+    removed = pruned.T.contiguous()
+    cols = columns.shape[0]
+    scale = torch.zeros(columns.shape[1], dtype=columns.dtype, device=columns.device)
+    extreme = torch.zeros(columns.shape[1], dtype=torch.long, device=columns.device)
+    errors = torch.empty_like(columns[:PANEL])
+    for start in range(0, cols, PANEL):
+        end = min(start + PANEL, cols)
+        for i in range(start, end):
+            if i % NBITS_BLOCK == 0:  # the group's scale, from its weights as compensated so far
+                group = columns[i : i + NBITS_BLOCK].masked_fill(removed[i : i + NBITS_BLOCK], 0.0)
+                extreme = group.abs().argmax(0)
+                scale = group.gather(0, extreme.unsqueeze(0)).squeeze(0) / low
+            column = columns[i]
+            steps = torch.where(scale != 0, column / torch.where(scale != 0, scale, 1.0), 0.0)
+            steps = steps.round().clamp_(low, high)
+            steps[extreme == i % NBITS_BLOCK] = low  # the scale-defining weight: exactly where the export expects it
+            rounded = (steps * scale).masked_fill_(removed[i], 0.0)
+            torch.div(column - rounded, hessian_inverse[i, i], out=errors[i - start])
+            column.copy_(rounded)
+            columns[i + 1 : end].addr_(hessian_inverse[i, i + 1 : end], errors[i - start], alpha=-1)
+        columns[end:].addmm_(hessian_inverse[start:end, end:].T, errors[: end - start], alpha=-1)
+    weight.copy_(columns.T)
+
+
+class GPTQRounded(PruningMethod):
+    """``method``'s masks, then the kept weights rounded by GPTQ onto the grid of an ``quantize`` ONNX export."""
+
+    def __init__(self, method: PruningMethod, quantize: str) -> None:
+        if quantize not in GPTQ_BITS:
+            raise InputError(f"gptq={quantize!r}: choose one of {', '.join(GPTQ_BITS)} (the ONNX export's weights).")
+        if method.joint:
+            raise InputError(
+                f"Method {method.name!r} prunes the layers of a block jointly: gptq= rounds each layer on its own "
+                "after a per-layer method (sparsegpt, alps, wanda, magnitude)."
+            )
+        super().__init__(method.settings)
+        self.method = method
+        self.bits = GPTQ_BITS[quantize]
+        self.name = method.name  # type: ignore[misc]  # reported as the method it rounds
+        self.settings_class = method.settings_class  # type: ignore[misc]
+        self.always_refits = method.always_refits  # type: ignore[misc]
+        probe = method.make_statistic(_probe_layer(), torch.device("meta")) if method.needs_statistics else None
+        self._adds_hessian = not isinstance(probe, (Hessian, WithHessian))
+
+    def statistic_bytes(self, rows: int, cols: int) -> int:
+        return self.method.statistic_bytes(rows, cols) + (cols * cols * 4 if self._adds_hessian else 0)
+
+    def working_bytes(self, rows: int, cols: int) -> int:
+        return max(self.method.working_bytes(rows, cols), 2 * cols * cols * 4 + 3 * rows * cols * 4)
+
+    def pruning_flops(self, rows: int, cols: int, tokens: int) -> float:
+        accumulate = 2.0 * cols * cols * tokens if self._adds_hessian else 0.0
+        return self.method.pruning_flops(rows, cols, tokens) + accumulate + 2.0 * rows * cols * cols + cols**3
+
+    def make_statistic(self, layer: TargetLayer, device: torch.device) -> LayerStatistic:
+        own = self.method.make_statistic(layer, device) if self.method.needs_statistics else None
+        return WithHessian(own, Hessian(layer.in_features, device)) if self._adds_hessian else own
+
+    def prune_matrix(
+        self, weight: torch.Tensor, statistic: LayerStatistic, sparsity: float, pattern: NMPattern | None
+    ) -> torch.Tensor:
+        mask = self.method.prune_matrix(weight, self._own(statistic), sparsity, pattern)
+        weight.masked_fill_(mask, 0.0)
+        self._round(weight, statistic, mask)
+        return mask
+
+    def prune_block(self, context: BlockContext) -> dict[str, torch.Tensor]:
+        """The method prunes the block (with its own statistics and its own report), then each layer's kept
+        weights are rounded."""
+        own = {name: self._own(statistic) for name, statistic in context.statistics.items()}
+        masks = self.method.prune_block(dataclasses.replace(context, statistics=own))
+        for layer in context.layers:
+            weight = layer.matrix()
+            self._round(weight, context.statistics[layer.name], masks[layer.name])
+            layer.write(weight)
+        return masks
+
+    def _own(self, statistic: LayerStatistic) -> LayerStatistic | None:
+        """The method's own statistic inside ours."""
+        return statistic.own if self._adds_hessian else statistic
+
+    def _round(self, weight: torch.Tensor, statistic: LayerStatistic, pruned: torch.Tensor) -> None:
+        hessian = statistic if isinstance(statistic, Hessian) else statistic.hessian
+        inverse = hessian.inverse_cholesky(getattr(self.settings, "dampening", GPTQ_DAMPENING))
+        gptq_round(weight, inverse, pruned, self.bits)
