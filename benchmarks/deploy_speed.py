@@ -41,6 +41,7 @@ WEIGHTS = {  # export_onnx(quantize=..., quantize_head=...) of each weights colu
     "int8": ("int8", False),
     "int4": ("int4", False),
     "int4+head": ("int4", True),
+    "int4+gptq": ("int4", False),  # the kept weights rounded by GPTQ onto the int4 grid as they are pruned
     "int8-dynamic": ("int8-dynamic", False),
 }
 ROWS = [f"{pruning} {weights}" for pruning in PRUNING for weights in WEIGHTS]
@@ -56,17 +57,21 @@ NOTE = (  # what the table cannot say on its own
 )
 
 
-def pruned_folder(pruning: str, scratch: Path, samples: int) -> Path | None:
-    """The saved model of ``pruning`` (pruned once per run, then exported with each weights column), or ``None``
-    for the dense model."""
+def pruned_folder(pruning: str, gptq: str | None, scratch: Path, samples: int) -> Path | None:
+    """The saved model of ``pruning`` (pruned once per run, then exported with each weights column; with ``gptq``,
+    its kept weights rounded onto that grid: the dense model through SparseGPT at sparsity 0), or ``None`` for the
+    dense model."""
     from optimum_prune import Pruner, PruningConfig
 
-    if PRUNING[pruning] is None:
+    recipe = PRUNING[pruning]
+    if gptq:
+        recipe = {**(recipe or {"method": "sparsegpt", "sparsity": 0.0}), "gptq": gptq}
+    if recipe is None:
         return None
-    folder = scratch / f"pruned {pruning}"
+    folder = scratch / f"pruned {pruning} {gptq}"
     if not folder.is_dir():
         model, tokenizer = load_model(MODEL)
-        config = PruningConfig(num_samples=samples, seq_len=512, **PRUNING[pruning])
+        config = PruningConfig(num_samples=samples, seq_len=512, **recipe)
         pruner = Pruner(model, config, tokenizer, device="cpu", progress=False)
         pruner.prune(calibration_token_ids(tokenizer, samples, 512, 0))
         pruner.save_pretrained(folder)
@@ -78,10 +83,10 @@ def export_row(row: str, scratch: Path, samples: int) -> tuple[Path, float]:
     from optimum_prune import export_onnx
 
     pruning, weights = row.rsplit(" ", 1)
-    source = pruned_folder(pruning, scratch, samples)
-    model, tokenizer = load_model(MODEL) if source is None else (str(source), str(source))
-    parameters = None if source is None else _parameters(source)
     quantize, quantize_head = WEIGHTS[weights]
+    source = pruned_folder(pruning, quantize if weights.endswith("+gptq") else None, scratch, samples)
+    model, tokenizer = load_model(MODEL) if source is None else (str(source), str(source))
+    parameters = None if source is None or PRUNING[pruning] is None else _parameters(source)
     folder = export_onnx(model, scratch / row, tokenizer=tokenizer, quantize=quantize, quantize_head=quantize_head)
     return folder, parameters
 
@@ -165,7 +170,7 @@ def targets(results: dict[str, dict]) -> list[str]:
     if base is None:
         return []
     lines = []
-    for weights, limit in (("int8", 1.05), ("int4", 1.15)):
+    for weights, limit in (("int8", 1.05), ("int4", 1.15), ("int4+gptq", 1.15)):
         row = results.get(f"structured -30% {weights}")
         if row is not None:
             ratio = row["perplexity"] / base["perplexity"]

@@ -87,6 +87,7 @@ def test_onnxruntime_quantizes_the_rounded_weights_to_exactly_themselves(
         assert pruner.report.global_sparsity >= 0.5
     metadata = json.loads((folder / "config.json").read_text())["optimum_prune"]
     assert metadata["gptq"] == quantize and metadata["onnx"]["gptq"] is True
+    assert f"kept weights rounded onto the {quantize} grid" in str(pruner.model_card("user/model"))
 
 
 def test_gptq_bad_input_and_the_cli(tmp_path: Path, caplog, capsys) -> None:

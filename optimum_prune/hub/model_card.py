@@ -108,6 +108,10 @@ def _recipe(config: PruningConfig, report: PruningReport) -> list[tuple[str, Any
     ]
     if config.allocation == "owl":
         rows += [("OWL M", config.owl_m), ("OWL lambda", config.owl_lambda)]
+    if config.refit:
+        rows.append(("refit", "kept weights re-solved for the least reconstruction error"))
+    if config.gptq:
+        rows.append(("GPTQ", f"kept weights rounded onto the {config.gptq} grid of the ONNX export (MatMulNBits)"))
     if config.needs_calibration:
         rows += [
             ("calibration data", config.dataset),
