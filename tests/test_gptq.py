@@ -48,7 +48,8 @@ def test_gptq_lands_on_the_grid_keeps_zeros_and_lowers_the_layer_error(bits: int
     pruned = torch.rand(24, 100, generator=generator) < 0.5
     dense = torch.randn(24, 100, generator=generator).masked_fill(pruned, 0.0)
     weight = dense.clone()
-    gptq_round(weight, statistic.inverse_cholesky(0.01), pruned, bits)
+    gptq_round(weight, hessian, pruned, bits)
+    assert torch.equal(hessian, statistic.matrix)  # left unchanged
     assert (weight[pruned] == 0).all()
     steps, _ = _grid_steps(weight, bits)
     assert (steps - steps.round()).abs().max() < 1e-4  # on the grid, up to float32 rounding of steps * scale

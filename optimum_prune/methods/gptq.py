@@ -22,7 +22,7 @@ import torch
 
 from ..core.layers import TargetLayer
 from ..core.masks import NMPattern
-from ..core.statistics import Hessian, LayerStatistic
+from ..core.statistics import Hessian, LayerStatistic, inverse_hessian_cholesky
 from ..errors import InputError
 from ..method_settings import GPTQ_BITS, NBITS_BLOCK
 from .base import BlockContext, PruningMethod
@@ -32,34 +32,42 @@ GPTQ_DAMPENING = 0.01  # of the mean Hessian diagonal (GPTQ's percdamp), when th
 PANEL = 128  # columns whose errors reach the later columns in one matrix product (GPTQ's lazy batch)
 
 
-def gptq_round(weight: torch.Tensor, hessian_inverse: torch.Tensor, pruned: torch.Tensor, bits: int) -> None:
-    """Round a float32 ``(out, in)`` ``weight`` in place onto the ``bits``-bit grid of `NBITS_BLOCK` inputs per scale,
-    column by column, each column's error compensated on the later ones through the upper Cholesky factor of
-    ``H^-1``; weights where ``pruned`` stay exactly zero (their drift is rounded to zero like any error)."""
+def gptq_round(
+    weight: torch.Tensor, hessian: torch.Tensor, pruned: torch.Tensor, bits: int, dampening: float = GPTQ_DAMPENING
+) -> None:
+    """Round a float32 ``(out, in)`` ``weight`` in place onto the ``bits``-bit grid of `NBITS_BLOCK` inputs per
+    scale, given the layer's Hessian ``H`` (left unchanged); weights where ``pruned`` stay exactly zero (their drift
+    is rounded to zero like any error).
+
+    Each block's scale is fixed first, from the weights as they come (GPTQ's static groups), so that columns can
+    be rounded in order of decreasing ``H_jj`` (GPTQ's act-order: the inputs that carry the most energy first,
+    while the most columns are left to take their error); each column's error is compensated on the columns not
+    yet rounded through the upper Cholesky factor of the permuted ``H^-1``, lazily in panels of `PANEL`."""
     low, high = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
-    columns = weight.T.contiguous()  # one input column per row: contiguous
-    removed = pruned.T.contiguous()
-    cols = columns.shape[0]
-    scale = torch.zeros(columns.shape[1], dtype=columns.dtype, device=columns.device)
-    extreme = torch.zeros(columns.shape[1], dtype=torch.long, device=columns.device)
+    rows, cols = weight.shape
+    kept = weight.masked_fill(pruned, 0.0)
+    blocks = torch.nn.functional.pad(kept, (0, -cols % NBITS_BLOCK)).view(rows, -1, NBITS_BLOCK)
+    extreme = blocks.abs().argmax(-1)  # (rows, blocks): the weight that sets each block's scale
+    scales = blocks.gather(-1, extreme.unsqueeze(-1)).squeeze(-1) / low
+    order = torch.argsort(hessian.diagonal(), descending=True)
+    inverse = inverse_hessian_cholesky(hessian[order][:, order], dampening)
+    columns = kept[:, order].T.contiguous()  # one input column per row, in the order they are rounded
+    removed = pruned[:, order].T.contiguous()
     errors = torch.empty_like(columns[:PANEL])
     for start in range(0, cols, PANEL):
         end = min(start + PANEL, cols)
         for i in range(start, end):
-            if i % NBITS_BLOCK == 0:  # the group's scale, from its weights as compensated so far
-                group = columns[i : i + NBITS_BLOCK].masked_fill(removed[i : i + NBITS_BLOCK], 0.0)
-                extreme = group.abs().argmax(0)
-                scale = group.gather(0, extreme.unsqueeze(0)).squeeze(0) / low
-            column = columns[i]
-            steps = torch.where(scale != 0, column / torch.where(scale != 0, scale, 1.0), 0.0)
-            steps = steps.round().clamp_(low, high)
-            steps[extreme == i % NBITS_BLOCK] = low  # the scale-defining weight: exactly where the export expects it
+            block, place = divmod(int(order[i]), NBITS_BLOCK)
+            scale = scales[:, block]
+            steps = torch.where(scale != 0, columns[i] / torch.where(scale != 0, scale, 1.0), 0.0)
+            steps = steps.round_().clamp_(low, high)
+            steps[extreme[:, block] == place] = low  # the scale-defining weight: exactly where the export expects it
             rounded = (steps * scale).masked_fill_(removed[i], 0.0)
-            torch.div(column - rounded, hessian_inverse[i, i], out=errors[i - start])
-            column.copy_(rounded)
-            columns[i + 1 : end].addr_(hessian_inverse[i, i + 1 : end], errors[i - start], alpha=-1)
-        columns[end:].addmm_(hessian_inverse[start:end, end:].T, errors[: end - start], alpha=-1)
-    weight.copy_(columns.T)
+            torch.div(columns[i] - rounded, inverse[i, i], out=errors[i - start])
+            columns[i] = rounded
+            columns[i + 1 : end].addr_(inverse[i, i + 1 : end], errors[i - start], alpha=-1)
+        columns[end:].addmm_(inverse[start:end, end:].T, errors[: end - start], alpha=-1)
+    weight[:, order] = columns.T
 
 
 class GPTQRounded(PruningMethod):
@@ -79,6 +87,7 @@ class GPTQRounded(PruningMethod):
         self.name = method.name  # type: ignore[misc]  # reported as the method it rounds
         self.settings_class = method.settings_class  # type: ignore[misc]
         self.always_refits = method.always_refits  # type: ignore[misc]
+        self.dampening = getattr(method.settings, "dampening", GPTQ_DAMPENING)
         probe = method.make_statistic(_probe_layer(), torch.device("meta")) if method.needs_statistics else None
         self._adds_hessian = not isinstance(probe, (Hessian, WithHessian))
 
@@ -86,11 +95,12 @@ class GPTQRounded(PruningMethod):
         return self.method.statistic_bytes(rows, cols) + (cols * cols * 4 if self._adds_hessian else 0)
 
     def working_bytes(self, rows: int, cols: int) -> int:
-        return max(self.method.working_bytes(rows, cols), 2 * cols * cols * 4 + 3 * rows * cols * 4)
+        # the Hessian kept from the method, its permuted copy and inverse; the permuted weight and its errors
+        return max(self.method.working_bytes(rows, cols), 3 * cols * cols * 4 + 3 * rows * cols * 4)
 
     def pruning_flops(self, rows: int, cols: int, tokens: int) -> float:
         accumulate = 2.0 * cols * cols * tokens if self._adds_hessian else 0.0
-        return self.method.pruning_flops(rows, cols, tokens) + accumulate + 2.0 * rows * cols * cols + cols**3
+        return self.method.pruning_flops(rows, cols, tokens) + accumulate + 2.0 * rows * cols * cols + 3 * cols**3
 
     def make_statistic(self, layer: TargetLayer, device: torch.device) -> LayerStatistic:
         own = self.method.make_statistic(layer, device) if self.method.needs_statistics else None
@@ -99,19 +109,26 @@ class GPTQRounded(PruningMethod):
     def prune_matrix(
         self, weight: torch.Tensor, statistic: LayerStatistic, sparsity: float, pattern: NMPattern | None
     ) -> torch.Tensor:
+        hessian = self._hessian(statistic).matrix.clone()  # before the method may turn it into its inverse
         mask = self.method.prune_matrix(weight, self._own(statistic), sparsity, pattern)
         weight.masked_fill_(mask, 0.0)
-        self._round(weight, statistic, mask)
+        gptq_round(weight, hessian, mask, self.bits, self.dampening)
         return mask
 
     def prune_block(self, context: BlockContext) -> dict[str, torch.Tensor]:
         """The method prunes the block (with its own statistics and its own report), then each layer's kept
-        weights are rounded."""
+        weights are rounded on its Hessian, kept aside before the method (q/k/v and gate/up share one)."""
+        hessians: dict[int, torch.Tensor] = {}
+        for layer in context.layers:
+            hessian = self._hessian(context.statistics[layer.name])
+            if id(hessian) not in hessians:
+                hessians[id(hessian)] = hessian.matrix.clone()
         own = {name: self._own(statistic) for name, statistic in context.statistics.items()}
         masks = self.method.prune_block(dataclasses.replace(context, statistics=own))
         for layer in context.layers:
             weight = layer.matrix()
-            self._round(weight, context.statistics[layer.name], masks[layer.name])
+            hessian = hessians[id(self._hessian(context.statistics[layer.name]))]
+            gptq_round(weight, hessian, masks[layer.name], self.bits, self.dampening)
             layer.write(weight)
         return masks
 
@@ -119,7 +136,6 @@ class GPTQRounded(PruningMethod):
         """The method's own statistic inside ours."""
         return statistic.own if self._adds_hessian else statistic
 
-    def _round(self, weight: torch.Tensor, statistic: LayerStatistic, pruned: torch.Tensor) -> None:
-        hessian = statistic if isinstance(statistic, Hessian) else statistic.hessian
-        inverse = hessian.inverse_cholesky(getattr(self.settings, "dampening", GPTQ_DAMPENING))
-        gptq_round(weight, inverse, pruned, self.bits)
+    @staticmethod
+    def _hessian(statistic: LayerStatistic) -> Hessian:
+        return statistic if isinstance(statistic, Hessian) else statistic.hessian
