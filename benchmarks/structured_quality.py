@@ -128,9 +128,50 @@ def reading(model: str, results: dict) -> str:
         if ours and baseline:
             ratio = min(ours) / baseline["perplexity"]
             lines.append(f"{name}: {min(ours):.2f} against {baseline['perplexity']:.2f} ({ratio - 1:+.0%})")
-    if not lines:
-        return "No row has both a compensated result and Wanda-sp without compensation yet."
-    return "Best compensated result against Wanda-sp without compensation: " + "; ".join(lines) + "."
+    text = "Best compensated result against Wanda-sp without compensation: " + "; ".join(lines) + "."
+    text = text if lines else "No row has both a compensated result and Wanda-sp without compensation yet."
+    return "\n".join([text, *targets(model, results)])
+
+
+def _best(results: dict, name: str) -> tuple[float, int] | None:
+    """The lowest perplexity of row ``name`` over its methods, with its parameters (``None`` if not run)."""
+    found = [value for key, value in results.items() if key.startswith(f"{name} | ")]
+    best = min(found, key=lambda value: value["perplexity"], default=None)
+    return (best["perplexity"], best["parameters"]) if best else None
+
+
+def targets(model: str, results: dict) -> list[str]:
+    """Issue 29's targets, from the numbers: blocks by loss at least 15% below Block Influence at each count; each
+    searched budget never worse than the single-kind rows of about its size, and 10% better at one budget."""
+    lines = []
+    names = [name for name, _ in rows(model)]
+    for name in [name for name in names if name.startswith("blocks -") and name.endswith("by loss")]:
+        loss, influence = _best(results, name), _best(results, name.replace("by loss", "by Block Influence"))
+        if loss and influence:
+            ratio = loss[0] / influence[0] - 1
+            verdict = "met" if ratio <= -0.15 else "not met"
+            lines.append(
+                f"- {name}: {loss[0]:.2f} against {influence[0]:.2f} by Block Influence ({ratio:+.1%}; target <= -15%): {verdict}"
+            )
+    singles = {"budget -15%": ["MLP -25%", "blocks -6 of 30 by Block Influence", "blocks -6 of 30 by loss"],
+               "budget -30%": ["MLP -50%", "budget -30%: blocks -11 of 30 by Block Influence"]}  # fmt: skip
+    for budget, kinds in singles.items():
+        searched = _best(results, f"{budget}: searched mix")
+        alternatives = [(kind, _best(results, kind)) for kind in kinds if _best(results, kind)]
+        if searched and alternatives:
+            kind, (best, parameters) = min(alternatives, key=lambda item: item[1][0])
+            ratio = searched[0] / best - 1
+            allowed = (
+                f" of {(1 - int(budget[-3:-1]) / 100) * results['dense']['parameters'] / 1e6:.2f}M allowed"
+                if "dense" in results
+                else ""
+            )
+            lines.append(
+                f"- {budget}: searched mix {searched[0]:.2f} ({searched[1] / 1e6:.2f}M{allowed}) against the best "
+                f"single kind, {kind}, {best:.2f} ({parameters / 1e6:.2f}M): {ratio:+.1%} (target: never worse, -10% "
+                "at one budget)"
+            )
+    return ["", "Targets of issue 29:", "", *lines] if lines else []
 
 
 def _samples(path: Path) -> int:
