@@ -100,6 +100,7 @@ def test_gptq_bad_input_and_the_cli(tmp_path: Path, caplog, capsys) -> None:
     flags = ["--model", str(STORIES_260K), "--method", "magnitude", "--gptq", "int8", "--num-samples", "8"]
     flags += ["--seq-len", "64", "--dataset", str(C4_SAMPLE), "--output", str(tmp_path / "out"), "--export", "onnx"]
     assert run_main(*flags, "--onnx-quantize", "int4") == 0
+    assert "rounds them during pruning" not in capsys.readouterr().out  # it was, onto another grid: warned instead
     assert "rounded by GPTQ onto the int8 grid, but the export quantizes them to int4" in caplog.text
     onnx_metadata = json.loads((tmp_path / "out" / "onnx" / "config.json").read_text())["optimum_prune"]
     assert onnx_metadata["gptq"] == "int8" and onnx_metadata["onnx"]["gptq"] is False

@@ -152,4 +152,5 @@ def test_cli_exports_int8_and_measures_its_perplexity(tmp_path: Path, capsys) ->
     assert run_main(*flags, "--export", "onnx", "--onnx-quantize", "int8") == 0
     out = capsys.readouterr().out
     assert "ONNX model (int8 weights) written to" in out
+    assert "--gptq int8 rounds them during pruning with the calibration data" in out
     assert "of the ONNX export (int8 weights, onnxruntime): " in out

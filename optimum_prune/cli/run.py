@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import InputError
-from ..method_settings import all_settings_fields
+from ..method_settings import GPTQ_BITS, all_settings_fields
 from .arguments import CONFIG_FIELDS, flag
 
 if TYPE_CHECKING:
@@ -793,6 +793,11 @@ def write(args: argparse.Namespace, pruner: Pruner, scores: dict[str, Any] | Non
             quantize_head=args.onnx_quantize_head,
         )
         print(f"ONNX model{f' ({args.onnx_quantize} weights)' if args.onnx_quantize else ''} written to {onnx_dir}")
+        if args.onnx_quantize in GPTQ_BITS and not pruner.config.gptq:
+            print(
+                f"  each weight was rounded to {args.onnx_quantize} on its own; --gptq {args.onnx_quantize} rounds "
+                "them during pruning with the calibration data, for less quality loss (docs/formats.md)"
+            )
     if args.push_to_hub:
         commit = pruner.push_to_hub(args.push_to_hub, private=args.private, format=save_format, perplexity=scores)
         print(f"pushed to {commit.commit_url}")
