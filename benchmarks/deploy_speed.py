@@ -49,8 +49,11 @@ NOTE = (  # what the table cannot say on its own
     "The dense fp32 and int8-dynamic rows were measured on 2026-12-07 with nothing else running; the int8, int4 "
     "and int4+head rows later that day while two or three other benchmarks shared the two cores, and the "
     "structured -30% rows (SparseGPT, mlp=0.45 attention=0.34: 89.2M parameters) later still beside two or three "
-    "others (the interleaved ratios hold, the absolute tokens/s and the spreads do not). The structured -50% and "
-    "unstructured rows are not measured yet. Unstructured rows gain nothing in onnxruntime (dense kernels); "
+    "others (the interleaved ratios hold, the absolute tokens/s and the spreads do not). int4+gptq rows export the "
+    'same int4 weights of a model pruned with `gptq="int4"` (its kept weights rounded by GPTQ, act-order with '
+    "static groups, on the 64 x 512 calibration tokens; the dense one through SparseGPT at sparsity 0), measured "
+    "later that day beside one other benchmark, as were the structured -50% rows. The unstructured rows are not "
+    "measured yet. Unstructured rows gain nothing in onnxruntime (dense kernels); "
     "DeepSparse, which reads their zeros, runs through `optimum-prune bench --engine deepsparse` in its own "
     "environment (docs/formats.md). This CPU has AVX2 and no AVX-512 VNNI: int8 and int4 matrix products run "
     "through onnxruntime's AVX2 kernels."
