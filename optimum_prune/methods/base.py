@@ -98,3 +98,20 @@ class PruningMethod(ABC):
             layer.write(weight)
             masks[layer.name] = mask
         return masks
+
+
+class WrappedMethod(PruningMethod):
+    """A per-layer ``method`` that does more to each layer after its masks (`Refitted`, `GPTQRounded`); reported,
+    and given settings, as ``method``. ``purpose`` ends the refusal of a method that prunes a block's layers
+    jointly."""
+
+    def __init__(self, method: PruningMethod, purpose: str) -> None:
+        if method.joint:
+            raise InputError(
+                f"Method {method.name!r} prunes the layers of a block jointly and updates their weights itself: "
+                f"{purpose}"
+            )
+        super().__init__(method.settings)
+        self.method = method
+        self.name = method.name  # type: ignore[misc]
+        self.settings_class = method.settings_class  # type: ignore[misc]

@@ -25,7 +25,7 @@ from ..core.masks import NMPattern
 from ..core.statistics import Hessian, LayerStatistic, inverse_hessian_cholesky
 from ..errors import InputError
 from ..method_settings import GPTQ_BITS, NBITS_BLOCK
-from .base import BlockContext, PruningMethod
+from .base import BlockContext, PruningMethod, WrappedMethod
 from .refit import WithHessian, _probe_layer
 
 GPTQ_DAMPENING = 0.01  # of the mean Hessian diagonal (GPTQ's percdamp), when the method does not invert it itself
@@ -70,23 +70,14 @@ def gptq_round(
     weight[:, order] = columns.T
 
 
-class GPTQRounded(PruningMethod):
+class GPTQRounded(WrappedMethod):
     """``method``'s masks, then the kept weights rounded by GPTQ onto the grid of an ``quantize`` ONNX export."""
 
     def __init__(self, method: PruningMethod, quantize: str) -> None:
         if quantize not in GPTQ_BITS:
             raise InputError(f"gptq={quantize!r}: choose one of {', '.join(GPTQ_BITS)} (the ONNX export's weights).")
-        if method.joint:
-            raise InputError(
-                f"Method {method.name!r} prunes the layers of a block jointly: gptq= rounds each layer on its own "
-                "after a per-layer method (sparsegpt, alps, wanda, magnitude)."
-            )
-        super().__init__(method.settings)
-        self.method = method
+        super().__init__(method, "gptq= rounds each layer on its own after a per-layer method.")
         self.bits = GPTQ_BITS[quantize]
-        self.name = method.name  # type: ignore[misc]  # reported as the method it rounds
-        self.settings_class = method.settings_class  # type: ignore[misc]
-        self.always_refits = method.always_refits  # type: ignore[misc]
         self.dampening = getattr(method.settings, "dampening", GPTQ_DAMPENING)
         probe = method.make_statistic(_probe_layer(), torch.device("meta")) if method.needs_statistics else None
         self._adds_hessian = not isinstance(probe, (Hessian, WithHessian))

@@ -27,8 +27,7 @@ import torch
 from ..core.layers import TargetLayer
 from ..core.masks import NMPattern
 from ..core.statistics import Hessian, InputGram, LayerStatistic, RankGroup, require_finite
-from ..errors import InputError
-from .base import BlockContext, PruningMethod
+from .base import BlockContext, PruningMethod, WrappedMethod
 
 logger = logging.getLogger(__name__)
 
@@ -154,23 +153,15 @@ class WithHessian(LayerStatistic):
         self.hessian.sum_over_ranks(ranks)
 
 
-class Refitted(PruningMethod):
+class Refitted(WrappedMethod):
     """``method``'s masks with the kept weights refitted (see the module docstring)."""
 
     def __init__(
         self, method: PruningMethod, refit_iterations: int = REFIT_ITERATIONS, dampening: float = REFIT_DAMPENING
     ) -> None:
-        if method.joint:
-            raise InputError(
-                f"Method {method.name!r} prunes the layers of a block jointly and updates their weights itself: "
-                "refit applies to methods that prune each layer on its own."
-            )
-        super().__init__(method.settings)
-        self.method = method
+        super().__init__(method, "refit applies to methods that prune each layer on its own.")
         self.iterations = refit_iterations
         self.dampening = dampening
-        self.name = method.name  # type: ignore[misc]  # reported as the method it refits
-        self.settings_class = method.settings_class  # type: ignore[misc]
         self._own_hessian = method.needs_statistics and isinstance(
             method.make_statistic(_probe_layer(), torch.device("meta")), Hessian
         )
