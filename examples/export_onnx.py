@@ -4,10 +4,12 @@ The ONNX graph has optimum's decoder I/O (``input_ids``, ``attention_mask``, ``p
 ``past_key_values.{i}.key/value`` in; ``logits``, ``present.{i}.key/value`` out). Greedy decoding with the
 KV cache in onnxruntime must give the same tokens as PyTorch's ``generate``. With ``--quantize int8`` or
 ``int4`` the model is exported a second time with low-bit weights (onnxruntime's quantization tools, pruned zeros
-kept), and the perplexity of both exports on TinyStories is printed, measured in onnxruntime:
+kept), and the perplexity of both exports on TinyStories is printed, measured in onnxruntime; ``--gptq`` rounds
+the kept weights onto that grid while pruning (GPTQ on the calibration inputs), so that the export stores exactly
+them:
 
     python examples/export_onnx.py --output out/stories260K-onnx
-    python examples/export_onnx.py --output out/stories260K-onnx --quantize int4
+    python examples/export_onnx.py --output out/stories260K-onnx --quantize int4 --gptq
 """
 
 from __future__ import annotations
@@ -52,10 +54,19 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=20)
     parser.add_argument("--output", required=True, help="folder for model.onnx, its config and tokenizer")
     parser.add_argument("--quantize", choices=QUANTIZATIONS, help="also export with low-bit weights to OUTPUT-Q")
+    parser.add_argument("--gptq", action="store_true", help="with --quantize int4|int8: round by GPTQ while pruning")
     args = parser.parse_args()
+    if args.gptq and args.quantize not in ("int4", "int8"):
+        parser.error("--gptq rounds onto the grid of --quantize int4 or int8: add one of them.")
 
     model, tokenizer = load_model(args.model)
-    config = PruningConfig(method=args.method, pattern=args.pattern, num_samples=args.num_samples, seq_len=args.seq_len)
+    config = PruningConfig(
+        method=args.method,
+        pattern=args.pattern,
+        num_samples=args.num_samples,
+        seq_len=args.seq_len,
+        gptq=args.quantize if args.gptq else None,
+    )
     pruner = Pruner.from_pretrained(model, config, tokenizer=tokenizer, device="cpu")
     pruner.prune(args.dataset)
     folder = export_onnx(pruner.model, args.output, tokenizer=tokenizer)

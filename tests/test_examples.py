@@ -63,7 +63,17 @@ def test_owl_example() -> None:
 
 
 def test_onnx_example(tmp_path) -> None:
-    flags = ("--num-samples", "8", "--seq-len", "128", "--output", str(tmp_path / "onnx"), "--quantize", "int4")
+    flags = (
+        "--num-samples",
+        "8",
+        "--seq-len",
+        "128",
+        "--output",
+        str(tmp_path / "onnx"),
+        "--quantize",
+        "int4",
+        "--gptq",
+    )
     output = example("export_onnx.py", *flags)
     assert "onnxruntime and PyTorch generate the same tokens" in output
     assert (tmp_path / "onnx" / "model.onnx").is_file() and (tmp_path / "onnx-int4" / "model.onnx").is_file()
