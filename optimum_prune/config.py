@@ -237,3 +237,11 @@ class PruningConfig:
             raise FileNotFoundError(f"No pruning config at {path}: expected a {CONFIG_NAME} file.")
         with open(path, encoding="utf-8") as f:
             return cls.from_dict(json.load(f))
+
+
+def gptq_with_training(gptq: str) -> str:
+    """The refusal of recovery training after ``gptq=`` rounding (it would move the rounded weights off the grid)."""
+    return (
+        f"gptq={gptq!r} rounds the kept weights onto the {gptq} grid as they are pruned, and training would move them "
+        "off it: recover without gptq, then export with quantize= (each weight rounded on its own)."
+    )

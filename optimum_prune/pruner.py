@@ -17,7 +17,7 @@ from torch import nn
 from transformers import AutoProcessor, PreTrainedModel, PreTrainedTokenizerBase, TrainerCallback
 
 from .calibration import calibration_tokens, has_images, image_text_inputs, load_pairs
-from .config import PruningConfig
+from .config import PruningConfig, gptq_with_training
 from .core.auto import is_vision_language
 from .core.layers import find_target_layers
 from .engine.activations import DISK
@@ -727,7 +727,10 @@ class Pruner:
         return self.report
 
     def _check_trainable(self) -> None:
-        """Training needs every weight in memory: refuse a model whose weights accelerate offloaded."""
+        """Training needs every weight in memory: refuse a model whose weights accelerate offloaded; and it moves
+        weights that GPTQ rounded onto a grid off it."""
+        if self.config.gptq:
+            raise InputError(gptq_with_training(self.config.gptq))
         if self.dispatch is not None and any(parameter.is_meta for parameter in self.model.parameters()):
             raise InputError(
                 "Training needs every weight in memory, and accelerate offloaded some of this model's to the CPU or "

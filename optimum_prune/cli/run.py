@@ -119,6 +119,10 @@ def check(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Plan:
         )
     if args.device_map is not None:
         _check_device_map(args, config, parser)
+    if args.recover_steps and config.gptq:
+        from ..config import gptq_with_training
+
+        parser.error(f"argument --recover-steps: {gptq_with_training(config.gptq)}")
     if args.recover_steps and args.offload == "disk":
         parser.error("argument --recover-steps: training needs the model in memory; use --offload cpu.")
     _check_device(args.device, parser)
