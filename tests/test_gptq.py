@@ -108,7 +108,8 @@ def test_gptq_bad_input_and_the_cli(tmp_path: Path, caplog, capsys) -> None:
     assert "invalid choice: 'int2'" in capsys.readouterr().err
     assert run_main("--model", str(STORIES_260K), "--gptq", "int4", "--recover-steps", "5") == 2
     assert "--recover-steps: gptq='int4' rounds the kept weights onto the int4 grid" in capsys.readouterr().err
-    pruner = Pruner.from_pretrained(STORIES_260K, PruningConfig(method="magnitude", gptq="int4"), device="cpu")
+    config = PruningConfig(method="magnitude", gptq="int4", num_samples=8, seq_len=64)
+    pruner = Pruner.from_pretrained(STORIES_260K, config, device="cpu")
     pruner.progress = False
     pruner.prune(C4_SAMPLE)
     with pytest.raises(InputError, match="training would move them off it: recover without gptq"):
