@@ -39,16 +39,11 @@ def obs_remove(
 ) -> tuple[torch.Tensor, list[int]]:
     """Remove ``remove`` of the first ``units x columns`` columns of ``consumer`` (``(out, in[+1])``; a last bias
     column is never removed) by Optimal Brain Surgeon on ``hessian``; return the updated weight and the
-    removed units. The problem is solved scaled to a unit diagonal (``S^-1 H S^-1`` and ``W S``, ``S`` the root
-    of the dampened diagonal: the same scores and updates) and its inverse downdated in float64: a model with
-    massive activations (SmolLM2) spreads the diagonal over many orders of magnitude, and the rounding of the
-    unscaled downdates could leave a kept unit's block singular (seen once in a -50% prune, not every run)."""
+    removed units. The inverse Hessian is downdated in float64: in float32 its rounding, over many rounds on
+    the wide dynamic range of a model with massive activations, can leave a kept unit's block singular."""
     require_finite(hessian)
-    dampened = _dampened(hessian.to(torch.float64), dampening)
-    scale = dampened.diagonal().sqrt()
-    dampened /= scale.unsqueeze(0) * scale.unsqueeze(1)
-    weight = consumer.to(torch.float64) * scale
-    inverse = torch.cholesky_inverse(torch.linalg.cholesky(dampened))
+    weight = consumer.to(torch.float64)
+    inverse = torch.cholesky_inverse(torch.linalg.cholesky(_dampened(hessian.to(torch.float64), dampening)))
     removed: list[int] = []
     step = max(1, math.ceil(remove / ROUNDS))
     blocks = torch.arange(units * columns, device=weight.device).view(units, columns)
@@ -67,7 +62,7 @@ def obs_remove(
         inverse -= inverse[:, cols] @ pivot @ inverse[cols]
         removed += chosen
     weight[:, blocks[removed].reshape(-1)] = 0.0  # the updates leave removed columns near, not at, zero
-    return (weight / scale).to(consumer.dtype), sorted(removed)
+    return weight.to(consumer.dtype), sorted(removed)
 
 
 def least_squares_refit(
