@@ -52,8 +52,9 @@ NOTE = (  # what the table cannot say on its own
     "others (the interleaved ratios hold, the absolute tokens/s and the spreads do not). int4+gptq rows export the "
     'same int4 weights of a model pruned with `gptq="int4"` (its kept weights rounded by GPTQ, act-order with '
     "static groups, on the 64 x 512 calibration tokens; the dense one through SparseGPT at sparsity 0), measured "
-    "later that day beside one other benchmark, and the structured -50% rows (SparseGPT, mlp=0.7 attention=0.67) "
-    "beside the test suite. The unstructured rows are not measured yet. Unstructured rows gain nothing in onnxruntime (dense kernels); "
+    "later that day beside one other benchmark, and the structured -50% fp32 row (SparseGPT, mlp=0.7 attention=0.67) "
+    "beside the test suite (its int4 rows stopped on an OBS crash: a second structured prune in one process). The "
+    "unstructured rows are not measured yet. Unstructured rows gain nothing in onnxruntime (dense kernels); "
     "DeepSparse, which reads their zeros, runs through `optimum-prune bench --engine deepsparse` in its own "
     "environment (docs/formats.md). This CPU has AVX2 and no AVX-512 VNNI: int8 and int4 matrix products run "
     "through onnxruntime's AVX2 kernels."
