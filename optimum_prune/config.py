@@ -162,21 +162,18 @@ class PruningConfig:
         self.settings.check(nm)
         if not isinstance(self.refit, bool):
             raise TypeError(f"refit must be True or False, got {self.refit!r}.")
-        if self.refit and method_class(self.method).joint:
-            raise InputError(
-                f"refit=True re-solves each layer's kept weights on its own, but method {self.method!r} prunes the "
-                "layers of a block jointly and fits them itself: drop refit, or choose a per-layer method."
-            )
         if self.gptq is not None and self.gptq not in GPTQ_BITS:
             raise InputError(
                 f"gptq={self.gptq!r}: choose one of {', '.join(GPTQ_BITS)} (the --onnx-quantize weights it rounds "
                 "onto), or leave it unset."
             )
-        if self.gptq and method_class(self.method).joint:
-            raise InputError(
-                f"gptq={self.gptq!r} rounds each layer's kept weights on its own, but method {self.method!r} prunes "
-                "the layers of a block jointly: drop gptq, or choose a per-layer method."
-            )
+        wrappers = {"refit": "re-solves", "gptq": "rounds"}  # what each does to every layer's kept weights on its own
+        for name, does in wrappers.items():
+            if getattr(self, name) and method_class(self.method).joint:
+                raise InputError(
+                    f"{name}={getattr(self, name)!r} {does} each layer's kept weights on its own, but method "
+                    f"{self.method!r} prunes the layers of a block jointly: drop {name}, or choose a per-layer method."
+                )
         if isinstance(self.targets, str) or isinstance(self.ignore, str):
             raise TypeError("targets and ignore are lists of glob patterns, e.g. ['*.mlp.*'].")
         self.ignore = list(self.ignore)

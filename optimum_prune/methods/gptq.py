@@ -54,10 +54,11 @@ def gptq_round(
     columns = kept[:, order].T.contiguous()  # one input column per row, in the order they are rounded
     removed = pruned[:, order].T.contiguous()
     errors = torch.empty_like(columns[:PANEL])
+    sources = order.tolist()  # the input each rounded column was
     for start in range(0, cols, PANEL):
         end = min(start + PANEL, cols)
         for i in range(start, end):
-            block, place = divmod(int(order[i]), NBITS_BLOCK)
+            block, place = divmod(sources[i], NBITS_BLOCK)
             scale = scales[:, block]
             steps = torch.where(scale != 0, columns[i] / torch.where(scale != 0, scale, 1.0), 0.0)
             steps = steps.round_().clamp_(low, high)
