@@ -36,7 +36,7 @@ from .errors import InputError
 from .evaluation.harness import TaskScore, ZeroShotTasks, compare
 from .export import METADATA_KEY, atomic_directory, build_metadata
 from .export.compressed import check_format, save_compressed
-from .export.files import check_writable, copy_processor_files, no_shard_progress_bar, write_model_files
+from .export.files import check_writable, copy_processor_files, transformers_bars_off, write_model_files
 from .export.masks import Masks, write_masks
 from .export.plots import PLOT_NAME, RECOVERY_PLOT_NAME, write_recovery_plot, write_sparsity_plot
 from .methods import get_method
@@ -102,6 +102,13 @@ class Pruner:
                 "it without device_map and let optimum-prune offload it."
             )
         self.config = config if config is not None else PruningConfig()
+        dtype = next(model.parameters()).dtype
+        if self.config.gptq and dtype != torch.float32:
+            raise InputError(
+                f"gptq={self.config.gptq!r} rounds the kept weights onto the export's grid, which a {dtype} model "
+                "cannot hold (each grid value would be rounded again to its dtype): load the model with "
+                "dtype=torch.float32 (--dtype float32)."
+            )
         self.tokenizer = tokenizer
         self.processor = processor  # a vision-language model's processor (or its folder), for image calibration
         self.device = torch.device(device) if device is not None else default_device()
@@ -550,7 +557,7 @@ class Pruner:
                     self.model, staging, masks, pattern=self.config.nm_pattern, max_shard_size=max_shard_size
                 )
             else:
-                with no_shard_progress_bar():
+                with transformers_bars_off():
                     self.model.save_pretrained(staging, max_shard_size=max_shard_size)
             if save_masks:
                 write_masks(masks, staging)
@@ -811,10 +818,12 @@ class Pruner:
         format: str = "dense",
         perplexity: dict[str, Any] | None = None,
         base_model: str | None = None,
+        onnx_dir: str | os.PathLike | None = None,
     ) -> CommitInfo | None:
         """Create ``repo_id`` if needed and upload the model, tokenizer, ``pruning_config.json`` and a model card
         (README.md) in one commit. ``perplexity={"dataset": ..., "before": x, "after": y}`` goes into the card's
-        model-index. Without ``token``, the saved one is used; with none at all, nothing is uploaded.
+        model-index; ``onnx_dir``, an `export_onnx` folder of this model, goes up beside it as ``onnx/``. Without
+        ``token``, the saved one is used; with none at all, nothing is uploaded.
         """
         from .hub.model_card import check_perplexity
         from .hub.push import check_can_push, kept_push_folder, push_folder
@@ -823,6 +832,8 @@ class Pruner:
             raise RuntimeError("Nothing to push yet: call prune() first.")
         check_format(format)
         check_perplexity(perplexity)
+        if onnx_dir is not None and not (Path(onnx_dir) / "model.onnx").is_file():
+            raise InputError(f"onnx_dir={onnx_dir} holds no model.onnx: pass the folder export_onnx wrote.")
         if not Ranks.current().main:  # in a distributed run, rank 0 uploads
             return None
         token = check_can_push(token)
@@ -841,6 +852,8 @@ class Pruner:
                 recovery_plot=recovery_plot,
             )  # fmt: skip
             card.save(folder / "README.md")
+            if onnx_dir is not None:
+                shutil.copytree(onnx_dir, folder / "onnx")
             try:
                 return push_folder(folder, repo_id, token=token, private=private, commit_message=message)
             except Exception as error:  # whatever stopped the upload, the pruned model is not lost

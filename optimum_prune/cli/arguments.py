@@ -119,7 +119,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
     loading = parser.add_argument_group("model loading")
     loading.add_argument("--device", help="where blocks are pruned: cpu, cuda, cuda:1 (default: first GPU, else CPU).")
-    loading.add_argument("--dtype", choices=DTYPES, default="auto", help="weights dtype (default: the checkpoint's).")
+    loading.add_argument(
+        "--dtype",
+        choices=DTYPES,
+        default="auto",
+        help="weights dtype (default: the checkpoint's; float32 with --gptq).",
+    )
     loading.add_argument(
         "--tokenizer", metavar="PATH", help="tokenizer folder or Hub id, when --model has none (default: --model)."
     )
@@ -287,7 +292,9 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
         "folder where DeepSparse 1.8 is installed.",
     )
     parser.add_argument("--threads", type=int, help="threads of the engine (default: its own).")
-    parser.add_argument("--prompt-len", type=int, default=512, help="prompt tokens (default 512).")
+    parser.add_argument(
+        "--prompt-len", type=int, help="prompt tokens (default 512, or fewer so that the model's context holds them)."
+    )
     parser.add_argument("--new-tokens", type=int, default=128, help="greedy decode steps (default 128).")
     parser.add_argument("--repeats", type=int, default=3, help="interleaved runs per model (default 3).")
     parser.add_argument("--no-record", action="store_true", help="print only; leave the folder as it is.")

@@ -20,12 +20,15 @@ def benchmark(output: str | Path, against: str | Path | None, record: bool = Tru
     """Time ``output`` (its ONNX export when there is one) against ``against``, print the table, and record the
     result in the timed folder's metadata and card; return the result."""
     from ..evaluation.speed import measure_speed
+    from ..export.metadata import read_metadata
     from ..hub.model_card import record_speed
 
     folder = speed_folder(output)
     report = measure_speed(folder, against, **settings)
     print(report.table())
-    if record:
+    if record and read_metadata(folder) is None:  # a measurement changes nothing it was given
+        print(f"not recorded: {folder} was not written by optimum-prune, so its files are left as they were")
+    elif record:
         record_speed(folder, report.to_dict())
     return report.to_dict()
 
@@ -45,6 +48,9 @@ def run_bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             prompt_len=args.prompt_len, new_tokens=args.new_tokens, repeats=args.repeats, engine=args.engine,
         )  # fmt: skip
     except (InputError, ImportError) as error:
-        print(f"{parser.prog}: error: {error}", file=sys.stderr)
+        print(f"{parser.prog}: error: {' '.join(str(error).split())}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"{parser.prog}: interrupted: nothing was recorded", file=sys.stderr)
+        return 130
     return 0

@@ -119,6 +119,11 @@ def check(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Plan:
         )
     if args.device_map is not None:
         _check_device_map(args, config, parser)
+    if config.gptq and args.dtype not in ("auto", "float32"):
+        parser.error(
+            f"argument --dtype: --gptq rounds onto a grid that {args.dtype} cannot hold: use --dtype float32 (the "
+            "default with --gptq)."
+        )
     if args.recover_steps and config.gptq:
         from ..config import gptq_with_training
 
@@ -134,12 +139,22 @@ def check(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Plan:
     if args.recover_eval_windows < 0:
         parser.error(f"argument --recover-eval-windows: must be 0 or more, got {args.recover_eval_windows}.")
     model_config = _check_model(args, parser)
-    if "onnx" in args.export:
-        from ..core.auto import is_vision_language
+    from ..core.auto import is_vision_language
+
+    if "onnx" in args.export and is_vision_language(model_config):
         from ..export.onnx import VISION_LANGUAGE_REFUSAL
 
-        if is_vision_language(model_config):
-            parser.error(f"argument --export onnx: {VISION_LANGUAGE_REFUSAL}")
+        parser.error(f"argument --export onnx: {VISION_LANGUAGE_REFUSAL}")
+    if args.benchmark and is_vision_language(model_config):
+        parser.error(
+            "argument --benchmark: bench times text decoding of causal LMs, and this is a vision-language model "
+            "(its speed depends on its images): drop --benchmark."
+        )
+    if args.processor and not is_vision_language(model_config):
+        parser.error(
+            f"argument --processor: {args.model} is a text model (no vision tower): a processor is for image + text "
+            "calibration of a vision-language model; drop --processor."
+        )
     if config.structure is not None:
         _check_structure(config, model_config, args.trust_remote_code, parser)
     context = getattr(model_config, "max_position_embeddings", None)
@@ -478,26 +493,35 @@ def _check_outputs(args: argparse.Namespace, parser: argparse.ArgumentParser) ->
                 )
 
 
+def _changed_settings(saved: dict[str, Any], ours: dict[str, Any]) -> str:
+    """The recipe fields in which ``saved`` (a config dict a run was started with) differs from ``ours``, with
+    their saved values (``""`` when none differs); the calibration fields are compared once the text is read."""
+    recorded = {"dataset", "num_samples", "seq_len"}
+    changed = sorted(key for key in {*ours, *saved} - recorded if saved.get(key) != ours.get(key))
+    return ", ".join(f"{key}={saved.get(key)!r}" for key in changed)
+
+
 def _check_resume_matches(args: argparse.Namespace, config: PruningConfig, parser: argparse.ArgumentParser) -> None:
-    """--resume of a work folder started with other settings or another number of processes: refused before
-    loading (the calibration text is compared once it is tokenized)."""
+    """--resume of a work folder (or of recovery training) started with other settings or another number of
+    processes: refused before loading (the calibration text is compared once it is tokenized)."""
+    from ..config import CONFIG_NAME
     from ..engine.distributed import world_size
     from ..engine.work_folder import FINGERPRINT, STATE, work_folder_paths
 
-    for folder in work_folder_paths(args.output, args.offload_folder):
-        if not (folder / STATE).is_file() or not (folder / FINGERPRINT).is_file():
-            continue
-        saved = json.loads((folder / FINGERPRINT).read_text(encoding="utf-8"))
-        ours = config.to_dict()
-        recorded = {"dataset", "num_samples", "seq_len"}  # set from the calibration data once it is read
-        changed = sorted(
-            key for key in {*ours, *saved.get("config", {})} - recorded if saved["config"].get(key) != ours.get(key)
-        )
+    started = {
+        folder: json.loads((folder / FINGERPRINT).read_text(encoding="utf-8"))
+        for folder in work_folder_paths(args.output, args.offload_folder)
+        if (folder / STATE).is_file() and (folder / FINGERPRINT).is_file()
+    }
+    pruned = _training_work_dir(args) / "pruned" if _resumes_training(args) else None
+    if pruned is not None and (pruned / CONFIG_NAME).is_file():  # the model recovery training started from
+        started[pruned] = {"config": json.loads((pruned / CONFIG_NAME).read_text(encoding="utf-8"))}
+    for folder, saved in started.items():
+        changed = _changed_settings(saved.get("config", {}), config.to_dict())
         if changed:
-            before = ", ".join(f"{key}={saved['config'].get(key)!r}" for key in changed)
             parser.error(
-                f"argument --resume: {folder} was started with a different {', '.join(changed)} ({before}): run "
-                "the same command again, or delete that folder to start over."
+                f"argument --resume: {folder} was started with {changed}: run the same command again, or delete "
+                f"{folder.parent if folder == pruned else folder} to start over."
             )
         processes = saved.get("processes", 1)
         if processes != world_size():
@@ -647,6 +671,8 @@ def execute(args: argparse.Namespace, plan: Plan) -> None:
 
     config = plan.config
     dtype = args.dtype if args.dtype == "auto" else getattr(torch, args.dtype)
+    if config.gptq and args.dtype == "auto":  # the grid's values need float32 (Pruner refuses other dtypes)
+        dtype = torch.float32
     cap_seq_len(plan, getattr(plan.model_config, "max_position_embeddings", None))
     if args.dry_run:
         dry_run(args, plan, dtype)
@@ -687,6 +713,7 @@ def execute(args: argparse.Namespace, plan: Plan) -> None:
 
         pruner.report.speed = benchmark(args.output, args.model if os.path.isdir(args.model) else None)
         pruner._record_metadata()
+    push(args, pruner, scores)
     if "onnx" in args.export and before is not None and main:  # the ONNX export, by the same protocol
         exported = evaluate_perplexity(
             Path(args.output) / "onnx", pruner.tokenizer, plan.eval_texts, eval_seq_len, args.eval_windows
@@ -773,7 +800,7 @@ def recover(args: argparse.Namespace, pruner: Pruner) -> None:
 
 
 def write(args: argparse.Namespace, pruner: Pruner, scores: dict[str, Any] | None) -> None:
-    """Save --output (unless pruning streamed it), export ONNX, push to the Hub (rank 0 only, under torchrun)."""
+    """Save --output (unless pruning streamed it) and export ONNX (rank 0 only, under torchrun)."""
     from ..engine.distributed import Ranks
 
     if not Ranks.current().main:
@@ -802,9 +829,20 @@ def write(args: argparse.Namespace, pruner: Pruner, scores: dict[str, Any] | Non
                 f"  each weight was rounded to {args.onnx_quantize} on its own; --gptq {args.onnx_quantize} rounds "
                 "them during pruning with the calibration data, for less quality loss (docs/formats.md)"
             )
-    if args.push_to_hub:
-        commit = pruner.push_to_hub(args.push_to_hub, private=args.private, format=save_format, perplexity=scores)
-        print(f"pushed to {commit.commit_url}")
+
+
+def push(args: argparse.Namespace, pruner: Pruner, scores: dict[str, Any] | None) -> None:
+    """Upload the model with its card (speed included, once measured) and its ONNX export (rank 0 only)."""
+    from ..engine.distributed import Ranks
+
+    if not args.push_to_hub or not Ranks.current().main:
+        return
+    onnx_dir = Path(args.output) / "onnx" if "onnx" in args.export else None
+    save_format = "compressed" if "compressed" in args.export else "dense"
+    commit = pruner.push_to_hub(
+        args.push_to_hub, private=args.private, format=save_format, perplexity=scores, onnx_dir=onnx_dir
+    )
+    print(f"pushed to {commit.commit_url}")
 
 
 def _training_estimate(args: argparse.Namespace, plan: Plan, estimate: Any, device: Any) -> str:

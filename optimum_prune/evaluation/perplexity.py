@@ -51,11 +51,19 @@ def evaluate_perplexity(
     it adds a BOS token (Llama, Gemma), each window's ``seq_len`` tokens are all predicted after a BOS; when it
     adds none (GPT-2, OPT), the paper protocol predicts the last ``seq_len - 1`` tokens of each window.
     """
+    for name, value in (("seq_len", seq_len), ("batch_size", batch_size), ("max_windows", max_windows)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise InputError(f"{name}={value!r} must be a positive integer.")
     if isinstance(model, str | os.PathLike):  # an exported ONNX folder
         from .onnx_model import OnnxCausalLM
 
         model = OnnxCausalLM(model)
         tokenizer = tokenizer if tokenizer is not None else AutoTokenizer.from_pretrained(model.folder)
+    if tokenizer is None:
+        raise InputError(
+            "tokenizer=None: pass the model's tokenizer (AutoTokenizer.from_pretrained(...)); only an ONNX folder "
+            "reads its own."
+        )
     context = getattr(getattr(model, "config", None), "max_position_embeddings", None)
     if context is not None and seq_len > context:
         raise InputError(

@@ -30,9 +30,9 @@ import numpy as np
 import torch
 
 from ..errors import InputError
+from ..export.files import transformers_bars_off
 from ..export.onnx import CACHE_ARGUMENT, ONNX_FILE
 
-FASTER = 1.1  # a speed ratio below this is "no faster"
 ENGINES = ("onnxruntime", "transformers", "deepsparse")
 DEEPSPARSE_INSTALL = (
     "DeepSparse is not installed: it pins numpy<2 and onnx<1.15, so give it its own environment (python3.11 -m "
@@ -84,15 +84,24 @@ class SpeedReport:
 
     @property
     def verdict(self) -> str:
-        if self.ratios is None:
+        """Prefill and decode judged apart, each from its spread (`compare_speed`)."""
+        if self.dense is None:
             return "no dense model to compare with (--against DENSE)"
-        prefill, decode = self.ratios
-        if max(prefill, decode) < FASTER:
+        judged = {
+            kind: compare_speed(
+                [self.output[f"{kind}_tokens_per_second{end}"] for end in ("_min", "_max")],
+                [self.dense[f"{kind}_tokens_per_second{end}"] for end in ("_min", "_max")],
+                self.output[f"{kind}_tokens_per_second"] / self.dense[f"{kind}_tokens_per_second"],
+            )
+            for kind in ("decode", "prefill")
+        }
+        text = "; ".join(f"{kind} {verdict}" for kind, verdict in judged.items())
+        if not any(verdict.endswith(": faster") for verdict in judged.values()):
             advice = (
                 "structured pruning would be" if "int4" in self.dtype else "structured pruning or int4 ONNX would be"
             )
-            return f"{decode:.2f}x decode, {prefill:.2f}x prefill: no faster on this runtime; {advice}"
-        return f"{decode:.2f}x decode, {prefill:.2f}x prefill: faster than the dense model on this runtime"
+            text += f" (on this runtime; {advice})"
+        return text
 
     def table(self) -> str:
         rows = [("output", self.output)] + ([("dense", self.dense)] if self.dense else [])
@@ -114,6 +123,17 @@ class SpeedReport:
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "verdict": self.verdict}
+
+
+def compare_speed(output: list[float], dense: list[float], ratio: float) -> str:
+    """``"1.42x: faster"``, ``"0.61x: slower"`` or ``"1.04x: no measurable difference"``: a ratio of medians is
+    called faster or slower only when the two spreads (lowest and highest tokens/s of the repeats) do not
+    overlap."""
+    if min(output) > max(dense):
+        return f"{ratio:.2f}x: faster"
+    if max(output) < min(dense):
+        return f"{ratio:.2f}x: slower"
+    return f"{ratio:.2f}x: no measurable difference (the spreads overlap)"
 
 
 def is_onnx_folder(folder: Path) -> bool:
@@ -230,9 +250,14 @@ def _torch_runner(folder: Path, device: torch.device) -> Callable[[np.ndarray, i
     from transformers import AutoConfig
 
     from ..core.auto import auto_model_class
+    from ..export.compressed import is_compressed
+    from ..export.loading import load_pruned
 
-    model_class = auto_model_class(AutoConfig.from_pretrained(folder))
-    model = model_class.from_pretrained(folder, use_safetensors=True).to(device).eval()
+    if is_compressed(folder):  # decoded bit-exactly: it runs as the dense model of the same weights
+        model = load_pruned(folder)
+    else:
+        model = auto_model_class(AutoConfig.from_pretrained(folder)).from_pretrained(folder, use_safetensors=True)
+    model = model.to(device).eval()
 
     def synchronize() -> None:
         if device.type == "cuda":
@@ -276,29 +301,78 @@ def _check_engine(engine: str | None, onnx: bool, output: Path) -> str:
     return engine
 
 
+DEFAULT_PROMPT_LEN = 512
+
+
+def _check_inputs(
+    output: Path, against: Path | None, device: str | torch.device, prompt_len: int | None, new_tokens: int
+) -> tuple[torch.device, int]:
+    """Refuse, before any model is loaded, what `measure_speed` cannot time; return the device and the prompt
+    length (by default `DEFAULT_PROMPT_LEN`, or what the smaller context leaves beside ``new_tokens``)."""
+    from transformers import AutoConfig
+
+    from ..core.auto import is_vision_language
+
+    try:
+        device = torch.device(device)
+    except RuntimeError:
+        raise InputError(f"Unknown device {device!r}: use cpu, or cuda (cuda:N) on a machine with a GPU.") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise InputError(f"Device {device} asked, and torch sees no CUDA GPU here: use --device cpu.")
+    for name, folder in (("output", output), ("against", against)):
+        if folder is None:
+            continue
+        if not (folder / "config.json").is_file():
+            raise InputError(
+                f"No saved model in {folder} ({name}): pass a folder written by save_pretrained or export_onnx."
+            )
+        config = AutoConfig.from_pretrained(folder)
+        if is_vision_language(config):
+            raise InputError(
+                f"{folder} is a vision-language model: bench times text decoding of causal LMs; a VLM's speed "
+                "depends on its images. Time its language model's decode with the transformers' generate API."
+            )
+        context = getattr(config, "max_position_embeddings", None)
+        if context is None:
+            continue
+        if prompt_len is None:
+            prompt_len = min(DEFAULT_PROMPT_LEN, context - new_tokens)
+        if prompt_len < 1 or prompt_len + new_tokens > context:
+            raise InputError(
+                f"A {prompt_len}-token prompt and {new_tokens} new tokens do not fit {folder}'s context of {context} "
+                f"tokens: lower --prompt-len or --new-tokens so that they sum to at most {context}."
+            )
+    if against is not None and is_onnx_folder(against) and not is_onnx_folder(output):
+        raise InputError(
+            f"--against {against} is an ONNX folder and {output} is not: both must run on one engine; give the "
+            "dense safetensors folder (an ONNX output's dense model is exported for it), or time the ONNX export."
+        )
+    return device, prompt_len or DEFAULT_PROMPT_LEN
+
+
 def measure_speed(
     output: str | os.PathLike,
     against: str | os.PathLike | None = None,
     *,
     device: str | torch.device = "cpu",
     threads: int | None = None,
-    prompt_len: int = 512,
+    prompt_len: int | None = None,
     new_tokens: int = 128,
     repeats: int = 3,
     engine: str | None = None,
 ) -> SpeedReport:
     """Prefill and decode tokens/s of the saved model ``output`` and, beside it on the same engine, of the
     dense model ``against``; runs alternate between the two, ``repeats`` times each after one warm-up.
+    ``prompt_len`` (default 512, fewer where the context must also hold ``new_tokens``).
     ``engine`` (`ENGINES`; default: onnxruntime for an ONNX folder, transformers for a safetensors one)."""
     output = Path(output)
-    if not (output / "config.json").is_file():
-        raise InputError(f"No saved model in {output}: pass a folder written by save_pretrained or export_onnx.")
+    dense = Path(against) if against is not None else None
+    device, prompt_len = _check_inputs(output, dense, device, prompt_len, new_tokens)
     onnx = is_onnx_folder(output)
     engine = _check_engine(engine, onnx, output)
     if threads is not None:
         torch.set_num_threads(threads)
     with tempfile.TemporaryDirectory(prefix="optimum-prune-bench-") as scratch:
-        dense = Path(against) if against is not None else None
         if dense is not None and onnx and not is_onnx_folder(dense):
             from ..export.onnx import export_onnx
 
@@ -306,10 +380,11 @@ def measure_speed(
         makers = {
             "onnxruntime": lambda folder: _onnx_runner(folder, threads),
             "deepsparse": lambda folder: _deepsparse_runner(folder, threads, prompt_len),
-            "transformers": lambda folder: _torch_runner(folder, torch.device(device)),
+            "transformers": lambda folder: _torch_runner(folder, device),
         }
         make = makers[engine]
-        runners = {"output": make(output)} | ({"dense": make(dense)} if dense is not None else {})
+        with transformers_bars_off():
+            runners = {"output": make(output)} | ({"dense": make(dense)} if dense is not None else {})
         vocab = json.loads((output / "config.json").read_text(encoding="utf-8")).get("vocab_size", 1000)
         prompt = np.random.default_rng(0).integers(0, vocab, (1, prompt_len)).astype(np.int64)
         timings = {name: Timing() for name in runners}
@@ -330,7 +405,7 @@ def measure_speed(
         new_tokens=new_tokens,
         repeats=repeats,
         hardware=f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs"
-        + (f", {torch.cuda.get_device_name(torch.device(device))}" if torch.device(device).type == "cuda" else ""),
+        + (f", {torch.cuda.get_device_name(device)}" if device.type == "cuda" else ""),
         output=timings["output"].summary(),
         dense=timings["dense"].summary() if "dense" in timings else None,
     )

@@ -88,8 +88,8 @@ def read_json(path: Path) -> Any:
 
 
 @contextmanager
-def no_shard_progress_bar() -> Iterator[None]:
-    """transformers' "Writing model shards" bar off while a model is saved (it is one line of noise per save)."""
+def transformers_bars_off() -> Iterator[None]:
+    """transformers' progress bars ("Writing model shards", "Loading weights") off: a line of noise per model."""
     from transformers.utils import logging as transformers_logging
 
     enabled = transformers_logging.is_progress_bar_enabled()

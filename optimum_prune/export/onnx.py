@@ -251,7 +251,8 @@ def export_onnx(
     import onnx_ir as ir
 
     check_quantization(quantize)
-    check_writable(output_dir, overwrite)
+    sources = () if isinstance(model_or_dir, nn.Module) else (model_or_dir,)
+    check_writable(output_dir, overwrite, inputs=sources)
     model, tokenizer = _load(model_or_dir, tokenizer)
     if not isinstance(model, PreTrainedModel):
         raise TypeError(f"export_onnx needs a transformers causal LM, got {type(model).__name__}.")

@@ -138,9 +138,42 @@ def quantize_onnx(
             f"weight-only {quantize}, symmetric, blocks of {NBITS_BLOCK} (MatMulNBits, int8 activations per block: "
             f"accuracy_level {ACCURACY_LEVEL})"
         )
+    left_float = [name for name in float_weight_nodes(target) if name not in excluded]
+    quantized = len(float_weight_nodes(source)) - len(excluded) - len(left_float)
+    if quantized == 0:
+        raise InputError(
+            f"onnxruntime's {quantize} quantizer found no weight it quantizes in this model ({len(left_float)} "
+            "weights stay float: its layers export as Gemm or fused experts, e.g. GPT-2's Conv1D, which it does not "
+            "take): export it in float (drop quantize=), or use quantize='int8-dynamic'."
+        )
+    if left_float:
+        logger.warning(
+            "%d of %d weight matrices stay float in this %s export (%s%s): onnxruntime's quantizer takes MatMul "
+            "weights only, and these export as Gemm or as fused experts.",
+            len(left_float), quantized + len(left_float), quantize, ", ".join(left_float[:4]),
+            " ..." if len(left_float) > 4 else "",
+        )  # fmt: skip
     return {
         "quantize": quantize,
         "scheme": scheme,
-        "float_nodes": excluded,
+        "float_nodes": excluded + left_float,
         "onnxruntime": onnxruntime.__version__,
     }
+
+
+def float_weight_nodes(path: str | os.PathLike) -> list[str]:
+    """The ``MatMul``/``Gemm`` nodes of a saved ONNX model that multiply by a float weight stored in the file (an
+    initializer, possibly through a Transpose or Cast): what weight-only quantization would make low-bit."""
+    import onnx
+
+    graph = onnx.load(os.fspath(path), load_external_data=False).graph
+    initializers = {tensor.name for tensor in graph.initializer}
+    producers = {output: node for node in graph.node for output in node.output}
+
+    def stored(name: str) -> bool:
+        node = producers.get(name)
+        if node is not None and node.op_type in ("Transpose", "Cast", "Identity"):
+            return stored(node.input[0])
+        return name in initializers
+
+    return [node.name for node in graph.node if node.op_type in ("MatMul", "Gemm") and stored(node.input[1])]

@@ -28,6 +28,7 @@ from ..core.masks import lowest_mask, prune_count
 from ..core.memory import peak_memory
 from ..core.safetensors import open_safetensors, write_safetensors
 from ..errors import InputError
+from ..methods import method_class
 from ..report import LayerReport, PruningReport
 from .callback import SparsityCallback
 from .train import RecoveryConfig, RecoveryReport, recover
@@ -143,8 +144,19 @@ def check_gradual(config: PruningConfig) -> None:
             "Gradual structured pruning removes MLP channels and KV groups; blocks and experts are removed "
             "one-shot: prune them first (prune()), then recover()."
         )
+    if structure is not None and structure.is_budget:
+        raise InputError(
+            f"Gradual structured pruning takes fractions (mlp=, attention=); a budget ({structure.budget}) is "
+            "searched one-shot: use --recover-schedule one-shot (prune() then recover()), or give mlp=/attention=."
+        )
     if structure is None and (config.nm_pattern is not None or config.allocation != "uniform"):
         raise InputError("Gradual pruning prunes to an unstructured, uniform sparsity: drop pattern and OWL.")
+    if config.refit or method_class(config.method).always_refits:
+        what = "refit" if config.refit else f"method {config.method!r} (it always refits)"
+        raise InputError(
+            f"Gradual pruning grows its masks from training saliency and never calls the method's solver, so "
+            f"{what} would do nothing: drop it (use --method magnitude), or prune one-shot."
+        )
 
 
 SCHEDULE_FILE = "schedule.json"  # in the work folder: what the schedule was started with

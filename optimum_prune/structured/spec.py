@@ -85,6 +85,11 @@ class Structure:
             raise InputError(
                 f"structure layer_criterion={self.layer_criterion!r}: choose one of {', '.join(LAYER_CRITERIA)}."
             )
+        if self.layer_criterion != DEFAULT_LAYER_CRITERION and not (self.layers or self.is_budget):
+            raise InputError(
+                f"structure layer_criterion={self.layer_criterion} chooses which blocks go, and no blocks are removed: "
+                "add layers=FRACTION (or a params=/size= budget), or drop layer_criterion."
+            )
 
     @property
     def is_budget(self) -> bool:
