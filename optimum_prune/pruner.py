@@ -14,9 +14,9 @@ from typing import Any
 import torch
 from huggingface_hub import CommitInfo, ModelCard
 from torch import nn
-from transformers import AutoProcessor, PreTrainedModel, PreTrainedTokenizerBase, TrainerCallback
+from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainerCallback
 
-from .calibration import calibration_tokens, has_images, image_text_inputs, load_pairs
+from .calibration import calibration_tokens, has_images, image_text_inputs, load_pairs, load_processor
 from .config import PruningConfig, gptq_with_training
 from .core.auto import is_vision_language
 from .core.layers import find_target_layers
@@ -285,15 +285,7 @@ class Pruner:
             )
         if self.processor is not None and not isinstance(self.processor, (str, os.PathLike)):
             return self.processor
-        where = self._processor_folder
-        try:
-            return AutoProcessor.from_pretrained(where)
-        except (OSError, ValueError, TypeError) as error:
-            raise InputError(
-                f"Image + text calibration needs the model's processor, which could not be loaded from {where!s} "
-                f"({error}): pass processor= to Pruner.from_pretrained (--processor), a folder with its "
-                "preprocessor_config.json and tokenizer."
-            ) from None
+        return load_processor(self._processor_folder)
 
     def prune(
         self,
@@ -351,7 +343,7 @@ class Pruner:
             budget = search_budget(
                 self.model, self.config, method, self._budget_mixes, input_ids, self.device, self.progress
             )
-            chosen = dataclasses.replace(budget.chosen, layer_criterion=self.config.structure.layer_criterion)
+            chosen = budget.chosen.choosing_blocks_by(self.config.structure.layer_criterion)
             plan = plan_structure(
                 self.model, chosen, find_target_layers(self.model, self.config.targets, self.config.ignore)
             )

@@ -123,6 +123,10 @@ def test_what_cannot_work_with_a_dispatched_model_is_refused_before_any_work(in_
         (["--device-map", "auto", "--offload", "disk"], "argument --device-map: not with --offload"),
         (["--device-map", "auto", "--structure", "mlp=0.25"], "argument --device-map: not with --structure"),
         (["--device-map", "auto", "--save-masks", "--output", "x"], "argument --device-map: not with --save-masks"),
+        (["--device-map", '{"model": "cpu"}'], "it places no device for lm_head"),  # issue 37: incomplete
+        (["--device-map", '{"": "gpu"}'], "'gpu' is not a device"),
+        (["--device-map", '{"": 7}'], "goes to GPU 7, and this machine has"),
+        (["--device-map", '{"model": "disk", "lm_head": "cpu"}'], "a module goes to disk: add --offload-folder"),
     ],
 )
 def test_cli_device_map_refusals_exit_2_before_loading(flags, message, monkeypatch, capsys):

@@ -265,3 +265,47 @@ def test_an_int4_export_says_what_stays_float_and_refuses_one_with_nothing_quant
     left = [record.getMessage() for record in caplog.records if "stay float in this int4 export" in record.getMessage()]
     # OPT's MLP (fc1, fc2 in each of 2 blocks) exports as Gemm: said, and recorded beside the float head
     assert left and left[0].startswith("4 of 12 weight matrices stay float") and len(metadata["float_nodes"]) == 5
+
+
+# 11. VLM bad input exited 1 after loading
+
+
+def test_unreadable_images_and_a_tokenizer_only_processor_are_refused_before_loading(tmp_path, monkeypatch, capsys):
+    import transformers
+    from test_vlm import _image_text_file, _llava_with_processor
+
+    processor = _llava_with_processor(tmp_path / "llava")
+    processor.tokenizer.save_pretrained(tmp_path / "tokenizer-only")
+    pairs = _image_text_file(tmp_path, count=2)
+    flags = ["--model", str(tmp_path / "llava"), "--method", "wanda", "--dataset", str(pairs), *SMALL]
+    monkeypatch.setattr(
+        transformers.AutoModelForImageTextToText, "from_pretrained", lambda *a, **k: pytest.fail("loaded weights")
+    )
+    assert run_main(*flags, "--processor", str(tmp_path / "tokenizer-only")) == 2
+    error = capsys.readouterr().err
+    assert "argument --processor:" in error and "tokenizer-only has none" in error
+    (tmp_path / "image1.png").write_bytes(b"not a png")
+    assert run_main(*flags) == 2
+    assert "row 2: " in (error := capsys.readouterr().err) and "is not a readable image" in error
+
+
+# 13. budgets were refused after loading, about kinds the model does not have
+
+
+def test_a_budget_searches_what_the_model_has_and_is_refused_before_loading(tmp_path, monkeypatch, capsys) -> None:
+    from conftest import tiny_model
+
+    tiny_model("gpt2").save_pretrained(tmp_path / "gpt2")  # no separate KV projections: MLP width and blocks
+    tiny_model("qwen2_moe").save_pretrained(tmp_path / "moe")  # no dense MLP: KV groups and blocks
+    tokenizer = ["--tokenizer", str(STORIES_260K), "--method", "wanda", "--dataset", str(C4_SAMPLE), *SMALL]
+    out = tmp_path / "out"
+    assert (
+        run_main("--model", str(tmp_path / "gpt2"), *tokenizer, "--structure", "params=0.8", "--output", str(out)) == 0
+    )
+    kept = json.loads((out / "config.json").read_text())["optimum_prune"]["structure"]["parameters"]
+    assert kept["kept"] <= 0.8 * kept["original"]
+    _no_loading(monkeypatch)
+    for extra in ([], ["--dry-run"]):
+        assert run_main("--model", str(tmp_path / "moe"), *tokenizer, "--structure", "params=0.3", *extra) == 2
+        error = capsys.readouterr().err
+        assert "argument --structure: No mix of KV groups, blocks (what Qwen2MoeForCausalLM can lose)" in error

@@ -443,7 +443,10 @@ def test_a_budget_in_bytes_keeps_the_saved_weights_within_it(tmp_path, capsys):
     [
         ({"params": 0.7, "mlp": 0.2}, "params= chooses the mix itself: drop mlp="),
         ({"params": 1.5}, "must be in \\(0, 1\\)"),
-        ({"params": 0.01}, "No mix of MLP width, KV groups and blocks keeps at most params=0.01"),
+        (
+            {"params": 0.01},
+            "No mix of MLP width, KV groups, blocks .what LlamaForCausalLM can lose. keeps at most params=0.01",
+        ),
         ({"size": "5MB"}, "size=5,000,000 bytes is no smaller than LlamaForCausalLM's 1,040,128 bytes"),
         ({"size": "lots"}, "size='lots' must be a size in bytes, e.g. 250MB"),
         ({"size": "1MB", "params": 0.7}, "params= and size= are two budgets"),

@@ -89,10 +89,45 @@ def load_pairs(source: Any, text_column: str = "text") -> tuple[list[ImageTextPa
         missing = [str(image) for image in images if isinstance(image, (str, Path)) and not Path(image).is_file()]
         if missing:
             raise InputError(f"{name}: row {number} names images that do not exist: {', '.join(missing)}.")
+        for image in images:
+            _check_readable(image, f"{name}: row {number}")
         pairs.append(ImageTextPair(str(row[text_column]), images))
     if not pairs:
         raise InputError(f"{name!r} holds no image + text pairs (expected {FORMAT}).")
     return pairs, name
+
+
+def _check_readable(image: Any, where: str) -> None:
+    """Refuse an image file Pillow cannot read (not an image, truncated), naming it."""
+    if not isinstance(image, (str, Path)):
+        return
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(image) as opened:
+            opened.verify()
+    except (OSError, UnidentifiedImageError, SyntaxError) as error:
+        raise InputError(f"{where}: {image} is not a readable image ({error}): replace or drop it.") from None
+
+
+def load_processor(where: str | os.PathLike) -> Any:
+    """The processor of a vision-language model from ``where`` (a folder or Hub id): one that prepares images as
+    well as text, else a clear error (`AutoProcessor` returns a bare tokenizer from a folder that only has one)."""
+    from transformers import AutoProcessor
+
+    try:
+        processor = AutoProcessor.from_pretrained(where)
+    except (OSError, ValueError, TypeError) as error:
+        cause = f"it could not be loaded ({' '.join(str(error).split())[:200]})"
+    else:
+        if getattr(processor, "image_processor", None) is not None:
+            return processor
+        cause = f"it holds a {type(processor).__name__}, which prepares no images"
+    raise InputError(
+        f"Image + text calibration needs the model's processor, and {where!s} has none: {cause}. Pass "
+        "processor= to Pruner.from_pretrained (--processor), a folder with its preprocessor_config.json and "
+        "tokenizer."
+    )
 
 
 def _prompt(processor: Any, text: str, images: int) -> str:

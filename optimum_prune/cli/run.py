@@ -139,6 +139,8 @@ def check(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Plan:
     if args.recover_eval_windows < 0:
         parser.error(f"argument --recover-eval-windows: must be 0 or more, got {args.recover_eval_windows}.")
     model_config = _check_model(args, parser)
+    if args.device_map is not None:
+        _check_device_map_places(args, model_config, parser)
     from ..core.auto import is_vision_language
 
     if "onnx" in args.export and is_vision_language(model_config):
@@ -187,6 +189,7 @@ def check(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Plan:
         )
     if args.dataset:
         _read_texts(parser, "--dataset", args.dataset, args.text_column, args.dataset_split)
+        _check_image_calibration(args, model_config, parser)
     if args.recover_steps and not (args.recover_dataset or args.dataset):
         parser.error("argument --recover-steps: recovery needs training text: add --recover-dataset (or --dataset).")
     if args.recover_steps:
@@ -197,6 +200,25 @@ def check(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Plan:
         )
     plan.tasks = _check_tasks(args, parser)
     return plan
+
+
+def _check_image_calibration(
+    args: argparse.Namespace, model_config: PretrainedConfig, parser: argparse.ArgumentParser
+) -> None:
+    """Image + text --dataset: every image readable and a processor that prepares images, before loading."""
+    from ..calibration import has_images, load_pairs, load_processor
+    from ..core.auto import is_vision_language
+
+    if not has_images(args.dataset) or not is_vision_language(model_config):
+        return  # a text model given images is refused by the Pruner, naming the model class
+    try:
+        load_pairs(args.dataset, args.text_column)
+    except InputError as error:
+        parser.error(f"argument --dataset: {error}")
+    try:
+        load_processor(args.processor or args.model)
+    except InputError as error:
+        parser.error(f"argument {'--processor' if args.processor else '--model'}: {error}")
 
 
 def _check_recovery(
@@ -381,11 +403,15 @@ def _check_structure(
     """--structure against a meta-device model of --model's config: a structure the model cannot express is
     refused before any weight is loaded."""
     from ..core.layers import find_target_layers
+    from ..engine.budget import candidate_mixes
     from ..structured.plan import plan_structure
 
     model = _meta_model(model_config, trust_remote_code)
     try:
-        plan_structure(model, config.structure, find_target_layers(model, config.targets, config.ignore))
+        if config.structure.is_budget:  # the mixes it would search, each planned like any structure
+            candidate_mixes(model, config)
+        else:
+            plan_structure(model, config.structure, find_target_layers(model, config.targets, config.ignore))
     except ValueError as error:
         parser.error(f"argument --structure: {error}")
 
@@ -494,11 +520,12 @@ def _check_outputs(args: argparse.Namespace, parser: argparse.ArgumentParser) ->
 
 
 def _changed_settings(saved: dict[str, Any], ours: dict[str, Any]) -> str:
-    """The recipe fields in which ``saved`` (a config dict a run was started with) differs from ``ours``, with
+    """The recipe fields in which ``saved`` (a config dict a run was started with) differs from ``ours``, and
     their saved values (``""`` when none differs); the calibration fields are compared once the text is read."""
     recorded = {"dataset", "num_samples", "seq_len"}
     changed = sorted(key for key in {*ours, *saved} - recorded if saved.get(key) != ours.get(key))
-    return ", ".join(f"{key}={saved.get(key)!r}" for key in changed)
+    before = ", ".join(f"{key}={saved.get(key)!r}" for key in changed)
+    return f"a different {', '.join(changed)} ({before})" if changed else ""
 
 
 def _check_resume_matches(args: argparse.Namespace, config: PruningConfig, parser: argparse.ArgumentParser) -> None:
@@ -576,6 +603,52 @@ def _check_device_map(args: argparse.Namespace, config: PruningConfig, parser: a
     for name, (given, why) in refused.items():
         if given:
             parser.error(f"argument --device-map: not with {name}: {why}.")
+
+
+def _check_device_map_places(
+    args: argparse.Namespace, model_config: PretrainedConfig, parser: argparse.ArgumentParser
+) -> None:
+    """A JSON --device-map names devices this machine has and places every parameter of --model (checked on a
+    meta-device model); disk needs --offload-folder."""
+    import torch
+
+    value = parse_device_map(args.device_map)
+    if isinstance(value, str):
+        return
+    gpus = torch.cuda.device_count()
+    for module, device in value.items():
+        if device in ("cpu", "disk"):
+            continue
+        try:
+            place = torch.device("cuda", device) if isinstance(device, int) else torch.device(device)
+        except (RuntimeError, TypeError):
+            place = None
+        if place is None or place.type != "cuda":
+            parser.error(
+                f"argument --device-map: {module!r}: {device!r} is not a device: use cpu, disk or a GPU index."
+            )
+        if not (place.index or 0) < gpus:
+            parser.error(
+                f"argument --device-map: {module!r} goes to GPU {device!r}, and this machine has {gpus} CUDA GPU(s): "
+                "use cpu or disk there."
+            )
+    if "disk" in value.values() and not args.offload_folder:
+        parser.error(
+            "argument --device-map: a module goes to disk: add --offload-folder DIR, where accelerate keeps it."
+        )
+    model = _meta_model(model_config, args.trust_remote_code)
+    missing = sorted(
+        {
+            name.rpartition(".")[0]
+            for name, _ in model.named_parameters()
+            if not any(key == "" or name == key or name.startswith(f"{key}.") for key in value)
+        }
+    )
+    if missing:
+        parser.error(
+            f"argument --device-map: it places no device for {', '.join(missing[:4])}"
+            f"{' ...' if len(missing) > 4 else ''}: name every module (or a parent of it), or use auto."
+        )
 
 
 def _parse_max_memory(spec: str | None, parser: argparse.ArgumentParser) -> dict[int | str, str] | None:

@@ -62,7 +62,7 @@ def search_budget(
     held_out = held_out if len(held_out) else input_ids[:HELD_OUT_SEQUENCES]
     candidates = []
     for mix, kept in tqdm(mixes, desc="Budget search", unit="mix", disable=not progress):
-        trial = dataclasses.replace(mix, layer_criterion="influence")
+        trial = mix.choosing_blocks_by("influence")
         candidate = copy.deepcopy(model)
         trial_config = dataclasses.replace(config, structure=trial, num_samples=len(fit))
         layers = find_target_layers(candidate, config.targets, config.ignore)

@@ -24,8 +24,8 @@ def budget_mixes(model: nn.Module, budget: Structure, layers: list[list[TargetLa
     structure (a meta-device model of each), counted exactly as the saved model's parameters."""
     total = sum(parameter.numel() for parameter in {id(p): p for p in model.parameters()}.values())
     target = budget_parameters(model, budget, total)
-    groups = block_groups(model, layers, [MLP, ATTENTION])[0] if layers else {}
-    common = {"align": budget.align, "compensate": budget.compensate, "layer_criterion": budget.layer_criterion}
+    groups = applicable_groups(model, layers)
+    common = {"align": budget.align, "compensate": budget.compensate}
     blocks, found = len(layers), {}
     removals = [(kv, round(blocks * share)) for kv in (0, 1) for share in BLOCK_SHARES]
     for kv, removed in removals:
@@ -45,11 +45,24 @@ def budget_mixes(model: nn.Module, budget: Structure, layers: list[list[TargetLa
     fullest = max((mix[1] for mix in found.values()), default=0)
     found = {name: mix for name, mix in found.items() if mix[1] >= fullest - COMPARABLE * total}
     if not found:
+        kinds = ", ".join([{MLP: "MLP width", ATTENTION: "KV groups"}[kind] for kind in groups] + ["blocks"])
         raise InputError(
-            f"No mix of MLP width, KV groups and blocks keeps at most {budget.budget} of "
-            f"{type(model).__name__}'s {total:,} parameters: give a larger budget."
+            f"No mix of {kinds} (what {type(model).__name__} can lose) keeps at most {budget.budget} of its "
+            f"{total:,} parameters: give a larger budget."
         )
     return list(found.values())
+
+
+def applicable_groups(model: nn.Module, layers: list[list[TargetLayer]]) -> dict:
+    """The first block's MLP and attention channel groups, each only where the model has it among the target
+    layers (GPT-2 has no separate KV projections, a mixture of experts no dense MLP): a budget searches those."""
+    groups = {}
+    for kind in (MLP, ATTENTION):
+        try:
+            groups.update(block_groups(model, layers, [kind])[0] if layers else {})
+        except InputError:
+            continue
+    return groups
 
 
 def budget_parameters(model: nn.Module, budget: Structure, total: int) -> float:
@@ -69,7 +82,7 @@ def budget_parameters(model: nn.Module, budget: Structure, total: int) -> float:
 def _counted(model: nn.Module, values: dict, layers: list[list[TargetLayer]]) -> tuple[Structure, int] | None:
     """The structure of ``values`` and its kept parameters, or ``None`` when it is not a valid structure."""
     try:
-        structure = Structure(**values)
+        structure = Structure(**values)  # the blocks' criterion is the budget's, set by the caller on the chosen mix
         return structure, kept_parameters(model, plan_structure(model, structure, layers))
     except InputError:
         return None

@@ -96,6 +96,10 @@ class Structure:
         """Whether a search chooses the mix (a ``params`` or ``size`` budget)."""
         return bool(self.params or self.size)
 
+    def choosing_blocks_by(self, criterion: str) -> Structure:
+        """This structure with ``criterion`` choosing its removed blocks (itself when it removes none)."""
+        return dataclasses.replace(self, layer_criterion=criterion) if self.layers else self
+
     @property
     def budget(self) -> str:
         """The budget as ``--structure`` takes it (``params=0.7``, ``size=250000000``); empty without one."""
