@@ -188,11 +188,21 @@ class PruningConfig:
     @property
     def needs_calibration(self) -> bool:
         """Whether the run needs calibration data (all but uniform magnitude pruning do)."""
-        if method_class(self.method).needs_statistics or self.allocation != "uniform" or self.refit or self.gptq:
-            return True
+        return self.calibration_needed_by is not None
+
+    @property
+    def calibration_needed_by(self) -> str | None:
+        """What in the recipe needs calibration data (``"method 'wanda'"``, ``"refit=True"``...), or ``None``."""
         structure = self.structure
-        removes_by_data = structure is not None and (structure.layers or structure.experts or structure.is_budget)
-        return structure is not None and (structure.compensate or bool(removes_by_data))
+        needs = {
+            f"method {self.method!r}": method_class(self.method).needs_statistics,
+            f"{self.allocation} allocation": self.allocation != "uniform",
+            "refit=True": self.refit,
+            f"gptq={self.gptq!r}": bool(self.gptq),
+            f"structure {structure}": structure is not None
+            and (structure.compensate or bool(structure.layers or structure.experts or structure.is_budget)),
+        }
+        return next((what for what, needed in needs.items() if needed), None)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -320,7 +320,7 @@ class Pruner:
         if self.config.needs_calibration:
             if dataset is None:
                 raise InputError(
-                    f"Method {self.config.method!r} needs calibration data: pass a dataset, e.g. "
+                    f"{self.config.calibration_needed_by} needs calibration data: pass a dataset, e.g. "
                     "pruner.prune('path/to/c4_sample.jsonl') or a list of strings."
                 )
             self._cap_seq_len(dataset)

@@ -103,7 +103,7 @@ def run_main(*argv: str) -> int:
         (["--allocation", "owl", "--sparsity", "0.7", "--owl-lambda", "0.4"], "argument --owl-lambda: owl_lambda=0.4"),
         (["--num-samples", "0"], "argument --num-samples: num_samples must be a positive integer"),
         (["--sparsity", "half"], "argument --sparsity: invalid float value: 'half'"),
-        (["--method", "wanda"], "argument --dataset: method 'wanda' with uniform allocation needs calibration"),
+        (["--method", "wanda"], "argument --dataset: method 'wanda' needs calibration"),
         (["--dataset", "missing/c4.jsonl"], "argument --dataset: No file at missing/c4.jsonl"),
         (["--eval", "missing.txt"], "argument --eval: No file at missing.txt"),
         (["--eval-windows", "0"], "argument --eval-windows: must be a positive integer"),

@@ -309,3 +309,55 @@ def test_a_budget_searches_what_the_model_has_and_is_refused_before_loading(tmp_
         assert run_main("--model", str(tmp_path / "moe"), *tokenizer, "--structure", "params=0.3", *extra) == 2
         error = capsys.readouterr().err
         assert "argument --structure: No mix of KV groups, blocks (what Qwen2MoeForCausalLM can lose)" in error
+
+
+# 15. Ctrl-C during the ONNX export left no way on but pruning again
+
+
+def test_ctrl_c_during_the_onnx_export_gives_the_command_that_finishes_it(tmp_path, monkeypatch, capsys) -> None:
+    import subprocess
+    import sys
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("optimum_prune.export.onnx.export_onnx", interrupted)
+    out = tmp_path / "out"
+    flags = [*MODEL, "--method", "magnitude", "--output", str(out), "--export", "onnx", "--onnx-quantize", "int8"]
+    assert run_main(*flags) == 130
+    error = capsys.readouterr().err
+    assert f"the pruned model is saved in {out}: finish its ONNX export with python -c" in error
+    command = error.split("finish its ONNX export with python -c ", 1)[1].strip().strip('"')
+    monkeypatch.undo()
+    subprocess.run([sys.executable, "-c", command], check=True, capture_output=True)
+    metadata = json.loads((out / "onnx" / "config.json").read_text())["optimum_prune"]["onnx"]
+    assert metadata["quantize"] == "int8"
+
+
+# 16. messages that named the wrong cause or an invalid fix
+
+
+def test_messages_name_the_real_cause_and_a_valid_fix(tmp_path, monkeypatch, capsys, caplog) -> None:
+    from conftest import killed_at_block
+
+    from optimum_prune.engine.work_folder import WorkFolder
+
+    assert run_main(*MODEL, "--method", "magnitude", "--refit") == 2
+    assert "argument --dataset: refit=True needs calibration text" in capsys.readouterr().err
+    config = PruningConfig(method="wanda", gptq="int4", num_samples=4, seq_len=32)
+    pruner = Pruner.from_pretrained(STORIES_260K, config, device="cpu", progress=False)
+    pruner.prune(C4_SAMPLE)
+    pruner.save_pretrained(tmp_path / "gptq")
+    with caplog.at_level("WARNING"):
+        export_onnx(tmp_path / "gptq", tmp_path / "dynamic", quantize="int8-dynamic")
+    advice = [
+        record.getMessage() for record in caplog.records if "rounded by GPTQ onto the int4 grid" in record.getMessage()
+    ]
+    assert advice and "export with quantize='int4'" in advice[0] and "gptq='int8-dynamic'" not in advice[0]
+    out, offload = tmp_path / "out", tmp_path / "offload"
+    flags = [*MODEL, "--method", "wanda", "--dataset", str(C4_SAMPLE), *SMALL, "--device-map", "auto"]
+    flags += ["--max-memory", "cpu=300KB", "--offload-folder", str(offload), "--output", str(out)]
+    with killed_at_block(WorkFolder, "save_block", 2):
+        assert run_main(*flags) == 130
+    error = capsys.readouterr().err
+    assert "finished blocks are kept in" in error and "--resume" in error

@@ -182,10 +182,9 @@ def check(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Plan:
     if args.dry_run:
         return plan
     if config.needs_calibration and not args.dataset and args.recover_schedule != "gradual":  # gradual: none
-        structure = " and a structure" if config.structure is not None else ""
         parser.error(
-            f"argument --dataset: method {config.method!r} with {config.allocation} allocation{structure} needs "
-            "calibration text: pass --dataset path/to/c4_sample.jsonl (or a Hub dataset name)."
+            f"argument --dataset: {config.calibration_needed_by} needs calibration text: pass --dataset "
+            "path/to/c4_sample.jsonl (or a Hub dataset name)."
         )
     if args.dataset:
         _read_texts(parser, "--dataset", args.dataset, args.text_column, args.dataset_split)
@@ -427,7 +426,11 @@ def _check_push(parser: argparse.ArgumentParser) -> None:
 
 
 def _resume_hint(args: argparse.Namespace) -> str:
-    """After Ctrl-C: how to continue a run whose finished blocks (or gradual pruning's checkpoints) were kept."""
+    """After Ctrl-C: how to continue a run whose finished blocks (or gradual pruning's checkpoints) were kept,
+    or finish the ONNX export of a model already saved."""
+    export = _unfinished_export(args)
+    if export:
+        return f"; the pruned model is saved in {args.output}: finish its ONNX export with {export}"
     if _training_checkpoints(args):
         return (
             f"; training checkpoints are kept in {_training_work_dir(args)}: run the same command with --resume to "
@@ -441,12 +444,34 @@ def _resume_hint(args: argparse.Namespace) -> str:
         )
     if not streams_output(args):
         return ""
-    from ..engine.work_folder import work_folder_paths
-
-    folders = [str(folder) for folder in work_folder_paths(args.output, args.offload_folder) if folder.is_dir()]
+    folders = [str(folder) for folder in _work_folders(args) if folder.is_dir()]
     if not folders:
         return ""
     return f"; finished blocks are kept in {' and '.join(folders)}: run the same command with --resume to continue"
+
+
+def _unfinished_export(args: argparse.Namespace) -> str:
+    """The command that writes --output's ONNX export when the run was stopped after saving the model and before
+    the export was in place (``""`` otherwise)."""
+    if "onnx" not in args.export or not args.output or not (Path(args.output) / "pruning_config.json").is_file():
+        return ""
+    onnx_dir = Path(args.output) / "onnx"
+    if (onnx_dir / "model.onnx").is_file():
+        return ""
+    options = "".join(
+        f", {name}={value!r}"
+        for name, value in (("quantize", args.onnx_quantize), ("quantize_head", args.onnx_quantize_head))
+        if value
+    )
+    return f'python -c "from optimum_prune import export_onnx; export_onnx({str(args.output)!r}, {str(onnx_dir)!r}{options})"'
+
+
+def _work_folders(args: argparse.Namespace) -> list[Path]:
+    """The work folders a run writing --output may keep (with --device-map, --offload-folder is accelerate's,
+    and the work folder stays beside --output)."""
+    from ..engine.work_folder import work_folder_paths
+
+    return work_folder_paths(args.output, None if args.device_map is not None else args.offload_folder)
 
 
 def streams_output(args: argparse.Namespace) -> bool:
@@ -504,14 +529,14 @@ def _check_outputs(args: argparse.Namespace, parser: argparse.ArgumentParser) ->
             + "delete that folder to start again."
         )
     if args.output:
-        from ..engine.work_folder import STATE, work_folder_paths
+        from ..engine.work_folder import STATE
         from ..export.files import check_writable
 
         try:
             check_writable(args.output, args.overwrite, inputs=(args.model,))
         except (OSError, ValueError) as error:
             parser.error(f"argument --output: {error}")
-        for folder in work_folder_paths(args.output, args.offload_folder):
+        for folder in _work_folders(args):
             if streams_output(args) and not args.resume and (folder / STATE).is_file():
                 parser.error(
                     f"argument --output: {folder} holds an unfinished run for this output: add --resume to "
@@ -533,11 +558,11 @@ def _check_resume_matches(args: argparse.Namespace, config: PruningConfig, parse
     processes: refused before loading (the calibration text is compared once it is tokenized)."""
     from ..config import CONFIG_NAME
     from ..engine.distributed import world_size
-    from ..engine.work_folder import FINGERPRINT, STATE, work_folder_paths
+    from ..engine.work_folder import FINGERPRINT, STATE
 
     started = {
         folder: json.loads((folder / FINGERPRINT).read_text(encoding="utf-8"))
-        for folder in work_folder_paths(args.output, args.offload_folder)
+        for folder in _work_folders(args)
         if (folder / STATE).is_file() and (folder / FINGERPRINT).is_file()
     }
     pruned = _training_work_dir(args) / "pruned" if _resumes_training(args) else None

@@ -267,7 +267,9 @@ class BlockwiseEngine:
         batches = None
         if self.config.needs_calibration:
             if input_ids is None:
-                raise InputError(f"Method {self.config.method!r} needs calibration data: pass a dataset to prune().")
+                raise InputError(
+                    f"{self.config.calibration_needed_by} needs calibration data: pass a dataset to prune()."
+                )
             with outside_blocks_loaded(self.model, self.blocks, self.disk):
                 batches = capture_block_inputs(
                     self.model,

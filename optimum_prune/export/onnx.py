@@ -30,6 +30,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from ..core.auto import is_vision_language
 from ..core.layers import is_fused_experts
 from ..errors import InputError
+from ..method_settings import GPTQ_BITS
 from .files import atomic_directory, check_writable, write_model_files
 from .metadata import METADATA_KEY, read_metadata
 from .quantize import check_quantization, quantize_onnx
@@ -315,12 +316,13 @@ def _quantize_in_place(folder: Path, quantize: str, quantize_head: bool, externa
     config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
     rounded = config.get(METADATA_KEY, {}).get("gptq")
     if rounded and rounded != quantize:
+        fix = f"prune with gptq={quantize!r}" if quantize in GPTQ_BITS else f"export with quantize={rounded!r}"
         logger.warning(
             "The weights were rounded by GPTQ onto the %s grid, but the export quantizes them to %s: each weight is "
-            "rounded again on its own. Prune with gptq=%r for this export.",
+            "rounded again on its own. For weights that lie on the export's grid, %s.",
             rounded,
             quantize,
-            quantize,
+            fix,
         )
     info["gptq"] = rounded == quantize  # the weights already lie on this grid: quantized to exactly them
     model = onnx.load(folder / ONNX_FILE, load_external_data=False)
