@@ -361,3 +361,48 @@ def test_messages_name_the_real_cause_and_a_valid_fix(tmp_path, monkeypatch, cap
         assert run_main(*flags) == 130
     error = capsys.readouterr().err
     assert "finished blocks are kept in" in error and "--resume" in error
+
+
+# The OBS crash of a second structured prune in one process ("Pivots given to lu_solve must all be >= 1")
+
+
+def test_obs_recovers_when_its_downdated_inverse_is_lost(monkeypatch) -> None:
+    """MKL's batched LU turns a NaN reaching it into that pivot error: a round whose pivot block came out
+    non-finite recomputes the inverse from the kept columns' Hessian, and chooses what it would have."""
+    from optimum_prune.structured import select
+
+    torch.manual_seed(0)
+    units, columns = 32, 4
+    inputs = torch.randn(256, units * columns) * torch.logspace(-2, 3, units * columns)
+    hessian, weight = inputs.T @ inputs, torch.randn(16, units * columns)
+    _, expected = select.obs_remove(weight, hessian, columns, units, 20, dampening=0.01)
+    inverse, calls = torch.linalg.inv, []
+
+    def lost_once(matrix):
+        calls.append(1)
+        return torch.full_like(matrix, float("nan")) if len(calls) == 3 else inverse(matrix)
+
+    monkeypatch.setattr(select.torch.linalg, "inv", lost_once)
+    removed_weight, removed = select.obs_remove(weight, hessian, columns, units, 20, dampening=0.01)
+    assert removed == expected and torch.isfinite(removed_weight).all()
+
+
+def test_two_structured_prunes_in_one_process_give_the_same_model(tmp_path: Path) -> None:
+    """The second prune follows an ONNX export, an onnxruntime session and a change of torch threads, as in
+    benchmarks/deploy_speed.py: nothing of the first is left to change it."""
+    config = PruningConfig(method="sparsegpt", structure={"mlp": 0.5, "attention": 0.5}, num_samples=8, seq_len=64)
+
+    def prune() -> dict[str, torch.Tensor]:
+        pruner = Pruner.from_pretrained(STORIES_260K, config, device="cpu", progress=False)
+        pruner.prune(C4_SAMPLE)
+        return pruner.model.state_dict()
+
+    first = prune()
+    folder = export_onnx(STORIES_260K, tmp_path / "onnx", quantize="int4")
+    perplexity(folder, None, TINYSTORIES_VAL.read_text()[:4000], seq_len=64, max_windows=2)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    torch.set_num_threads(threads)
+    second = prune()
+    assert first.keys() == second.keys()
+    assert all(torch.equal(first[name], second[name]) for name in first)

@@ -43,7 +43,8 @@ def obs_remove(
     the wide dynamic range of a model with massive activations, can leave a kept unit's block singular."""
     require_finite(hessian)
     weight = consumer.to(torch.float64)
-    inverse = torch.cholesky_inverse(torch.linalg.cholesky(_dampened(hessian.to(torch.float64), dampening)))
+    dampened = _dampened(hessian.to(torch.float64), dampening)
+    inverse = torch.cholesky_inverse(torch.linalg.cholesky(dampened))
     removed: list[int] = []
     step = max(1, math.ceil(remove / ROUNDS))
     blocks = torch.arange(units * columns, device=weight.device).view(units, columns)
@@ -58,11 +59,25 @@ def obs_remove(
         chosen = [alive[i] for i in errors.argsort()[: min(step, remove - len(removed))].tolist()]
         cols = blocks[chosen].reshape(-1)
         pivot = torch.linalg.inv(inverse[cols][:, cols])
+        if not torch.isfinite(pivot).all():  # the downdates lost the inverse: exactly, from the kept columns
+            inverse = _kept_inverse(dampened, blocks[removed].reshape(-1))
+            pivot = torch.linalg.inv(inverse[cols][:, cols])
         weight -= weight[:, cols] @ pivot @ inverse[cols]
         inverse -= inverse[:, cols] @ pivot @ inverse[cols]
         removed += chosen
     weight[:, blocks[removed].reshape(-1)] = 0.0  # the updates leave removed columns near, not at, zero
     return weight.to(consumer.dtype), sorted(removed)
+
+
+def _kept_inverse(dampened: torch.Tensor, removed: torch.Tensor) -> torch.Tensor:
+    """The inverse of the dampened Hessian restricted to the columns not in ``removed`` (what the OBS downdates of
+    the full inverse converge to), in place in a full-size matrix whose removed rows and columns are zero."""
+    kept = torch.ones(dampened.shape[0], dtype=torch.bool, device=dampened.device)
+    kept[removed] = False
+    index = kept.nonzero().squeeze(1)
+    inverse = torch.zeros_like(dampened)
+    inverse[index.unsqueeze(1), index] = torch.cholesky_inverse(torch.linalg.cholesky(dampened[index][:, index]))
+    return inverse
 
 
 def least_squares_refit(
