@@ -12,6 +12,7 @@ from typing import Any
 from .core.experts import EXPERT_CALIBRATIONS
 from .core.masks import NMPattern
 from .errors import InputError
+from .method_settings import ReconstructionSettings
 from .methods import GPTQ_BITS, MethodSettings, method_class
 from .structured.spec import Structure
 
@@ -68,6 +69,9 @@ class PruningConfig:
         refit: after each layer's mask is chosen, solve its kept weights for the least reconstruction error on
             the calibration inputs (conjugate gradients on the fixed support, as ALPS does); the report gives
             each layer's error before and after. Any method that prunes layers one by one (``alps`` always does).
+        reconstruct: ``True`` (the defaults), a dict or `ReconstructionSettings`: after each block is pruned, train
+            its kept weights (masks frozen) so that it reproduces the dense block's outputs on the calibration
+            batches (`optimum_prune.engine.reconstruct`); a block keeps them only if its held-out error fell.
         gptq: ``"int4"`` or ``"int8"``: after each layer's mask (and refit), round its kept weights by GPTQ onto
             the grid of `export_onnx(quantize=...)` with the same name, each rounding error compensated on the
             calibration inputs (`optimum_prune.methods.gptq`): the saved model stays float, its ONNX export
@@ -94,6 +98,7 @@ class PruningConfig:
     min_expert_tokens: int = 64
     refit: bool = False
     gptq: str | None = None
+    reconstruct: ReconstructionSettings | dict[str, Any] | bool | None = None
 
     def __post_init__(self) -> None:
         self.method = str(self.method).lower()
@@ -107,6 +112,10 @@ class PruningConfig:
                 f"settings for method {self.method!r} must be a {settings_class.__name__} or a dict, got "
                 f"{type(self.settings).__name__}."
             )
+        try:
+            self.reconstruct = ReconstructionSettings.from_value(self.reconstruct)
+        except ValueError as error:
+            raise InputError(str(error)) from None
         if self.allocation not in ALLOCATIONS:
             raise InputError(f"Unknown allocation {self.allocation!r}: choose one of {', '.join(ALLOCATIONS)}.")
         for name in _FINITE_FIELDS:
@@ -174,11 +183,28 @@ class PruningConfig:
                     f"{name}={getattr(self, name)!r} {does} each layer's kept weights on its own, but method "
                     f"{self.method!r} prunes the layers of a block jointly: drop {name}, or choose a per-layer method."
                 )
+        if self.reconstruct is not None:
+            self._check_reconstruct()
         if isinstance(self.targets, str) or isinstance(self.ignore, str):
             raise TypeError("targets and ignore are lists of glob patterns, e.g. ['*.mlp.*'].")
         self.ignore = list(self.ignore)
         if self.targets is not None:
             self.targets = list(self.targets)
+
+    def _check_reconstruct(self) -> None:
+        """Reconstruction needs calibration batches to train on and to hold out, and comes before any rounding."""
+        batches = math.ceil(self.num_samples / self.batch_size)
+        if self.reconstruct.split(batches)[0] < 1:
+            raise InputError(
+                f"reconstruct trains on calibration batches and judges on held-out ones, and num_samples="
+                f"{self.num_samples} with batch_size={self.batch_size} makes {batches}: use num_samples >= "
+                f"{2 * self.batch_size}, or a smaller batch_size."
+            )
+        if self.gptq:
+            raise InputError(
+                f"reconstruct with gptq={self.gptq!r}: the rounding would have to follow the training, and GPTQ rounds "
+                "inside the method: reconstruct without gptq, or round without reconstruct."
+            )
 
     @property
     def nm_pattern(self) -> NMPattern | None:
@@ -198,6 +224,7 @@ class PruningConfig:
             f"method {self.method!r}": method_class(self.method).needs_statistics,
             f"{self.allocation} allocation": self.allocation != "uniform",
             "refit=True": self.refit,
+            "reconstruct": self.reconstruct is not None,
             f"gptq={self.gptq!r}": bool(self.gptq),
             f"structure {structure}": structure is not None
             and (structure.compensate or bool(structure.layers or structure.experts or structure.is_budget)),

@@ -91,6 +91,69 @@ class ALPSSettings(MethodSettings):
             raise ValueError(f"rho must be positive (the ADMM penalty), got {self.rho!r}.")
 
 
+RECONSTRUCTION_INPUTS = ("pruned", "dense")
+RECONSTRUCTION_LOSSES = ("normalized", "mse")
+
+
+@dataclass
+class ReconstructionSettings:
+    """Block-wise reconstruction (`engine.reconstruct`): after each block is pruned, its kept weights (masks frozen;
+    norms and biases too) are trained for ``epochs`` passes over the calibration batches so that the block
+    reproduces the dense block's outputs. ``inputs``: the hidden states the block is fed, the pruned model's
+    (``"pruned"``, the targets being the dense block's outputs for them) or the dense model's (``"dense"``, Shin et
+    al.'s global propagation: a second stream of activations is kept). ``held_out``: the share of each rank's
+    calibration batches kept aside to judge the result (a block keeps its trained weights only if their error
+    fell). ``loss``: ``"normalized"`` divides each hidden channel's squared error by that channel's mean square in
+    the targets, so that a few massive-activation channels do not outweigh the rest; ``"mse"`` is plain."""
+
+    epochs: int = field(default=2, metadata={"help": "passes over the calibration batches per block"})
+    lr: float = field(default=1e-3, metadata={"help": "Adam learning rate, decayed linearly to 0"})
+    inputs: str = field(
+        default="pruned", metadata={"help": "the hidden states each block learns from: pruned or dense"}
+    )
+    held_out: float = field(default=0.125, metadata={"help": "share of the calibration batches kept to judge it"})
+    loss: str = field(default="normalized", metadata={"help": "normalized (per hidden channel) or mse"})
+
+    def __post_init__(self) -> None:
+        if isinstance(self.epochs, bool) or not isinstance(self.epochs, int) or self.epochs < 1:
+            raise ValueError(f"reconstruction epochs={self.epochs!r} must be a positive integer.")
+        if isinstance(self.lr, bool) or not isinstance(self.lr, (int, float)) or not 0 < self.lr < math.inf:
+            raise ValueError(f"reconstruction lr={self.lr!r} must be a positive number (Adam's learning rate).")
+        if self.inputs not in RECONSTRUCTION_INPUTS:
+            raise ValueError(
+                f"reconstruction inputs={self.inputs!r}: choose one of {', '.join(RECONSTRUCTION_INPUTS)}."
+            )
+        if self.loss not in RECONSTRUCTION_LOSSES:
+            raise ValueError(f"reconstruction loss={self.loss!r}: choose one of {', '.join(RECONSTRUCTION_LOSSES)}.")
+        if isinstance(self.held_out, bool) or not isinstance(self.held_out, (int, float)) or not 0 < self.held_out < 1:
+            raise ValueError(
+                f"reconstruction held_out={self.held_out!r} must be in (0, 1): the share of calibration batches that "
+                "judges whether a block's training helped."
+            )
+
+    def split(self, batches: int) -> tuple[int, int]:
+        """Training and held-out batches out of ``batches`` (at least one held out)."""
+        held = max(1, round(self.held_out * batches))
+        return batches - held, held
+
+    @classmethod
+    def from_value(cls, value: bool | dict[str, Any] | ReconstructionSettings | None) -> ReconstructionSettings | None:
+        """``True`` (the defaults), a dict of fields, the settings themselves, or ``None``/``False`` (off)."""
+        if value is None or value is False:
+            return None
+        if value is True:
+            return cls()
+        if isinstance(value, cls):
+            return value
+        if isinstance(value, dict):
+            known = [item.name for item in dataclasses.fields(cls)]
+            unknown = sorted(set(value) - set(known))
+            if unknown:
+                raise ValueError(f"reconstruct has no setting {', '.join(unknown)}; its settings: {', '.join(known)}.")
+            return cls(**value)
+        raise TypeError(f"reconstruct must be True, a dict of settings or ReconstructionSettings, got {value!r}.")
+
+
 def all_settings_fields() -> dict[str, tuple[dataclasses.Field, list[str]]]:
     """Every settings field of every method, by name, with the settings classes that have it (a shared name
     such as ``dampening`` means the same thing in each): what the CLI turns into flags."""

@@ -44,6 +44,7 @@ class PruningReport:
     expert_tokens: dict[str, list[int]] = field(default_factory=dict)  # experts module -> tokens routed to each
     zero_shot: dict[str, Any] | None = None  # lm-eval tasks, dense beside pruned (evaluation.harness.compare)
     speed: dict[str, Any] | None = None  # tokens/s beside the dense model (evaluation.speed.SpeedReport.to_dict)
+    reconstruction: list[dict[str, Any]] | None = None  # per block (engine.reconstruct.BlockReconstruction.to_dict)
 
     @property
     def global_sparsity(self) -> float:
@@ -116,6 +117,8 @@ class PruningReport:
                 if before
                 else "refit: no error to lower"
             )
+        if self.reconstruction:
+            lines.append(_reconstruction_line(self.reconstruction))
         if self.left_dense_parameters:
             lines.append(f"left dense inside the blocks (not target layers): {self.left_dense_parameters:,} parameters")
         if self.vision_parameters:
@@ -135,6 +138,20 @@ class PruningReport:
 
     def __str__(self) -> str:
         return self.table()
+
+
+def _reconstruction_line(blocks: list[dict[str, Any]]) -> str:
+    """``reconstruction: 28 of 30 blocks kept their training, held-out error 0.412 -> 0.251 (mean), 612.3 s;
+    kept back: 3, 17``."""
+    kept = [block for block in blocks if block["kept"]]
+    before = sum(block["held_out_before"] for block in blocks) / len(blocks)
+    after = sum(block["held_out_after" if block["kept"] else "held_out_before"] for block in blocks) / len(blocks)
+    back = [str(block["block"]) for block in blocks if not block["kept"]]
+    return (
+        f"reconstruction: {len(kept)} of {len(blocks)} blocks kept their training, held-out error per channel "
+        f"{before:.4f} -> {after:.4f} (mean over blocks), {sum(block['seconds'] for block in blocks):.1f} s"
+        + (f"; left as pruned (held-out error did not fall): {', '.join(back)}" if back else "")
+    )
 
 
 def _structure_line(structure: dict[str, Any]) -> str:

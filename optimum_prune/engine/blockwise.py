@@ -45,6 +45,7 @@ from .capture import CalibrationBatch, CalibrationInputs, capture_block_inputs, 
 from .dispatch import AccelerateDispatch
 from .distributed import Ranks
 from .offload import DiskOffload
+from .reconstruct import reconstruct_block
 from .work_folder import Progress, WorkFolder
 
 logger = logging.getLogger(__name__)
@@ -70,8 +71,10 @@ class _StatisticsCollector:
         layers: list[TargetLayer],
         make: Callable[[TargetLayer], LayerStatistic | None],
         routing: dict[str, RoutingRecord] | None = None,
+        whole: bool = False,
     ):
         routing = routing or {}
+        self._whole = whole  # every batch runs through the whole block (its output is wanted)
         self.statistics: dict[str, LayerStatistic] = {}
         self._owners: set[str] = set()
         self._make = make
@@ -85,13 +88,16 @@ class _StatisticsCollector:
             for name, record in routing.items()
         ]
 
-    def run(self, batch: CalibrationBatch, block: nn.Module, device: torch.device) -> None:
-        """Run ``batch`` through ``block`` as far as the statistics need."""
+    def run(self, batch: CalibrationBatch, block: nn.Module, device: torch.device) -> torch.Tensor | None:
+        """Run ``batch`` through ``block`` as far as the statistics need (all of it when ``whole``); return the
+        block's output when it was computed."""
         self._calls = []
+        output = None
         with suppress(_StopForward):
-            batch.run(block, device)
-        if self._last is None and sorted(self._calls) == sorted(self._names):
+            output = batch.run(block, device)
+        if not self._whole and self._last is None and sorted(self._calls) == sorted(self._names):
             self._last = self._calls[-1]
+        return output
 
     def _called(self, name: str) -> None:
         self._calls.append(name)
@@ -191,6 +197,9 @@ class BlockwiseEngine:
         self.masks: dict[str, torch.Tensor] = {}
         self.left_dense = untargeted_matrices(model, self.layers)
         self.ranks = Ranks.current()
+        # the calibration inputs move on from block to block: for the method's statistics or for reconstruction
+        self._needs_inputs = method.needs_statistics or config.reconstruct is not None
+        self._dense_batches: list[CalibrationBatch] | None = None  # the dense model's stream (reconstruct inputs)
         self._check_pattern()
         self._warn_left_dense()
 
@@ -281,6 +290,8 @@ class BlockwiseEngine:
                     placed=self.dispatch is not None,
                 )
         state = self.work.load() if self.work is not None else None
+        if self._keeps_dense_stream:
+            self._dense_batches = batches
         if state is None:
             state = Progress(0, self._block_sparsities(batches), [], [], 0.0)
         else:
@@ -310,7 +321,50 @@ class BlockwiseEngine:
             left_dense_parameters=sum(self.left_dense.values()),
             vision_parameters=sum(p.numel() for p in outside_language_model(self.model)),
             expert_tokens=state.expert_tokens,
+            reconstruction=state.reconstruction or None,
         )
+
+    @property
+    def _keeps_dense_stream(self) -> bool:
+        """Whether reconstruction feeds each block the dense model's hidden states (a second stream)."""
+        return self.config.reconstruct is not None and self.config.reconstruct.inputs == "dense"
+
+    def _dense_targets(self, block: nn.Module, batches: list[CalibrationBatch] | None) -> list[torch.Tensor]:
+        """The dense block's outputs for the hidden states reconstruction trains on (before it is pruned)."""
+        stream = self._dense_batches if self._keeps_dense_stream else batches
+        return [self.activations.keep(batch.run(block, self.device)) for batch in stream]
+
+    def _reconstruct(
+        self,
+        index: int,
+        block: nn.Module,
+        layers: list[TargetLayer],
+        batches: list[CalibrationBatch],
+        targets: list[torch.Tensor],
+        state: Progress,
+    ) -> None:
+        """Train the pruned block (the zeros of its target ``layers`` frozen) towards the dense block's outputs
+        (`engine.reconstruct`), recorded in ``state``; with dense inputs, those outputs are the dense stream's next
+        hidden states."""
+        inputs = self._dense_batches if self._keeps_dense_stream else batches
+        result = reconstruct_block(
+            index, block, layers, inputs, targets, self.config.reconstruct, self.device, self.ranks, self.progress
+        )
+        state.reconstruction.append(result.to_dict())
+        if self._keeps_dense_stream:
+            for batch in self._dense_batches:
+                self.activations.evict(batch.hidden)
+            self._dense_batches = [
+                CalibrationBatch(target, batch.args, batch.kwargs)
+                for target, batch in zip(targets, self._dense_batches, strict=True)
+            ]
+
+    def _saved_hidden(self, batches: list[CalibrationBatch] | None, index: int) -> list[torch.Tensor] | None:
+        """What the work folder keeps for the next block: its inputs (then the dense stream's, when kept)."""
+        if not batches or index + 1 >= len(self.blocks):
+            return None
+        dense = [batch.hidden for batch in self._dense_batches] if self._keeps_dense_stream else []
+        return [batch.hidden for batch in batches] + dense
 
     def _prune_block(
         self, index: int, sparsity: float, batches: list[CalibrationBatch] | None, state: Progress
@@ -321,11 +375,16 @@ class BlockwiseEngine:
         with self._block(index) as block:
             layers = self.layers[index]
             linear = [layer for layer in layers if layer.expert is None]
+            reconstructs = self.config.reconstruct is not None and batches is not None
+            same_pass = reconstructs and not self._keeps_dense_stream and self.method.needs_statistics and layers
+            targets: list[torch.Tensor] | None = [] if same_pass else None  # recorded by the statistics pass
             statistics, routing = (
-                self._collect(block, layers, batches, self.method.make_statistic)
+                self._collect(block, layers, batches, self.method.make_statistic, targets)
                 if self.method.needs_statistics
                 else ({}, {})
             )
+            if reconstructs and not same_pass:
+                targets = self._dense_targets(block, batches)
             pattern = self.config.nm_pattern
             errors: dict[str, tuple[float, float]] = {}
             masks = self._prune(BlockContext(index, block, linear, statistics, sparsity, pattern, errors))
@@ -337,7 +396,10 @@ class BlockwiseEngine:
                 masks.update(self._prune(BlockContext(index, block, experts, statistics, sparsity, pattern, errors)))
                 del statistics  # one expert's statistics at a time
             del routing
-            if self.method.needs_statistics and index + 1 < len(self.blocks):
+            if reconstructs:
+                self._reconstruct(index, block, layers, batches, targets, state)
+                del targets
+            if self._needs_inputs and index + 1 < len(self.blocks):
                 batches = self._propagate(block, batches)
             packed = self._record_masks(index, sparsity, masks, errors, state)
             if self.disk is None:  # a disk-offloaded run keeps them in its work folder only
@@ -346,8 +408,9 @@ class BlockwiseEngine:
             state.next_block = index + 1
             if self.work is not None:
                 state.elapsed_seconds = state.elapsed_seconds + state.block_seconds[-1]
-                hidden = [batch.hidden for batch in batches] if batches and index + 1 < len(self.blocks) else None
-                self.work.save_block(index, block, f"{self.blocks_name}.{index}", packed, hidden, state)
+                self.work.save_block(
+                    index, block, f"{self.blocks_name}.{index}", packed, self._saved_hidden(batches, index), state
+                )
         return batches
 
     def _prune(self, context: BlockContext) -> dict[str, torch.Tensor]:
@@ -415,7 +478,7 @@ class BlockwiseEngine:
                 self.work.restore_block(block, index, f"{self.blocks_name}.{index}")
                 if self.dispatch is not None:
                     self.dispatch.release(block)
-        return self._resumed_batches(state, batches) if self.method.needs_statistics else batches
+        return self._resumed_batches(state, batches) if self._needs_inputs else batches
 
     def _resumed_batches(
         self, state: Progress, batches: list[CalibrationBatch] | None
@@ -424,10 +487,17 @@ class BlockwiseEngine:
         if batches is None or state.next_block >= len(self.blocks):
             return batches
         hidden = self.work.load_activations()
-        return [
-            CalibrationBatch(self.activations.keep(h), batch.args, batch.kwargs)
-            for h, batch in zip(hidden, batches, strict=True)
+        streams = [
+            [
+                CalibrationBatch(self.activations.keep(h), batch.args, batch.kwargs)
+                for h, batch in zip(part, batches, strict=True)
+            ]
+            for part in (hidden[: len(batches)], hidden[len(batches) :])
+            if part
         ]
+        if self._keeps_dense_stream:
+            self._dense_batches = streams[1]
+        return streams[0]
 
     def _collect(
         self,
@@ -435,9 +505,11 @@ class BlockwiseEngine:
         layers: list[TargetLayer],
         batches: list[CalibrationBatch] | None,
         make: Callable[[TargetLayer, torch.device], LayerStatistic | None],
+        outputs: list[torch.Tensor] | None = None,
     ) -> tuple[dict[str, LayerStatistic], dict[str, RoutingRecord]]:
         """Run the calibration batches through ``block``: each linear layer's statistic, and what the router
-        of each experts module decided (see `_expert_statistics`)."""
+        of each experts module decided (see `_expert_statistics`); with ``outputs``, the whole block runs and
+        each batch's output is appended there (kept where the activations are)."""
         if batches is None or not layers:
             return {}, {}
         linear = [layer for layer in layers if layer.expert is None]
@@ -445,10 +517,12 @@ class BlockwiseEngine:
             layer.parameter_name.rpartition(".")[0]: layer.module for layer in layers if layer.expert is not None
         }
         routing = {name: RoutingRecord(module, self.activations.keep) for name, module in experts.items()}
-        collector = _StatisticsCollector(linear, lambda layer: make(layer, self.device), routing)
+        collector = _StatisticsCollector(linear, lambda layer: make(layer, self.device), routing, outputs is not None)
         try:
             for batch in batches:
-                collector.run(batch, block, self.device)
+                output = collector.run(batch, block, self.device)
+                if outputs is not None:
+                    outputs.append(self.activations.keep(output))
                 self.activations.evict(batch.hidden)
         finally:
             collector.remove()

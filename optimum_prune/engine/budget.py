@@ -64,7 +64,7 @@ def search_budget(
     for mix, kept in tqdm(mixes, desc="Budget search", unit="mix", disable=not progress):
         trial = mix.choosing_blocks_by("influence")
         candidate = copy.deepcopy(model)
-        trial_config = dataclasses.replace(config, structure=trial, num_samples=len(fit))
+        trial_config = dataclasses.replace(config, structure=trial, num_samples=len(fit), reconstruct=None)
         layers = find_target_layers(candidate, config.targets, config.ignore)
         plan = plan_structure(candidate, trial, layers)
         StructuredEngine(candidate, trial_config, method, plan, device=device, progress=False).run(fit)

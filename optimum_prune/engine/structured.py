@@ -79,6 +79,8 @@ class StructuredEngine(BlockwiseEngine):
         state = self.work.load() if self.work is not None else None
         if state is None:
             removal = self._remove_blocks(batches, input_ids) if self.plan.remove_blocks else {"removed": []}
+            if self._keeps_dense_stream:  # the dense model's stream through the blocks that stay
+                self._dense_batches = batches
             structure = {**removal, "kept": [], "dropped": {}}
             state = Progress(0, [], [], [], 0.0, structure=structure)
         else:
@@ -126,6 +128,7 @@ class StructuredEngine(BlockwiseEngine):
             peak_memory_bytes=peak_memory(self.device),
             structure=structure,
             vision_parameters=sum(p.numel() for p in outside_language_model(self.model)),
+            reconstruction=state.reconstruction or None,
         )
 
     def _prune_block_structure(
@@ -136,6 +139,8 @@ class StructuredEngine(BlockwiseEngine):
         block_start = time.perf_counter()
         kept: dict = {}
         with self._block(index) as block:
+            reconstructs = self.config.reconstruct is not None and batches is not None
+            targets = self._dense_targets(block, batches) if reconstructs else None
             if ATTENTION in self.plan.keep:
                 kept[ATTENTION] = self._prune_kind(block, groups[ATTENTION], self.plan.keep[ATTENTION], batches)
             if EXPERTS in self.plan.keep:
@@ -143,18 +148,22 @@ class StructuredEngine(BlockwiseEngine):
                 state.structure["dropped"].update(dropped)
             if MLP in self.plan.keep:
                 kept[MLP] = self._prune_kind(block, groups[MLP], self.plan.keep[MLP], batches)
+            layers = find_target_layers(self.model, self.config.targets, self.config.ignore)[index]  # the smaller ones
+            if reconstructs:
+                self._reconstruct(index, block, layers, batches, targets, state)
+                del targets
             if batches is not None and index + 1 < len(self.blocks):
                 batches = self._propagate(block, batches)
             state.layers += [  # measured while the block is loaded
                 LayerReport(layer.name, index, layer.shape, 0.0, (layer.matrix() == 0).float().mean().item())
-                for layer in find_target_layers(self.model, self.config.targets, self.config.ignore)[index]
+                for layer in layers
             ]
             state.structure["kept"].append(kept)
             state.block_seconds.append(time.perf_counter() - block_start)
             state.next_block = index + 1
             if self.work is not None:
                 state.elapsed_seconds += state.block_seconds[-1]
-                hidden = [batch.hidden for batch in batches] if batches and index + 1 < len(self.blocks) else None
+                hidden = self._saved_hidden(batches, index)
                 self.work.save_block(index, block, f"{self.blocks_name}.{index}", {}, hidden, state)
         return batches
 

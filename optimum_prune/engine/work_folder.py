@@ -84,6 +84,7 @@ class Progress:
     elapsed_seconds: float
     expert_tokens: dict[str, list[int]] = field(default_factory=dict)
     structure: dict[str, Any] = field(default_factory=dict)  # a structured run: what each block kept
+    reconstruction: list[dict[str, Any]] = field(default_factory=list)  # each block's `BlockReconstruction`
 
 
 class WorkFolder:
@@ -149,6 +150,7 @@ class WorkFolder:
             data["elapsed_seconds"],
             data.get("expert_tokens", {}),
             data.get("structure", {}),
+            data.get("reconstruction", []),
         )
 
     def load_masks(self, num_blocks: int) -> dict[str, torch.Tensor]:
