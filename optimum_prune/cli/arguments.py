@@ -8,9 +8,10 @@ method's settings get a flag from their declaration in `optimum_prune.method_set
 from __future__ import annotations
 
 import argparse
+import dataclasses
 
 from ..export.quantize import QUANTIZATIONS
-from ..method_settings import GPTQ_BITS, all_settings_fields
+from ..method_settings import GPTQ_BITS, ReconstructionSettings, all_settings_fields
 
 DESCRIPTION = (
     "Prune a Hugging Face causal LM block by block (magnitude, Wanda, SparseGPT, SparseLLM, ALPS; unstructured or N:M, "
@@ -32,6 +33,7 @@ CONFIG_FIELDS = (
     "min_expert_tokens",
     "refit",
     "gptq",
+    "reconstruct",
     "num_samples",
     "seq_len",
     "seed",
@@ -45,6 +47,11 @@ EXPORTS = ("compressed", "onnx")
 def flag(field: str) -> str:
     """The flag that sets a `PruningConfig` field."""
     return "--" + field.replace("_", "-")
+
+
+def reconstruct_flag(field: str) -> str:
+    """The flag that sets a `ReconstructionSettings` field (``held_out`` -> ``--reconstruct-held-out``)."""
+    return "--reconstruct-" + field.replace("_", "-")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -96,6 +103,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         help="then round each layer's kept weights by GPTQ onto the grid of --onnx-quantize int4|int8 (the saved "
         "weights stay float; the ONNX export quantizes to exactly them and loses less quality).",
     )
+
+    pruning.add_argument(
+        "--reconstruct",
+        action="store_true",
+        default=None,
+        help="after each block is pruned, train its kept weights (masks frozen) to reproduce the dense block's "
+        "outputs on the calibration batches; a block keeps them only if its held-out error fell.",
+    )
+    for item in dataclasses.fields(ReconstructionSettings):
+        kind = {"int": int, "float": float}.get(str(item.type), str)
+        pruning.add_argument(
+            reconstruct_flag(item.name),
+            type=kind,
+            help=f"with --reconstruct: {item.metadata['help']} ({item.default}).",
+        )
 
     settings = parser.add_argument_group("method settings (defaults: the method's own)")
     for name, (item, owners) in all_settings_fields().items():

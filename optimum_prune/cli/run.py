@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import io
 import json
 import logging
@@ -20,8 +21,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import InputError
-from ..method_settings import GPTQ_BITS, all_settings_fields
-from .arguments import CONFIG_FIELDS, flag
+from ..method_settings import GPTQ_BITS, ReconstructionSettings, all_settings_fields
+from .arguments import CONFIG_FIELDS, flag, reconstruct_flag
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig
@@ -32,6 +33,7 @@ if TYPE_CHECKING:
     from ..report import PruningReport
 
 logger = logging.getLogger("optimum_prune.cli")
+RECONSTRUCTION_FIELDS = dataclasses.fields(ReconstructionSettings)
 
 
 @dataclass
@@ -725,17 +727,22 @@ def build_config(args: argparse.Namespace, parser: argparse.ArgumentParser) -> t
         except ValueError as error:
             parser.error(f"argument --structure: {error}")
     given += [(name, getattr(args, name), "settings") for name in all_settings_fields()]
+    given += [(item.name, getattr(args, f"reconstruct_{item.name}"), "reconstruct") for item in RECONSTRUCTION_FIELDS]
     for field, value, nested in given:
         if value is None:
             continue
+        name = reconstruct_flag(field) if nested == "reconstruct" else flag(field)
         if nested is None:
             candidate = {**values, field: value}
         else:
-            candidate = {**values, nested: {**(values.get(nested) or {}), field: value}}
+            if nested == "reconstruct" and not values.get("reconstruct"):
+                parser.error(f"argument {name}: it refines --reconstruct; add --reconstruct (or drop {name}).")
+            inner = values.get(nested)
+            candidate = {**values, nested: {**(inner if isinstance(inner, dict) else {}), field: value}}
         try:
             PruningConfig.from_dict(candidate)
         except (ValueError, TypeError) as error:
-            parser.error(f"argument {flag(field)}: {error}")
+            parser.error(f"argument {name}: {error}")
         values = candidate
     return PruningConfig.from_dict(values), set(values)
 
@@ -982,6 +989,8 @@ def dry_run(args: argparse.Namespace, plan: Plan, dtype: Any) -> None:
     run = f"{config.pattern} at {config.sparsity:g}"
     if config.structure is not None:
         run = f"structure {config.structure}" + (f", then {run}" if config.sparsity else "")
+    if config.reconstruct is not None:
+        run += f", each block reconstructed ({config.reconstruct.epochs} epochs)"
     print(f"dry run of {config.method} {run} on {args.model}: {estimate}")
     if args.recover_steps:
         print(_training_estimate(args, plan, estimate, default_device() if args.device is None else args.device))

@@ -144,6 +144,11 @@ def estimate_run(
     baseline = current_rss() if baseline_bytes is None else baseline_bytes
     chain_bytes, chain_flops = method.block_costs(layers, tokens)
 
+    reconstruct = config.reconstruct
+    if reconstruct is not None:  # the targets (and the dense stream), the block trained in float32 with Adam
+        routing += activations * (2 if reconstruct.inputs == "dense" else 1)
+        block_parameters = max(sum(p.numel() for p in block.parameters()) for block in blocks)
+        work = max(work, RECONSTRUCTION_COPIES * block_parameters * 4 + 2 * forward)
     on_device_activations = 2 * activations + routing if storage.type == device.type and not on_disk else 0
     block_phase = block_bytes + statistics + work + forward + on_device_activations
     capture_phase = capture_outside + forward + on_device_activations // 2
@@ -173,6 +178,10 @@ def estimate_run(
         block_forwards.append(2 * linear * tokens + 4 * tokens * config.seq_len * hidden)
         flops += passes * block_forwards[-1]
         flops += sum(method.pruning_flops(*layer.shape, tokens) for layer in block_layers)
+        if reconstruct is not None:  # targets, then a forward and a backward per epoch, the held-out error twice
+            train, held = reconstruct.split(math.ceil(config.num_samples / config.batch_size))
+            share = train / (train + held)
+            flops += block_forwards[-1] * (1 + 3 * reconstruct.epochs * share + 2 * (1 - share))
     if config.structure is not None and config.structure.is_budget:  # every mix pruned on a share of the calibration
         from ..structured.budget import MAX_MIXES
         from .budget import SEARCH_SEQUENCES
@@ -201,6 +210,9 @@ def estimate_run(
         disk_bytes=disk,
         seconds=seconds,
     )
+
+
+RECONSTRUCTION_COPIES = 5  # float32 copies of a block while it is trained: weights, gradients, Adam's two, original
 
 
 def _blocks_by_loss_flops(model: nn.Module, config: PruningConfig, block_flops: float, tokens: int) -> float:

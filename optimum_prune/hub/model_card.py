@@ -112,6 +112,17 @@ def _recipe(config: PruningConfig, report: PruningReport) -> list[tuple[str, Any
         rows.append(("refit", "kept weights re-solved for the least reconstruction error"))
     if config.gptq:
         rows.append(("GPTQ", f"kept weights rounded onto the {config.gptq} grid of the ONNX export (MatMulNBits)"))
+    if config.reconstruct is not None:
+        settings = config.reconstruct
+        done = report.reconstruction or []
+        rows.append(
+            (
+                "block-wise reconstruction",
+                f"each block trained to the dense block's outputs ({settings.epochs} epochs, Adam lr {settings.lr:g}, "
+                f"{settings.inputs} inputs, {settings.loss} loss); {sum(block['kept'] for block in done)} of "
+                f"{len(done)} blocks kept it (held-out error fell)",
+            )
+        )
     if config.needs_calibration:
         rows += [
             ("calibration data", config.dataset),
