@@ -32,6 +32,8 @@ RUNS = {  # name -> architecture, PruningConfig arguments
     "alps-2:4": ("llama", {"method": "alps", "pattern": "2:4"}),
     "wanda-refit": ("llama", {"method": "wanda", "sparsity": 0.5, "refit": True}),
     "sparsegpt-vlm": ("qwen2_5_vl", {"method": "sparsegpt", "sparsity": 0.5}),  # its language model
+    # block-wise reconstruction: the batches numbered across the ranks, one step a batch, gradients summed
+    "wanda-reconstruct": ("llama", {"method": "wanda", "sparsity": 0.5, "reconstruct": {"epochs": 2}}),
 }
 SAMPLES = 7  # odd: the ranks get 4 and 3 samples
 # Iterative solvers (ALPS's ADMM, the conjugate-gradient refit) amplify the float32 rounding of statistics summed in

@@ -9,9 +9,10 @@ massive activations one residual channel holds most of the hidden state's norm (
 and a plain MSE trains for it alone. A share of the calibration batches is held out: the block keeps its trained
 weights only if their held-out error fell (the refit's rule), else it goes back to what pruning left.
 
-In a distributed run every rank trains on its own calibration shard; the gradients are summed over the ranks at
-every step (each rank takes as many steps, contributing nothing once its batches run out), so every rank ends
-with the same weights. The engine calls `reconstruct_block` with the block on the execution device.
+In a distributed run the calibration batches are numbered across the ranks; each step is one of them, run by the
+rank holding it, its gradients summed over the ranks (the others add zeros), so every rank ends with the weights
+one process would reach on the same batches (the training steps themselves do not run in parallel). The engine
+calls `reconstruct_block` with the block on the execution device.
 """
 
 from __future__ import annotations
@@ -120,40 +121,49 @@ def reconstruct_block(
     progress: bool = False,
 ) -> BlockReconstruction:
     """Train the pruned ``block`` on ``batches`` (this rank's) towards ``targets`` (the dense block's outputs for
-    them) with ``settings``; the zeros of the target ``layers`` stay zero. The last share of the batches judges."""
+    them) with ``settings``; the zeros of the target ``layers`` stay zero.
+
+    The batches are numbered across the ranks (rank 0's first): the last share of them judges, and each training
+    step is one of the others, in an order drawn alike on every rank, run by the rank that holds it (the gradients
+    are summed over the ranks), so that a distributed run takes the steps of one process."""
     from tqdm.auto import tqdm
 
     start = time.perf_counter()
     ranks = ranks or Ranks.current()
-    train_count, held_count = settings.split(len(batches))
-    train, held = batches[:train_count], batches[train_count:]
-    train_targets, held_targets = targets[:train_count], targets[train_count:]
+    counts = ranks.gather(len(batches))
+    offset = sum(counts[: ranks.rank])
+    train_count, _ = settings.split(sum(counts))
+    mine = {offset + local: local for local in range(len(batches))}  # global batch -> this rank's
+    train = [global_index for global_index in mine if global_index < train_count]
+    held = [mine[global_index] for global_index in mine if global_index >= train_count]
     dtype = next(block.parameters()).dtype
     block.float()
-    objective = _Objective(settings.loss, train_targets, ranks, device)
+    objective = _Objective(settings.loss, [targets[mine[g]] for g in train], ranks, device)
     zeros = {id(layer.weight): layer.weight.detach() == 0 for layer in layers}
     parameters = [parameter for parameter in block.parameters() if parameter.is_floating_point()]
+    trainable = [parameter.requires_grad for parameter in parameters]  # a disk-offloaded block's are off
+    for parameter in parameters:
+        parameter.requires_grad_(True)
     original = [parameter.detach().clone() for parameter in parameters]
-    before = _held_out_error(block, held, held_targets, objective, ranks, device)
-    steps_per_epoch = max(ranks.gather(len(train)))  # every rank steps alike (gradients are summed at each)
-    total_steps = steps_per_epoch * settings.epochs
-    for parameter in parameters:  # a rank whose batches ran out still sums (zeros) with the others
+    held_batches, held_targets = [batches[i] for i in held], [targets[i] for i in held]
+    before = _held_out_error(block, held_batches, held_targets, objective, ranks, device)
+    for parameter in parameters:  # ranks that do not hold a step's batch sum zeros with the one that does
         parameter.grad = torch.zeros_like(parameter)
+    total_steps = train_count * settings.epochs
     optimizer = torch.optim.Adam(parameters, lr=settings.lr)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 - step / total_steps)
     order = torch.Generator().manual_seed(index)
     losses: list[float] = []
     bar = tqdm(total=total_steps, desc=f"Reconstructing block {index}", unit="step", leave=False, disable=not progress)
     for _ in range(settings.epochs):
-        permutation = torch.randperm(len(train), generator=order).tolist()
-        for step in range(steps_per_epoch):
+        for global_index in torch.randperm(train_count, generator=order).tolist():
             optimizer.zero_grad(set_to_none=False)
-            summed = torch.zeros(2, dtype=torch.float64, device=device)  # loss and tokens of this step, all ranks
-            if step < len(train):
-                batch = train[permutation[step]]
+            summed = torch.zeros(2, dtype=torch.float64, device=device)  # this step's loss and tokens
+            if global_index in mine:
+                local = mine[global_index]
                 with torch.enable_grad():
-                    output = _float32(batch).run(block, device)
-                    loss = objective(output, train_targets[permutation[step]].to(device))
+                    output = _float32(batches[local]).run(block, device)
+                    loss = objective(output, targets[local].to(device))
                     loss.backward()
                 summed += torch.tensor([loss.item(), output.numel() / objective.width], device=device)
             ranks.all_reduce(summed)
@@ -174,13 +184,16 @@ def reconstruct_block(
             bar.update()
             bar.set_postfix(loss=f"{losses[-1]:.4g}")
     bar.close()
-    after = _held_out_error(block, held, held_targets, objective, ranks, device)
+    after = _held_out_error(block, held_batches, held_targets, objective, ranks, device)
     kept = math.isfinite(after) and after < before
     if not kept:
         with torch.no_grad():
             for parameter, value in zip(parameters, original, strict=True):
                 parameter.copy_(value)
     block.to(dtype)
+    for parameter, flag in zip(parameters, trainable, strict=True):
+        parameter.grad = None
+        parameter.requires_grad_(flag)
     return BlockReconstruction(
         index, before, after, losses[0], losses[-1], settings.epochs, time.perf_counter() - start, kept
     )
