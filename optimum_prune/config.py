@@ -12,8 +12,8 @@ from typing import Any
 from .core.experts import EXPERT_CALIBRATIONS
 from .core.masks import NMPattern
 from .errors import InputError
-from .method_settings import ReconstructionSettings
-from .methods import GPTQ_BITS, MethodSettings, method_class
+from .method_settings import GPTQ_GRIDS, ReconstructionSettings
+from .methods import MethodSettings, method_class
 from .structured.spec import Structure
 
 CONFIG_NAME = "pruning_config.json"
@@ -72,8 +72,8 @@ class PruningConfig:
         reconstruct: ``True`` (the defaults), a dict or `ReconstructionSettings`: after each block is pruned, train
             its kept weights (masks frozen) so that it reproduces the dense block's outputs on the calibration
             batches (`optimum_prune.engine.reconstruct`); a block keeps them only if its held-out error fell.
-        gptq: ``"int4"`` or ``"int8"``: after each layer's mask (and refit), round its kept weights by GPTQ onto
-            the grid of `export_onnx(quantize=...)` with the same name, each rounding error compensated on the
+        gptq: ``"int4"`` or ``"int8"`` (or GGUF's ``"q4_0"``, ``"q8_0"``): after each layer's mask (and refit), round
+            its kept weights by GPTQ onto the grid of `export_onnx(quantize=...)` (`export_gguf`) with the same name, each rounding error compensated on the
             calibration inputs (`optimum_prune.methods.gptq`): the saved model stays float, its ONNX export
             quantizes to exactly these weights and loses less quality than rounding each weight on its own. With
             a structure, the smaller model is rounded after it is pruned. Any per-layer method.
@@ -171,10 +171,10 @@ class PruningConfig:
         self.settings.check(nm)
         if not isinstance(self.refit, bool):
             raise TypeError(f"refit must be True or False, got {self.refit!r}.")
-        if self.gptq is not None and self.gptq not in GPTQ_BITS:
+        if self.gptq is not None and self.gptq not in GPTQ_GRIDS:
             raise InputError(
-                f"gptq={self.gptq!r}: choose one of {', '.join(GPTQ_BITS)} (the --onnx-quantize weights it rounds "
-                "onto), or leave it unset."
+                f"gptq={self.gptq!r}: choose one of {', '.join(GPTQ_GRIDS)} (the --onnx-quantize or --gguf-type weights "
+                "it rounds onto), or leave it unset."
             )
         wrappers = {"refit": "re-solves", "gptq": "rounds"}  # what each does to every layer's kept weights on its own
         for name, does in wrappers.items():

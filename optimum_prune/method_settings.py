@@ -14,6 +14,7 @@ if TYPE_CHECKING:
 
 
 GPTQ_BITS = {"int4": 4, "int8": 8}  # the ONNX quantizations GPTQ rounds onto (`methods.gptq`): their bits
+GPTQ_GRIDS = (*GPTQ_BITS, "q4_0", "q8_0")  # every grid gptq= rounds onto: the ONNX ones, then GGUF's
 NBITS_BLOCK = 32  # input rows per scale of MatMulNBits weights: the ONNX export's blocks, GPTQ's groups
 
 

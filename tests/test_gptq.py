@@ -19,7 +19,7 @@ from optimum_prune import Pruner, PruningConfig, export_onnx
 from optimum_prune.core.statistics import Hessian
 from optimum_prune.errors import InputError
 from optimum_prune.method_settings import GPTQ_BITS, NBITS_BLOCK
-from optimum_prune.methods.gptq import gptq_round
+from optimum_prune.methods.gptq import GRIDS, gptq_round
 
 
 def _grid_steps(weight: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -48,7 +48,7 @@ def test_gptq_lands_on_the_grid_keeps_zeros_and_lowers_the_layer_error(bits: int
     pruned = torch.rand(24, 100, generator=generator) < 0.5
     dense = torch.randn(24, 100, generator=generator).masked_fill(pruned, 0.0)
     weight = dense.clone()
-    gptq_round(weight, hessian, pruned, bits)
+    gptq_round(weight, hessian, pruned, GRIDS[f"int{bits}"])
     assert torch.equal(hessian, statistic.matrix)  # left unchanged
     assert (weight[pruned] == 0).all()
     steps, _ = _grid_steps(weight, bits)

@@ -11,7 +11,7 @@ import argparse
 import dataclasses
 
 from ..export.quantize import QUANTIZATIONS
-from ..method_settings import GPTQ_BITS, ReconstructionSettings, all_settings_fields
+from ..method_settings import GPTQ_GRIDS, ReconstructionSettings, all_settings_fields
 
 DESCRIPTION = (
     "Prune a Hugging Face causal LM block by block (magnitude, Wanda, SparseGPT, SparseLLM, ALPS; unstructured or N:M, "
@@ -99,9 +99,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     )
     pruning.add_argument(
         "--gptq",
-        choices=tuple(GPTQ_BITS),
-        help="then round each layer's kept weights by GPTQ onto the grid of --onnx-quantize int4|int8 (the saved "
-        "weights stay float; the ONNX export quantizes to exactly them and loses less quality).",
+        choices=GPTQ_GRIDS,
+        help="then round each layer's kept weights by GPTQ onto the grid of --onnx-quantize int4|int8 or --gguf-type "
+        "q4_0|q8_0 (the saved weights stay float; the export quantizes to exactly them and loses less quality).",
     )
 
     pruning.add_argument(

@@ -43,7 +43,8 @@ def evaluate_perplexity(
     bos: bool | None = None,
 ) -> Perplexity:
     """Perplexity of ``model`` on ``text`` (a list is joined with blank lines, as in SparseGPT/Wanda). ``model``
-    may be the folder of an ONNX export (run by onnxruntime; ``tokenizer=None`` reads the folder's).
+    may be the folder of an ONNX export (run by onnxruntime; ``tokenizer=None`` reads the folder's) or a ``.gguf``
+    file (run by llama.cpp; pass the model's tokenizer).
 
     The text is tokenised once, without special tokens, and cut into non-overlapping windows of ``seq_len``
     tokens (the first ``max_windows`` of them); the result is ``exp`` of the mean next-token negative
@@ -54,7 +55,8 @@ def evaluate_perplexity(
     for name, value in (("seq_len", seq_len), ("batch_size", batch_size), ("max_windows", max_windows)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
             raise InputError(f"{name}={value!r} must be a positive integer.")
-    if isinstance(model, str | os.PathLike):  # an exported ONNX folder
+    gguf_file = isinstance(model, str | os.PathLike) and os.fspath(model).endswith(".gguf")
+    if isinstance(model, str | os.PathLike) and not gguf_file:  # an exported ONNX folder
         from .onnx_model import OnnxCausalLM
 
         model = OnnxCausalLM(model)
@@ -81,8 +83,25 @@ def evaluate_perplexity(
         windows = min(windows, max_windows)
     if windows == 0:
         raise InputError(f"The evaluation text has {len(ids)} tokens, fewer than one window of {seq_len}.")
-    value = windows_perplexity(model, ids[: windows * seq_len].view(windows, seq_len), batch_size, device, bos_id)
+    cut = ids[: windows * seq_len].view(windows, seq_len)
+    if gguf_file:
+        value = llamacpp_perplexity(model, cut, bos_id)
+    else:
+        value = windows_perplexity(model, cut, batch_size, device, bos_id)
     return Perplexity(value, windows, seq_len, bos_id is not None)
+
+
+def llamacpp_perplexity(path: str | os.PathLike, windows: torch.Tensor, bos_id: int | None = None) -> float:
+    """`windows_perplexity` of a GGUF file, every log-probability computed by llama.cpp (`evaluation.llamacpp`)."""
+    from .llamacpp import LlamaCpp
+
+    runner = LlamaCpp(path, context=windows.shape[1] + 1)
+    total_nll, total_tokens = 0.0, 0
+    for window in windows.tolist():
+        logprobs = runner.token_logprobs([bos_id, *window] if bos_id is not None else window)
+        total_nll -= sum(logprobs)
+        total_tokens += len(logprobs)
+    return math.exp(total_nll / total_tokens)
 
 
 @torch.no_grad()

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from ..errors import InputError
-from ..method_settings import MethodSettings
+from ..method_settings import GPTQ_BITS, MethodSettings
 from .alps import ALPSPruning
 from .base import BlockContext, PruningMethod
-from .gptq import GPTQ_BITS, GPTQRounded
+from .gptq import GPTQRounded
 from .magnitude import MagnitudePruning
 from .refit import Refitted
 from .sparsegpt import SparseGPTPruning

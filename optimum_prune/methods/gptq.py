@@ -17,6 +17,7 @@ method chooses the mask, then the kept weights are rounded.
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass
 
 import torch
 
@@ -24,7 +25,7 @@ from ..core.layers import TargetLayer
 from ..core.masks import NMPattern
 from ..core.statistics import Hessian, LayerStatistic, inverse_hessian_cholesky
 from ..errors import InputError
-from ..method_settings import GPTQ_BITS, NBITS_BLOCK
+from ..method_settings import NBITS_BLOCK
 from .base import BlockContext, PruningMethod, WrappedMethod
 from .refit import WithHessian, _probe_layer
 
@@ -32,23 +33,55 @@ GPTQ_DAMPENING = 0.01  # of the mean Hessian diagonal (GPTQ's percdamp), when th
 PANEL = 128  # columns whose errors reach the later columns in one matrix product (GPTQ's lazy batch)
 
 
+@dataclass(frozen=True)
+class Grid:
+    """A symmetric grid of codes ``low..high`` with one scale per `NBITS_BLOCK` inputs, set by the block's weight
+    ``v`` of largest magnitude: ``v / low`` (``v`` takes code ``low``: MatMulNBits, GGUF Q4_0) or ``|v| / high``
+    (``v`` takes ``±high``: GGUF Q8_0), the scale stored in float16 for GGUF (``half``)."""
+
+    low: int
+    high: int
+    by_low: bool
+    half: bool
+
+    def extreme_codes(self, values: torch.Tensor) -> torch.Tensor:
+        """The code each block's scale-defining weight takes (``values``: those weights)."""
+        if self.by_low:
+            return torch.full_like(values, float(self.low))
+        return torch.where(values < 0, -float(self.high), float(self.high))
+
+    def scales(self, values: torch.Tensor) -> torch.Tensor:
+        scales = values / self.extreme_codes(values)
+        return scales.half().float() if self.half else scales
+
+
+GRIDS = {  # what `export_onnx(quantize=...)` and `export_gguf(quantize=...)` store, by name
+    "int4": Grid(-8, 7, by_low=True, half=False),
+    "int8": Grid(-128, 127, by_low=True, half=False),
+    "q4_0": Grid(-8, 7, by_low=True, half=True),  # d = max / -8 in fp16, w = d * (q - 8)
+    "q8_0": Grid(-127, 127, by_low=False, half=True),  # d = amax / 127 in fp16, w = d * q
+}
+
+
 def gptq_round(
-    weight: torch.Tensor, hessian: torch.Tensor, pruned: torch.Tensor, bits: int, dampening: float = GPTQ_DAMPENING
+    weight: torch.Tensor, hessian: torch.Tensor, pruned: torch.Tensor, grid: Grid, dampening: float = GPTQ_DAMPENING
 ) -> None:
-    """Round a float32 ``(out, in)`` ``weight`` in place onto the ``bits``-bit grid of `NBITS_BLOCK` inputs per
-    scale, given the layer's Hessian ``H`` (left unchanged); weights where ``pruned`` stay exactly zero (their drift
-    is rounded to zero like any error).
+    """Round a float32 ``(out, in)`` ``weight`` in place onto ``grid`` (`NBITS_BLOCK` inputs per scale), given the
+    layer's Hessian ``H`` (left unchanged); weights where ``pruned`` stay exactly zero (their drift is rounded to
+    zero like any error).
 
     Each block's scale is fixed first, from the weights as they come (GPTQ's static groups), so that columns can
     be rounded in order of decreasing ``H_jj`` (GPTQ's act-order: the inputs that carry the most energy first,
     while the most columns are left to take their error); each column's error is compensated on the columns not
     yet rounded through the upper Cholesky factor of the permuted ``H^-1``, lazily in panels of `PANEL`."""
-    low, high = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    low, high = grid.low, grid.high
     rows, cols = weight.shape
     kept = weight.masked_fill(pruned, 0.0)
     blocks = torch.nn.functional.pad(kept, (0, -cols % NBITS_BLOCK)).view(rows, -1, NBITS_BLOCK)
     extreme = blocks.abs().argmax(-1)  # (rows, blocks): the weight that sets each block's scale
-    scales = blocks.gather(-1, extreme.unsqueeze(-1)).squeeze(-1) / low
+    values = blocks.gather(-1, extreme.unsqueeze(-1)).squeeze(-1)
+    codes = grid.extreme_codes(values)
+    scales = grid.scales(values)
     order = torch.argsort(hessian.diagonal(), descending=True)
     inverse = inverse_hessian_cholesky(hessian[order][:, order], dampening)
     columns = kept[:, order].T.contiguous()  # one input column per row, in the order they are rounded
@@ -62,7 +95,8 @@ def gptq_round(
             scale = scales[:, block]
             steps = torch.where(scale != 0, columns[i] / torch.where(scale != 0, scale, 1.0), 0.0)
             steps = steps.round_().clamp_(low, high)
-            steps[extreme[:, block] == place] = low  # the scale-defining weight: exactly where the export expects it
+            sets_scale = extreme[:, block] == place  # the scale-defining weight: exactly where the export expects it
+            steps[sets_scale] = codes[sets_scale, block]
             rounded = (steps * scale).masked_fill_(removed[i], 0.0)
             torch.div(columns[i] - rounded, inverse[i, i], out=errors[i - start])
             columns[i] = rounded
@@ -75,10 +109,10 @@ class GPTQRounded(WrappedMethod):
     """``method``'s masks, then the kept weights rounded by GPTQ onto the grid of an ``quantize`` ONNX export."""
 
     def __init__(self, method: PruningMethod, quantize: str) -> None:
-        if quantize not in GPTQ_BITS:
-            raise InputError(f"gptq={quantize!r}: choose one of {', '.join(GPTQ_BITS)} (the ONNX export's weights).")
+        if quantize not in GRIDS:
+            raise InputError(f"gptq={quantize!r}: choose one of {', '.join(GRIDS)} (the exported weights).")
         super().__init__(method, "gptq= rounds each layer on its own after a per-layer method.")
-        self.bits = GPTQ_BITS[quantize]
+        self.grid = GRIDS[quantize]
         self.dampening = getattr(method.settings, "dampening", GPTQ_DAMPENING)
         probe = method.make_statistic(_probe_layer(), torch.device("meta")) if method.needs_statistics else None
         self._adds_hessian = not isinstance(probe, (Hessian, WithHessian))
@@ -104,7 +138,7 @@ class GPTQRounded(WrappedMethod):
         hessian = self._hessian(statistic).matrix.clone()  # before the method may turn it into its inverse
         mask = self.method.prune_matrix(weight, self._own(statistic), sparsity, pattern)
         weight.masked_fill_(mask, 0.0)
-        gptq_round(weight, hessian, mask, self.bits, self.dampening)
+        gptq_round(weight, hessian, mask, self.grid, self.dampening)
         return mask
 
     def prune_block(self, context: BlockContext) -> dict[str, torch.Tensor]:
@@ -120,7 +154,7 @@ class GPTQRounded(WrappedMethod):
         for layer in context.layers:
             weight = layer.matrix()
             hessian = hessians[id(self._hessian(context.statistics[layer.name]))]
-            gptq_round(weight, hessian, masks[layer.name], self.bits, self.dampening)
+            gptq_round(weight, hessian, masks[layer.name], self.grid, self.dampening)
             layer.write(weight)
         return masks
 
