@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
+from ..export.gguf import GGUF_TYPES
 from ..export.quantize import QUANTIZATIONS
 from ..method_settings import GPTQ_GRIDS, ReconstructionSettings, all_settings_fields
 
@@ -41,7 +42,7 @@ CONFIG_FIELDS = (
 )
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
-EXPORTS = ("compressed", "onnx")
+EXPORTS = ("compressed", "onnx", "gguf")
 
 
 def flag(field: str) -> str:
@@ -232,7 +233,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         nargs="+",
         choices=EXPORTS,
         default=[],
-        help="compressed: save --output in the compressed format (docs/formats.md); onnx: also write DIR/onnx.",
+        help="compressed: save --output in the compressed format (docs/formats.md); onnx: also write DIR/onnx; gguf: "
+        "also write DIR/gguf/NAME-TYPE.gguf for llama.cpp and Ollama.",
+    )
+    output.add_argument(
+        "--gguf-type",
+        nargs="+",
+        choices=GGUF_TYPES,
+        help="with --export gguf: the weight types, one file each (default: the --gptq grid when it is q4_0 or q8_0, "
+        "else q8_0).",
     )
     output.add_argument(
         "--onnx-quantize",

@@ -169,6 +169,8 @@ def check(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Plan:
         )
     _check_refining_flags(args, parser)
     _check_outputs(args, parser)
+    if "gguf" in args.export or args.gguf_type:
+        _check_gguf(args, config, model_config, parser)
     if args.push_to_hub and not args.dry_run:
         _check_push(parser)
     if args.resume:
@@ -201,6 +203,42 @@ def check(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Plan:
         )
     plan.tasks = _check_tasks(args, parser)
     return plan
+
+
+def gguf_types(args: argparse.Namespace, config: PruningConfig) -> list[str]:
+    """--gguf-type, or its default: the --gptq grid when it is a GGUF one, else q8_0."""
+    return args.gguf_type or [config.gptq if config.gptq in ("q4_0", "q8_0") else "q8_0"]
+
+
+def _check_gguf(
+    args: argparse.Namespace, config: PruningConfig, model_config: PretrainedConfig, parser: argparse.ArgumentParser
+) -> None:
+    """--export gguf: a model and widths the file can hold, before loading (the output's files are checked by
+    --output's own rules)."""
+    if "gguf" not in args.export:
+        parser.error("argument --gguf-type: it chooses the GGUF weights; add --export gguf.")
+    from ..export.gguf import FULL_WIDTH_ATTENTION, check_gguf_export
+
+    if config.structure is not None and config.structure.attention and model_config.model_type in FULL_WIDTH_ATTENTION:
+        parser.error(
+            f"argument --structure: llama.cpp's {model_config.model_type} loader expects the attention as wide as the "
+            "hidden state: with --export gguf, prune MLP channels and blocks, not attention."
+        )
+    output = model_config.to_dict()  # the widths the output will have: a structure's MLP is a multiple of align
+    if config.structure is not None and (config.structure.mlp or config.structure.is_budget):
+        output["intermediate_size"] = config.structure.align
+    for kind in gguf_types(args, config):
+        if kind not in ("f32", "f16") and config.structure is not None and config.structure.align % 32:
+            parser.error(
+                f"argument --structure: align={config.structure.align} leaves widths that {kind}'s blocks of 32 do "
+                "not divide: use align=32 (or a multiple) with --export gguf."
+            )
+        try:
+            check_gguf_export(output, kind)
+        except (InputError, ImportError) as error:
+            parser.error(f"argument --export gguf: {error}")
+    if config.gptq in ("q4_0", "q8_0") and config.gptq not in gguf_types(args, config):
+        logger.warning("--gptq %s rounds for the %s file; --gguf-type asks for others.", config.gptq, config.gptq)
 
 
 def _check_image_calibration(
@@ -503,6 +541,7 @@ def _check_outputs(args: argparse.Namespace, parser: argparse.ArgumentParser) ->
     needs_output = {
         "--resume": args.resume,
         "--export onnx": "onnx" in args.export,
+        "--export gguf": "gguf" in args.export,
         "--offload disk": args.offload == "disk",
         "--save-masks": args.save_masks,
         "--export compressed": "compressed" in args.export and not args.push_to_hub,
@@ -934,6 +973,14 @@ def write(args: argparse.Namespace, pruner: Pruner, scores: dict[str, Any] | Non
                 f"  each weight was rounded to {args.onnx_quantize} on its own; --gptq {args.onnx_quantize} rounds "
                 "them during pruning with the calibration data, for less quality loss (docs/formats.md)"
             )
+    if "gguf" in args.export:
+        from ..export.gguf import export_gguf
+
+        for kind in gguf_types(args, pruner.config):
+            path = Path(args.output) / "gguf" / f"{Path(args.output).name}-{kind.upper()}.gguf"
+            export_gguf(args.output, path, quantize=kind, overwrite=args.overwrite)
+            rounded = " (weights rounded by GPTQ onto its grid)" if pruner.config.gptq == kind else ""
+            print(f"GGUF {kind} written to {path}{rounded}")
 
 
 def push(args: argparse.Namespace, pruner: Pruner, scores: dict[str, Any] | None) -> None:

@@ -22,12 +22,13 @@ import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-
-import numpy as np
-import torch
+from typing import TYPE_CHECKING
 
 from ..errors import InputError
 from ..method_settings import NBITS_BLOCK
+
+if TYPE_CHECKING:  # numpy and torch load when a file is written: the CLI reads GGUF_TYPES at start-up
+    import numpy as np
 
 GGUF_TYPES = ("f32", "f16", "q8_0", "q4_0")
 GGUF_INSTALL = 'GGUF export needs the gguf package: pip install "optimum-prune[gguf]".'
@@ -50,6 +51,9 @@ ARCHITECTURES = {  # transformers model_type -> how llama.cpp reads it
 }
 
 
+FULL_WIDTH_ATTENTION = ("qwen2",)  # llama.cpp loads their query projection as hidden x hidden: no removed heads
+
+
 def check_gguf_export(config: dict, quantize: str) -> None:
     """Refuse, before any work, a GGUF type outside our list, a model this writer cannot express, or widths the
     type's 32-weight blocks do not divide (``config``: the model's config.json)."""
@@ -70,8 +74,14 @@ def check_gguf_export(config: dict, quantize: str) -> None:
             f"GGUF export writes rotary embeddings without scaling; this model uses {rope.get('rope_type')!r}: "
             "convert it with llama.cpp's convert_hf_to_gguf.py."
         )
+    head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+    if model_type in FULL_WIDTH_ATTENTION and config["num_attention_heads"] * head_dim != config["hidden_size"]:
+        raise InputError(
+            f"llama.cpp's {model_type} loader expects the attention as wide as the hidden state "
+            f"({config['hidden_size']}), and this model's is {config['num_attention_heads'] * head_dim} (KV groups "
+            "were removed): prune its MLP channels and blocks for GGUF, not its attention."
+        )
     if quantize in ("q8_0", "q4_0"):
-        head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
         widths = {
             "hidden_size": config["hidden_size"],
             "intermediate_size": config["intermediate_size"],
@@ -82,8 +92,8 @@ def check_gguf_export(config: dict, quantize: str) -> None:
             named = ", ".join(f"{name} {width}" for name, width in odd.items())
             raise InputError(
                 f"{quantize} stores blocks of {NBITS_BLOCK} input weights, and this model's {named} is not a multiple "
-                f"of {NBITS_BLOCK}: llama.cpp would fall back to another type. Prune with --structure align={NBITS_BLOCK}"
-                ", or export f16/f32."
+                f"of {NBITS_BLOCK}: llama.cpp would fall back to another type. Prune its MLP with --structure mlp=... "
+                f"(the kept width is a multiple of align, {NBITS_BLOCK} by default), or export f16 or f32."
             )
 
 
@@ -152,6 +162,7 @@ def export_gguf(
         raise FileExistsError(f"{output} already exists: choose another file or pass overwrite=True (--overwrite).")
     output.parent.mkdir(parents=True, exist_ok=True)
     import gguf
+    import torch
     from safetensors import safe_open
 
     architecture = ARCHITECTURES[config["model_type"]]
@@ -198,6 +209,9 @@ def export_gguf(
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
         writer.close()
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(staging, 0o666 & ~umask)  # as an ordinary new file (mkstemp's is private)
         os.replace(staging, output)
     finally:
         Path(staging).unlink(missing_ok=True)
@@ -206,6 +220,8 @@ def export_gguf(
 
 def _add_tensor(writer, name: str, data: np.ndarray, qtype, gguf) -> None:
     """A weight matrix in ``qtype``; a vector (norm, bias) in f32, as llama.cpp's converter keeps them."""
+    import numpy as np
+
     if data.ndim < 2 or qtype == gguf.GGMLQuantizationType.F32:
         writer.add_tensor(name, np.ascontiguousarray(data, dtype=np.float32))
     elif qtype == gguf.GGMLQuantizationType.F16:
