@@ -26,7 +26,9 @@ def benchmark(output: str | Path, against: str | Path | None, record: bool = Tru
     folder = speed_folder(output)
     report = measure_speed(folder, against, **settings)
     print(report.table())
-    if record and read_metadata(folder) is None:  # a measurement changes nothing it was given
+    if record and folder.suffix == ".gguf":
+        print(f"not recorded: {folder} is a GGUF file (the table above is the result)")
+    elif record and read_metadata(folder) is None:  # a measurement changes nothing it was given
         print(f"not recorded: {folder} was not written by optimum-prune, so its files are left as they were")
     elif record:
         record_speed(folder, report.to_dict())
@@ -40,8 +42,13 @@ def run_bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         if value is not None and value < 1:
             parser.error(f"argument --{name.replace('_', '-')}: must be a positive integer, got {value}.")
     for name, folder in (("OUTPUT", args.output), ("--against", args.against)):
-        if folder is not None and not (Path(folder) / "config.json").is_file():
-            parser.error(f"argument {name}: no saved model in {folder} (a folder with config.json).")
+        if folder is None:
+            continue
+        gguf_file = str(folder).endswith(".gguf")
+        if gguf_file and not Path(folder).is_file():
+            parser.error(f"argument {name}: no GGUF file at {folder}.")
+        if not gguf_file and not (Path(folder) / "config.json").is_file():
+            parser.error(f"argument {name}: no saved model in {folder} (a folder with config.json, or a .gguf file).")
     try:
         benchmark(
             args.output, args.against, record=not args.no_record, device=args.device, threads=args.threads,

@@ -33,7 +33,7 @@ from ..errors import InputError
 from ..export.files import transformers_bars_off
 from ..export.onnx import CACHE_ARGUMENT, ONNX_FILE
 
-ENGINES = ("onnxruntime", "transformers", "deepsparse")
+ENGINES = ("onnxruntime", "transformers", "deepsparse", "llamacpp")
 DEEPSPARSE_INSTALL = (
     "DeepSparse is not installed: it pins numpy<2 and onnx<1.15, so give it its own environment (python3.11 -m "
     "venv ds, ds/bin/pip install deepsparse==1.8.0, then optimum-prune with numpy<2 and onnx==1.14.1 as "
@@ -288,11 +288,55 @@ def _dtype(folder: Path) -> str:
     return str(json.loads((folder / "config.json").read_text(encoding="utf-8")).get("dtype", "float32"))
 
 
+def _gguf_facts(path: Path, against: Path | None, prompt_len: int | None, new_tokens: int) -> tuple[int, int, str]:
+    """A GGUF file's prompt length (default, or checked against its context), vocabulary size and weight type;
+    ``against`` must be a GGUF file too (one engine times both)."""
+    import gguf
+
+    if against is not None and against.suffix != ".gguf":
+        raise InputError(f"--against {against} must be a .gguf file beside a GGUF output (llama.cpp times both).")
+    for file in (path, against):
+        if file is not None and not file.is_file():
+            raise InputError(f"No GGUF file at {file}: pass the file export_gguf wrote.")
+    fields = gguf.GGUFReader(path).fields
+    arch = bytes(fields["general.architecture"].parts[-1]).decode()
+    context = int(fields[f"{arch}.context_length"].parts[-1][0])
+    prompt_len = prompt_len or min(DEFAULT_PROMPT_LEN, context - new_tokens)
+    if prompt_len < 1 or prompt_len + new_tokens > context:
+        raise InputError(
+            f"A {prompt_len}-token prompt and {new_tokens} new tokens do not fit {path}'s context of {context} tokens."
+        )
+    kind = gguf.LlamaFileType(int(fields["general.file_type"].parts[-1][0])).name.removeprefix("MOSTLY_").lower()
+    return prompt_len, len(fields["tokenizer.ggml.tokens"].data), f"GGUF {kind}"
+
+
+def _llamacpp_runner(path: Path, threads: int | None, context: int) -> Callable[[np.ndarray, int], tuple[float, float]]:
+    """llama.cpp's own prompt and generation timings, as seconds."""
+    from .llamacpp import LlamaCpp
+
+    runner = LlamaCpp(path, context=context, threads=threads)
+
+    def run(prompt: np.ndarray, new_tokens: int) -> tuple[float, float]:
+        prefill, decode = runner.speed(prompt[0].tolist(), new_tokens)
+        return prompt.shape[1] / prefill, new_tokens / decode
+
+    return run
+
+
 def _check_engine(engine: str | None, onnx: bool, output: Path) -> str:
     """The engine that times ``output``, refused before any work when it cannot."""
-    engine = engine or ("onnxruntime" if onnx else "transformers")
+    gguf_file = output.suffix == ".gguf"
+    engine = engine or ("llamacpp" if gguf_file else "onnxruntime" if onnx else "transformers")
     if engine not in ENGINES:
         raise InputError(f"Unknown engine {engine!r}: choose one of {', '.join(ENGINES)}.")
+    if (engine == "llamacpp") != gguf_file:
+        kind = "GGUF files (--export gguf)" if engine == "llamacpp" else "folders"
+        raise InputError(f"{engine} times {kind}; {output} is not one: give the other engine or the other path.")
+    if engine == "llamacpp":
+        from .llamacpp import check_llamacpp
+
+        check_llamacpp()
+        return engine
     if (engine == "transformers") == onnx:
         kind = "safetensors folders (save_pretrained)" if engine == "transformers" else "ONNX folders (--export onnx)"
         raise InputError(f"{engine} times {kind}; {output} is not one: give the other engine or the other folder.")
@@ -367,9 +411,15 @@ def measure_speed(
     ``engine`` (`ENGINES`; default: onnxruntime for an ONNX folder, transformers for a safetensors one)."""
     output = Path(output)
     dense = Path(against) if against is not None else None
-    device, prompt_len = _check_inputs(output, dense, device, prompt_len, new_tokens)
     onnx = is_onnx_folder(output)
     engine = _check_engine(engine, onnx, output)
+    if engine == "llamacpp":
+        prompt_len, vocab, dtype = _gguf_facts(output, dense, prompt_len, new_tokens)
+        device = torch.device("cpu")
+    else:
+        device, prompt_len = _check_inputs(output, dense, device, prompt_len, new_tokens)
+        vocab = json.loads((output / "config.json").read_text(encoding="utf-8")).get("vocab_size", 1000)
+        dtype = _dtype(output)
     if threads is not None:
         torch.set_num_threads(threads)
     with tempfile.TemporaryDirectory(prefix="optimum-prune-bench-") as scratch:
@@ -381,11 +431,11 @@ def measure_speed(
             "onnxruntime": lambda folder: _onnx_runner(folder, threads),
             "deepsparse": lambda folder: _deepsparse_runner(folder, threads, prompt_len),
             "transformers": lambda folder: _torch_runner(folder, device),
+            "llamacpp": lambda path: _llamacpp_runner(path, threads, prompt_len + new_tokens + 16),
         }
         make = makers[engine]
         with transformers_bars_off():
             runners = {"output": make(output)} | ({"dense": make(dense)} if dense is not None else {})
-        vocab = json.loads((output / "config.json").read_text(encoding="utf-8")).get("vocab_size", 1000)
         prompt = np.random.default_rng(0).integers(0, vocab, (1, prompt_len)).astype(np.int64)
         timings = {name: Timing() for name in runners}
         for run in runners.values():
@@ -396,9 +446,9 @@ def measure_speed(
                 timings[name].prefill.append(prompt_len / prefill)
                 timings[name].decode.append(new_tokens / decode)
     return SpeedReport(
-        engine=f"{engine} {importlib.metadata.version(engine)}",
+        engine=f"{engine} {importlib.metadata.version('xllamacpp' if engine == 'llamacpp' else engine)}",
         device="cpu" if onnx else str(device),
-        dtype=_dtype(output),
+        dtype=dtype,
         threads=threads,
         batch=1,
         prompt_len=prompt_len,
