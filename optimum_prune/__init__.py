@@ -23,6 +23,7 @@ _EXPORTS = {
     "apply_masks": ".export.masks",
     "decompress": ".export.compressed",
     "compress": ".export.compressed",
+    "export_gguf": ".export.gguf",
     "export_onnx": ".export.onnx",
 }
 
@@ -33,6 +34,7 @@ if TYPE_CHECKING:
     from .export.compressed import compress, decompress
     from .export.loading import load_masks, load_pruned
     from .export.masks import apply_masks
+    from .export.gguf import export_gguf
     from .export.onnx import export_onnx
     from .pruner import Pruner
     from .report import PruningReport

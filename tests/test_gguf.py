@@ -192,3 +192,25 @@ def test_bad_gguf_input_in_python(tmp_path: Path) -> None:
         export_gguf(STORIES_260K, tmp_path / "there.gguf")
     assert (tmp_path / "there.gguf").read_bytes() == b"kept"
     assert sorted(path.name for path in tmp_path.iterdir()) == ["gpt2", "there.gguf"]  # nothing left behind
+
+
+def test_push_puts_the_gguf_files_in_their_own_repository(tmp_path: Path, monkeypatch) -> None:
+    import huggingface_hub
+    import yaml
+    from hub_server import FakeHub
+
+    out = tmp_path / "out"
+    flags = ["--model", str(STORIES_260K), "--method", "magnitude", "--output", str(out), "--export", "gguf"]
+    with FakeHub() as hub:
+        monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", hub.endpoint)
+        monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+        monkeypatch.setenv("HF_TOKEN", "hf_optimumPruneTestToken0123456789xyz")
+        assert run_main(*flags, "--gguf-type", "f16", "--push-to-hub", "someone/stories") == 0
+    repos = [commit["repo"] for commit in hub.recorded.commits]
+    assert repos == ["someone/stories", "someone/stories-GGUF"]
+    files = hub.recorded.commits[1]["files"]
+    assert set(files) == {"README.md", "out-F16.gguf"}
+    card = files["README.md"].decode()
+    metadata = yaml.safe_load(card.split("---")[1])
+    assert metadata["base_model"] == "someone/stories" and metadata["base_model_relation"] == "quantized"
+    assert "ollama run hf.co/someone/stories-GGUF:F16" in card

@@ -984,7 +984,8 @@ def write(args: argparse.Namespace, pruner: Pruner, scores: dict[str, Any] | Non
 
 
 def push(args: argparse.Namespace, pruner: Pruner, scores: dict[str, Any] | None) -> None:
-    """Upload the model with its card (speed included, once measured) and its ONNX export (rank 0 only)."""
+    """Upload the model with its card (speed included, once measured) and its ONNX export, then its GGUF files
+    to ``<repo>-GGUF`` (rank 0 only)."""
     from ..engine.distributed import Ranks
 
     if not args.push_to_hub or not Ranks.current().main:
@@ -995,6 +996,12 @@ def push(args: argparse.Namespace, pruner: Pruner, scores: dict[str, Any] | None
         args.push_to_hub, private=args.private, format=save_format, perplexity=scores, onnx_dir=onnx_dir
     )
     print(f"pushed to {commit.commit_url}")
+    if "gguf" in args.export:  # its own repository, as the Hub's GGUF repositories are
+        from ..hub.push import push_gguf
+
+        gguf = push_gguf(Path(args.output) / "gguf", f"{args.push_to_hub}-GGUF", base_model=args.push_to_hub,
+                         private=args.private)  # fmt: skip
+        print(f"pushed the GGUF files to {gguf.commit_url}")
 
 
 def _training_estimate(args: argparse.Namespace, plan: Plan, estimate: Any, device: Any) -> str:

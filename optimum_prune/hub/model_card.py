@@ -306,3 +306,23 @@ def build_model_card(
         + "\n\n</details>"
     )
     return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n\n".join(sections) + "\n")
+
+
+def gguf_card(repo_id: str, base_model: str, files: list[tuple[str, int]]) -> ModelCard:
+    """The card of a ``<name>-GGUF`` repository holding ``files`` (name, bytes) of the pruned model ``base_model``:
+    a quantized relation to it, as the Hub's GGUF repositories declare, and how llama.cpp and Ollama run them."""
+    data = ModelCardData(
+        base_model=base_model, base_model_relation="quantized", library_name="gguf",
+        tags=["gguf", "llama.cpp", "pruned", "optimum-prune"],
+    )  # fmt: skip
+    kinds = [name.rsplit("-", 1)[-1].removesuffix(".gguf") for name, _ in files]
+    rows = [[f"`{name}`", kind, f"{size / 1e6:.1f} MB"] for (name, size), kind in zip(files, kinds, strict=True)]
+    first = kinds[0] if kinds else "Q4_0"
+    text = (
+        f"# {repo_id.split('/')[-1]}\n\nGGUF files of [{base_model}](https://huggingface.co/{base_model}), a model "
+        "pruned with optimum-prune, for llama.cpp, Ollama and LM Studio (its recipe and measurements are on its own "
+        "card).\n\n"
+        + _markdown_table(["file", "weights", "size"], rows)
+        + f"\n\n## Run\n\n```bash\nollama run hf.co/{repo_id}:{first}\nllama-cli -hf {repo_id}:{first}\n```\n"
+    )
+    return ModelCard(f"---\n{data.to_yaml()}\n---\n\n{text}")

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 from huggingface_hub import CommitInfo, HfApi, constants, get_token
@@ -27,6 +29,30 @@ def push_folder(
     api = HfApi(token=token)
     api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
     return api.upload_folder(repo_id=repo_id, folder_path=folder, commit_message=commit_message, repo_type="model")
+
+
+def push_gguf(
+    folder: str | os.PathLike, repo_id: str, *, base_model: str, token: str | None = None, private: bool = False
+) -> CommitInfo:
+    """Upload the ``.gguf`` files of ``folder`` (`export_gguf`'s, the weight type in each name) to their own
+    repository ``repo_id`` (``<name>-GGUF``, as the Hub's GGUF repositories are), with a card naming the pruned
+    model ``base_model`` it quantizes, in one commit."""
+    from .model_card import gguf_card
+
+    files = sorted(Path(folder).glob("*.gguf"))
+    if not files:
+        raise InputError(f"{folder} holds no .gguf file: export them first (export_gguf, --export gguf).")
+    token = check_can_push(token)
+    with tempfile.TemporaryDirectory(prefix="optimum-prune-gguf-") as tmp:
+        staging = Path(tmp)
+        for file in files:  # linked where the file system allows (a GGUF can be gigabytes), else copied
+            try:
+                os.link(file, staging / file.name)
+            except OSError:
+                shutil.copy2(file, staging / file.name)
+        gguf_card(repo_id, base_model, [(file.name, file.stat().st_size) for file in files]).save(staging / "README.md")
+        message = f"Upload {len(files)} GGUF file(s) of {base_model} with optimum-prune"
+        return push_folder(staging, repo_id, token=token, private=private, commit_message=message)
 
 
 def check_can_push(token: str | None, reach: bool = False) -> str:
