@@ -32,9 +32,9 @@ if TYPE_CHECKING:
     from .evaluation import perplexity
     from .evaluation.harness import ZeroShotTasks, evaluate
     from .export.compressed import compress, decompress
+    from .export.gguf import export_gguf
     from .export.loading import load_masks, load_pruned
     from .export.masks import apply_masks
-    from .export.gguf import export_gguf
     from .export.onnx import export_onnx
     from .pruner import Pruner
     from .report import PruningReport
@@ -62,6 +62,7 @@ __all__ = [
     "compress",
     "decompress",
     "evaluate",
+    "export_gguf",
     "export_onnx",
     "load_masks",
     "load_pruned",
