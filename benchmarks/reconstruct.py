@@ -142,13 +142,9 @@ def markdown(model: str, path: Path, args: argparse.Namespace) -> str:
         time_ratio = (
             f"{result['reconstruct_seconds'] / base['seconds']:.2f}x" if base and result["blocks"] else ""
         )  # reconstruction's own seconds over the prune without it
-        held = (
-            f"{result['held_out_before']:.4f} -> {result['held_out_after']:.4f}" if result["held_out_before"] else ""
-        )
+        held = f"{result['held_out_before']:.4f} -> {result['held_out_after']:.4f}" if result["held_out_before"] else ""
         kept = f"{result['blocks_kept']}/{result['blocks']}" if result["blocks"] else ""
-        body.append(
-            [label, f"{result['perplexity']:.2f}", ratio, f"{result['seconds']:.0f}", time_ratio, held, kept]
-        )
+        body.append([label, f"{result['perplexity']:.2f}", ratio, f"{result['seconds']:.0f}", time_ratio, held, kept])
     headers = ["row", "perplexity", "vs one-shot", "seconds", "reconstruct s / one-shot s", "held-out error", "kept"]
     return "\n".join(lines) + table(headers, body)
 

@@ -4,7 +4,8 @@ A saved model folder becomes one ``.gguf`` file: the architecture's metadata und
 (byte-level BPE or Llama's SentencePiece-style BPE, from ``tokenizer.json``, through ``gguf.vocab``), and every
 tensor under llama.cpp's name (``gguf.get_tensor_name_map``). Weight matrices are stored as ``f32``, ``f16``,
 ``q8_0`` or ``q4_0`` (``gguf.quants``: 32 weights a block with one fp16 scale; Q8_0 ``w = d * q``, Q4_0
-``w = d * (q - 8)``); norms and biases stay f32. A model pruned with ``gptq="q4_0"`` (or ``"q8_0"``) already holds
+``w = d * (q - 8)``); norms and biases stay f32, and a q4_0 file keeps the head (or the tied embedding that serves
+as one) in q8_0, as llama.cpp's own quantizer keeps it above the rest. A model pruned with ``gptq="q4_0"`` (or ``"q8_0"``) already holds
 weights on exactly that grid, fp16 scales included, so the file stores exactly the compensated weights.
 
 What llama.cpp's converter would otherwise get wrong for a pruned model is written explicitly: the head size
@@ -51,6 +52,9 @@ ARCHITECTURES = {  # transformers model_type -> how llama.cpp reads it
 }
 
 
+# The head (the output matrix, or the tied embedding that computes the logits) of a q4_0 file, at the precision
+# llama.cpp's llama-quantize gives it (Q6_K there; the gguf package writes no K-quant, so Q8_0).
+HEAD_TYPE = {"q4_0": "q8_0"}
 FULL_WIDTH_ATTENTION = ("qwen2",)  # llama.cpp loads their query projection as hidden x hidden: no removed heads
 
 
@@ -171,7 +175,6 @@ def export_gguf(
     head_dim = config.get("head_dim") or config["hidden_size"] // heads
     blocks = config["num_hidden_layers"]
     names = gguf.get_tensor_name_map(arch, blocks)
-    qtype = getattr(gguf.GGMLQuantizationType, quantize.upper())
     handle, staging = tempfile.mkstemp(prefix=f".{output.name}.", suffix=".partial", dir=output.parent)
     os.close(handle)
     try:
@@ -195,7 +198,9 @@ def export_gguf(
              "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0, "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0}[quantize]
         )  # fmt: skip
         _write_vocab(writer, folder, config["vocab_size"])
-        for file in sorted(folder.glob("*.safetensors")):
+        files = sorted(folder.glob("*.safetensors"))
+        head = "output.weight" if _holds(files, "lm_head.weight") else "token_embd.weight"  # computes the logits
+        for file in files:
             with safe_open(file, framework="pt") as tensors:
                 for key in tensors.keys():  # noqa: SIM118 (not a dict)
                     name = names.get_name(key, try_suffixes=(".weight", ".bias"))
@@ -204,7 +209,8 @@ def export_gguf(
                     data = tensors.get_tensor(key).to(torch.float32).numpy()
                     if architecture.permute_qk and name.endswith(("attn_q.weight", "attn_k.weight")):
                         data = _permute(data, heads if name.endswith("attn_q.weight") else kv_heads)
-                    _add_tensor(writer, name, data, qtype, gguf)
+                    kind = HEAD_TYPE.get(quantize, quantize) if name == head else quantize
+                    _add_tensor(writer, name, data, getattr(gguf.GGMLQuantizationType, kind.upper()), gguf)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
@@ -216,6 +222,17 @@ def export_gguf(
     finally:
         Path(staging).unlink(missing_ok=True)
     return output
+
+
+def _holds(files: list[Path], key: str) -> bool:
+    """Whether any of the safetensors ``files`` holds tensor ``key``."""
+    from safetensors import safe_open
+
+    for file in files:
+        with safe_open(file, framework="pt") as tensors:
+            if key in tensors.keys():  # noqa: SIM118 (not a dict)
+                return True
+    return False
 
 
 def _add_tensor(writer, name: str, data: np.ndarray, qtype, gguf) -> None:
