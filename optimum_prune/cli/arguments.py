@@ -330,3 +330,35 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     parser.add_argument("--repeats", type=int, default=3, help="interleaved runs per model (default 3).")
     parser.add_argument("--no-record", action="store_true", help="print only; leave the folder as it is.")
     return parser
+
+
+def add_frontier_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The flags of ``optimum-prune frontier``: which output to ship, measured on this model and machine."""
+    parser.description = (
+        "Build dense and pruned candidates in each engine's formats, measure each one's perplexity in the engine, "
+        "its file size and its speed beside the dense model, and write the table, the Pareto front (frontier.png) "
+        "and a recommendation per constraint."
+    )
+    parser.add_argument("--model", required=True, help="local folder of the causal LM.")
+    parser.add_argument("--dataset", required=True, help="calibration text (a local file or a Hub dataset).")
+    parser.add_argument("--eval", required=True, help="evaluation text (a local file or a Hub dataset).")
+    parser.add_argument("--output", required=True, metavar="DIR", help="where the models, files and results go.")
+    parser.add_argument("--engines", nargs="+", default=["llamacpp"], help="llamacpp and/or onnxruntime.")
+    parser.add_argument(
+        "--candidates",
+        nargs="+",
+        metavar="STRUCTURE",
+        help="prunings beside the dense model, as --structure takes them (params=0.85, mlp=0.5); default: the "
+        "parameter budgets params=0.85 and params=0.7, each reconstructed.",
+    )
+    parser.add_argument("--max-perplexity", help="a limit: 1.2x (of the dense model's, in the same engine) or 40.")
+    parser.add_argument("--min-speedup", type=float, help="a decode speed-up to reach, measurably (e.g. 2).")
+    parser.add_argument("--max-size", help="a file size limit, e.g. 200MB.")
+    parser.add_argument("--num-samples", type=int, default=64, help="calibration sequences (default 64).")
+    parser.add_argument("--seq-len", type=int, default=512, help="calibration tokens per sequence (default 512).")
+    parser.add_argument("--eval-windows", type=int, default=10, help="evaluation windows of 512 tokens (default 10).")
+    parser.add_argument("--threads", type=int, help="engine threads for the speed runs (default: the engine's).")
+    parser.add_argument("--repeats", type=int, default=3, help="interleaved timing runs (default 3).")
+    parser.add_argument("--resume", action="store_true", help="continue a stopped run in --output.")
+    parser.add_argument("--dry-run", action="store_true", help="print the plan and stop.")
+    return parser

@@ -125,6 +125,24 @@ class SpeedReport:
         return {**asdict(self), "verdict": self.verdict}
 
 
+VECTOR_FEATURES = {"avx512f": "AVX-512", "avx512_vnni": "AVX-512 VNNI", "avx_vnni": "AVX-VNNI", "avx2": "AVX2",
+                   "amx_tile": "AMX"}  # fmt: skip
+
+
+def cpu_features() -> str:
+    """`` (AVX2)``: the vector instruction sets this CPU has that the engines' kernels use (Linux), or ``""``."""
+    try:
+        flags = next(
+            set(line.split(":", 1)[1].split())
+            for line in open("/proc/cpuinfo", encoding="utf-8")
+            if line.startswith("flags")
+        )
+    except (OSError, StopIteration):
+        return ""
+    found = [name for flag, name in VECTOR_FEATURES.items() if flag in flags]
+    return f" ({', '.join(found)})" if found else ""
+
+
 def compare_speed(output: list[float], dense: list[float], ratio: float) -> str:
     """``"1.42x: faster"``, ``"0.61x: slower"`` or ``"1.04x: no measurable difference"``: a ratio of medians is
     called faster or slower only when the two spreads (lowest and highest tokens/s of the repeats) do not
@@ -454,7 +472,7 @@ def measure_speed(
         prompt_len=prompt_len,
         new_tokens=new_tokens,
         repeats=repeats,
-        hardware=f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs"
+        hardware=f"{platform.processor() or platform.machine()}{cpu_features()}, {os.cpu_count()} CPUs"
         + (f", {torch.cuda.get_device_name(device)}" if device.type == "cuda" else ""),
         output=timings["output"].summary(),
         dense=timings["dense"].summary() if "dense" in timings else None,
