@@ -132,13 +132,10 @@ VECTOR_FEATURES = {"avx512f": "AVX-512", "avx512_vnni": "AVX-512 VNNI", "avx_vnn
 def cpu_features() -> str:
     """`` (AVX2)``: the vector instruction sets this CPU has that the engines' kernels use (Linux), or ``""``."""
     try:
-        flags = next(
-            set(line.split(":", 1)[1].split())
-            for line in open("/proc/cpuinfo", encoding="utf-8")
-            if line.startswith("flags")
-        )
-    except (OSError, StopIteration):
+        lines = Path("/proc/cpuinfo").read_text(encoding="utf-8").splitlines()
+    except OSError:
         return ""
+    flags = next((set(line.split(":", 1)[1].split()) for line in lines if line.startswith("flags")), set())
     found = [name for flag, name in VECTOR_FEATURES.items() if flag in flags]
     return f" ({', '.join(found)})" if found else ""
 
