@@ -19,6 +19,7 @@ import json
 import os
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -44,14 +45,13 @@ PRUNINGS = {  # label -> PruningConfig arguments
     "budget -15% params": {"method": "sparsegpt", "structure": {"params": 0.85}},
     "budget -30% params": {"method": "sparsegpt", "structure": {"params": 0.7}},
 }
-SETTINGS = [  # the sweep behind the defaults: (label, reconstruct settings) on one prune
-    ("epochs 1", {"epochs": 1}),
-    ("epochs 2 (default)", {}),
-    ("epochs 4", {"epochs": 4}),
+SETTINGS = [  # the sweep behind the defaults (epochs 2, lr 3e-3): (label, reconstruct settings) on one prune
+    ("lr 1e-3", {"lr": 1e-3}),
     ("lr 3e-4", {"lr": 3e-4}),
-    ("lr 3e-3", {"lr": 3e-3}),
-    ("plain MSE", {"loss": "mse"}),
-    ("dense inputs", {"inputs": "dense"}),
+    ("epochs 1, lr 1e-3", {"epochs": 1, "lr": 1e-3}),
+    ("epochs 4, lr 1e-3", {"epochs": 4, "lr": 1e-3}),
+    ("plain MSE, lr 1e-3", {"loss": "mse", "lr": 1e-3}),
+    ("dense inputs, lr 1e-3", {"inputs": "dense", "lr": 1e-3}),
 ]
 SETTINGS_PRUNING = "SparseGPT 70%"
 
@@ -61,9 +61,10 @@ def rows(grid: str) -> list[tuple[str, str, dict | None]]:
     if grid == "issue":
         return [(f"{p}{' + reconstruct' if r is not None else ''}", p, r) for p in PRUNINGS for r in (None, {})]
     if grid == "settings":
-        return [(SETTINGS_PRUNING, SETTINGS_PRUNING, None)] + [
-            (f"{SETTINGS_PRUNING} + reconstruct, {label}", SETTINGS_PRUNING, settings) for label, settings in SETTINGS
-        ]
+        return [
+            (SETTINGS_PRUNING, SETTINGS_PRUNING, None),
+            (f"{SETTINGS_PRUNING} + reconstruct", SETTINGS_PRUNING, {}),
+        ] + [(f"{SETTINGS_PRUNING} + reconstruct, {label}", SETTINGS_PRUNING, settings) for label, settings in SETTINGS]
     raise ValueError(f"Unknown grid {grid!r}: choose issue or settings.")
 
 
@@ -98,7 +99,7 @@ def run_row(model_name: str, pruning: str, reconstruct: dict | None, args: argpa
         "parameters": sum(p.numel() for p in {id(p): p for p in model.parameters()}.values()),
         "global_sparsity": report.global_sparsity,
         "torch_threads": torch.get_num_threads(),
-        "settings": reconstruct,
+        "settings": asdict(config.reconstruct) if config.reconstruct is not None else None,  # resolved
     }
 
 

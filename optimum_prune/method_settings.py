@@ -108,7 +108,7 @@ class ReconstructionSettings:
     the targets, so that a few massive-activation channels do not outweigh the rest; ``"mse"`` is plain."""
 
     epochs: int = field(default=2, metadata={"help": "passes over the calibration batches per block"})
-    lr: float = field(default=1e-3, metadata={"help": "Adam learning rate, decayed linearly to 0"})
+    lr: float = field(default=3e-3, metadata={"help": "Adam learning rate, decayed linearly to 0"})
     inputs: str = field(
         default="pruned", metadata={"help": "the hidden states each block learns from: pruned or dense"}
     )
