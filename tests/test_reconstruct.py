@@ -88,12 +88,16 @@ def test_dense_inputs_train_on_the_dense_model_s_stream() -> None:
     [
         ("llama", {"method": "sparsegpt", "sparsity": 0.0, "structure": {"mlp": 0.5, "attention": 0.5}}),
         ("qwen3_moe", {"method": "wanda", "sparsity": 0.5}),
+        ("gemma3_text", {"method": "sparsegpt", "pattern": "2:4"}),
         ("llama", {"method": "wanda", "sparsity": 0.5, "allocation": "owl", "owl_lambda": 0.1}),
         ("qwen2_vl", {"method": "sparsegpt", "sparsity": 0.5}),
     ],
 )
-def test_reconstruction_follows_structured_moe_owl_and_vision_language_pruning(model: str, arguments: dict) -> None:
-    built = tiny_vlm(model) if model == "qwen2_vl" else tiny_model(model)
+def test_reconstruction_follows_structured_moe_gemma_owl_and_vision_language_pruning(
+    model: str, arguments: dict
+) -> None:
+    builders = {"qwen2_vl": lambda: tiny_vlm("qwen2_vl"), "gemma3_text": _tiny_gemma3}
+    built = builders.get(model, lambda: tiny_model(model))()
     pruner = _prune(built, reconstruct=True, **arguments)
     blocks = pruner.report.reconstruction  # random weights on random tokens: a block may gain nothing
     assert len(blocks) == 2
@@ -102,6 +106,18 @@ def test_reconstruction_follows_structured_moe_owl_and_vision_language_pruning(m
         assert pruner.model.config.intermediate_size == 64
     else:
         assert pruner.report.global_sparsity == pytest.approx(0.5, abs=0.02)
+
+
+def _tiny_gemma3():
+    """A random-init Gemma 3 text model (sliding-window and global layers, q/k norms, four norms a block)."""
+    import transformers
+
+    config = transformers.Gemma3TextConfig(
+        vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, sliding_window=16, max_position_embeddings=256,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    return transformers.AutoModelForCausalLM.from_config(config)
 
 
 def test_disk_offload_gives_the_in_memory_model(tmp_path) -> None:
