@@ -214,3 +214,30 @@ def test_push_puts_the_gguf_files_in_their_own_repository(tmp_path: Path, monkey
     metadata = yaml.safe_load(card.split("---")[1])
     assert metadata["base_model"] == "someone/stories" and metadata["base_model_relation"] == "quantized"
     assert "ollama run hf.co/someone/stories-GGUF:F16" in card
+
+
+@pytest.mark.parametrize("architecture", ["qwen3", "mistral"])
+def test_llama_cpp_runs_qwen3_and_mistral_as_pytorch_does(architecture: str, tmp_path: Path) -> None:
+    """Qwen3 (q/k norms, its own head size) and Mistral (written as llama.cpp's llama): the log-probabilities of
+    random tokens in llama.cpp are PyTorch's."""
+    import transformers
+
+    from optimum_prune.evaluation.llamacpp import LlamaCpp
+
+    if architecture == "qwen3":
+        config = transformers.Qwen3Config(
+            vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, head_dim=16, max_position_embeddings=256,
+        )  # fmt: skip
+        torch.manual_seed(0)
+        model = transformers.AutoModelForCausalLM.from_config(config)
+    else:
+        model = tiny_model(architecture)
+    model.save_pretrained(tmp_path / "model")
+    AutoTokenizer.from_pretrained(STORIES_260K).save_pretrained(tmp_path / "model")
+    path = export_gguf(tmp_path / "model", tmp_path / "model-F32.gguf")
+    ids = random_ids(1, 33, seed=5)[0].tolist()
+    with torch.no_grad():
+        expected = torch.log_softmax(model(torch.tensor([ids])).logits[0].double(), -1)
+    got = LlamaCpp(path, context=64, threads=1).token_logprobs(ids)
+    np.testing.assert_allclose(got, [expected[i - 1, ids[i]].item() for i in range(1, len(ids))], atol=0.02)
