@@ -27,10 +27,10 @@ ENGINE_FORMATS = {
     "llamacpp": [("q8_0", None), ("q4_0", "q4_0")],
     "onnxruntime": [("fp32", None), ("int8", None), ("int4", "int4")],
 }
-DEFAULT_PRUNINGS = {  # label -> PruningConfig arguments (None: the dense model)
+DEFAULT_PRUNINGS = {  # label -> PruningConfig arguments (None: the dense model); the method: its default, SparseGPT
     "dense": None,
-    "budget -15%": {"method": "sparsegpt", "sparsity": 0.0, "structure": {"params": 0.85}, "reconstruct": True},
-    "budget -30%": {"method": "sparsegpt", "sparsity": 0.0, "structure": {"params": 0.7}, "reconstruct": True},
+    "budget -15%": {"sparsity": 0.0, "structure": {"params": 0.85}, "reconstruct": True},
+    "budget -30%": {"sparsity": 0.0, "structure": {"params": 0.7}, "reconstruct": True},
 }
 RESULTS = "frontier.json"
 
@@ -249,7 +249,7 @@ def _pruned_folder(model: str | os.PathLike, label: str, arguments: dict | None,
     folder = output / "models" / _slug(f"{label}-{grid or 'float'}")
     if (folder / "pruning_config.json").is_file():
         return folder
-    arguments = dict(arguments or {"method": "sparsegpt", "sparsity": 0.0})
+    arguments = dict(arguments or {"sparsity": 0.0})  # the default method, SparseGPT, pruning nothing
     if grid is not None:  # GPTQ rounds inside the method, which reconstruction would have to precede
         arguments.pop("reconstruct", None)
     config = PruningConfig(num_samples=num_samples, seq_len=seq_len, gptq=grid, **arguments)

@@ -18,8 +18,7 @@ def prunings(args: argparse.Namespace) -> dict:
         return DEFAULT_PRUNINGS
     chosen = {"dense": None}
     for text in args.candidates:
-        arguments = {"method": "sparsegpt", "sparsity": 0.0, "structure": parse_structure(text.split()),
-                     "reconstruct": True}  # fmt: skip
+        arguments = {"sparsity": 0.0, "structure": parse_structure(text.split()), "reconstruct": True}
         PruningConfig(num_samples=args.num_samples, seq_len=args.seq_len, **arguments)  # refused here if bad
         chosen[text] = arguments
     return chosen
