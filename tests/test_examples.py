@@ -109,3 +109,12 @@ def test_readme_python_example(tmp_path) -> None:
     assert result.returncode == 0, result.stderr[-3000:]
     assert "global sparsity 0.5000" in result.stdout
     assert list(tmp_path.iterdir()), "the snippet saves the pruned model"
+
+
+def test_gguf_example_runs_in_llama_cpp(tmp_path) -> None:
+    output = example("export_gguf.py", "--num-samples", "8", "--seq-len", "128", "--output", str(tmp_path / "m"))
+    pytorch = float(re.search(r"PyTorch: perplexity ([\d.]+)", output)[1])
+    q4 = float(re.search(r"llama.cpp q4_0: .* perplexity ([\d.]+)", output)[1])
+    f16 = float(re.search(r"llama.cpp f16: .* perplexity ([\d.]+)", output)[1])
+    assert abs(f16 - pytorch) < 0.01 * pytorch and q4 < 1.2 * pytorch  # the q4_0 file holds the GPTQ-rounded weights
+    assert (tmp_path / "m" / "gguf" / "model-Q4_0.gguf").is_file()
