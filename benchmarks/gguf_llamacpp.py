@@ -147,14 +147,15 @@ def markdown(model: str, results: dict, args: argparse.Namespace) -> str:
         ratio = quality_["perplexity"] / base if base else float("nan")  # against the float (unrounded) model
         speeds = []
         for threads in args.threads:
-            measured = result.get("speed", {}).get(str(threads))
-            speeds.append(measured["verdict"].split(";")[0] if measured else "not measured")
+            for suffix in ("", "_vs_f32"):
+                measured = result.get("speed", {}).get(f"{threads}{suffix}")
+                speeds.append(measured["verdict"].split(";")[0].removeprefix("decode ") if measured else "not measured")
         rows.append([
             pruning, kind, f"{quality_['parameters'] / 1e6:.1f}M", f"{quality_['bytes'] / 1e6:.1f} MB",
             f"{quality_['perplexity']:.2f}", f"{quality_['pytorch_perplexity']:.2f}", f"{ratio:.3f}x", *speeds,
         ])  # fmt: skip
     headers = ["model", "file", "parameters", "size", "llama.cpp ppl", "PyTorch ppl, same weights", "vs float model"]
-    headers += [f"{t}-thread decode vs dense same type" for t in args.threads]
+    headers += [f"{t}-thread decode vs dense {than}" for t in args.threads for than in ("same type", "f32")]
     return "\n".join(lines) + table(headers, rows)
 
 
