@@ -54,6 +54,7 @@ def run_frontier_command(args: argparse.Namespace, parser: argparse.ArgumentPars
         )
         for label, engine, kind, grid in candidates:
             print(f"  {label}: {engine} {kind}" + (f" (kept weights rounded by GPTQ onto {grid})" if grid else ""))
+        print(_estimate(args, chosen, candidates))
         return 0
     from ..frontier import run_frontier
 
@@ -71,3 +72,30 @@ def run_frontier_command(args: argparse.Namespace, parser: argparse.ArgumentPars
         return 2
     print((Path(args.output) / "frontier.md").read_text(encoding="utf-8"))
     return 0
+
+
+FILE_BYTES_PER_PARAMETER = {"q8_0": 34 / 32, "q4_0": 18 / 32, "fp32": 4.0, "int8": 1.1, "int4": 0.6}  # about
+
+
+def _estimate(args: argparse.Namespace, chosen: dict, candidates: list) -> str:
+    """The plan's pruning time (`Pruner.estimate` of each prune) and disk (saved models and files), before any
+    work; measuring (perplexity in each engine, speed) comes on top."""
+    from ..config import PruningConfig
+    from ..pruner import Pruner
+
+    seconds, disk, parameters = 0.0, 0, 0
+    grids = {(label, grid) for label, _, _, grid in candidates if chosen[label] is not None or grid is not None}
+    for label, grid in sorted(grids, key=str):
+        arguments = dict(chosen[label] or {"sparsity": 0.0})
+        if grid is not None:  # as the run prunes it: GPTQ instead of reconstruction
+            arguments.pop("reconstruct", None)
+        config = PruningConfig(num_samples=args.num_samples, seq_len=args.seq_len, gptq=grid, **arguments)
+        estimate = Pruner.estimate(args.model, config, dtype="float32")
+        seconds += estimate.seconds
+        disk += estimate.weights_bytes  # the saved float32 model
+        parameters = estimate.parameters
+    files = sum(FILE_BYTES_PER_PARAMETER[kind] for _, _, kind, _ in candidates) * parameters
+    return (
+        f"estimated: pruning {seconds / 60:.1f} min on this machine, disk {(disk + files) / 1e9:.2f} GB (models and "
+        "files, the files counted at the dense size; measuring each candidate's perplexity and speed comes on top)"
+    )
