@@ -56,15 +56,14 @@ SETTINGS = [  # the sweep behind the defaults (epochs 2, lr 3e-3): (label, recon
 SETTINGS_PRUNING = "SparseGPT 70%"
 
 
-def rows(grid: str) -> list[tuple[str, str, dict | None]]:
-    """``(label, pruning, reconstruct settings or None)``: each pruning without, then with reconstruction."""
+def rows(grid: str, pruning: str = SETTINGS_PRUNING) -> list[tuple[str, str, dict | None]]:
+    """``(label, pruning, reconstruct settings or None)``: each pruning without, then with reconstruction; the
+    settings grid sweeps ``pruning``."""
     if grid == "issue":
         return [(f"{p}{' + reconstruct' if r is not None else ''}", p, r) for p in PRUNINGS for r in (None, {})]
     if grid == "settings":
-        return [
-            (SETTINGS_PRUNING, SETTINGS_PRUNING, None),
-            (f"{SETTINGS_PRUNING} + reconstruct", SETTINGS_PRUNING, {}),
-        ] + [(f"{SETTINGS_PRUNING} + reconstruct, {label}", SETTINGS_PRUNING, settings) for label, settings in SETTINGS]
+        sweep = [(f"{pruning} + reconstruct, {label}", pruning, settings) for label, settings in SETTINGS]
+        return [(pruning, pruning, None), (f"{pruning} + reconstruct", pruning, {}), *sweep]
     raise ValueError(f"Unknown grid {grid!r}: choose issue or settings.")
 
 
@@ -155,6 +154,9 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=["stories260k"])
     parser.add_argument("--grid", default="issue")
     parser.add_argument("--rows", help="only the rows whose label contains this text")
+    parser.add_argument(
+        "--settings-pruning", default=SETTINGS_PRUNING, choices=PRUNINGS, help="what --grid settings sweeps"
+    )
     parser.add_argument("--samples", type=int, default=64)
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--batch-size", type=int, default=8)
@@ -163,7 +165,7 @@ def main() -> None:
     args = parser.parse_args()
     for model in args.models:
         path = results_path(model, args)
-        for label, pruning, reconstruct in rows(args.grid):
+        for label, pruning, reconstruct in rows(args.grid, args.settings_pruning):
             if args.rows and args.rows not in label:
                 continue
             if label in load(path) and not args.force:
