@@ -238,20 +238,30 @@ def _slug(text: str) -> str:
     return "".join(ch if ch.isalnum() else "-" for ch in text).strip("-")
 
 
+def prune_arguments(arguments: dict | None, grid: str | None) -> dict | None:
+    """The `PruningConfig` arguments (besides ``gptq=grid``) that make a candidate's model, or ``None`` for the
+    dense model as it is: rounding the dense model is SparseGPT (the default method) pruning nothing, and GPTQ
+    replaces reconstruction (it rounds inside the method, which the training would have to precede)."""
+    if arguments is None and grid is None:
+        return None
+    arguments = dict(arguments or {"sparsity": 0.0})
+    if grid is not None:
+        arguments.pop("reconstruct", None)
+    return arguments
+
+
 def _pruned_folder(model: str | os.PathLike, label: str, arguments: dict | None, grid: str | None, output: Path,
                    dataset: Any, num_samples: int, seq_len: int) -> Path:  # fmt: skip
     """The saved model of ``label`` (rounded onto ``grid`` by GPTQ when given), pruned once and kept."""
     from .config import PruningConfig
     from .pruner import Pruner
 
-    if arguments is None and grid is None:
+    arguments = prune_arguments(arguments, grid)
+    if arguments is None:
         return Path(model)
     folder = output / "models" / _slug(f"{label}-{grid or 'float'}")
     if (folder / "pruning_config.json").is_file():
         return folder
-    arguments = dict(arguments or {"sparsity": 0.0})  # the default method, SparseGPT, pruning nothing
-    if grid is not None:  # GPTQ rounds inside the method, which reconstruction would have to precede
-        arguments.pop("reconstruct", None)
     config = PruningConfig(num_samples=num_samples, seq_len=seq_len, gptq=grid, **arguments)
     import torch
 
@@ -305,7 +315,7 @@ def run_frontier(
     from transformers import AutoTokenizer
 
     from .evaluation import perplexity
-    from .evaluation.speed import compare_speed, measure_speed
+    from .evaluation.speed import measure_speed
 
     check_engines(engines)
     constraints = constraints or Constraints()
@@ -334,16 +344,7 @@ def run_frontier(
         report = measure_speed(path, against, threads=threads, prompt_len=prompt_len, new_tokens=new_tokens,
                                repeats=repeats)  # fmt: skip
         out = report.output
-        if against is None:
-            ratio, verdict = 1.0, "the baseline"
-        else:
-            dense = report.dense
-            ratio = out["decode_tokens_per_second"] / dense["decode_tokens_per_second"]
-            verdict = compare_speed(
-                [out["decode_tokens_per_second_min"], out["decode_tokens_per_second_max"]],
-                [dense["decode_tokens_per_second_min"], dense["decode_tokens_per_second_max"]],
-                ratio,
-            )
+        ratio, verdict = (1.0, "the baseline") if against is None else report.judged("decode")
         row = Row(label, engine, kind, value, _size(path), out["decode_tokens_per_second"],
                   out["prefill_tokens_per_second"], ratio, verdict, report.engine, threads, report.hardware)  # fmt: skip
         save_row(output, key, row)

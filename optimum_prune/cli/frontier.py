@@ -81,14 +81,13 @@ def _estimate(args: argparse.Namespace, chosen: dict, candidates: list) -> str:
     """The plan's pruning time (`Pruner.estimate` of each prune) and disk (saved models and files), before any
     work; measuring (perplexity in each engine, speed) comes on top."""
     from ..config import PruningConfig
+    from ..frontier import prune_arguments
     from ..pruner import Pruner
 
     seconds, disk, parameters = 0.0, 0, 0
-    grids = {(label, grid) for label, _, _, grid in candidates if chosen[label] is not None or grid is not None}
+    grids = {(label, grid) for label, _, _, grid in candidates if prune_arguments(chosen[label], grid) is not None}
     for label, grid in sorted(grids, key=str):
-        arguments = dict(chosen[label] or {"sparsity": 0.0})
-        if grid is not None:  # as the run prunes it: GPTQ instead of reconstruction
-            arguments.pop("reconstruct", None)
+        arguments = prune_arguments(chosen[label], grid)
         config = PruningConfig(num_samples=args.num_samples, seq_len=args.seq_len, gptq=grid, **arguments)
         estimate = Pruner.estimate(args.model, config, dtype="float32")
         seconds += estimate.seconds

@@ -949,7 +949,7 @@ def write(args: argparse.Namespace, pruner: Pruner, scores: dict[str, Any] | Non
 
     if not Ranks.current().main:
         return
-    save_format = "compressed" if "compressed" in args.export else "dense"
+    save_format = _save_format(args)
     if args.output and not streams_output(args):
         pruner.save_pretrained(args.output, overwrite=args.overwrite, format=save_format, save_masks=args.save_masks)
     if args.output:
@@ -983,6 +983,11 @@ def write(args: argparse.Namespace, pruner: Pruner, scores: dict[str, Any] | Non
             print(f"GGUF {kind} written to {path}{rounded}")
 
 
+def _save_format(args: argparse.Namespace) -> str:
+    """The format --output (and --push-to-hub) are saved in."""
+    return "compressed" if "compressed" in args.export else "dense"
+
+
 def push(args: argparse.Namespace, pruner: Pruner, scores: dict[str, Any] | None) -> None:
     """Upload the model with its card (speed included, once measured) and its ONNX export, then its GGUF files
     to ``<repo>-GGUF`` (rank 0 only)."""
@@ -991,7 +996,7 @@ def push(args: argparse.Namespace, pruner: Pruner, scores: dict[str, Any] | None
     if not args.push_to_hub or not Ranks.current().main:
         return
     onnx_dir = Path(args.output) / "onnx" if "onnx" in args.export else None
-    save_format = "compressed" if "compressed" in args.export else "dense"
+    save_format = _save_format(args)
     commit = pruner.push_to_hub(
         args.push_to_hub, private=args.private, format=save_format, perplexity=scores, onnx_dir=onnx_dir
     )

@@ -70,14 +70,15 @@ class LlamaCpp:
             prefix = list(tokens[:i])
             forced = self._forced(prefix, tokens[i])
             if forced is None:  # part of a character: force a whole token, read the true one among all
-                forced = self._forced(prefix, self._whole_token(prefix), top=self._vocabulary(prefix))
+                forced = self._forced(prefix, self._whole_token(prefix), top=self._vocabulary())
                 logprob = next(entry["logprob"] for entry in forced["top_logprobs"] if entry["id"] == tokens[i])
             else:
                 logprob = forced["logprob"]
             values.append(logprob)
         return values
 
-    def _vocabulary(self, prefix: list[int]) -> int:
+    def _vocabulary(self) -> int:
+        """The size of the file's vocabulary (read once)."""
         if self._vocab is None:
             import gguf
 

@@ -84,24 +84,26 @@ class SpeedReport:
 
     @property
     def verdict(self) -> str:
-        """Prefill and decode judged apart, each from its spread (`compare_speed`)."""
+        """Prefill and decode judged apart, each from its spread (`judged`)."""
         if self.dense is None:
             return "no dense model to compare with (--against DENSE)"
-        judged = {
-            kind: compare_speed(
-                [self.output[f"{kind}_tokens_per_second{end}"] for end in ("_min", "_max")],
-                [self.dense[f"{kind}_tokens_per_second{end}"] for end in ("_min", "_max")],
-                self.output[f"{kind}_tokens_per_second"] / self.dense[f"{kind}_tokens_per_second"],
-            )
-            for kind in ("decode", "prefill")
-        }
+        judged = {kind: self.judged(kind)[1] for kind in ("decode", "prefill")}
         text = "; ".join(f"{kind} {verdict}" for kind, verdict in judged.items())
         if not any(verdict.endswith(": faster") for verdict in judged.values()):
-            advice = (
-                "structured pruning would be" if "int4" in self.dtype else "structured pruning or int4 ONNX would be"
-            )
+            low_bit = "int4" in self.dtype or "q4" in self.dtype
+            advice = "structured pruning would be" if low_bit else "structured pruning or int4 ONNX would be"
             text += f" (on this runtime; {advice})"
         return text
+
+    def judged(self, kind: str) -> tuple[float, str]:
+        """``kind`` (``"decode"`` or ``"prefill"``): the ratio of medians over the dense model's and its
+        `compare_speed` verdict."""
+        ratio = self.output[f"{kind}_tokens_per_second"] / self.dense[f"{kind}_tokens_per_second"]
+        spreads = [
+            [values[f"{kind}_tokens_per_second{end}"] for end in ("_min", "_max")]
+            for values in (self.output, self.dense)
+        ]
+        return ratio, compare_speed(*spreads, ratio)
 
     def table(self) -> str:
         rows = [("output", self.output)] + ([("dense", self.dense)] if self.dense else [])
@@ -303,6 +305,19 @@ def _dtype(folder: Path) -> str:
     return str(json.loads((folder / "config.json").read_text(encoding="utf-8")).get("dtype", "float32"))
 
 
+def _fitting_prompt(prompt_len: int | None, new_tokens: int, context: int, where: Path) -> int:
+    """``prompt_len`` (default `DEFAULT_PROMPT_LEN`, or what the context leaves beside ``new_tokens``), refused when
+    it and the new tokens do not fit ``where``'s context."""
+    if prompt_len is None:
+        prompt_len = min(DEFAULT_PROMPT_LEN, context - new_tokens)
+    if prompt_len < 1 or prompt_len + new_tokens > context:
+        raise InputError(
+            f"A {prompt_len}-token prompt and {new_tokens} new tokens do not fit {where}'s context of {context} tokens: "
+            f"lower --prompt-len or --new-tokens so that they sum to at most {context}."
+        )
+    return prompt_len
+
+
 def _gguf_facts(path: Path, against: Path | None, prompt_len: int | None, new_tokens: int) -> tuple[int, int, str]:
     """A GGUF file's prompt length (default, or checked against its context), vocabulary size and weight type;
     ``against`` must be a GGUF file too (one engine times both)."""
@@ -316,11 +331,7 @@ def _gguf_facts(path: Path, against: Path | None, prompt_len: int | None, new_to
     fields = gguf.GGUFReader(path).fields
     arch = bytes(fields["general.architecture"].parts[-1]).decode()
     context = int(fields[f"{arch}.context_length"].parts[-1][0])
-    prompt_len = prompt_len or min(DEFAULT_PROMPT_LEN, context - new_tokens)
-    if prompt_len < 1 or prompt_len + new_tokens > context:
-        raise InputError(
-            f"A {prompt_len}-token prompt and {new_tokens} new tokens do not fit {path}'s context of {context} tokens."
-        )
+    prompt_len = _fitting_prompt(prompt_len, new_tokens, context, path)
     kind = gguf.LlamaFileType(int(fields["general.file_type"].parts[-1][0])).name.removeprefix("MOSTLY_").lower()
     return prompt_len, len(fields["tokenizer.ggml.tokens"].data), f"GGUF {kind}"
 
@@ -394,13 +405,7 @@ def _check_inputs(
         context = getattr(config, "max_position_embeddings", None)
         if context is None:
             continue
-        if prompt_len is None:
-            prompt_len = min(DEFAULT_PROMPT_LEN, context - new_tokens)
-        if prompt_len < 1 or prompt_len + new_tokens > context:
-            raise InputError(
-                f"A {prompt_len}-token prompt and {new_tokens} new tokens do not fit {folder}'s context of {context} "
-                f"tokens: lower --prompt-len or --new-tokens so that they sum to at most {context}."
-            )
+        prompt_len = _fitting_prompt(prompt_len, new_tokens, context, folder)
     if against is not None and is_onnx_folder(against) and not is_onnx_folder(output):
         raise InputError(
             f"--against {against} is an ONNX folder and {output} is not: both must run on one engine; give the "

@@ -21,6 +21,7 @@ import importlib.util
 import json
 import os
 import tempfile
+from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -105,10 +106,8 @@ def _tokenizer(folder: Path):
     """The tokenizer of ``folder`` as gguf's vocab: GPT-2 style byte-level BPE, else Llama's BPE with byte fallback."""
     from gguf.vocab import BpeVocab, LlamaHfVocab
 
-    try:
+    with suppress(FileNotFoundError, ValueError):  # not byte-level BPE: try Llama's
         return BpeVocab(folder)
-    except (FileNotFoundError, ValueError):
-        pass
     try:
         return LlamaHfVocab(folder)
     except (FileNotFoundError, TypeError) as error:
