@@ -48,8 +48,8 @@ class BlockReconstruction:
         return asdict(self)
 
 
-def _float32(batch: CalibrationBatch, hidden: torch.Tensor | None = None) -> CalibrationBatch:
-    """``batch`` (with ``hidden`` instead of its own) with every floating tensor in float32, for training."""
+def _float32(batch: CalibrationBatch) -> CalibrationBatch:
+    """``batch`` with every floating tensor in float32, for training."""
 
     def cast(value):
         if isinstance(value, torch.Tensor) and value.is_floating_point():
@@ -58,9 +58,9 @@ def _float32(batch: CalibrationBatch, hidden: torch.Tensor | None = None) -> Cal
             return tuple(cast(item) for item in value)
         return value
 
-    return CalibrationBatch(cast(batch.hidden if hidden is None else hidden), cast(batch.args), {
-        key: cast(value) for key, value in batch.kwargs.items()
-    })  # fmt: skip
+    return CalibrationBatch(
+        cast(batch.hidden), cast(batch.args), {key: cast(value) for key, value in batch.kwargs.items()}
+    )
 
 
 class _Objective:
@@ -78,9 +78,11 @@ class _Objective:
         ranks.all_reduce(squares)
         ranks.all_reduce(tokens)
         mean_square = squares / tokens.clamp_min(1)
-        if kind == "normalized":  # a dead channel weighs as one of average energy, not infinitely
+        if (
+            kind == "normalized"
+        ):  # a channel of almost no energy weighs at most 1e6 times an average one, not infinitely
             self.weights = (1.0 / mean_square.clamp_min(1e-6 * mean_square.mean().item())).float()
-        else:
+        else:  # "mse": every channel alike (1 / width, so the reported error is the mean square over width)
             self.weights = torch.full((width,), 1.0 / width, device=device)
         self.width = width
 
