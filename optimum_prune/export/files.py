@@ -20,7 +20,8 @@ if TYPE_CHECKING:
     from ..config import PruningConfig
 
 
-def _umask() -> int:
+def current_umask() -> int:
+    """The process's file-creation mask (read by setting it and putting it back)."""
     mask = os.umask(0)
     os.umask(mask)
     return mask
@@ -64,7 +65,7 @@ def atomic_directory(target: str | os.PathLike, overwrite: bool = False) -> Iter
     target = check_writable(target, overwrite).absolute()
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
-    staging.chmod(0o777 & ~_umask())  # mkdtemp makes it private (0700); a saved model is a folder like any other
+    staging.chmod(0o777 & ~current_umask())  # mkdtemp makes it private (0700); a saved model is a folder like any other
     try:
         yield staging
     except BaseException:

@@ -166,8 +166,11 @@ def export_gguf(
     output.parent.mkdir(parents=True, exist_ok=True)
     import gguf
     import torch
-    from safetensors import safe_open
 
+    from ..core.safetensors import SafetensorsCheckpoint
+    from .files import current_umask
+
+    checkpoint = SafetensorsCheckpoint(folder)  # one file or shards; each tensor read when it is written
     architecture = ARCHITECTURES[config["model_type"]]
     arch = next(key for key, name in gguf.MODEL_ARCH_NAMES.items() if name == architecture.name)
     heads, kv_heads = config["num_attention_heads"], config.get("num_key_value_heads") or config["num_attention_heads"]
@@ -197,41 +200,25 @@ def export_gguf(
              "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0, "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0}[quantize]
         )  # fmt: skip
         _write_vocab(writer, folder, config["vocab_size"])
-        files = sorted(folder.glob("*.safetensors"))
-        head = "output.weight" if _holds(files, "lm_head.weight") else "token_embd.weight"  # computes the logits
-        for file in files:
-            with safe_open(file, framework="pt") as tensors:
-                for key in tensors.keys():  # noqa: SIM118 (not a dict)
-                    name = names.get_name(key, try_suffixes=(".weight", ".bias"))
-                    if name is None:
-                        raise InputError(f"{key} of {file.name} has no llama.cpp name for {architecture.name}.")
-                    data = tensors.get_tensor(key).to(torch.float32).numpy()
-                    if architecture.permute_qk and name.endswith(("attn_q.weight", "attn_k.weight")):
-                        data = _permute(data, heads if name.endswith("attn_q.weight") else kv_heads)
-                    kind = HEAD_TYPE.get(quantize, quantize) if name == head else quantize
-                    _add_tensor(writer, name, data, getattr(gguf.GGMLQuantizationType, kind.upper()), gguf)
+        head = "output.weight" if "lm_head.weight" in checkpoint.tensors else "token_embd.weight"  # the logits
+        for key in checkpoint.tensors:
+            name = names.get_name(key, try_suffixes=(".weight", ".bias"))
+            if name is None:
+                raise InputError(f"{key} of {folder} has no llama.cpp name for {architecture.name}.")
+            data = checkpoint.read([key])[key].to(torch.float32).numpy()
+            if architecture.permute_qk and name.endswith(("attn_q.weight", "attn_k.weight")):
+                data = _permute(data, heads if name.endswith("attn_q.weight") else kv_heads)
+            kind = HEAD_TYPE.get(quantize, quantize) if name == head else quantize
+            _add_tensor(writer, name, data, getattr(gguf.GGMLQuantizationType, kind.upper()), gguf)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
         writer.close()
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(staging, 0o666 & ~umask)  # as an ordinary new file (mkstemp's is private)
+        os.chmod(staging, 0o666 & ~current_umask())  # as an ordinary new file (mkstemp's is private)
         os.replace(staging, output)
     finally:
         Path(staging).unlink(missing_ok=True)
     return output
-
-
-def _holds(files: list[Path], key: str) -> bool:
-    """Whether any of the safetensors ``files`` holds tensor ``key``."""
-    from safetensors import safe_open
-
-    for file in files:
-        with safe_open(file, framework="pt") as tensors:
-            if key in tensors.keys():  # noqa: SIM118 (not a dict)
-                return True
-    return False
 
 
 def _add_tensor(writer, name: str, data: np.ndarray, qtype, gguf) -> None:
