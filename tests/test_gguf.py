@@ -194,6 +194,17 @@ def test_bad_gguf_input_in_python(tmp_path: Path) -> None:
     assert sorted(path.name for path in tmp_path.iterdir()) == ["gpt2", "there.gguf"]  # nothing left behind
 
 
+def test_the_default_type_is_one_the_model_can_hold(tmp_path: Path, capsys) -> None:
+    """No --gguf-type: q8_0, or f16 (said) for stories260K, whose MLP width 172 is no multiple of 32."""
+    flags = ["--model", str(STORIES_260K), "--method", "magnitude", "--export", "gguf"]
+    assert run_main(*flags, "--output", str(tmp_path / "s")) == 0
+    assert "note: --export gguf writes f16 (no --gguf-type given" in capsys.readouterr().err
+    assert [path.name for path in (tmp_path / "s" / "gguf").iterdir()] == ["s-F16.gguf"]
+    flags = ["--model", str(TINYSTORIES_656K), "--method", "magnitude", "--export", "gguf"]
+    assert run_main(*flags, "--output", str(tmp_path / "t")) == 0
+    assert [path.name for path in (tmp_path / "t" / "gguf").iterdir()] == ["t-Q8_0.gguf"]
+
+
 def test_push_puts_the_gguf_files_in_their_own_repository(tmp_path: Path, monkeypatch) -> None:
     import huggingface_hub
     import yaml

@@ -241,7 +241,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         nargs="+",
         choices=GGUF_TYPES,
         help="with --export gguf: the weight types, one file each (default: the --gptq grid when it is q4_0 or q8_0, "
-        "else q8_0).",
+        "else q8_0, or f16 where the model's widths are no multiple of 32).",
     )
     output.add_argument(
         "--onnx-quantize",

@@ -206,7 +206,8 @@ def check(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Plan:
 
 
 def gguf_types(args: argparse.Namespace, config: PruningConfig) -> list[str]:
-    """--gguf-type, or its default: the --gptq grid when it is a GGUF one, else q8_0."""
+    """--gguf-type, or its default: the --gptq grid when it is a GGUF one, else q8_0 (f16 where the model's widths
+    cannot be q8_0: `_check_gguf` sets that)."""
     return args.gguf_type or [config.gptq if config.gptq in ("q4_0", "q8_0") else "q8_0"]
 
 
@@ -227,6 +228,15 @@ def _check_gguf(
     output = model_config.to_dict()  # the widths the output will have: a structure's MLP is a multiple of align
     if config.structure is not None and (config.structure.mlp or config.structure.is_budget):
         output["intermediate_size"] = config.structure.align
+    if not args.gguf_type and not config.gptq:  # the default q8_0 where the widths allow it, else f16
+        try:
+            check_gguf_export(output, "q8_0")
+        except InputError as error:
+            print(f"note: --export gguf writes f16 (no --gguf-type given, and q8_0 cannot hold this model: {error})",
+                  file=sys.stderr)  # fmt: skip
+            args.gguf_type = ["f16"]
+        except ImportError:
+            pass  # said below
     for kind in gguf_types(args, config):
         if kind not in ("f32", "f16") and config.structure is not None and config.structure.align % 32:
             parser.error(
