@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 import os
 import tempfile
 from contextlib import suppress
@@ -121,7 +122,15 @@ def _write_vocab(writer, folder: Path, vocab_size: int) -> None:
     special tokens."""
     import gguf
 
-    vocab = _tokenizer(folder)
+    # gguf's readers warn about the separators of a tokenizer's pair template, which a GGUF does not use
+    reader_log = logging.getLogger("gguf.vocab")
+    level = reader_log.level
+    reader_log.setLevel(logging.ERROR)
+    try:
+        vocab = _tokenizer(folder)
+        special = gguf.SpecialVocab(folder, load_merges=vocab.tokenizer_model == "gpt2", n_vocab=vocab_size)
+    finally:
+        reader_log.setLevel(level)
     tokens, scores, types = [], [], []
     for text, score, kind in vocab.all_tokens():
         tokens.append(text)
@@ -137,7 +146,7 @@ def _write_vocab(writer, folder: Path, vocab_size: int) -> None:
     writer.add_token_list(tokens[:vocab_size])
     writer.add_token_scores(scores[:vocab_size])
     writer.add_token_types(types[:vocab_size])
-    gguf.SpecialVocab(folder, load_merges=vocab.tokenizer_model == "gpt2", n_vocab=vocab_size).add_to_gguf(writer)
+    special.add_to_gguf(writer)
 
 
 def _permute(weight: np.ndarray, heads: int) -> np.ndarray:
